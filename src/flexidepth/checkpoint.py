@@ -1,0 +1,145 @@
+"""Router + adapter checkpoints: safetensors weights plus a json config, so a folder describes itself.
+
+A folder written by `save_flexidepth` holds:
+    flexidepth.safetensors   router/adapter tensors under the model's own keys (model.layers.{i}.router.*)
+    flexidepth_config.json   FlexiDepthConfig, gate mode, routed layers and the base model's identity
+
+`load_released` maps the released FlexiDepth-Llama-3-8B tensor names onto our modules (paper-spec §3.9).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import FlexiDepthConfig
+from .inject import flexidepth_state_dict, inject
+
+WEIGHTS = "flexidepth.safetensors"
+CONFIG = "flexidepth_config.json"
+FORMAT_VERSION = 1
+
+
+def base_identity(model) -> dict:
+    mc = model.config
+    return {
+        "model_type": mc.model_type,
+        "name_or_path": getattr(mc, "_name_or_path", "") or "",
+        "num_hidden_layers": mc.num_hidden_layers,
+        "hidden_size": mc.hidden_size,
+        "intermediate_size": mc.intermediate_size,
+    }
+
+
+def save_flexidepth(model, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write the router/adapter weights and their config into `folder` (created if needed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.flexidepth
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in flexidepth_state_dict(model).items()}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "flexidepth": state.config.to_dict(),
+        "gate_mode": state.config.gate_mode,
+        "layer_indices": state.layer_indices,
+        "base_model": base_identity(model),
+        **(extra or {}),
+    }
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "flexidepth", "gate_mode": state.config.gate_mode})
+    (folder / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return folder
+
+
+def read_checkpoint_config(folder: str | Path) -> dict:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a FlexiDepth checkpoint folder")
+    return json.loads(path.read_text())
+
+
+def load_flexidepth(model, folder: str | Path):
+    """Load router/adapter weights into `model`, injecting first (with the stored config) if needed.
+
+    Raises if the stored base model or gate mode does not match: serving a checkpoint under another gate
+    mode fails silently otherwise (paper-spec §3.6).
+    """
+    folder = Path(folder)
+    meta = read_checkpoint_config(folder)
+    stored = FlexiDepthConfig.from_dict(meta["flexidepth"])
+    mine = base_identity(model)
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size"):
+        if meta["base_model"][key] != mine[key]:
+            raise ValueError(
+                f"{folder / CONFIG}: base_model.{key}={meta['base_model'][key]!r} but the model has {mine[key]!r}"
+            )
+    if not hasattr(model, "flexidepth"):
+        inject(model, stored)
+    elif model.flexidepth.config.gate_mode != stored.gate_mode:
+        raise ValueError(
+            f"checkpoint gate_mode={stored.gate_mode!r} but the model uses {model.flexidepth.config.gate_mode!r}"
+        )
+    tensors = load_file(str(folder / WEIGHTS))
+    _load_exact(model, tensors, source=str(folder / WEIGHTS))
+    return model
+
+
+def _load_exact(model, tensors: dict[str, torch.Tensor], source: str) -> None:
+    expected = flexidepth_state_dict(model)
+    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unexpected or missing:
+        raise KeyError(f"{source}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}")
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+# ---------------------------------------------------------------------- released checkpoint names
+_RELEASED = re.compile(r"^(?P<prefix>.*layers\.\d+\.)(?P<name>router\.router_\w+|router_proj\.\w+)\.weight$")
+_ROUTER_MAP = {
+    "router.router_enc": "router.enc",
+    "router.router_norm": "router.norm",
+    "router.router_dec": "router.dec",
+    "router.router_head": "router.head",
+    "router_proj.gate_proj": "adapter.gate_proj",  # W_g
+    "router_proj.down_proj": "adapter.up_proj",  # W_u: [m, d], named "down" in the release
+    "router_proj.up_proj": "adapter.down_proj",  # W_o: [d, m], named "up" in the release
+}
+
+
+def map_released_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename released tensors to ours; keys that are not router/adapter tensors are dropped."""
+    out = {}
+    for key, value in tensors.items():
+        match = _RELEASED.match(key)
+        if not match or match["name"] not in _ROUTER_MAP:
+            continue
+        out[f"{match['prefix']}{_ROUTER_MAP[match['name']]}.weight"] = value
+    # the swapped names are told apart by shape: W_u is [m, d] (wide input), W_o is [d, m]
+    for key, value in out.items():
+        if key.endswith("adapter.up_proj.weight") and value.shape[0] > value.shape[1]:
+            raise ValueError(f"{key}: shape {tuple(value.shape)} looks like W_o, not W_u; names not as released")
+    return out
+
+
+def load_released(model, source: str | Path | dict[str, torch.Tensor]):
+    """Load released FlexiDepth tensors (a safetensors file/folder or a state dict) into an injected model.
+
+    The released router has no logit bias; ours (if enabled) is set to 0, which is the same function.
+    """
+    if not isinstance(source, dict):
+        path = Path(source)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        source = {k: v for f in files for k, v in load_file(str(f)).items()}
+    mapped = map_released_keys(source)
+    expected = flexidepth_state_dict(model)
+    for key in expected:
+        if key.endswith("router.bias") and key not in mapped:
+            mapped[key] = torch.zeros_like(expected[key])
+    _load_exact(model, mapped, source="released checkpoint")
+    return model

@@ -1,0 +1,162 @@
+"""FlexiDepth hyper-parameters and their validation.
+
+Everything here is plain Python so that a config can be checked against a model's *config* (sizes, depth)
+before any weight is loaded or moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+ROUTERS = ("mlp", "linear")
+ADAPTERS = ("swiglu", "none")
+GATE_MODES = ("released", "ste")
+
+
+class FlexiDepthConfigError(ValueError):
+    """A FlexiDepth setting is invalid; the message names the key (as `skip.<key>`)."""
+
+
+@dataclass
+class FlexiDepthConfig:
+    """Settings of the injected routers and adapters (the `skip` config group mirrors these fields).
+
+    Attributes:
+        tau: decision threshold; a token runs a routed layer iff g > tau (strict, as released).
+        router: "mlp" (the paper's bottleneck router) or "linear" (g = sigmoid(w.z), Table 3 ablation).
+        router_reduction: bottleneck width d_r = hidden_size / router_reduction.
+        router_bias: add a learnable scalar to the router logit (our init choice, see `router_init_bias`).
+            The released checkpoint has no bias; loading it sets the bias to 0, which is the same function.
+        router_init_bias: initial logit bias; with the head initialised to zero every gate starts at
+            sigmoid(router_init_bias) (0.953 for 3.0), so the fresh model runs every layer, close to the base.
+        adapter: "swiglu" (the paper's skip-path FFN replacement) or "none" (skip path = identity, ablation).
+        adapter_reduction: adapter width m = intermediate_size / adapter_reduction.
+        adapter_rank: explicit adapter width m; overrides adapter_reduction when set.
+        layers: routed layers: "last_half" (floor(L/2) last layers), "start:end" (Python range), or a list.
+        kv_for_skipped: skipped tokens still write K/V (the method); False = ablation where later tokens
+            cannot attend to a token at a layer it skipped.
+        gate_mode: "released" scales FFN by g and adapter by (1-g); "ste" uses weight 1 on both branches
+            with a straight-through gradient to g. Stored in checkpoints: serving with the other is wrong.
+        param_dtype: dtype of router/adapter parameters (fp32 master weights by default).
+    """
+
+    tau: float = 0.5
+    router: str = "mlp"
+    router_reduction: int = 16
+    router_bias: bool = True
+    router_init_bias: float = 3.0
+    adapter: str = "swiglu"
+    adapter_reduction: int = 16
+    adapter_rank: int | None = None
+    layers: Any = "last_half"
+    kv_for_skipped: bool = True
+    gate_mode: str = "released"
+    param_dtype: str = "float32"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlexiDepthConfig:
+        """Build from a mapping, rejecting unknown keys by name (typos must not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FlexiDepthConfigError(
+                f"unknown key(s) {', '.join('skip.' + k for k in unknown)}; valid keys: {sorted(known)}"
+            )
+        cfg = cls(**dict(data))
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if not isinstance(out["layers"], str):
+            out["layers"] = [int(i) for i in out["layers"]]
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Checks that need no model."""
+        if not isinstance(self.tau, (int, float)) or not 0.0 <= float(self.tau) <= 1.0:
+            raise FlexiDepthConfigError(f"skip.tau must be in [0, 1], got {self.tau!r}")
+        _choice("router", self.router, ROUTERS)
+        _choice("adapter", self.adapter, ADAPTERS)
+        _choice("gate_mode", self.gate_mode, GATE_MODES)
+        _choice("param_dtype", self.param_dtype, ("float32", "bfloat16", "float16"))
+        _positive_int("router_reduction", self.router_reduction)
+        _positive_int("adapter_reduction", self.adapter_reduction)
+        if self.adapter_rank is not None:
+            _positive_int("adapter_rank", self.adapter_rank)
+        if not isinstance(self.kv_for_skipped, bool):
+            raise FlexiDepthConfigError(f"skip.kv_for_skipped must be true/false, got {self.kv_for_skipped!r}")
+        if isinstance(self.layers, str) and self.layers != "last_half":
+            _parse_range(self.layers)  # raises with the key name
+
+    def validate_for(self, num_layers: int, hidden_size: int, intermediate_size: int) -> None:
+        """Checks against a model's sizes; call before touching weights."""
+        self.validate()
+        if hidden_size % self.router_reduction:
+            raise FlexiDepthConfigError(
+                f"skip.router_reduction={self.router_reduction} does not divide hidden_size={hidden_size}"
+            )
+        if self.adapter_rank is None and intermediate_size % self.adapter_reduction:
+            raise FlexiDepthConfigError(
+                f"skip.adapter_reduction={self.adapter_reduction} does not divide "
+                f"intermediate_size={intermediate_size}; set skip.adapter_rank explicitly"
+            )
+        self.routed_layers(num_layers)
+
+    # ------------------------------------------------------------------ derived sizes
+    def routed_layers(self, num_layers: int) -> list[int]:
+        """Resolve `layers` to a sorted list of layer indices, validated against the model depth."""
+        if self.layers in (None, "last_half"):
+            return list(range(num_layers - num_layers // 2, num_layers))
+        if isinstance(self.layers, str):
+            start, end = _parse_range(self.layers)
+            idx = list(range(start if start >= 0 else num_layers + start, end if end is not None else num_layers))
+        else:
+            try:
+                idx = [int(i) for i in self.layers]
+            except (TypeError, ValueError) as err:
+                raise FlexiDepthConfigError(f"skip.layers must be 'last_half', 'a:b' or a list, got {self.layers!r}") from err
+        bad = [i for i in idx if not 0 <= i < num_layers]
+        if bad:
+            raise FlexiDepthConfigError(f"skip.layers has indices {bad} outside [0, {num_layers - 1}]")
+        if not idx:
+            raise FlexiDepthConfigError(f"skip.layers={self.layers!r} selects no layer")
+        if len(set(idx)) != len(idx):
+            raise FlexiDepthConfigError(f"skip.layers has duplicates: {self.layers!r}")
+        return sorted(idx)
+
+    def router_width(self, hidden_size: int) -> int:
+        return max(1, hidden_size // self.router_reduction)
+
+    def adapter_width(self, intermediate_size: int) -> int:
+        if self.adapter_rank is not None:
+            return int(self.adapter_rank)
+        return max(1, intermediate_size // self.adapter_reduction)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise FlexiDepthConfigError(f"skip.{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FlexiDepthConfigError(f"skip.{key} must be an integer >= 1, got {value!r}")
+
+
+def _parse_range(text: str) -> tuple[int, int | None]:
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start = int(parts[0]) if parts[0] else 0
+        end = int(parts[1]) if parts[1] else None
+    except ValueError as err:
+        raise FlexiDepthConfigError(f"skip.layers range must look like '15:30', got {text!r}") from err
+    return start, end
+
+
+__all__ = ["FlexiDepthConfig", "FlexiDepthConfigError"]

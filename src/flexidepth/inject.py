@@ -1,0 +1,165 @@
+"""Turn a pretrained HF causal LM into a FlexiDepth model, in place.
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    inject(model, FlexiDepthConfig(tau=0.5))     # routed layers wrapped, base frozen
+    out = routed_forward(model, input_ids, attention_mask, labels)   # routes.py
+
+`model.flexidepth` (a plain attribute, not a submodule) holds the config, the routed layer indices and the
+RouteRecorder that the layers write their gates into.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import FlexiDepthConfig
+from .families import Family, family_of
+from .layer import FlexiDepthLayer
+from .modules import build_adapter, build_router
+
+TRAINABLE_MARKERS = (".router.", ".adapter.")
+
+
+class RouteRecorder:
+    """Collects each routed layer's gates [B, T] (fp32) and decisions [B, T] (bool) of the last forward."""
+
+    def __init__(self, layer_indices: list[int]):
+        self.layer_indices = list(layer_indices)
+        self.gates: dict[int, torch.Tensor] = {}
+        self.run: dict[int, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        self.gates.clear()
+        self.run.clear()
+
+    def record(self, layer_index: int, gates: torch.Tensor, run: torch.Tensor) -> None:
+        # keyed, not appended: a gradient-checkpoint recompute overwrites with identical values
+        self.gates[layer_index] = gates
+        self.run[layer_index] = run
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates and decisions of all routed layers, each [B, T, R] in layer order."""
+        missing = [i for i in self.layer_indices if i not in self.gates]
+        if missing:
+            raise RuntimeError(f"no routes recorded for layers {missing}: was the forward routed?")
+        gates = torch.stack([self.gates[i] for i in self.layer_indices], dim=-1)
+        run = torch.stack([self.run[i] for i in self.layer_indices], dim=-1)
+        return gates, run
+
+
+@dataclass
+class FlexiDepthState:
+    """What `inject` attaches to the model as `model.flexidepth`."""
+
+    config: FlexiDepthConfig
+    layer_indices: list[int]
+    num_layers: int
+    family: Family
+    recorder: RouteRecorder = field(repr=False, default=None)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a *ForCausalLM (model.model.layers) or a bare decoder (model.layers)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no decoder layer list at .model.layers")
+    return layers
+
+
+def inject(model: nn.Module, cfg: FlexiDepthConfig | dict | None = None) -> nn.Module:
+    """Wrap the routed layers of `model` with FlexiDepth layers and freeze everything else.
+
+    Config errors and unsupported architectures are raised before any module is touched.
+    Returns the same model object.
+    """
+    if cfg is None:
+        cfg = FlexiDepthConfig()
+    elif isinstance(cfg, dict):
+        cfg = FlexiDepthConfig.from_dict(cfg)
+    mc = model.config
+    family = family_of(mc)
+    if hasattr(model, "flexidepth"):
+        raise ValueError("model already has FlexiDepth layers injected")
+    cfg.validate_for(mc.num_hidden_layers, mc.hidden_size, mc.intermediate_size)
+    indices = cfg.routed_layers(mc.num_hidden_layers)
+
+    layers = decoder_layers(model)
+    ref = next(model.parameters())
+    dtype = getattr(torch, cfg.param_dtype)
+    recorder = RouteRecorder(indices)
+    for i in indices:
+        router = build_router(cfg, mc.hidden_size, mc.rms_norm_eps).to(ref.device, dtype)
+        adapter = build_adapter(cfg, mc.hidden_size, mc.intermediate_size)
+        if adapter is not None:
+            adapter = adapter.to(ref.device, dtype)
+        layers[i] = FlexiDepthLayer(layers[i], router, adapter, i, cfg, recorder, family)
+    model.flexidepth = FlexiDepthState(cfg, indices, mc.num_hidden_layers, family, recorder)
+    freeze_base(model)
+    return model
+
+
+def is_flexidepth_param(name: str) -> bool:
+    return any(marker in f".{name}" for marker in TRAINABLE_MARKERS)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad only on router and adapter parameters."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_flexidepth_param(name))
+
+
+def flexidepth_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Router and adapter tensors only, under the model's own (HF-style) keys."""
+    return {k: v for k, v in model.state_dict().items() if is_flexidepth_param(k)}
+
+
+def flexi_layers(model: nn.Module) -> list[FlexiDepthLayer]:
+    return [m for m in decoder_layers(model) if isinstance(m, FlexiDepthLayer)]
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total, trainable, router and adapter parameter counts (tied weights counted once)."""
+    seen, counts = set(), {"total": 0, "trainable": 0, "router": 0, "adapter": 0}
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        counts["total"] += p.numel()
+        counts["trainable"] += p.numel() if p.requires_grad else 0
+        counts["router"] += p.numel() if ".router." in f".{name}" else 0
+        counts["adapter"] += p.numel() if ".adapter." in f".{name}" else 0
+    return counts
+
+
+def set_routing(model: nn.Module, enabled: bool) -> None:
+    """enabled=False makes every FlexiDepth layer compute exactly the base layer."""
+    for layer in flexi_layers(model):
+        layer.routing = enabled
+
+
+@contextlib.contextmanager
+def forced_gates(model: nn.Module, value):
+    """Force every router's output (a constant g, or callable(z, layer_index) -> g [B, T])."""
+    layers = flexi_layers(model)
+    old = [layer.force_gate for layer in layers]
+    for layer in layers:
+        layer.force_gate = value
+    try:
+        yield
+    finally:
+        for layer, prev in zip(layers, old, strict=True):
+            layer.force_gate = prev
+
+
+def set_tau(model: nn.Module, tau: float) -> None:
+    """Change the decision threshold at evaluation time (the config copy is updated too)."""
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must be in [0, 1], got {tau}")
+    model.flexidepth.config.tau = float(tau)
+    for layer in flexi_layers(model):
+        layer.tau = float(tau)

@@ -1,0 +1,124 @@
+"""The two trainable pieces FlexiDepth adds per routed layer: a router and a skip-path adapter.
+
+Shapes follow the released checkpoint (paper-spec.md §3.2, §3.8): no biases in the projections. Our
+optional scalar `bias` on the router logit is the initialisation device described in `FlexiDepthConfig`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RouterRMSNorm(nn.Module):
+    """RMSNorm over the bottleneck: variance in fp32, result cast back (as in the released code)."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLPRouter(nn.Module):
+    """logit = head(dec(tanh(RMSNorm(enc(z))))) [+ bias]; z is the layer's own N_a(x).
+
+    Args:
+        hidden_size: d.
+        width: bottleneck d_r.
+        eps: the base model's rms_norm_eps.
+        bias: add a learnable scalar to the logit.
+        init_bias: its initial value; the head starts at zero so every gate starts at sigmoid(init_bias).
+    """
+
+    def __init__(self, hidden_size: int, width: int, eps: float, bias: bool = True, init_bias: float = 3.0):
+        super().__init__()
+        self.enc = nn.Linear(hidden_size, width, bias=False)
+        self.norm = RouterRMSNorm(width, eps)
+        self.dec = nn.Linear(width, hidden_size, bias=False)
+        self.head = nn.Linear(hidden_size, 1, bias=False)
+        self.bias = nn.Parameter(torch.tensor(float(init_bias))) if bias else None
+        self._init_bias = float(init_bias)
+
+    def reset_parameters(self) -> None:
+        self.enc.reset_parameters()
+        self.dec.reset_parameters()
+        nn.init.ones_(self.norm.weight)
+        if self.bias is None:
+            self.head.reset_parameters()  # no bias to hold gates high: start from a random head
+        else:
+            nn.init.zeros_(self.head.weight)
+            nn.init.constant_(self.bias, self._init_bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [B, T, d] -> logits [B, T] (fp32)."""
+        z = z.to(self.enc.weight.dtype)
+        logit = self.head(self.dec(torch.tanh(self.norm(self.enc(z))))).squeeze(-1).float()
+        return logit if self.bias is None else logit + self.bias.float()
+
+
+class LinearRouter(nn.Module):
+    """logit = w.z [+ bias]: the paper's linear-router ablation (Table 3)."""
+
+    def __init__(self, hidden_size: int, bias: bool = True, init_bias: float = 3.0):
+        super().__init__()
+        self.head = nn.Linear(hidden_size, 1, bias=False)
+        self.bias = nn.Parameter(torch.tensor(float(init_bias))) if bias else None
+        self._init_bias = float(init_bias)
+
+    def reset_parameters(self) -> None:
+        if self.bias is None:
+            self.head.reset_parameters()
+        else:
+            nn.init.zeros_(self.head.weight)
+            nn.init.constant_(self.bias, self._init_bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        logit = self.head(z.to(self.head.weight.dtype)).squeeze(-1).float()
+        return logit if self.bias is None else logit + self.bias.float()
+
+
+class SwiGLUAdapter(nn.Module):
+    """down(silu(gate(u)) * up(u)), intermediate width m; replaces the FFN on the skip path.
+
+    `down_proj` starts at zero, so a fresh adapter outputs 0 and the skip path starts as the identity.
+    """
+
+    def __init__(self, hidden_size: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden_size, bias=False)
+
+    def reset_parameters(self) -> None:
+        self.gate_proj.reset_parameters()
+        self.up_proj.reset_parameters()
+        nn.init.zeros_(self.down_proj.weight)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        dtype = u.dtype
+        u = u.to(self.gate_proj.weight.dtype)
+        return self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)).to(dtype)
+
+
+def build_router(cfg, hidden_size: int, eps: float) -> nn.Module:
+    if cfg.router == "linear":
+        router = LinearRouter(hidden_size, cfg.router_bias, cfg.router_init_bias)
+    else:
+        router = MLPRouter(hidden_size, cfg.router_width(hidden_size), eps, cfg.router_bias, cfg.router_init_bias)
+    router.reset_parameters()
+    return router
+
+
+def build_adapter(cfg, hidden_size: int, intermediate_size: int) -> nn.Module | None:
+    if cfg.adapter == "none":
+        return None
+    adapter = SwiGLUAdapter(hidden_size, cfg.adapter_width(intermediate_size))
+    adapter.reset_parameters()
+    return adapter

@@ -1,0 +1,170 @@
+"""The LightningModule: a frozen base LM with injected FlexiDepth layers, trained on L_lm + alpha * L_skip.
+
+Loss normalisation: every training micro-batch carries `lm_denom` / `tok_denom`, the supervised and valid
+token counts of its whole optimizer step divided by (accumulation x world size) (see data/sampler.py).
+Dividing *summed* losses by them makes the gradient the exact global token mean, independent of how the
+step is split into micro-batches or ranks -- the manual fix the official code needs is built in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..flexidepth import FlexiDepthConfig, inject, parameter_counts, routed_forward
+from ..flexidepth.inject import is_flexidepth_param
+from ..models.loader import load_base_model
+
+
+class UsageAccumulator:
+    """Per-layer run counts and a histogram of per-token layers used, summed over an interval."""
+
+    def __init__(self, layer_indices: list[int], num_layers: int):
+        self.layer_indices = list(layer_indices)
+        self.num_layers = num_layers
+        self.reset()
+
+    def reset(self) -> None:
+        routed = len(self.layer_indices)
+        self.run_counts = torch.zeros(routed, dtype=torch.float64)
+        self.used_hist = torch.zeros(routed + 1, dtype=torch.float64)  # bin k: L - R + k layers used
+        self.tokens = 0.0
+
+    @torch.no_grad()
+    def update(self, routes) -> None:
+        valid = routes.valid
+        self.run_counts += routes.layer_run_counts.double().cpu()
+        ran = routes.run.sum(-1)[valid]
+        self.used_hist += torch.bincount(ran.cpu(), minlength=len(self.layer_indices) + 1).double()
+        self.tokens += float(valid.sum())
+
+    @property
+    def min_layers(self) -> int:
+        return self.num_layers - len(self.layer_indices)
+
+
+class FlexiDepthModule(L.LightningModule):
+    """Hosts the model; logs train/*, val/*, skip/* metrics.
+
+    Args:
+        model: the `model` config node (name_or_path, dtype, arch, ...).
+        skip: the `skip` config node: FlexiDepthConfig fields plus `alpha`.
+        optim: lr, betas, weight_decay, warmup_ratio, min_lr_ratio.
+        gradient_checkpointing: enable HF gradient checkpointing in the frozen base.
+    """
+
+    def __init__(self, model: dict[str, Any], skip: dict[str, Any], optim: dict[str, Any],
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        skip = dict(skip)
+        self.alpha = float(skip.pop("alpha"))
+        self.flexi_cfg = FlexiDepthConfig.from_dict(skip)
+        self.optim_cfg = dict(optim)
+        self.model = load_base_model(model)
+        inject(self.model, self.flexi_cfg)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        state = self.model.flexidepth
+        self.usage = UsageAccumulator(state.layer_indices, state.num_layers)
+        self.strict_loading = False  # Lightning checkpoints hold only router/adapter tensors
+        self._val: dict[str, float] = {}
+        self._clock: float | None = None
+
+    # ------------------------------------------------------------------ forward / loss
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return routed_forward(self.model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        routes = out.routes
+        lm = out.lm_loss_sum / batch["lm_denom"]
+        skip = routes.skip_loss_sum / batch["tok_denom"]
+        loss = lm + self.alpha * skip
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss at global step {self.global_step} (lm={lm.item()}, skip={skip.item()}); "
+                "stopping. The last good checkpoint is in the run's checkpoints/ folder."
+            )
+        self.usage.update(routes)
+        n = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/lm_loss", out.lm_loss.detach(), batch_size=n)
+        self.log("train/skip_loss", routes.skip_loss.detach(), batch_size=n)
+        self.log("skip/layers_skipped_mean", routes.layers_skipped_mean, prog_bar=True, batch_size=n)
+        self.log("skip/gate_mean", (routes.gates * routes.valid.unsqueeze(-1)).sum() / (routes.n_valid * routes.gates.shape[-1]), batch_size=n)
+        self._tokens_in_step = getattr(self, "_tokens_in_step", 0.0) + float(routes.n_valid)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # throughput over optimizer steps (tokens on this rank x world size)
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return
+        now = time.perf_counter()
+        if self._clock is not None:
+            tps = self._tokens_in_step * self.trainer.world_size / max(now - self._clock, 1e-9)
+            self.log("train/tokens_per_s", tps, prog_bar=True)
+        self._clock, self._tokens_in_step = now, 0.0
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("skip/tau", self.flexi_cfg.tau)
+        self.log("skip/alpha", self.alpha)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        routed = len(self.usage.layer_indices)
+        self._val = {"lm_sum": 0.0, "lm_tokens": 0.0, "skipped": 0.0, "tokens": 0.0,
+                     "run": torch.zeros(routed, dtype=torch.float64)}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(batch)
+        r = out.routes
+        self._val["lm_sum"] += float(out.lm_loss_sum)
+        self._val["lm_tokens"] += float(out.lm_tokens)
+        self._val["tokens"] += float(r.n_valid)
+        self._val["run"] += r.layer_run_counts.double().cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        v = self._val
+        packed = torch.tensor([v["lm_sum"], v["lm_tokens"], v["tokens"], *v["run"].tolist()],
+                              dtype=torch.float64, device=self.device)
+        packed = self.trainer.strategy.reduce(packed, reduce_op="sum") if self.trainer.world_size > 1 else packed
+        lm_sum, lm_tokens, tokens, run = packed[0], packed[1], packed[2], packed[3:]
+        if tokens <= 0:
+            return
+        loss = float(lm_sum / lm_tokens.clamp_min(1))
+        skipped = float(len(run) - run.sum() / tokens)
+        self.log("val/lm_loss", loss, sync_dist=False)
+        self.log("val/ppl", math.exp(min(loss, 50.0)), prog_bar=True)
+        self.log("val/layers_skipped_mean", skipped)
+        self.log("val/skip_rate", skipped / len(run))
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        params = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(math.ceil(o["warmup_ratio"] * total))
+        floor = float(o.get("min_lr_ratio", 0.0))
+
+        def schedule(step: int) -> float:  # linear warmup, cosine decay to min_lr_ratio
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # keep the frozen base out of Lightning checkpoints: it is reloaded from model.name_or_path
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_flexidepth_param(k)}
+        checkpoint["flexidepth"] = {"config": self.flexi_cfg.to_dict(), "alpha": self.alpha}
+
+    def parameter_counts(self) -> dict[str, int]:
+        return parameter_counts(self.model)

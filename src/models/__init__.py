@@ -1,0 +1,1 @@
+"""Model helpers: the embedded default model (`embedded`)."""
