@@ -1,0 +1,5 @@
+"""FlexiDepth framework: the method lives in `src.flexidepth`; Hydra/Lightning glue around it."""
+
+from .utils.hardware import register_resolvers
+
+register_resolvers()

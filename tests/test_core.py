@@ -150,7 +150,7 @@ def test_kv_ablation_cached_decoding_matches_full_forward():
         for t in range(ids.shape[1]):
             gate = (lambda t: (lambda z, idx: torch.full(z.shape[:2], 0.0 if t == 2 else 1.0)))(t)
             with forced_gates(model, gate):
-                out = model(ids[:, t:t + 1], cache=None if out is None else out.past_key_values, use_cache=True)
+                out = model(ids[:, t:t + 1], cache=None if out is None else out.cache, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 

@@ -229,7 +229,7 @@ def test_embedded_model_run_logs_wandb_histograms(tmp_path):
     """A few real steps on SmolLM2-135M; the offline W&B file holds the layer-usage histograms."""
     from tests.helpers.wandb_reader import find_run_file, history_rows
 
-    res = _cli(["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
+    res = _cli(["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
                 "data.max_length=128", "data.n_synthetic=64", "data.max_train_examples=64", "data.micro_batch_size=2",
                 "callbacks.layer_usage.every_n_steps=2", "callbacks.last_checkpoint.every_n_train_steps=2",
                 "hydra.run.dir=" + str(tmp_path / "run")], tmp_path)

@@ -52,8 +52,9 @@ class LayerUsageCallback(L.Callback):
         fraction = (run_counts / tokens).numpy()
         step = trainer.global_step
         self.history.append((step, fraction))
-        for layer, value in zip(usage.layer_indices, fraction, strict=True):
-            pl_module.log(f"skip/run_fraction/layer_{layer}", float(value), rank_zero_only=True)
+        scalars = {f"skip/run_fraction/layer_{layer}": float(v) for layer, v in zip(usage.layer_indices, fraction, strict=True)}
+        for lg in trainer.loggers:  # direct, since self.log is not allowed in on_train_end
+            lg.log_metrics(scalars, step=step)
         self._write_files(step, usage, fraction, used_hist.numpy(), tokens)
         wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         if wandb_logger is not None:

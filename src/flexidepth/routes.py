@@ -102,7 +102,7 @@ def routed_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         gates, run = state.recorder.stacked()
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         routes = Routes(gates, run, valid[:, -gates.shape[1]:], state.num_layers)
-    result = RoutedOutput(out.logits, routes, cache=getattr(out, "past_key_values", None))
+    result = RoutedOutput(out.logits, routes, cache=getattr(out, "cache", None))
     if labels is not None:
         result.lm_loss_sum, result.lm_tokens = lm_loss_sum(out.logits, labels)
     return result

@@ -25,7 +25,7 @@ def tokenizer_path(model_cfg: dict[str, Any]) -> str:
     from .embedded import resolve_model_path
 
     name = model_cfg.get("tokenizer") or model_cfg["name_or_path"]
-    return resolve_model_path(name, model_cfg.get("dtype", "bfloat16"))
+    return resolve_model_path(name)
 
 
 def build_config(model_cfg: dict[str, Any]):
@@ -51,7 +51,8 @@ def load_base_model(model_cfg: dict[str, Any]):
         config._attn_implementation = attn
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        path = resolve_model_path(model_cfg["name_or_path"], model_cfg.get("dtype", "bfloat16"))
+        # the embedded model is converted once (bf16 copy of the GGUF weights) and cast to `dtype` on load
+        path = resolve_model_path(model_cfg["name_or_path"])
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     _check_arch(model, model_cfg)
     return model
