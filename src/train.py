@@ -4,13 +4,20 @@
     python -m src.train model=llama3_8b trainer=gpu skip.alpha=0.01
     python -m src.train --multirun skip.alpha=1e-3,1e-2
     python -m src.train run_name=myrun resume=auto        # continue a killed run from its own folder
+    python -m src.train +sweep=alpha                      # a sweep file (conf/sweep/), summary: src.sweep_summary
 
-Outputs go to `outputs/train/runs/<run_name>/` (config, checkpoints/, flexidepth/, wandb/, layer usage).
+Outputs go to `outputs/train/runs/<run_name>/` (config, checkpoints/, flexidepth/, wandb/, layer usage,
+metrics.json).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,36 +26,33 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config_check import validate
+from .utils.launch import cluster_plugins, is_rank_zero, one_job_per_sweep_point, sweep_group
 
 log = logging.getLogger(__name__)
 
 
-def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
-    """`resume=auto` continues from `<output_dir>/checkpoints/last.ckpt` when it exists."""
-    resume = cfg.get("resume")
-    if resume in (None, False):
-        return None
-    if resume == "auto":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    return str(resume)
-
-
 def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool) -> list:
-    """Instantiate loggers; a W&B run keeps its id in <output_dir>/wandb_id.txt so a resume continues it."""
+    """Instantiate loggers. A W&B run gets its id up front, saved in <output_dir>/wandb_id.txt (rank zero)
+    before training starts, so a resumed or requeued job continues the same W&B run."""
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if node is None or "_target_" not in node:
             continue
         if "WandbLogger" in node._target_:
             id_file = output_dir / "wandb_id.txt"
+            saved = id_file.read_text().strip() if id_file.is_file() else ""
             with open_dict(node):
-                if resuming and id_file.is_file():
-                    node.id = id_file.read_text().strip()
+                if resuming and saved:
+                    node.id = saved
                     node.resume = "allow"
+                elif not node.get("id"):
+                    node.id = secrets.token_hex(4)
+                if node.get("group") is None:
+                    node.group = sweep_group()
             lg = hydra.utils.instantiate(node)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(lg.version or "")
+            if is_rank_zero():
+                output_dir.mkdir(parents=True, exist_ok=True)
+                id_file.write_text(str(node.id))
         else:
             lg = hydra.utils.instantiate(node)
         loggers.append(lg)
@@ -56,13 +60,18 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    return [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values()
-            if node is not None and "_target_" in node]
+    return [
+        hydra.utils.instantiate(node)
+        for node in (cfg.get("callbacks") or {}).values()
+        if node is not None and "_target_" in node
+    ]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; returns the final callback metrics (floats)."""
+    """Run one training job; returns the final callback metrics (floats), also written to metrics.json."""
     validate(cfg)  # before anything heavy is loaded
+    # our sampler resumes mid-epoch itself (StepBatchSampler.start_fn), which Lightning cannot see
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     from .data.datamodule import SFTDataModule
     from .flexidepth import load_flexidepth
     from .lit.module import FlexiDepthModule
@@ -75,32 +84,79 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", ckpt_path)
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    datamodule = SFTDataModule(tokenizer_path=tokenizer_path(model_cfg),
-                               accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches", 1)),
-                               **OmegaConf.to_container(cfg.data, resolve=True))
-    module = FlexiDepthModule(model=model_cfg, skip=OmegaConf.to_container(cfg.skip, resolve=True),
-                              optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                              gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)))
+    datamodule = SFTDataModule(
+        tokenizer_path=tokenizer_path(model_cfg),
+        accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches", 1)),
+        **OmegaConf.to_container(cfg.data, resolve=True),
+    )
+    module = FlexiDepthModule(
+        model=model_cfg,
+        skip=OmegaConf.to_container(cfg.skip, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
+    )
     if cfg.get("init_from"):
         load_flexidepth(module.model, cfg.init_from)
 
     loggers = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False,
-                                                 use_distributed_sampler=False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=build_callbacks(cfg),
+        logger=loggers or False,
+        use_distributed_sampler=False,
+        **cluster_plugins(),
+    )
     if trainer.is_global_zero:
         for lg in loggers:
-            lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True),
-                                "params": module.parameter_counts()})
+            lg.log_hyperparams(
+                {"config": OmegaConf.to_container(cfg, resolve=True), "params": module.parameter_counts()}
+            )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with one_job_per_sweep_point():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         _finish_wandb()
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        write_metrics(output_dir, metrics, trainer.global_step, cfg)
+    return metrics
+
+
+def write_metrics(output_dir: Path, metrics: dict[str, float], global_step: int, cfg: DictConfig) -> Path:
+    """<output_dir>/metrics.json: final metrics plus the knobs a sweep summary needs (src/sweep_summary.py)."""
+    skip = OmegaConf.to_container(cfg.skip, resolve=True)
+    record = {
+        "metrics": metrics,
+        "global_step": int(global_step),
+        "skip": {k: skip.get(k) for k in ("alpha", "tau", "adapter_rank", "adapter_reduction", "router")},
+        "model": str(cfg.model.name_or_path),
+        "run_name": str(cfg.get("run_name")),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "metrics.json"
+    path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    return path
+
+
+def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
+    """`resume=auto` continues from `<output_dir>/checkpoints/last.ckpt` when it exists.
+
+    Under submitit (SLURM or local) a job folder is only ever re-entered by a requeue of the same job, so
+    `resume=false` behaves as `auto` there: a preempted point continues instead of restarting from zero.
+    """
+    resume = cfg.get("resume")
+    if resume in (None, False) and os.environ.get("SUBMITIT_EXECUTOR"):
+        resume = "auto"
+    if resume in (None, False):
+        return None
+    if resume == "auto":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    return str(resume)
 
 
 def _finish_wandb() -> None:
     """One W&B run per job: multirun jobs must never merge (also on failure)."""
-    import sys
 
     if "wandb" in sys.modules:
         import wandb

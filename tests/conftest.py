@@ -19,7 +19,9 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(key, value)
-os.environ.setdefault("HF_HOME", str(Path(os.environ.get("FLEXIDEPTH_CACHE", Path.home() / ".cache" / "flexidepth")) / "hf"))
+os.environ.setdefault(
+    "HF_HOME", str(Path(os.environ.get("FLEXIDEPTH_CACHE", Path.home() / ".cache" / "flexidepth")) / "hf")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -33,9 +35,17 @@ def tiny_config(family: str = "llama", layers: int = 4, attn: str = "sdpa"):
     """Config-B sized random model (environment.md §10): hidden 64, FFN 128, 4 heads / 2 KV heads."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256, rms_norm_eps=1e-6,
-                  tie_word_embeddings=False)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     extra = {"head_dim": 16} if family == "qwen3" else {}
     cfg = cls(**common, **extra)

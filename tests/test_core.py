@@ -64,8 +64,9 @@ def test_eager_attention_parity():
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding gives a float mask with eager attention
     with torch.no_grad(), forced_gates(model, 1.0):
-        torch.testing.assert_close(model(ids, attention_mask=mask).logits, base(ids, attention_mask=mask).logits,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask).logits, base(ids, attention_mask=mask).logits, rtol=0, atol=1e-5
+        )
 
 
 def test_state_dict_keys_unchanged_and_base_weights_load(family):
@@ -110,13 +111,16 @@ def test_all_skip_equals_adapter_path_and_keeps_kv(family):
         assert cache.layers[i].keys.shape[-2] == ids.shape[1]
     captured = {}
     layer = model.model.layers[model.flexidepth.layer_indices[0]]
-    hook = layer.register_forward_pre_hook(lambda m, args, kw: captured.update(x=args[0], pe=kw["position_embeddings"]),
-                                           with_kwargs=True)
+    hook = layer.register_forward_pre_hook(
+        lambda m, args, kw: captured.update(x=args[0], pe=kw["position_embeddings"]), with_kwargs=True
+    )
     with torch.no_grad(), forced_gates(model, 0.0):
         out = routed_forward(model, ids, use_cache=True)
     hook.remove()
     with torch.no_grad():
-        k, v = project_kv(model.flexidepth.family, layer.self_attn, layer.input_layernorm(captured["x"]), *captured["pe"])
+        k, v = project_kv(
+            model.flexidepth.family, layer.self_attn, layer.input_layernorm(captured["x"]), *captured["pe"]
+        )
     torch.testing.assert_close(out.cache.layers[layer.layer_index].keys, k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.cache.layers[layer.layer_index].values, v, rtol=1e-5, atol=1e-5)
 
@@ -148,9 +152,9 @@ def test_kv_ablation_cached_decoding_matches_full_forward():
     with torch.no_grad():
         out = None
         for t in range(ids.shape[1]):
-            gate = (lambda t: (lambda z, idx: torch.full(z.shape[:2], 0.0 if t == 2 else 1.0)))(t)
+            gate = (lambda t: lambda z, idx: torch.full(z.shape[:2], 0.0 if t == 2 else 1.0))(t)
             with forced_gates(model, gate):
-                out = model(ids[:, t:t + 1], cache=None if out is None else out.cache, use_cache=True)
+                out = model(ids[:, t : t + 1], cache=None if out is None else out.cache, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
@@ -185,8 +189,10 @@ def test_skip_loss_and_stats_by_hand_with_padding():
     model = inject(tiny_model("llama", layers=4), FlexiDepthConfig(tau=0.5))  # routed: layers 2, 3
     ids = _ids(batch=2, seq=5)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    table = {2: torch.tensor([[0.9, 0.2, 0.6, 0.5, 0.1], [0.3, 0.8, 0.7, 0.99, 0.99]]),
-             3: torch.tensor([[0.4, 0.7, 0.1, 0.9, 0.6], [0.2, 0.5, 0.95, 0.99, 0.99]])}
+    table = {
+        2: torch.tensor([[0.9, 0.2, 0.6, 0.5, 0.1], [0.3, 0.8, 0.7, 0.99, 0.99]]),
+        3: torch.tensor([[0.4, 0.7, 0.1, 0.9, 0.6], [0.2, 0.5, 0.95, 0.99, 0.99]]),
+    }
     with torch.no_grad(), forced_gates(model, lambda z, i: table[i]):
         routes = routed_forward(model, ids, attention_mask=mask).routes
     valid = [(0, t) for t in range(5)] + [(1, t) for t in range(3)]
@@ -221,7 +227,9 @@ def test_initialisation_runs_everything_and_stays_close_to_base(family):
         out = routed_forward(model, ids, labels=ids)
         base_loss = base(ids, labels=ids).loss
     assert out.routes.run.all()  # skip rate 0 at tau = 0.5
-    torch.testing.assert_close(out.routes.gates, torch.full_like(out.routes.gates, torch.sigmoid(torch.tensor(3.0)).item()))
+    torch.testing.assert_close(
+        out.routes.gates, torch.full_like(out.routes.gates, torch.sigmoid(torch.tensor(3.0)).item())
+    )
     assert abs(out.lm_loss.item() - base_loss.item()) < 0.05
 
 
@@ -275,16 +283,18 @@ def test_released_key_map_loads_synthetic_checkpoint():
     released = {}
     for i in model.flexidepth.layer_indices:
         p = f"model.layers.{i}."
-        released.update({
-            p + "router.router_enc.weight": torch.randn(dr, d, generator=g),
-            p + "router.router_norm.weight": torch.randn(dr, generator=g),
-            p + "router.router_dec.weight": torch.randn(d, dr, generator=g),
-            p + "router.router_head.weight": torch.randn(1, d, generator=g),
-            p + "router_proj.gate_proj.weight": torch.randn(m, d, generator=g),
-            p + "router_proj.down_proj.weight": torch.randn(m, d, generator=g),  # W_u
-            p + "router_proj.up_proj.weight": torch.randn(d, m, generator=g),  # W_o
-            p + "self_attn.q_proj.weight": torch.randn(d, d, generator=g),  # base tensors are ignored
-        })
+        released.update(
+            {
+                p + "router.router_enc.weight": torch.randn(dr, d, generator=g),
+                p + "router.router_norm.weight": torch.randn(dr, generator=g),
+                p + "router.router_dec.weight": torch.randn(d, dr, generator=g),
+                p + "router.router_head.weight": torch.randn(1, d, generator=g),
+                p + "router_proj.gate_proj.weight": torch.randn(m, d, generator=g),
+                p + "router_proj.down_proj.weight": torch.randn(m, d, generator=g),  # W_u
+                p + "router_proj.up_proj.weight": torch.randn(d, m, generator=g),  # W_o
+                p + "self_attn.q_proj.weight": torch.randn(d, d, generator=g),  # base tensors are ignored
+            }
+        )
     load_released(model, released)
     layer = model.model.layers[2]
     assert torch.equal(layer.router.enc.weight, released["model.layers.2.router.router_enc.weight"])
@@ -300,17 +310,20 @@ def test_released_key_map_loads_synthetic_checkpoint():
 
 
 # ---------------------------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(tau=1.5), "skip.tau"),
-    (dict(router_reduction=0), "skip.router_reduction"),
-    (dict(router_reduction=7), "skip.router_reduction"),
-    (dict(adapter_reduction=3), "skip.adapter_reduction"),
-    (dict(adapter_rank=0), "skip.adapter_rank"),
-    (dict(layers=[1, 9]), "skip.layers"),
-    (dict(layers="x:y"), "skip.layers"),
-    (dict(router="deep"), "skip.router"),
-    (dict(gate_mode="soft"), "skip.gate_mode"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(tau=1.5), "skip.tau"),
+        (dict(router_reduction=0), "skip.router_reduction"),
+        (dict(router_reduction=7), "skip.router_reduction"),
+        (dict(adapter_reduction=3), "skip.adapter_reduction"),
+        (dict(adapter_rank=0), "skip.adapter_rank"),
+        (dict(layers=[1, 9]), "skip.layers"),
+        (dict(layers="x:y"), "skip.layers"),
+        (dict(router="deep"), "skip.router"),
+        (dict(gate_mode="soft"), "skip.gate_mode"),
+    ],
+)
 def test_bad_config_names_the_key_before_touching_weights(kwargs, key):
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -47,8 +47,10 @@ def test_embedded_inject_counts_parity_and_init(smollm2, lee_batch):
     # init: nothing skipped at tau = 0.5, and the LM loss stays close to the base model's
     skip_rate = 1 - fresh.routes.layer_run_fraction.mean().item()
     gap = fresh.lm_loss.item() - base_out.loss.item()
-    print(f"\nembedded init: skip rate {skip_rate:.3f}, base loss {base_out.loss.item():.4f}, "
-          f"fresh FlexiDepth loss {fresh.lm_loss.item():.4f} (gap {gap:+.4f})")
+    print(
+        f"\nembedded init: skip rate {skip_rate:.3f}, base loss {base_out.loss.item():.4f}, "
+        f"fresh FlexiDepth loss {fresh.lm_loss.item():.4f} (gap {gap:+.4f})"
+    )
     assert skip_rate == 0.0
     assert 1.5 < base_out.loss.item() < 4.5
     assert abs(gap) < 0.25
@@ -58,8 +60,14 @@ def test_llama3_8b_trainable_count_from_config():
     """Counted on the meta device from the architecture alone (paper-spec §7: 209,784,832 without biases)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256)
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     inject(model, FlexiDepthConfig())

@@ -28,8 +28,9 @@ def group_options(group):
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["model", "skip", "data", "trainer", "logger", "callbacks", "optim", "debug",
-                                   "experiment"])
+@pytest.mark.parametrize(
+    "group", ["model", "skip", "data", "trainer", "logger", "callbacks", "optim", "debug", "experiment"]
+)
 def test_every_config_composes_and_validates(group):
     for option in group_options(group):
         overrides = [f"{group}={option}"]
@@ -54,15 +55,18 @@ def test_trainer_presets_instantiate():
         assert trainer.accumulate_grad_batches == cfg.trainer.accumulate_grad_batches
 
 
-@pytest.mark.parametrize("override, key", [
-    ("skip.tau=1.5", "skip.tau"),
-    ("skip.alpha=-1", "skip.alpha"),
-    ("skip.router_reduction=7", "skip.router_reduction"),
-    ("skip.layers=[3,40]", "skip.layers"),
-    ("optim.lr=0", "optim.lr"),
-    ("model.dtype=float8", "model.dtype"),
-    ("resume=/nonexistent.ckpt", "resume"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("skip.tau=1.5", "skip.tau"),
+        ("skip.alpha=-1", "skip.alpha"),
+        ("skip.router_reduction=7", "skip.router_reduction"),
+        ("skip.layers=[3,40]", "skip.layers"),
+        ("optim.lr=0", "optim.lr"),
+        ("model.dtype=float8", "model.dtype"),
+        ("resume=/nonexistent.ckpt", "resume"),
+    ],
+)
 def test_bad_values_are_named(override, key):
     cfg = compose_cfg([override])
     with pytest.raises(Exception, match=key.replace(".", r"\.")):
@@ -95,8 +99,16 @@ def tiny_overrides(extra=()):
 def test_fast_dev_run_tiny(tmp_path):
     from src.train import train
 
-    cfg = compose_cfg(["model=tiny_llama", "debug=fast_dev_run", "trainer.precision=32-true",
-                       "data.n_synthetic=32", "data.max_train_examples=32"], tmp_path)
+    cfg = compose_cfg(
+        [
+            "model=tiny_llama",
+            "debug=fast_dev_run",
+            "trainer.precision=32-true",
+            "data.n_synthetic=32",
+            "data.max_train_examples=32",
+        ],
+        tmp_path,
+    )
     metrics = train(cfg)
     assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
 
@@ -108,7 +120,8 @@ def test_tiny_run_writes_checkpoints_and_export(tmp_path):
 
     cfg = compose_cfg(tiny_overrides(["model=tiny_qwen3"]), tmp_path)
     metrics = train(cfg)
-    assert metrics["val/ppl"] > 1
+    assert metrics["val/ppl"] > 1 and metrics["val/base_ppl"] > 1
+    assert metrics["val/flop_ideal_speedup"] >= 0.9  # nothing skipped yet: only the router overhead
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["state_dict"] and all(".router." in k or ".adapter." in k for k in ckpt["state_dict"])
@@ -129,8 +142,15 @@ def test_gradients_do_not_depend_on_accumulation_split(smollm2_dir):
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
 
     def grads(micro, accumulate):
-        data = SFTDataModule(tokenizer_path=str(smollm2_dir), micro_batch_size=micro, accumulate_grad_batches=accumulate,
-                             n_synthetic=40, max_train_examples=40, max_length=128, seed=3)
+        data = SFTDataModule(
+            tokenizer_path=str(smollm2_dir),
+            micro_batch_size=micro,
+            accumulate_grad_batches=accumulate,
+            n_synthetic=40,
+            max_train_examples=40,
+            max_length=128,
+            seed=3,
+        )
         data.setup("fit")
         module = FlexiDepthModule(model=model_cfg, skip=OmegaConf.to_container(cfg.skip), optim=cfg.optim)
         with torch.no_grad():  # non-zero adapters so every parameter has a gradient
@@ -151,18 +171,36 @@ def test_gradients_do_not_depend_on_accumulation_split(smollm2_dir):
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-7, msg=n)
 
 
-def test_nan_loss_stops_with_message(tmp_path, monkeypatch):
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     from src.lit import module as lit_module
     from src.train import train
 
-    def nan_forward(self, batch):
-        out = lit_module.routed_forward(self.model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-        out.lm_loss_sum = out.lm_loss_sum * float("nan")
+    real_forward = lit_module.FlexiDepthModule.forward
+
+    def nan_from_step_3(self, batch):
+        out = real_forward(self, batch)
+        if self.global_step >= 3:
+            out.lm_loss_sum = out.lm_loss_sum * float("nan")
         return out
 
-    monkeypatch.setattr(lit_module.FlexiDepthModule, "forward", nan_forward)
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
-        train(compose_cfg(tiny_overrides(), tmp_path))
+    monkeypatch.setattr(lit_module.FlexiDepthModule, "forward", nan_from_step_3)
+    with pytest.raises(FloatingPointError, match="non-finite loss at global step 3"):
+        train(compose_cfg(tiny_overrides(["trainer.limit_val_batches=0"]), tmp_path))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 2  # written before the failure, not overwritten by it
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path):
+    from src.train import train
+
+    overrides = ["debug=tiny", "trainer.limit_val_batches=0", "trainer.max_steps=2"]
+    train(compose_cfg(overrides, tmp_path))
+    first_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    train(compose_cfg([*overrides[:-1], "trainer.max_steps=4", "resume=auto"], tmp_path))
+    assert (tmp_path / "wandb_id.txt").read_text().strip() == first_id
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # one run id, resumed
 
 
 def test_resume_reaches_same_weights(tmp_path, monkeypatch):
@@ -209,13 +247,22 @@ def test_bad_data_errors_are_clear(tmp_path):
 # ---------------------------------------------------------------------------------------------- CLI
 def _cli(args, cwd, timeout=900):
     env = dict(os.environ, PROJECT_ROOT=str(cwd))
-    return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "src.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
 def test_multirun_two_alphas_writes_two_runs(tmp_path):
-    res = _cli(["--multirun", "debug=tiny", "skip.alpha=0.001,0.1", "hydra.sweep.dir=" + str(tmp_path / "sweep")], tmp_path)
+    res = _cli(
+        ["--multirun", "debug=tiny", "skip.alpha=0.001,0.1", "hydra.sweep.dir=" + str(tmp_path / "sweep")],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in runs] == ["0_skip.alpha=0.001", "1_skip.alpha=0.1"]
@@ -229,15 +276,36 @@ def test_embedded_model_run_logs_wandb_histograms(tmp_path):
     """A few real steps on SmolLM2-135M; the offline W&B file holds the layer-usage histograms."""
     from tests.helpers.wandb_reader import find_run_file, history_rows
 
-    res = _cli(["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
-                "data.max_length=128", "data.n_synthetic=64", "data.max_train_examples=64", "data.micro_batch_size=2",
-                "callbacks.layer_usage.every_n_steps=2", "callbacks.last_checkpoint.every_n_train_steps=2",
-                "hydra.run.dir=" + str(tmp_path / "run")], tmp_path)
+    res = _cli(
+        [
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "trainer.limit_val_batches=2",
+            "trainer.log_every_n_steps=1",
+            "data.max_length=128",
+            "data.n_synthetic=64",
+            "data.max_train_examples=64",
+            "data.micro_batch_size=2",
+            "callbacks.layer_usage.every_n_steps=2",
+            "callbacks.last_checkpoint.every_n_train_steps=2",
+            "hydra.run.dir=" + str(tmp_path / "run"),
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = history_rows(find_run_file(tmp_path / "run"))
     keys = set().union(*rows)
-    for key in ("train/loss", "train/lm_loss", "train/skip_loss", "skip/layers_skipped_mean", "train/tokens_per_s",
-                "train/lr", "val/ppl", "skip/run_fraction/layer_15"):
+    for key in (
+        "train/loss",
+        "train/lm_loss",
+        "train/skip_loss",
+        "skip/layers_skipped_mean",
+        "train/tokens_per_s",
+        "train/lr",
+        "val/ppl",
+        "val/base_ppl",
+        "skip/run_fraction/layer_15",
+    ):
         assert key in keys, key
     hist = [r for r in rows if r.get("skip/layers_used_hist/_type") == "histogram"]
     assert len(hist) >= 2

@@ -18,8 +18,12 @@ class ExportFlexiDepth(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        save_flexidepth(pl_module.model, self.dirpath, extra={
-            "alpha": pl_module.alpha,
-            "global_step": trainer.global_step,
-            "model": dict(pl_module.hparams["model"]),
-        })
+        save_flexidepth(
+            pl_module.model,
+            self.dirpath,
+            extra={
+                "alpha": pl_module.alpha,
+                "global_step": trainer.global_step,
+                "model": dict(pl_module.hparams["model"]),
+            },
+        )

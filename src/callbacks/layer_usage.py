@@ -41,18 +41,23 @@ class LayerUsageCallback(L.Callback):
 
     def flush(self, trainer, pl_module) -> None:
         usage = pl_module.usage
-        packed = torch.cat([usage.run_counts, usage.used_hist, torch.tensor([usage.tokens], dtype=torch.float64)])
+        packed = torch.cat(
+            [usage.run_counts, usage.used_hist, torch.tensor([usage.tokens], dtype=torch.float64)]
+        )
         if trainer.world_size > 1:
             packed = trainer.strategy.reduce(packed.to(pl_module.device), reduce_op="sum").cpu()
         routed = len(usage.layer_indices)
-        run_counts, used_hist, tokens = packed[:routed], packed[routed:2 * routed + 1], float(packed[-1])
+        run_counts, used_hist, tokens = packed[:routed], packed[routed : 2 * routed + 1], float(packed[-1])
         usage.reset()
         if tokens <= 0 or not trainer.is_global_zero:
             return
         fraction = (run_counts / tokens).numpy()
         step = trainer.global_step
         self.history.append((step, fraction))
-        scalars = {f"skip/run_fraction/layer_{layer}": float(v) for layer, v in zip(usage.layer_indices, fraction, strict=True)}
+        scalars = {
+            f"skip/run_fraction/layer_{layer}": float(v)
+            for layer, v in zip(usage.layer_indices, fraction, strict=True)
+        }
         for lg in trainer.loggers:  # direct, since self.log is not allowed in on_train_end
             lg.log_metrics(scalars, step=step)
         self._write_files(step, usage, fraction, used_hist.numpy(), tokens)
@@ -64,9 +69,13 @@ class LayerUsageCallback(L.Callback):
         if self.output_dir is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        record = {"step": step, "tokens": tokens, "layers": usage.layer_indices,
-                  "run_fraction": fraction.round(6).tolist(),
-                  "layers_used_counts": {str(usage.min_layers + k): float(c) for k, c in enumerate(used_hist)}}
+        record = {
+            "step": step,
+            "tokens": tokens,
+            "layers": usage.layer_indices,
+            "run_fraction": fraction.round(6).tolist(),
+            "layers_used_counts": {str(usage.min_layers + k): float(c) for k, c in enumerate(used_hist)},
+        }
         with open(self.output_dir / "layer_usage.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         self._heatmap().savefig(self.output_dir / "run_fraction_heatmap.png", dpi=80)
@@ -97,13 +106,21 @@ class LayerUsageCallback(L.Callback):
         if usage.layer_indices != list(range(usage.layer_indices[0], usage.layer_indices[-1] + 1)):
             layer_edges = np.arange(len(usage.layer_indices) + 1, dtype=np.float64)  # non-contiguous: by rank
         used_edges = np.arange(len(used_hist) + 1, dtype=np.float64) + usage.min_layers - 0.5
-        table = wandb.Table(columns=["step", "layer", "run_fraction"],
-                            data=[[step, layer, float(f)] for layer, f in zip(usage.layer_indices, fraction, strict=True)])
+        table = wandb.Table(
+            columns=["step", "layer", "run_fraction"],
+            data=[[step, layer, float(f)] for layer, f in zip(usage.layer_indices, fraction, strict=True)],
+        )
         # never pass step= to experiment.log (it breaks Lightning's step bookkeeping); carry it as a key
-        wandb_logger.experiment.log({
-            "skip/layers_used_hist": wandb.Histogram(np_histogram=(used_hist.tolist(), used_edges.tolist())),
-            "skip/layer_run_fraction": wandb.Histogram(np_histogram=(fraction.tolist(), layer_edges.tolist())),
-            "skip/layer_run_table": table,
-            "skip/run_fraction_heatmap": wandb.Image(self._heatmap()),
-            "trainer/global_step": step,
-        })
+        wandb_logger.experiment.log(
+            {
+                "skip/layers_used_hist": wandb.Histogram(
+                    np_histogram=(used_hist.tolist(), used_edges.tolist())
+                ),
+                "skip/layer_run_fraction": wandb.Histogram(
+                    np_histogram=(fraction.tolist(), layer_edges.tolist())
+                ),
+                "skip/layer_run_table": table,
+                "skip/run_fraction_heatmap": wandb.Image(self._heatmap()),
+                "trainer/global_step": step,
+            }
+        )

@@ -49,7 +49,9 @@ def save_flexidepth(model, folder: str | Path, extra: dict | None = None) -> Pat
         "base_model": base_identity(model),
         **(extra or {}),
     }
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "flexidepth", "gate_mode": state.config.gate_mode})
+    save_file(
+        tensors, str(folder / WEIGHTS), metadata={"format": "flexidepth", "gate_mode": state.config.gate_mode}
+    )
     (folder / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return folder
 
@@ -93,9 +95,13 @@ def _load_exact(model, tensors: dict[str, torch.Tensor], source: str) -> None:
     missing = sorted(set(expected) - set(tensors))
     if unexpected or missing:
         raise KeyError(f"{source}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}")
-    for key, value in tensors.items():
+    for key, value in list(tensors.items()):
+        if key.endswith("router.bias") and value.dim() == 0:  # format of early checkpoints: a 0-dim bias
+            tensors[key] = value = value.reshape(1)
         if value.shape != expected[key].shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
     model.load_state_dict(tensors, strict=False)
 
 
@@ -123,7 +129,9 @@ def map_released_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     # the swapped names are told apart by shape: W_u is [m, d] (wide input), W_o is [d, m]
     for key, value in out.items():
         if key.endswith("adapter.up_proj.weight") and value.shape[0] > value.shape[1]:
-            raise ValueError(f"{key}: shape {tuple(value.shape)} looks like W_o, not W_u; names not as released")
+            raise ValueError(
+                f"{key}: shape {tuple(value.shape)} looks like W_o, not W_u; names not as released"
+            )
     return out
 
 

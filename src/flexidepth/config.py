@@ -88,7 +88,9 @@ class FlexiDepthConfig:
         if self.adapter_rank is not None:
             _positive_int("adapter_rank", self.adapter_rank)
         if not isinstance(self.kv_for_skipped, bool):
-            raise FlexiDepthConfigError(f"skip.kv_for_skipped must be true/false, got {self.kv_for_skipped!r}")
+            raise FlexiDepthConfigError(
+                f"skip.kv_for_skipped must be true/false, got {self.kv_for_skipped!r}"
+            )
         if isinstance(self.layers, str) and self.layers != "last_half":
             _parse_range(self.layers)  # raises with the key name
 
@@ -113,12 +115,16 @@ class FlexiDepthConfig:
             return list(range(num_layers - num_layers // 2, num_layers))
         if isinstance(self.layers, str):
             start, end = _parse_range(self.layers)
-            idx = list(range(start if start >= 0 else num_layers + start, end if end is not None else num_layers))
+            idx = list(
+                range(start if start >= 0 else num_layers + start, end if end is not None else num_layers)
+            )
         else:
             try:
                 idx = [int(i) for i in self.layers]
             except (TypeError, ValueError) as err:
-                raise FlexiDepthConfigError(f"skip.layers must be 'last_half', 'a:b' or a list, got {self.layers!r}") from err
+                raise FlexiDepthConfigError(
+                    f"skip.layers must be 'last_half', 'a:b' or a list, got {self.layers!r}"
+                ) from err
         bad = [i for i in idx if not 0 <= i < num_layers]
         if bad:
             raise FlexiDepthConfigError(f"skip.layers has indices {bad} outside [0, {num_layers - 1}]")

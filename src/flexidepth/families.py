@@ -73,7 +73,9 @@ def project_kv(family: Family, attn, z: torch.Tensor, cos: torch.Tensor, sin: to
 FAST_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def project_q_rows(family: Family, attn, z_rows: torch.Tensor, cos_rows: torch.Tensor, sin_rows: torch.Tensor):
+def project_q_rows(
+    family: Family, attn, z_rows: torch.Tensor, cos_rows: torch.Tensor, sin_rows: torch.Tensor
+):
     """Queries (Qwen3 q_norm, RoPE) of flattened rows z_rows: [N, d] -> [N, H, hd].
 
     cos_rows / sin_rows: [N, hd], the rotary tables of those rows' own positions.

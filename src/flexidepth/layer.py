@@ -39,8 +39,16 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         family: per-family details (families.py).
     """
 
-    def __init__(self, base_layer: nn.Module, router: nn.Module, adapter: nn.Module | None,
-                 layer_index: int, cfg, recorder, family: Family):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        router: nn.Module,
+        adapter: nn.Module | None,
+        layer_index: int,
+        cfg,
+        recorder,
+        family: Family,
+    ):
         super().__init__()
         for name, child in base_layer.named_children():
             self.add_module(name, child)
@@ -59,7 +67,7 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         self.force_gate: GateForce = None  # constant or callable(z, layer_index) -> g, for tests/benchmarks
         # Inference fast path (real skipping, see `_fast_forward`): None = automatic, i.e. used whenever
         # autograd is off (torch.no_grad / inference_mode); True = always; False = never (masked path).
-        self.fast_path: bool | None = False
+        self.fast_path: bool | None = None
 
     # ------------------------------------------------------------------ gate
     def gate(self, z: torch.Tensor) -> torch.Tensor:
@@ -81,13 +89,26 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         return w_run.unsqueeze(-1).to(dtype), w_skip.unsqueeze(-1).to(dtype)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
-                use_cache: bool = False, position_embeddings=None, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        use_cache: bool = False,
+        position_embeddings=None,
+        **kwargs,
+    ) -> torch.Tensor:
         """hidden_states: [B, T, d] -> [B, T, d]; K/V of every row go to `cache` (unless ablated)."""
         x = hidden_states
         z = self.input_layernorm(x)
-        attn_kwargs = dict(position_ids=position_ids, cache=cache, use_cache=use_cache,
-                           position_embeddings=position_embeddings, **kwargs)
+        attn_kwargs = dict(
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
         if not self.routing:
             a, _ = self.self_attn(hidden_states=z, attention_mask=attention_mask, **attn_kwargs)
             h = x + a
@@ -137,7 +158,9 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         elif attention_mask.dtype == torch.bool:
             allowed = attention_mask[..., :total].expand(bsz, 1, seq, total)
         else:
-            allowed = (attention_mask[..., :total] > torch.finfo(attention_mask.dtype).min / 2).expand(bsz, 1, seq, total)
+            allowed = (attention_mask[..., :total] > torch.finfo(attention_mask.dtype).min / 2).expand(
+                bsz, 1, seq, total
+            )
         own = (k_pos[None, :] == q_pos[:, None])[None, None]
         allowed = allowed & (keep[:, None, None, :] | own)
         if attention_mask is None or attention_mask.dtype == torch.bool:
@@ -157,7 +180,10 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
     #
     # Host-device synchronisations that remain (one per routed layer and forward):
     #   * single row (batch-1 decode): `bool(run)` picks the branch;
-    #   * several rows: `counts.tolist()` (number of running rows per sequence) sizes the gathers.
+    #   * batched decode (T = 1): `int(run.sum())` sizes the gathers;
+    #   * prefill / several rows per sequence: `counts.tolist()` (running rows per sequence) sizes them.
+    # They are inherent to gathering: a data-dependent shape needs its size on the host. On GPU the sync
+    # waits for the router of this layer only; the alternative without syncs is the masked path above.
     # Everything else (gates, decisions, indices) stays on the device.
 
     def _fast_path_applies(self, attention_mask, position_embeddings) -> bool:
@@ -173,8 +199,9 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
         """q: [b, H, m, hd]; keys/values: [b, H_kv, S, hd] -> [b, m, H*hd]. GQA handled by SDPA."""
         attn = self.self_attn
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                           enable_gqa=q.shape[1] != keys.shape[1])
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
+        )
         return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
     def _fast_forward(self, x, z, g, run, attention_mask, cache, position_embeddings) -> torch.Tensor:
@@ -187,18 +214,24 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
             keys, values = cache.update(k, v, attn.layer_idx)
         else:
             keys, values = k, v
-        w_run, w_skip = self.branch_weights(g, run, x.dtype)
-
         if bsz * seq == 1:  # batch-1 decode: no gathers at all
+            # the branch weight alone (equal to branch_weights' value for this row, in fewer ops):
+            # released: g (run) or 1 - g (skip); ste: 1 on the taken branch
             if bool(run):  # host sync: the branch is data dependent
                 q = project_q_rows(self.family, attn, z[0], cos[0], sin[0])  # [1, H, hd]
                 mask = None if attention_mask is None else attention_mask[..., : keys.shape[-2]]
                 h = x + attn.o_proj(self._attend(q.transpose(0, 1)[None], keys, values, mask))
-                return h + w_run * self.mlp(self.post_attention_layernorm(h))
+                ffn = self.mlp(self.post_attention_layernorm(h))
+                return h + (g.unsqueeze(-1).to(x.dtype) * ffn if self.gate_mode == "released" else ffn)
             if self.adapter is None:
                 return x
-            return x + w_skip * self.adapter(self.post_attention_layernorm(x))
+            ad = self.adapter(self.post_attention_layernorm(x))
+            return x + ((1.0 - g).unsqueeze(-1).to(x.dtype) * ad if self.gate_mode == "released" else ad)
 
+        w_run, w_skip = self.branch_weights(g, run, x.dtype)
+
+        if seq == 1:  # batched decode: one row per sequence, no padded layout needed
+            return self._fast_decode(x, z, w_run, w_skip, run, attention_mask, keys, values, cos, sin)
         counts = run.sum(1)  # [B] running rows per sequence
         counts_host = counts.tolist()  # host sync: sizes of the gathered tensors
         n_run = sum(counts_host)
@@ -220,8 +253,13 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
             return out.view(bsz, seq, dim)
 
         z_run = z.reshape(n_rows, dim).index_select(0, idx_run)
-        q = project_q_rows(self.family, attn, z_run, _rows(cos, bsz).index_select(0, idx_run),
-                           _rows(sin, bsz).index_select(0, idx_run))
+        q = project_q_rows(
+            self.family,
+            attn,
+            z_run,
+            _rows(cos, bsz).index_select(0, idx_run),
+            _rows(sin, bsz).index_select(0, idx_run),
+        )
         # Padded per-sequence layout for the attention: sequences with >= 1 running row, each with its
         # running queries packed to the front of m_max slots (unused slots have q = 0 and are dropped).
         seqs = [b for b, c in enumerate(counts_host) if c]
@@ -246,14 +284,53 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         out.index_copy_(0, idx_run, h + wr * self.mlp(self.post_attention_layernorm(h)))
         return out.view(bsz, seq, dim)
 
+    def _fast_decode(self, x, z, w_run, w_skip, run, attention_mask, keys, values, cos, sin) -> torch.Tensor:
+        """One new token per sequence (T = 1, B > 1): gather the running sequences, attend, scatter back."""
+        attn = self.self_attn
+        bsz, _, dim = x.shape
+        flat = run.reshape(-1)
+        n_run = int(flat.sum())  # host sync: size of the gathered tensors
+        if n_run == bsz:
+            return self._dense_run(x, z, w_run, attention_mask, keys, values, 0, cos, sin)
+        x_flat = x.reshape(bsz, dim)
+        out = torch.empty_like(x_flat)
+        order = torch.argsort((~flat).to(torch.uint8), stable=True)
+        idx_run, idx_skip = order[:n_run], order[n_run:]
+        xs = x_flat.index_select(0, idx_skip)
+        if self.adapter is not None:
+            xs = xs + w_skip.reshape(bsz, 1).index_select(0, idx_skip) * self.adapter(
+                self.post_attention_layernorm(xs)
+            )
+        out.index_copy_(0, idx_skip, xs)
+        if n_run == 0:
+            return out.view(bsz, 1, dim)
+        q = project_q_rows(
+            self.family,
+            attn,
+            z.reshape(bsz, dim).index_select(0, idx_run),
+            _rows(cos, bsz).index_select(0, idx_run),
+            _rows(sin, bsz).index_select(0, idx_run),
+        )
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[..., : keys.shape[-2]].expand(bsz, -1, -1, -1).index_select(0, idx_run)
+        o = self._attend(q.unsqueeze(2), keys.index_select(0, idx_run), values.index_select(0, idx_run), mask)
+        h = x_flat.index_select(0, idx_run) + attn.o_proj(o.reshape(n_run, -1))
+        wr = w_run.reshape(bsz, 1).index_select(0, idx_run)
+        out.index_copy_(0, idx_run, h + wr * self.mlp(self.post_attention_layernorm(h)))
+        return out.view(bsz, 1, dim)
+
     def _dense_run(self, x, z, w_run, attention_mask, keys, values, past, cos, sin) -> torch.Tensor:
         """All rows run: the plain layer (FFN scaled by g), attention with the model's mask."""
         attn = self.self_attn
         bsz, seq, dim = x.shape
         q = project_q_rows(self.family, attn, z.reshape(bsz * seq, dim), _rows(cos, bsz), _rows(sin, bsz))
         q = q.view(bsz, seq, q.shape[1], q.shape[2]).transpose(1, 2)
-        t_pos = torch.arange(seq, device=x.device).expand(bsz, seq)
-        mask = self._gather_mask(attention_mask, None, t_pos, past, keys.shape[-2], bsz, seq)
+        if attention_mask is not None:  # the model's own mask, rows already in order
+            mask = attention_mask[..., : keys.shape[-2]]
+        else:
+            t_pos = torch.arange(seq, device=x.device).expand(bsz, seq)
+            mask = self._gather_mask(None, None, t_pos, past, keys.shape[-2], bsz, seq)
         h = x + attn.o_proj(self._attend(q, keys, values, mask))
         return h + w_run * self.mlp(self.post_attention_layernorm(h))
 

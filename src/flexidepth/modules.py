@@ -43,7 +43,8 @@ class MLPRouter(nn.Module):
         self.norm = RouterRMSNorm(width, eps)
         self.dec = nn.Linear(width, hidden_size, bias=False)
         self.head = nn.Linear(hidden_size, 1, bias=False)
-        self.bias = nn.Parameter(torch.tensor(float(init_bias))) if bias else None
+        # shape [1], not a 0-dim scalar: DeepSpeed cannot broadcast 0-dim parameters
+        self.bias = nn.Parameter(torch.full((1,), float(init_bias))) if bias else None
         self._init_bias = float(init_bias)
 
     def reset_parameters(self) -> None:
@@ -69,7 +70,8 @@ class LinearRouter(nn.Module):
     def __init__(self, hidden_size: int, bias: bool = True, init_bias: float = 3.0):
         super().__init__()
         self.head = nn.Linear(hidden_size, 1, bias=False)
-        self.bias = nn.Parameter(torch.tensor(float(init_bias))) if bias else None
+        # shape [1], not a 0-dim scalar: DeepSpeed cannot broadcast 0-dim parameters
+        self.bias = nn.Parameter(torch.full((1,), float(init_bias))) if bias else None
         self._init_bias = float(init_bias)
 
     def reset_parameters(self) -> None:
@@ -111,7 +113,9 @@ def build_router(cfg, hidden_size: int, eps: float) -> nn.Module:
     if cfg.router == "linear":
         router = LinearRouter(hidden_size, cfg.router_bias, cfg.router_init_bias)
     else:
-        router = MLPRouter(hidden_size, cfg.router_width(hidden_size), eps, cfg.router_bias, cfg.router_init_bias)
+        router = MLPRouter(
+            hidden_size, cfg.router_width(hidden_size), eps, cfg.router_bias, cfg.router_init_bias
+        )
     router.reset_parameters()
     return router
 

@@ -77,13 +77,22 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """Summed next-token cross-entropy (fp32) and the number of supervised positions (labels != -100)."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
     return loss, (shift_labels != -100).sum()
 
 
-def routed_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   labels: torch.Tensor | None = None, **kwargs) -> RoutedOutput:
+def routed_forward(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    **kwargs,
+) -> RoutedOutput:
     """Run a FlexiDepth model and collect its routes.
 
     Args:
@@ -100,8 +109,10 @@ def routed_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     routes = None
     if state.recorder.gates:
         gates, run = state.recorder.stacked()
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        routes = Routes(gates, run, valid[:, -gates.shape[1]:], state.num_layers)
+        valid = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        routes = Routes(gates, run, valid[:, -gates.shape[1] :], state.num_layers)
     result = RoutedOutput(out.logits, routes, cache=getattr(out, "cache", None))
     if labels is not None:
         result.lm_loss_sum, result.lm_tokens = lm_loss_sum(out.logits, labels)

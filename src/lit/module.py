@@ -15,7 +15,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from ..flexidepth import FlexiDepthConfig, inject, parameter_counts, routed_forward
+from ..flexidepth import FlexiDepthConfig, inject, parameter_counts, routed_forward, set_routing
+from ..flexidepth.flops import flops_report
 from ..flexidepth.inject import is_flexidepth_param
 from ..models.loader import load_base_model
 
@@ -57,8 +58,13 @@ class FlexiDepthModule(L.LightningModule):
         gradient_checkpointing: enable HF gradient checkpointing in the frozen base.
     """
 
-    def __init__(self, model: dict[str, Any], skip: dict[str, Any], optim: dict[str, Any],
-                 gradient_checkpointing: bool = False):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        skip: dict[str, Any],
+        optim: dict[str, Any],
+        gradient_checkpointing: bool = False,
+    ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         skip = dict(skip)
@@ -73,6 +79,7 @@ class FlexiDepthModule(L.LightningModule):
         self.usage = UsageAccumulator(state.layer_indices, state.num_layers)
         self.strict_loading = False  # Lightning checkpoints hold only router/adapter tensors
         self._val: dict[str, float] = {}
+        self._base_val_loss: float | None = None  # base-model val loss, measured once
         self._clock: float | None = None
 
     # ------------------------------------------------------------------ forward / loss
@@ -96,7 +103,11 @@ class FlexiDepthModule(L.LightningModule):
         self.log("train/lm_loss", out.lm_loss.detach(), batch_size=n)
         self.log("train/skip_loss", routes.skip_loss.detach(), batch_size=n)
         self.log("skip/layers_skipped_mean", routes.layers_skipped_mean, prog_bar=True, batch_size=n)
-        self.log("skip/gate_mean", (routes.gates * routes.valid.unsqueeze(-1)).sum() / (routes.n_valid * routes.gates.shape[-1]), batch_size=n)
+        self.log(
+            "skip/gate_mean",
+            (routes.gates * routes.valid.unsqueeze(-1)).sum() / (routes.n_valid * routes.gates.shape[-1]),
+            batch_size=n,
+        )
         self._tokens_in_step = getattr(self, "_tokens_in_step", 0.0) + float(routes.n_valid)
         return loss
 
@@ -116,8 +127,13 @@ class FlexiDepthModule(L.LightningModule):
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         routed = len(self.usage.layer_indices)
-        self._val = {"lm_sum": 0.0, "lm_tokens": 0.0, "skipped": 0.0, "tokens": 0.0,
-                     "run": torch.zeros(routed, dtype=torch.float64)}
+        self._val = {
+            "lm_sum": 0.0,
+            "lm_tokens": 0.0,
+            "base_sum": 0.0,
+            "tokens": 0.0,
+            "run": torch.zeros(routed, dtype=torch.float64),
+        }
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch)
@@ -126,21 +142,40 @@ class FlexiDepthModule(L.LightningModule):
         self._val["lm_tokens"] += float(out.lm_tokens)
         self._val["tokens"] += float(r.n_valid)
         self._val["run"] += r.layer_run_counts.double().cpu()
+        if self._base_val_loss is None:  # the frozen base on the same batches, once per run, for val/base_ppl
+            set_routing(self.model, False)
+            try:
+                self._val["base_sum"] += float(self(batch).lm_loss_sum)
+            finally:
+                set_routing(self.model, True)
 
     def on_validation_epoch_end(self) -> None:
         v = self._val
-        packed = torch.tensor([v["lm_sum"], v["lm_tokens"], v["tokens"], *v["run"].tolist()],
-                              dtype=torch.float64, device=self.device)
-        packed = self.trainer.strategy.reduce(packed, reduce_op="sum") if self.trainer.world_size > 1 else packed
-        lm_sum, lm_tokens, tokens, run = packed[0], packed[1], packed[2], packed[3:]
+        packed = torch.tensor(
+            [v["lm_sum"], v["lm_tokens"], v["tokens"], v["base_sum"], *v["run"].tolist()],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        packed = (
+            self.trainer.strategy.reduce(packed, reduce_op="sum") if self.trainer.world_size > 1 else packed
+        )
+        lm_sum, lm_tokens, tokens, base_sum, run = packed[0], packed[1], packed[2], packed[3], packed[4:]
         if tokens <= 0:
             return
+        if self._base_val_loss is None and not self.trainer.sanity_checking:
+            self._base_val_loss = float(base_sum / lm_tokens.clamp_min(1))
+        if self._base_val_loss is not None:
+            self.log("val/base_ppl", math.exp(min(self._base_val_loss, 50.0)))
         loss = float(lm_sum / lm_tokens.clamp_min(1))
         skipped = float(len(run) - run.sum() / tokens)
         self.log("val/lm_loss", loss, sync_dist=False)
         self.log("val/ppl", math.exp(min(loss, 50.0)), prog_bar=True)
         self.log("val/layers_skipped_mean", skipped)
         self.log("val/skip_rate", skipped / len(run))
+        # where speed could come from: analytic MACs at the realised skip rate (K/V, router, adapter counted)
+        report = flops_report(self.model.config, self.flexi_cfg, skipped)
+        self.log("val/analytic_macs_saved_frac", report["analytic_macs_saved_frac"])
+        self.log("val/flop_ideal_speedup", report["flop_ideal_speedup"])
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
@@ -163,7 +198,9 @@ class FlexiDepthModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # keep the frozen base out of Lightning checkpoints: it is reloaded from model.name_or_path
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_flexidepth_param(k)}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if is_flexidepth_param(k)
+        }
         checkpoint["flexidepth"] = {"config": self.flexi_cfg.to_dict(), "alpha": self.alpha}
 
     def parameter_counts(self) -> dict[str, int]:

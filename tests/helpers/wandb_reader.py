@@ -29,7 +29,7 @@ def records(path: str | Path) -> Iterator[wandb_internal_pb2.Record]:
         pos += CHUNK_HEADER
         if kind == 0 and length == 0:
             break
-        chunk, pos = data[pos:pos + length], pos + length
+        chunk, pos = data[pos : pos + length], pos + length
         if kind in (FULL, FIRST):
             parts = [chunk]
         else:
@@ -44,8 +44,12 @@ def history_rows(path: str | Path) -> list[dict]:
     rows = []
     for record in records(path):
         if record.WhichOneof("record_type") == "history":
-            rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
-                         for item in record.history.item})
+            rows.append(
+                {
+                    (item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
     return rows
 
 

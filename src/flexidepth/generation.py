@@ -1,0 +1,212 @@
+"""Cached generation for FlexiDepth models, with every step routed, and the fast-path switch.
+
+    out = generate(model, None, input_ids, attention_mask, max_new_tokens=32)      # greedy
+    out.sequences        # [B, P + n]: the (left-padded) prompt followed by the new tokens
+    out.run              # [B, n, R]: routed-layer decisions of the forward that produced each new token
+    out.layers_used      # [B, n]:   layers used by that forward ((L - R) + routed layers run)
+
+Conventions:
+- Left padding: `attention_mask` marks real prompt tokens; positions are `cumsum(mask) - 1` (pad rows
+  get position 1), exactly what HF `generate` uses, so both give the same tokens.
+- New token i is predicted by one forward of the model: the prompt's prefill for i = 0, otherwise the
+  decode step over token i - 1. `run[:, i]` / `gates[:, i]` are the routes of the position processed by
+  that forward (the last prompt token for i = 0). A teacher-forced forward over `sequences` therefore gives
+  the same routes at positions P - 1 ... P + n - 2 (tested). `prefill` holds the routes of all prompt tokens.
+- Rows that produced `eos_token_id` are finished: later positions hold `pad_token_id` and are marked
+  invalid in `valid`. The loop stops early when every row has finished (one host sync per step).
+
+The fast path (real skipping, layer.py) is on by default whenever autograd is off, so both this loop and
+HF `model.generate` use it. `set_fast_path(model, False)` forces the masked (training) arithmetic,
+`set_fast_path(model, True)` forces the fast path even with autograd on; `None` restores the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .inject import flexi_layers
+from .routes import Routes
+
+
+def set_fast_path(model, enabled: bool | None) -> None:
+    """None: fast path whenever autograd is off (default); True: always; False: never (masked path)."""
+    if enabled not in (None, True, False):
+        raise ValueError(f"enabled must be None, True or False, got {enabled!r}")
+    for layer in flexi_layers(model):
+        layer.fast_path = enabled
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [B, P + n] prompt (as given, left padded) + new tokens
+    new_tokens: torch.Tensor  # [B, n]
+    valid: torch.Tensor  # [B, n] bool: token produced before (and including) the row's EOS
+    gates: torch.Tensor | None  # [B, n, R] fp32, None when the model has no routed layers / routing off
+    run: torch.Tensor | None  # [B, n, R] bool
+    prefill: Routes | None  # routes of the prompt tokens (padding marked invalid)
+    num_layers: int
+    logits: torch.Tensor | None = None  # [B, n, V] fp32 when return_logits=True
+
+    @property
+    def layers_used(self) -> torch.Tensor:
+        """[B, n] layers used by the forward that produced each new token (L when routing is off)."""
+        if self.run is None:
+            return torch.full(self.new_tokens.shape, self.num_layers, device=self.new_tokens.device)
+        return (self.num_layers - self.run.shape[-1]) + self.run.sum(-1)
+
+    @property
+    def layers_skipped_mean(self) -> float:
+        """Mean routed layers skipped per valid generated token."""
+        if self.run is None:
+            return 0.0
+        skipped = (~self.run).sum(-1).float()
+        return float((skipped * self.valid).sum() / self.valid.sum().clamp_min(1))
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """logits [B, V] fp32 -> token ids [B] by temperature + nucleus sampling."""
+    logits = logits / max(float(temperature), 1e-6)
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass *before* it already reaches top_p (the first token always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _step_routes(model):
+    state = getattr(model, "flexidepth", None)
+    if state is None or not state.recorder.gates:
+        return None, None
+    return state.recorder.stacked()
+
+
+def generate(
+    model,
+    tokenizer=None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    return_logits: bool = False,
+    prompts: list[str] | None = None,
+) -> GenerationOutput:
+    """Greedy or sampled generation with a DynamicCache; every position (prompt too) is routed.
+
+    Args:
+        model: a HF causal LM, FlexiDepth-injected or not (then no routes are returned).
+        tokenizer: optional; used to encode `prompts` (left padded) and for default eos/pad ids.
+        input_ids / attention_mask: [B, P] left-padded prompts (mask 1 = real token).
+        max_new_tokens: number of decode steps at most.
+        do_sample / temperature / top_p / seed: sampling controls (greedy when do_sample is False).
+        eos_token_id / pad_token_id: stopping; pad defaults to the (first) eos id, else 0.
+        return_logits: keep the fp32 next-token logits of every step.
+        prompts: texts to encode with `tokenizer` instead of input_ids.
+    """
+    if input_ids is None:
+        if prompts is None or tokenizer is None:
+            raise ValueError("pass input_ids, or prompts together with a tokenizer")
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
+        input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
+        )
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate expects left padding: every row's last prompt position must be real")
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = tokenizer.eos_token_id
+    eos = (
+        None
+        if eos_token_id is None
+        else torch.tensor(
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device
+        )
+    )
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if eos is not None else 0
+    generator = None
+    if do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0 if seed is None else int(seed))
+
+    bsz, plen = input_ids.shape
+    state = getattr(model, "flexidepth", None)
+    num_layers = model.config.num_hidden_layers
+    cache = DynamicCache(config=model.config)
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    mask = attention_mask
+    cur, pos = input_ids, position_ids
+    tokens, gates, runs, logits_all = [], [], [], []
+    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    valid = []
+    prefill = None
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            if state is not None:
+                state.recorder.clear()
+            out = model(
+                input_ids=cur,
+                attention_mask=mask,
+                position_ids=pos,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1].float()
+            g, r = _step_routes(model)
+            if g is not None:
+                if step == 0:
+                    prefill = Routes(g, r, attention_mask.bool(), num_layers)
+                gates.append(g[:, -1])
+                runs.append(r[:, -1])
+            if return_logits:
+                logits_all.append(logits)
+            nxt = _sample(logits, temperature, top_p, generator) if do_sample else logits.argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+            valid.append(~finished)
+            tokens.append(nxt)
+            if eos is not None:
+                finished = finished | torch.isin(nxt, eos)
+                if bool(finished.all()):  # host sync, once per step, only when stopping is possible
+                    break
+            if step + 1 == max_new_tokens:
+                break
+            cur = nxt[:, None]
+            pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    new_tokens = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(bsz, 0)
+    return GenerationOutput(
+        sequences=torch.cat([input_ids, new_tokens], 1),
+        new_tokens=new_tokens,
+        valid=torch.stack(valid, 1) if valid else torch.zeros(bsz, 0, dtype=torch.bool, device=device),
+        gates=torch.stack(gates, 1) if gates else None,
+        run=torch.stack(runs, 1) if runs else None,
+        prefill=prefill,
+        num_layers=num_layers,
+        logits=torch.stack(logits_all, 1) if return_logits and logits_all else None,
+    )
+
+
+__all__ = ["GenerationOutput", "generate", "set_fast_path"]

@@ -1,0 +1,170 @@
+"""Summarise a multirun folder: one row per sweep point, a Markdown + CSV table and a Pareto plot.
+
+    python -m src.sweep_summary outputs/train/sweeps/alpha_2026-01-01_12-00-00
+    python -m src.sweep_summary <sweep dir> --baseline-ppl 12.3 --out /tmp/summary
+
+Each job folder (`<n>_<overrides>/`) holds `.hydra/overrides.yaml` and the `metrics.json` that src/train.py
+writes at the end of a run. Jobs without metrics.json (failed, still running) are listed as such. The plot
+shows validation perplexity against the mean number of layers skipped per token; points no other point beats
+on both axes (more layers skipped *and* lower perplexity) form the Pareto frontier, drawn as a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+X_KEY, Y_KEY = "val/layers_skipped_mean", "val/ppl"
+COLUMNS = ["val/ppl", "val/layers_skipped_mean", "val/skip_rate", "train/loss", "train/skip_loss"]
+
+
+@dataclass
+class Point:
+    job: str
+    overrides: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "ok"
+    pareto: bool = False
+
+    @property
+    def xy(self) -> tuple[float, float] | None:
+        x, y = self.metrics.get(X_KEY), self.metrics.get(Y_KEY)
+        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            return None
+        return x, y
+
+
+def _overrides(job: Path) -> dict[str, str]:
+    items = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    return dict(item.lstrip("+~").split("=", 1) for item in items if "=" in item)
+
+
+def read_sweep(sweep_dir: str | Path) -> list[Point]:
+    """One Point per job folder (a folder holding .hydra/overrides.yaml), ordered by job number."""
+    jobs = [p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml")]
+    points = []
+    for job in sorted(
+        jobs, key=lambda p: (int(p.name.split("_")[0]) if p.name.split("_")[0].isdigit() else 1 << 30, p.name)
+    ):
+        point = Point(job.name, _overrides(job))
+        metrics = job / "metrics.json"
+        if metrics.is_file():
+            point.metrics = json.loads(metrics.read_text())["metrics"]
+        else:
+            point.status = "no metrics.json (failed or running)"
+        points.append(point)
+    mark_pareto(points)
+    return points
+
+
+def mark_pareto(points: list[Point]) -> None:
+    """Set `pareto` on the points no other point dominates (skipped >= and ppl <=, one strictly)."""
+    valid = [p for p in points if p.xy is not None]
+    for p in valid:
+        (x, y) = p.xy
+        p.pareto = not any(q.xy[0] >= x and q.xy[1] <= y and q.xy != p.xy for q in valid)
+
+
+def swept_keys(points: list[Point]) -> list[str]:
+    """Override keys whose value differs between points (the sweep's axes), in first-seen order."""
+    keys = list(dict.fromkeys(k for p in points for k in p.overrides))
+    return [k for k in keys if len({p.overrides.get(k) for p in points}) > 1] or keys
+
+
+def rows(points: list[Point], baseline_ppl: float | None = None) -> tuple[list[str], list[list[str]]]:
+    keys = swept_keys(points)
+    header = ["job", *keys, *COLUMNS] + (["ppl_ratio"] if baseline_ppl else []) + ["pareto", "status"]
+    out = []
+    for p in points:
+        vals = [_fmt(p.metrics.get(c)) for c in COLUMNS]
+        ratio = [_fmt(baseline_ppl / p.metrics[Y_KEY]) if Y_KEY in p.metrics else ""] if baseline_ppl else []
+        out.append(
+            [p.job, *(p.overrides.get(k, "") for k in keys), *vals, *ratio, "*" if p.pareto else "", p.status]
+        )
+    return header, out
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.4g}"
+
+
+def write_tables(points: list[Point], out_dir: Path, baseline_ppl: float | None = None) -> tuple[Path, Path]:
+    header, body = rows(points, baseline_ppl)
+    md = out_dir / "summary.md"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    md.write_text("\n".join(lines) + "\n")
+    path = out_dir / "summary.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
+    return md, path
+
+
+def plot_pareto(points: list[Point], out: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = swept_keys(points)
+    valid = [p for p in points if p.xy is not None]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([p.xy[0] for p in valid], [p.xy[1] for p in valid], c="tab:gray", label="sweep point")
+    front = sorted((p for p in valid if p.pareto), key=lambda p: p.xy[0])
+    ax.plot([p.xy[0] for p in front], [p.xy[1] for p in front], "o-", c="tab:red", label="Pareto frontier")
+    for p in valid:
+        ax.annotate(
+            ",".join(f"{k.split('.')[-1]}={p.overrides.get(k)}" for k in keys),
+            p.xy,
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("layers skipped per token (validation mean)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title or "layers skipped vs perplexity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def summarize(
+    sweep_dir: str | Path, out_dir: str | Path | None = None, baseline_ppl: float | None = None
+) -> dict:
+    sweep_dir = Path(sweep_dir)
+    out = Path(out_dir) if out_dir else sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    points = read_sweep(sweep_dir)
+    if not points:
+        raise FileNotFoundError(f"{sweep_dir}: no job folders (<n>_<overrides>/.hydra/overrides.yaml) found")
+    md, csv_path = write_tables(points, out, baseline_ppl)
+    png = plot_pareto(points, out / "pareto.png", title=sweep_dir.name)
+    return {"points": points, "markdown": md, "csv": csv_path, "plot": png}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", help="a multirun folder (hydra.sweep.dir)")
+    parser.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
+    parser.add_argument(
+        "--baseline-ppl",
+        type=float,
+        default=None,
+        help="perplexity of the base model without skipping: adds ppl_ratio = baseline / ppl",
+    )
+    args = parser.parse_args(argv)
+    result = summarize(args.sweep_dir, args.out, args.baseline_ppl)
+    print(result["markdown"].read_text())
+    print(f"wrote {result['markdown']}, {result['csv']}, {result['plot']}")
+
+
+if __name__ == "__main__":
+    main()
