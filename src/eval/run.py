@@ -1,0 +1,360 @@
+"""Evaluation of a base model and its FlexiDepth checkpoint: held-out perplexity, the task suite, retention,
+analytic FLOPs, a DepthMap and figures. `evaluate(cfg)` is what `python -m src.evaluate` runs.
+
+The base model and the FlexiDepth model are the same object: the checkpoint is injected once and the base
+numbers are computed with routing switched off (`set_routing(model, False)`: every layer computes exactly
+the base layer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.flexidepth import load_flexidepth, routed_forward, set_routing, set_tau
+from src.flexidepth.checkpoint import CONFIG, read_checkpoint_config
+from src.flexidepth.config import FlexiDepthConfig
+from src.flexidepth.flops import flops_report
+from src.flexidepth.generation import generate
+from src.flexidepth.routes import lm_loss_sum
+
+from .tasks import METRICS, TaskExample, make_task_examples, retention, score
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def resolve_checkpoint(path: str | Path | None) -> Path | None:
+    """A FlexiDepth folder (holding flexidepth_config.json), or a run folder holding `flexidepth/`."""
+    if path in (None, "", "null"):
+        return None
+    path = Path(path)
+    for cand in (path, path / "flexidepth"):
+        if (cand / CONFIG).is_file():
+            return cand
+    raise FileNotFoundError(f"ckpt_path={str(path)!r}: neither it nor its flexidepth/ holds {CONFIG}")
+
+
+def load_tokenizer(model_cfg: dict):
+    from transformers import AutoTokenizer
+
+    from src.models.loader import tokenizer_path
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path(model_cfg))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def chat_prompt(tokenizer, user: str) -> str:
+    """The user turn in the tokenizer's chat template (generation prompt added); plain text without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    return user + "\n"
+
+
+def _injected(model) -> bool:
+    return hasattr(model, "flexidepth")
+
+
+# ---------------------------------------------------------------------------------------- perplexity
+def heldout_chunks(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token windows of at most `max_length` (non-overlapping, per article; windows under 2 tokens dropped)."""
+    chunks = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), max_length):
+            window = ids[start : start + max_length]
+            if len(window) >= 2:
+                chunks.append(window)
+    return chunks
+
+
+def perplexity(model, chunks: list[list[int]], batch_size: int = 8, pad_id: int = 0) -> dict[str, Any]:
+    """Perplexity over `chunks` (right padded batches) and, when routed, layer usage of every chunk token."""
+    device = next(model.parameters()).device
+    loss_sum, n_scored = 0.0, 0
+    used_sum, n_tokens, run_counts, num_layers = 0.0, 0, None, model.config.num_hidden_layers
+    routed = _injected(model) and any(layer.routing for layer in _flexi_layers(model))
+    with torch.inference_mode():
+        for i in range(0, len(chunks), batch_size):
+            batch = chunks[i : i + batch_size]
+            width = max(len(c) for c in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, chunk in enumerate(batch):
+                ids[row, : len(chunk)] = torch.tensor(chunk)
+                mask[row, : len(chunk)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            labels = ids.masked_fill(mask == 0, -100)
+            if routed:
+                out = routed_forward(model, ids, mask, labels=labels)
+                loss, count = out.lm_loss_sum, out.lm_tokens
+                routes = out.routes
+                used_sum += float(routes.layers_used.sum())
+                counts = routes.layer_run_counts.double().cpu()
+                run_counts = counts if run_counts is None else run_counts + counts
+            else:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                loss, count = lm_loss_sum(logits, labels)
+                used_sum += float(mask.sum()) * num_layers
+            n_tokens += int(mask.sum())
+            loss_sum += float(loss)
+            n_scored += int(count)
+    nll = loss_sum / max(n_scored, 1)
+    out = {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "scored_tokens": n_scored,
+        "tokens": n_tokens,
+        "layers_used_mean": used_sum / max(n_tokens, 1),
+    }
+    if run_counts is not None:
+        out["layer_run_fraction"] = (run_counts / max(n_tokens, 1)).tolist()
+    return out
+
+
+def _flexi_layers(model):
+    from src.flexidepth import flexi_layers
+
+    return flexi_layers(model)
+
+
+# ---------------------------------------------------------------------------------------- task suite
+def run_suite(
+    model,
+    tokenizer,
+    examples: list[TaskExample],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    label: str = "flexidepth",
+) -> tuple[list[dict], list[dict]]:
+    """Greedy generation and scoring of every example. Returns (per-example rows, DepthMap token records)."""
+    num_layers = model.config.num_hidden_layers
+    rows, records = [], []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i : i + batch_size]
+            texts = [chat_prompt(tokenizer, ex.prompt) for ex in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = generate(
+                model,
+                tokenizer,
+                enc["input_ids"],
+                enc["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            gen_used = out.layers_used.cpu()
+            for b, ex in enumerate(batch):
+                mask = enc["attention_mask"][b].bool()
+                prompt_ids = enc["input_ids"][b][mask].tolist()
+                n_new = int(out.valid[b].sum())
+                new_ids = out.new_tokens[b, :n_new].cpu().tolist()
+                if out.prefill is not None:
+                    p_gates = out.prefill.gates[b][mask.to(out.prefill.gates.device)].cpu()
+                    p_run = out.prefill.run[b][mask.to(out.prefill.run.device)].cpu()
+                    p_used = ((num_layers - p_run.shape[-1]) + p_run.sum(-1)).tolist()
+                    g_gates, g_run = out.gates[b, :n_new].cpu(), out.run[b, :n_new].cpu()
+                else:
+                    p_gates = p_run = g_gates = g_run = None
+                    p_used = [num_layers] * len(prompt_ids)
+                g_used = gen_used[b, :n_new].tolist()
+                completion = tokenizer.decode(new_ids, skip_special_tokens=True)
+                rows.append(
+                    {
+                        "model": label,
+                        **ex.to_dict(),
+                        "completion": completion,
+                        "score": score(ex.task, completion, ex.reference),
+                        "prompt_tokens": len(prompt_ids),
+                        "generated_tokens": n_new,
+                        "prompt_layers_sum": float(sum(p_used)),
+                        "generated_layers_sum": float(sum(g_used)),
+                    }
+                )
+                for segment, ids, used, gates, run, offset in (
+                    ("prompt", prompt_ids, p_used, p_gates, p_run, 0),
+                    ("generated", new_ids, g_used, g_gates, g_run, len(prompt_ids)),
+                ):
+                    pieces = tokenizer.convert_ids_to_tokens(ids)
+                    for j, tid in enumerate(ids):
+                        records.append(
+                            {
+                                "model": label,
+                                "task": ex.task,
+                                "example_id": ex.uid,
+                                "segment": segment,
+                                "position": offset + j,
+                                "token_id": int(tid),
+                                "token": str(pieces[j]),
+                                "text": tokenizer.decode([tid]),
+                                "layers_used": int(used[j]),
+                                "gates": [] if gates is None else gates[j].tolist(),
+                                "run": [] if run is None else run[j].tolist(),
+                            }
+                        )
+    finally:
+        tokenizer.padding_side = side
+    return rows, records
+
+
+def summarize_tasks(rows: list[dict]) -> dict[str, dict]:
+    """Per task: mean score and token-weighted mean layers used over prompt and generated tokens."""
+    out: dict[str, dict] = {}
+    for row in rows:
+        agg = out.setdefault(
+            row["task"],
+            {"n": 0, "score_sum": 0.0, "pt": 0, "pl": 0.0, "gt": 0, "gl": 0.0},
+        )
+        agg["n"] += 1
+        agg["score_sum"] += row["score"]
+        agg["pt"] += row["prompt_tokens"]
+        agg["pl"] += row["prompt_layers_sum"]
+        agg["gt"] += row["generated_tokens"]
+        agg["gl"] += row["generated_layers_sum"]
+    return {
+        task: {
+            "metric": METRICS[task],
+            "n": a["n"],
+            "score": a["score_sum"] / a["n"],
+            "prompt_tokens": a["pt"],
+            "generated_tokens": a["gt"],
+            "layers_used_prompt": a["pl"] / max(a["pt"], 1),
+            "layers_used_generated": a["gl"] / max(a["gt"], 1) if a["gt"] else None,
+        }
+        for task, a in out.items()
+    }
+
+
+def generated_layers_mean(rows: list[dict]) -> float | None:
+    tokens = sum(r["generated_tokens"] for r in rows)
+    return sum(r["generated_layers_sum"] for r in rows) / tokens if tokens else None
+
+
+# ---------------------------------------------------------------------------------------- the whole run
+def evaluate(cfg) -> dict[str, Any]:
+    """Run the evaluation described by an `evaluate` config; writes and returns the results."""
+    from omegaconf import OmegaConf
+
+    from src.data.corpora import lee_heldout_articles
+    from src.models.loader import load_base_model
+
+    from .depthmap import write_depthmap
+    from .figures import write_figures
+    from .report import write_markdown
+
+    ev = cfg.eval
+    torch.manual_seed(int(ev.seed))
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model = load_base_model(model_cfg).eval()
+    device = _device(str(ev.get("device", "auto")))
+    model.to(device)
+    tokenizer = load_tokenizer(model_cfg)
+
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
+    flexi_cfg = None
+    if ckpt is not None:
+        load_flexidepth(model, ckpt)
+        model.to(device)
+        flexi_cfg = FlexiDepthConfig.from_dict(read_checkpoint_config(ckpt)["flexidepth"])
+        if ev.get("tau") is not None:
+            set_tau(model, float(ev.tau))
+            flexi_cfg.tau = float(ev.tau)
+    num_layers = model.config.num_hidden_layers
+    routed_layers = model.flexidepth.layer_indices if ckpt is not None else []
+
+    texts = lee_heldout_articles()
+    if ev.get("ppl_max_articles"):
+        texts = texts[: int(ev.ppl_max_articles)]
+    chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
+    examples = make_task_examples(list(ev.tasks), int(ev.n_per_task), int(ev.seed))
+    systems = ["base"] + (["flexidepth"] if ckpt is not None else [])
+
+    results: dict[str, Any] = {
+        "model": str(model_cfg.get("name_or_path")),
+        "ckpt_path": str(ckpt) if ckpt else None,
+        "num_layers": num_layers,
+        "routed_layers": list(routed_layers),
+        "settings": OmegaConf.to_container(ev, resolve=True),
+        "perplexity": {},
+        "tasks": {},
+        "layers": {},
+    }
+    all_rows, depth_records = [], []
+    for system in systems:
+        if ckpt is not None:
+            set_routing(model, system == "flexidepth")
+        log.info("%s: held-out perplexity over %d chunks", system, len(chunks))
+        results["perplexity"][system] = perplexity(
+            model, chunks, int(ev.batch_size), pad_id=int(tokenizer.pad_token_id)
+        )
+        log.info("%s: task suite, %d examples", system, len(examples))
+        rows, records = run_suite(
+            model, tokenizer, examples, int(ev.max_new_tokens), int(ev.batch_size), label=system
+        )
+        all_rows += rows
+        if system == systems[-1]:
+            depth_records = records
+        results["tasks"][system] = summarize_tasks(rows)
+        ppl = results["perplexity"][system]
+        gen = generated_layers_mean(rows)
+        results["layers"][system] = {
+            "layers_used_scored": ppl["layers_used_mean"],
+            "layers_skipped_scored": num_layers - ppl["layers_used_mean"],
+            "layers_used_generated": gen,
+            "layers_skipped_generated": None if gen is None else num_layers - gen,
+        }
+    if ckpt is not None:
+        results["retention"] = retention(
+            {t: v["score"] for t, v in results["tasks"]["flexidepth"].items()},
+            {t: v["score"] for t, v in results["tasks"]["base"].items()},
+        )
+        lay = results["layers"]["flexidepth"]
+        results["flops"] = {
+            "scored": flops_report(model.config, flexi_cfg, lay["layers_skipped_scored"]),
+        }
+        if lay["layers_skipped_generated"] is not None:
+            results["flops"]["generated"] = flops_report(
+                model.config, flexi_cfg, lay["layers_skipped_generated"]
+            )
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    with (output_dir / "completions.jsonl").open("w") as f:
+        for row in all_rows:
+            f.write(json.dumps(row) + "\n")
+    write_markdown(results, output_dir / "results.md")
+    write_depthmap(depth_records, output_dir / "depthmap.parquet", routed_layers, num_layers)
+    figures = write_figures(results, depth_records, output_dir)
+    results["figures"] = [str(p) for p in figures]
+    return results
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+__all__ = [
+    "chat_prompt",
+    "evaluate",
+    "generated_layers_mean",
+    "heldout_chunks",
+    "load_tokenizer",
+    "perplexity",
+    "resolve_checkpoint",
+    "run_suite",
+    "summarize_tasks",
+]

@@ -1,0 +1,177 @@
+"""Evaluation: task suite (deterministic, exact scoring), retention arithmetic, DepthMap round trip, and an
+end-to-end `src.evaluate` run of a freshly trained tiny checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from src.eval.depthmap import load_depthmap, write_depthmap
+from src.eval.tasks import (
+    TASKS,
+    last_integer,
+    make_task_examples,
+    normalize,
+    retention,
+    rouge_l_f1,
+    score,
+    token_f1,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------- retention
+def test_retention_arithmetic():
+    base = {"repeat": 0.8, "copy": 0.5, "addition": 0.0, "summarize": 0.4}
+    flexi = {"repeat": 0.4, "copy": 0.5, "addition": 0.25, "summarize": 0.5}
+    out = retention(flexi, base)
+    assert out["per_task"] == pytest.approx({"repeat": 0.5, "copy": 1.0, "summarize": 1.25})
+    assert out["retention"] == pytest.approx((0.5 + 1.0 + 1.25) / 3)
+    assert out["skipped_tasks"] == ["addition"]  # base score 0: ratio undefined, left out
+    assert retention({"a": 1.0}, {"a": 0.0}) == {"retention": None, "per_task": {}, "skipped_tasks": ["a"]}
+
+
+# ---------------------------------------------------------------------------------------- tasks
+def test_task_generation_is_deterministic_per_seed():
+    a = make_task_examples(TASKS, 4, seed=7)
+    b = make_task_examples(TASKS, 4, seed=7)
+    c = make_task_examples(TASKS, 4, seed=8)
+    assert [e.to_dict() for e in a] == [e.to_dict() for e in b]
+    assert [e.to_dict() for e in a] != [e.to_dict() for e in c]
+    assert [e.task for e in a] == [t for t in TASKS for _ in range(4)]
+    assert len({e.uid for e in a}) == len(a)
+    # one task's examples do not depend on which other tasks are asked for
+    only = make_task_examples(["addition"], 4, seed=7)
+    assert [e.to_dict() for e in only] == [e.to_dict() for e in a if e.task == "addition"]
+    with pytest.raises(ValueError, match="unknown eval task"):
+        make_task_examples(["nope"], 1, seed=0)
+
+
+def test_arithmetic_references_are_correct():
+    for ex in make_task_examples(["addition", "multiplication"], 10, seed=3):
+        a, b = (
+            int(x)
+            for x in ex.prompt.split("?")[0]
+            .replace("What is", "")
+            .replace("+", " ")
+            .replace("×", " ")
+            .split()
+        )
+        assert int(ex.reference) == (a + b if ex.task == "addition" else a * b)
+
+
+def test_scoring_is_exact():
+    for ex in make_task_examples(TASKS, 3, seed=11):
+        assert score(ex.task, ex.reference, ex.reference) == 1.0, ex
+    for ex in make_task_examples(["repeat", "copy", "addition", "multiplication"], 3, seed=11):
+        assert score(ex.task, "something else entirely 0", ex.reference) == 0.0
+    assert score("addition", "12 + 30 = 42", "42") == 1.0
+    assert score("addition", "The answer is 1,234.", "1234") == 1.0
+    assert score("addition", "43", "42") == 0.0
+    assert score("multiplication", "no number", "6") == 0.0
+    assert score("repeat", '"go home, go home."', "go home, go home") == 1.0
+    assert score("repeat", "go home, go home, go home", "go home, go home") == 0.0
+    assert score("copy", "The cat sat.\n\nExtra chatter", "the cat sat") == 1.0
+    assert normalize("  \u201cHello   World!\u201d ") == "hello world"
+    assert last_integer("a 3 b -12") == -12 and last_integer("none") is None
+
+
+def test_overlap_metrics():
+    assert token_f1("the cat sat", "the cat sat") == 1.0
+    assert token_f1("dog", "the cat sat") == 0.0
+    assert token_f1("the cat", "the cat sat on") == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    # LCS("a b c d", "a c d e") = 3: P = 3/4, R = 3/4
+    assert rouge_l_f1("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l_f1("d c b a", "a b c d") == pytest.approx(0.25)  # order matters, unlike token F1
+    assert token_f1("d c b a", "a b c d") == 1.0
+
+
+# ---------------------------------------------------------------------------------------- DepthMap
+def test_depthmap_round_trip(tmp_path):
+    records = [
+        {
+            "model": "flexidepth",
+            "task": task,
+            "example_id": f"{task}-0",
+            "segment": seg,
+            "position": i,
+            "token_id": 100 + i,
+            "token": f"Ġtok{i}",
+            "text": f" tok{i}",
+            "layers_used": 2 + i % 3,
+            "gates": [0.25 * (i % 4), 0.5, 0.875],
+            "run": [i % 2 == 0, True, False],
+        }
+        for i, (task, seg) in enumerate(
+            [("copy", "prompt"), ("copy", "generated"), ("addition", "generated")]
+        )
+    ]
+    path = write_depthmap(records, tmp_path / "depthmap.parquet", layer_indices=[2, 3, 4], num_layers=5)
+    ds = load_depthmap(path)
+    assert len(ds) == 3
+    assert ds.to_list() == records  # gates are exact in float32 here
+
+
+# ---------------------------------------------------------------------------------------- end to end
+def test_evaluate_tiny_checkpoint_end_to_end(tmp_path):
+    from src.train import train
+    from tests.test_train import compose_cfg
+
+    train(compose_cfg(["debug=tiny", "logger=none"], tmp_path / "train"))
+    assert (tmp_path / "train" / "flexidepth" / "flexidepth_config.json").is_file()
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                "model=tiny_llama",
+                "logger=none",
+                f"ckpt_path={tmp_path / 'train'}",  # a run folder: its flexidepth/ is used
+                "eval.n_per_task=2",
+                "eval.max_new_tokens=4",
+                "eval.ppl_max_articles=2",
+                "eval.ppl_max_length=64",
+                "eval.tau=0.99",  # above every fresh gate (sigmoid(3) = 0.953): routed layers are skipped
+            ],
+        )
+    out = tmp_path / "eval"
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    from src.evaluate import run
+
+    run(cfg)
+    for name in ("results.json", "results.md", "completions.jsonl", "depthmap.parquet"):
+        assert (out / name).is_file(), name
+    for png in ("layer_run_fraction.png", "layer_position_heatmap.png", "task_depth.png"):
+        assert (out / png).stat().st_size > 1000, png
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_layers"] == 4 and res["routed_layers"] == [2, 3]
+    assert set(res["tasks"]) == {"base", "flexidepth"}
+    for system in ("base", "flexidepth"):
+        assert set(res["tasks"][system]) == set(TASKS)
+        for task in TASKS:
+            t = res["tasks"][system][task]
+            assert {"score", "metric", "n", "layers_used_prompt", "layers_used_generated"} <= set(t)
+            assert 0.0 <= t["score"] <= 1.0 and t["n"] == 2
+        assert res["perplexity"][system]["ppl"] > 1
+    # base runs every layer; with tau = 0.99 the FlexiDepth model skips both routed layers
+    assert res["layers"]["base"]["layers_used_scored"] == 4.0
+    assert res["layers"]["base"]["layers_used_generated"] == 4.0
+    assert res["layers"]["flexidepth"]["layers_used_scored"] == pytest.approx(2.0)
+    assert res["layers"]["flexidepth"]["layers_skipped_generated"] == pytest.approx(2.0)
+    assert res["tasks"]["flexidepth"]["copy"]["layers_used_prompt"] == pytest.approx(2.0)
+    assert res["flops"]["scored"]["layers_skipped_mean"] == pytest.approx(2.0)
+    assert 0 < res["flops"]["scored"]["analytic_macs_saved_frac"] < 1
+    assert "retention" in res["retention"] and "skipped_tasks" in res["retention"]
+    assert "| repeat |" in (out / "results.md").read_text()
+
+    ds = load_depthmap(out / "depthmap.parquet")
+    assert len(ds) > 0 and set(ds["task"]) == set(TASKS)
+    assert set(ds["segment"]) == {"prompt", "generated"}
+    row = ds[0]
+    assert len(row["gates"]) == 2 and len(row["run"]) == 2
+    assert all(u == 2 for u in ds["layers_used"])
