@@ -53,6 +53,20 @@ def tiny_config(family: str = "llama", layers: int = 4, attn: str = "sdpa"):
     return cfg
 
 
+def llama3_8b_config():
+    """Llama-3-8B's architecture (no weights): for parameter and FLOP counts."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
+
+
 def tiny_model(family: str = "llama", seed: int = 0, layers: int = 4, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 

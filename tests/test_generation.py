@@ -280,14 +280,9 @@ def test_routing_disabled_generation_equals_base():
 def test_flops_match_spec_table():
     from transformers import LlamaConfig
 
-    llama3 = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    )
+    from tests.conftest import llama3_8b_config
+
+    llama3 = llama3_8b_config()
     smol = LlamaConfig(
         hidden_size=576,
         intermediate_size=1536,

@@ -58,16 +58,11 @@ def test_embedded_inject_counts_parity_and_init(smollm2, lee_batch):
 
 def test_llama3_8b_trainable_count_from_config():
     """Counted on the meta device from the architecture alone (paper-spec §7: 209,784,832 without biases)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    )
+    from tests.conftest import llama3_8b_config
+
+    cfg = llama3_8b_config()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     inject(model, FlexiDepthConfig())

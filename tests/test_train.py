@@ -317,3 +317,16 @@ def test_embedded_model_run_logs_wandb_histograms(tmp_path):
     assert all(0 <= v <= 1 for v in frac["skip/layer_run_fraction/values"])
     assert any("skip/layer_run_table" in k for k in keys) and any("run_fraction_heatmap" in k for k in keys)
     assert any(r.get("val/ppl", 0) > 1 for r in rows)
+
+
+def test_model_recipes_specialise_defaults():
+    """The embedded model gets the CPU demo lr; hub models get GPU trainer settings (conf/recipe/)."""
+    default = compose_cfg()
+    assert default.optim.lr == pytest.approx(3e-3) and default.trainer.accelerator == "cpu"
+    big = compose_cfg(["model=llama3_8b", "skip.alpha=0.01"])
+    assert (
+        big.trainer.accelerator == "gpu"
+        and big.trainer.max_steps == -1
+        and big.optim.lr == pytest.approx(1e-4)
+    )
+    assert compose_cfg(["model=llama3_8b", "optim.lr=5e-4"]).optim.lr == pytest.approx(5e-4)
