@@ -29,11 +29,8 @@ TOP_KEYS = {
     "callbacks",
     "logger",
     "paths",
-    "extras",
-    "experiment_name",
     "tags",
-    "ckpt_path",
-    "eval",
+    "optimized_metric",  # objective returned to Hydra sweepers (default val/ppl)
     "hydra",
 }
 MODEL_KEYS = {"name_or_path", "tokenizer", "dtype", "attn_implementation", "random_init", "init_seed", "arch"}
