@@ -23,6 +23,7 @@ TOP_KEYS = {
     "gradient_checkpointing",
     "model",
     "skip",
+    "method",
     "data",
     "optim",
     "trainer",
@@ -71,6 +72,13 @@ def validate(cfg: DictConfig) -> None:
     if model.get("random_init") and not model.get("arch"):
         raise ConfigError("model.random_init=true needs model.arch")
 
+    if cfg.get("method") is not None:
+        from .baselines.methods import MethodConfigError, validate_method
+
+        try:
+            validate_method(OmegaConf.to_container(cfg.method, resolve=True))
+        except MethodConfigError as err:
+            raise ConfigError(str(err)) from err
     try:
         flexi, _ = skip_config(OmegaConf.to_container(cfg.skip, resolve=True))
         arch = model.get("arch") or {}

@@ -78,6 +78,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from .models.loader import tokenizer_path
 
     L.seed_everything(int(cfg.seed), workers=True)
+    method = str(cfg.get("method", {}).get("name", "flexidepth"))
+    if method not in ("flexidepth", "mindskip"):
+        return apply_untrained(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_resume(cfg, output_dir)
     if ckpt_path:
@@ -94,6 +97,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         skip=OmegaConf.to_container(cfg.skip, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
+        method=method,
     )
     if cfg.get("init_from"):
         load_flexidepth(module.model, cfg.init_from)
@@ -120,6 +124,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_metrics(output_dir, metrics, trainer.global_step, cfg)
     return metrics
+
+
+def apply_untrained(cfg: DictConfig) -> dict[str, Any]:
+    """Methods without training (shortgpt, laco, early_exit, random_skip): apply the method once (its
+    calibration included) and record what it chose in <output_dir>/method.json; evaluation re-applies it."""
+    from .baselines import apply_method
+    from .eval.run import load_tokenizer
+    from .models.loader import load_base_model
+
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model = load_base_model(model_cfg).eval()
+    applied = apply_method(
+        model,
+        OmegaConf.to_container(cfg.method, resolve=True),
+        tokenizer=load_tokenizer(model_cfg),
+        ckpt=cfg.get("init_from"),
+        skip=OmegaConf.to_container(cfg.skip, resolve=True),
+    )
+    record = {
+        "method": applied.to_dict(),
+        "model": str(cfg.model.name_or_path),
+        "run_name": str(cfg.run_name),
+    }
+    (output_dir / "method.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    log.info(
+        "method=%s has no training; applied once (%s), recorded in %s. Evaluate it with "
+        "`python -m src.eval method=%s ...`",
+        applied.name,
+        applied.label,
+        output_dir / "method.json",
+        applied.name,
+    )
+    return {}
 
 
 def write_metrics(output_dir: Path, metrics: dict[str, float], global_step: int, cfg: DictConfig) -> Path:

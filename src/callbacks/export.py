@@ -22,6 +22,7 @@ class ExportFlexiDepth(L.Callback):
             pl_module.model,
             self.dirpath,
             extra={
+                "method": getattr(pl_module, "method", "flexidepth"),
                 "alpha": pl_module.alpha,
                 "global_step": trainer.global_step,
                 "model": dict(pl_module.hparams["model"]),

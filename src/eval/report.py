@@ -35,6 +35,15 @@ def task_table_rows(results: dict[str, Any]) -> tuple[list[str], list[list]]:
     return header, rows
 
 
+def _method_line(method: dict | None) -> str:
+    if not method:
+        return "none (base model alone)"
+    line = f"`{method['label']}`"
+    if method.get("removed"):
+        line += f", layers removed: {method['removed']}"
+    return line
+
+
 def markdown(results: dict[str, Any]) -> str:
     L = results["num_layers"]
     lines = [
@@ -42,6 +51,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"- model: `{results['model']}` ({L} layers; routed: {results['routed_layers'] or 'none'})",
         f"- checkpoint: `{results['ckpt_path']}`",
+        f"- method: {_method_line(results.get('method'))}",
         "",
         "## Tasks",
         "",

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from src.flexidepth import load_flexidepth, routed_forward, set_routing, set_tau
-from src.flexidepth.checkpoint import CONFIG, read_checkpoint_config
-from src.flexidepth.config import FlexiDepthConfig
+from src.flexidepth import routed_forward, set_tau
+from src.flexidepth.checkpoint import CONFIG
 from src.flexidepth.flops import flops_report
 from src.flexidepth.generation import generate
 from src.flexidepth.routes import lm_loss_sum
@@ -243,10 +242,47 @@ def generated_layers_mean(rows: list[dict]) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------- the whole run
+def evaluate_system(
+    model, tokenizer, label: str, chunks, examples, ev
+) -> tuple[dict, list[dict], list[dict]]:
+    """Perplexity, task suite and layer usage of the model as it is now. Returns (summary, rows, records)."""
+    num_layers = model.config.num_hidden_layers
+    log.info("%s: held-out perplexity over %d chunks", label, len(chunks))
+    ppl = perplexity(model, chunks, int(ev.batch_size), pad_id=int(tokenizer.pad_token_id))
+    log.info("%s: task suite, %d examples", label, len(examples))
+    rows, records = run_suite(
+        model, tokenizer, examples, int(ev.max_new_tokens), int(ev.batch_size), label=label
+    )
+    gen = generated_layers_mean(rows)
+    summary = {
+        "perplexity": ppl,
+        "tasks": summarize_tasks(rows),
+        "layers": {
+            "layers_used_scored": ppl["layers_used_mean"],
+            "layers_skipped_scored": num_layers - ppl["layers_used_mean"],
+            "layers_used_generated": gen,
+            "layers_skipped_generated": None if gen is None else num_layers - gen,
+        },
+    }
+    return summary, rows, records
+
+
+def method_applies(cfg, ckpt: Path | None) -> bool:
+    """A system besides the base model: a checkpoint was given, or an untrained method was chosen."""
+    name = str((cfg.get("method") or {}).get("name", "flexidepth"))
+    return ckpt is not None or name not in ("flexidepth", "mindskip")
+
+
 def evaluate(cfg) -> dict[str, Any]:
-    """Run the evaluation described by an `evaluate` config; writes and returns the results."""
+    """Run the evaluation described by an `evaluate` config; writes and returns the results.
+
+    The base model is evaluated first, then the method (conf/method/, src/baselines/) is applied to the same
+    model in place and evaluated: a FlexiDepth or MindSkip checkpoint (`ckpt_path`), or a baseline that needs
+    no training (ShortGPT, LaCo, early exit, random skip).
+    """
     from omegaconf import OmegaConf
 
+    from src.baselines import apply_method, checkpoint_method, method_macs, validate_method
     from src.data.corpora import lee_heldout_articles
     from src.models.loader import load_base_model
 
@@ -255,6 +291,13 @@ def evaluate(cfg) -> dict[str, Any]:
     from .report import write_markdown
 
     ev = cfg.eval
+    method_cfg = (
+        OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else {"name": "flexidepth"}
+    )
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
+    if ckpt is not None and method_cfg["name"] in ("flexidepth", "mindskip"):
+        method_cfg = {**method_cfg, "name": checkpoint_method(ckpt)}  # a trained checkpoint names its method
+    validate_method(method_cfg)  # before the model is loaded
     torch.manual_seed(int(ev.seed))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -263,79 +306,70 @@ def evaluate(cfg) -> dict[str, Any]:
     device = _device(str(ev.get("device", "auto")))
     model.to(device)
     tokenizer = load_tokenizer(model_cfg)
-
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
-    flexi_cfg = None
-    if ckpt is not None:
-        load_flexidepth(model, ckpt)
-        model.to(device)
-        flexi_cfg = FlexiDepthConfig.from_dict(read_checkpoint_config(ckpt)["flexidepth"])
-        if ev.get("tau") is not None:
-            set_tau(model, float(ev.tau))
-            flexi_cfg.tau = float(ev.tau)
     num_layers = model.config.num_hidden_layers
-    routed_layers = model.flexidepth.layer_indices if ckpt is not None else []
 
     texts = lee_heldout_articles()
     if ev.get("ppl_max_articles"):
         texts = texts[: int(ev.ppl_max_articles)]
     chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
     examples = make_task_examples(list(ev.tasks), int(ev.n_per_task), int(ev.seed))
-    systems = ["base"] + (["flexidepth"] if ckpt is not None else [])
 
     results: dict[str, Any] = {
         "model": str(model_cfg.get("name_or_path")),
         "ckpt_path": str(ckpt) if ckpt else None,
         "num_layers": num_layers,
-        "routed_layers": list(routed_layers),
+        "routed_layers": [],
         "settings": OmegaConf.to_container(ev, resolve=True),
         "perplexity": {},
         "tasks": {},
         "layers": {},
     }
     all_rows, depth_records = [], []
-    for system in systems:
-        if ckpt is not None:
-            set_routing(model, system == "flexidepth")
-        log.info("%s: held-out perplexity over %d chunks", system, len(chunks))
-        results["perplexity"][system] = perplexity(
-            model, chunks, int(ev.batch_size), pad_id=int(tokenizer.pad_token_id)
+    summary, rows, depth_records = evaluate_system(model, tokenizer, "base", chunks, examples, ev)
+    all_rows += rows
+    for key in ("perplexity", "tasks", "layers"):
+        results[key]["base"] = summary[key]
+
+    if method_applies(cfg, ckpt):
+        applied = apply_method(
+            model,
+            method_cfg,
+            tokenizer=tokenizer,
+            ckpt=ckpt,
+            skip=OmegaConf.to_container(cfg.skip, resolve=True) if cfg.get("skip") else None,
         )
-        log.info("%s: task suite, %d examples", system, len(examples))
-        rows, records = run_suite(
-            model, tokenizer, examples, int(ev.max_new_tokens), int(ev.batch_size), label=system
-        )
+        model.to(device)
+        if ev.get("tau") is not None and applied.name in ("flexidepth", "mindskip"):
+            set_tau(model, float(ev.tau))
+            applied.flexi_cfg.tau = float(ev.tau)
+        label = applied.label
+        results["method"] = applied.to_dict()
+        results["system"] = label
+        results["routed_layers"] = list(model.flexidepth.layer_indices) if _injected(model) else []
+        summary, rows, depth_records = evaluate_system(model, tokenizer, label, chunks, examples, ev)
         all_rows += rows
-        if system == systems[-1]:
-            depth_records = records
-        results["tasks"][system] = summarize_tasks(rows)
-        ppl = results["perplexity"][system]
-        gen = generated_layers_mean(rows)
-        results["layers"][system] = {
-            "layers_used_scored": ppl["layers_used_mean"],
-            "layers_skipped_scored": num_layers - ppl["layers_used_mean"],
-            "layers_used_generated": gen,
-            "layers_skipped_generated": None if gen is None else num_layers - gen,
-        }
-    if ckpt is not None:
+        for key in ("perplexity", "tasks", "layers"):
+            results[key][label] = summary[key]
         results["retention"] = retention(
-            {t: v["score"] for t, v in results["tasks"]["flexidepth"].items()},
+            {t: v["score"] for t, v in results["tasks"][label].items()},
             {t: v["score"] for t, v in results["tasks"]["base"].items()},
         )
-        lay = results["layers"]["flexidepth"]
-        results["flops"] = {
-            "scored": flops_report(model.config, flexi_cfg, lay["layers_skipped_scored"]),
-        }
+        lay = results["layers"][label]
+        results["flops"] = {"scored": method_macs(model.config, applied, lay["layers_skipped_scored"])}
+        if applied.name == "flexidepth":  # flops.py report (same numbers, plus its per-token fields)
+            results["flops"]["scored"] = flops_report(
+                model.config, applied.flexi_cfg, lay["layers_skipped_scored"]
+            )
         if lay["layers_skipped_generated"] is not None:
-            results["flops"]["generated"] = flops_report(
-                model.config, flexi_cfg, lay["layers_skipped_generated"]
+            results["flops"]["generated"] = method_macs(
+                model.config, applied, lay["layers_skipped_generated"]
             )
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     with (output_dir / "completions.jsonl").open("w") as f:
         for row in all_rows:
             f.write(json.dumps(row) + "\n")
     write_markdown(results, output_dir / "results.md")
-    write_depthmap(depth_records, output_dir / "depthmap.parquet", routed_layers, num_layers)
+    write_depthmap(depth_records, output_dir / "depthmap.parquet", results["routed_layers"], num_layers)
     figures = write_figures(results, depth_records, output_dir)
     results["figures"] = [str(p) for p in figures]
     return results
@@ -350,6 +384,7 @@ def _device(name: str) -> torch.device:
 __all__ = [
     "chat_prompt",
     "evaluate",
+    "evaluate_system",
     "generated_layers_mean",
     "heldout_chunks",
     "load_tokenizer",

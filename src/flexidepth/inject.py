@@ -31,10 +31,14 @@ class RouteRecorder:
         self.layer_indices = list(layer_indices)
         self.gates: dict[int, torch.Tensor] = {}
         self.run: dict[int, torch.Tensor] = {}
+        # [B, T] real-token mask of the current forward, set by routed_forward (None otherwise); layers that
+        # pool over the sequence (the MindSkip baseline) read it to leave padding out
+        self.token_mask: torch.Tensor | None = None
 
     def clear(self) -> None:
         self.gates.clear()
         self.run.clear()
+        self.token_mask = None
 
     def record(self, layer_index: int, gates: torch.Tensor, run: torch.Tensor) -> None:
         # keyed, not appended: a gradient-checkpoint recompute overwrites with identical values
@@ -71,11 +75,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def inject(model: nn.Module, cfg: FlexiDepthConfig | dict | None = None) -> nn.Module:
+def inject(
+    model: nn.Module, cfg: FlexiDepthConfig | dict | None = None, layer_cls: type = FlexiDepthLayer
+) -> nn.Module:
     """Wrap the routed layers of `model` with FlexiDepth layers and freeze everything else.
 
     Config errors and unsupported architectures are raised before any module is touched.
-    Returns the same model object.
+    `layer_cls` lets a variant (e.g. the MindSkip baseline, src/baselines/mindskip.py) reuse the same
+    wiring with another routed-layer class. Returns the same model object.
     """
     if cfg is None:
         cfg = FlexiDepthConfig()
@@ -97,7 +104,7 @@ def inject(model: nn.Module, cfg: FlexiDepthConfig | dict | None = None) -> nn.M
         adapter = build_adapter(cfg, mc.hidden_size, mc.intermediate_size)
         if adapter is not None:
             adapter = adapter.to(ref.device, dtype)
-        layers[i] = FlexiDepthLayer(layers[i], router, adapter, i, cfg, recorder, family)
+        layers[i] = layer_cls(layers[i], router, adapter, i, cfg, recorder, family)
     model.flexidepth = FlexiDepthState(cfg, indices, mc.num_hidden_layers, family, recorder)
     freeze_base(model)
     return model

@@ -104,6 +104,7 @@ def routed_forward(
     """
     state = model.flexidepth
     state.recorder.clear()
+    state.recorder.token_mask = attention_mask  # kept until the next clear(): backward recomputes read it
     kwargs.setdefault("use_cache", False)
     out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     routes = None

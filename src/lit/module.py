@@ -56,6 +56,7 @@ class FlexiDepthModule(L.LightningModule):
         skip: the `skip` config node: FlexiDepthConfig fields plus `alpha`.
         optim: lr, betas, weight_decay, warmup_ratio, min_lr_ratio.
         gradient_checkpointing: enable HF gradient checkpointing in the frozen base.
+        method: "flexidepth" or "mindskip" (src/baselines/mindskip.py: same training, other layer class).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class FlexiDepthModule(L.LightningModule):
         skip: dict[str, Any],
         optim: dict[str, Any],
         gradient_checkpointing: bool = False,
+        method: str = "flexidepth",
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -71,8 +73,16 @@ class FlexiDepthModule(L.LightningModule):
         self.alpha = float(skip.pop("alpha"))
         self.flexi_cfg = FlexiDepthConfig.from_dict(skip)
         self.optim_cfg = dict(optim)
+        self.method = method
         self.model = load_base_model(model)
-        inject(self.model, self.flexi_cfg)
+        if method == "mindskip":
+            from ..baselines.mindskip import inject_mindskip
+
+            inject_mindskip(self.model, self.flexi_cfg)
+        elif method == "flexidepth":
+            inject(self.model, self.flexi_cfg)
+        else:
+            raise ValueError(f"method={method!r} is not trained (trained methods: flexidepth, mindskip)")
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         state = self.model.flexidepth

@@ -1,0 +1,53 @@
+"""Static layer removal shared by ShortGPT, LaCo and early exit: the chosen decoder layers become identity
+blocks for every token.
+
+Removal reuses the FlexiDepth wiring instead of deleting modules: the layers are injected with an identity
+skip path (`adapter: none`) and their gate is pinned to 0, so every token skips them (y = x). The base
+model's state_dict keys, the KV-cache layout and the route statistics (layers used per token) are then the
+same as for every other method in the comparison, and `routed_forward` / `generate` work unchanged.
+The (unused) linear router of a removed layer is never called; FLOPs of a removed layer count as zero
+(`src/baselines/methods.py: method_macs`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..flexidepth import FlexiDepthConfig, flexi_layers, inject
+
+
+def removal_config(indices: list[int]) -> FlexiDepthConfig:
+    """FlexiDepthConfig routing exactly `indices`, with the identity skip path and a minimal router."""
+    if not indices:
+        raise ValueError("no layers to remove")
+    return FlexiDepthConfig(layers=sorted(int(i) for i in indices), adapter="none", router="linear")
+
+
+def remove_layers(model: nn.Module, indices: list[int]) -> nn.Module:
+    """Make decoder layers `indices` identity blocks (see module docstring). Returns the model.
+
+    An empty list leaves the model untouched (k = 0: the base model)."""
+    if not indices:
+        return model
+    num_layers = model.config.num_hidden_layers
+    bad = [i for i in indices if not 0 <= int(i) < num_layers]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range for a {num_layers}-layer model")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"duplicate layer indices in {list(indices)}")
+    inject(model, removal_config(list(indices)))
+    for layer in flexi_layers(model):
+        layer.force_gate = 0.0  # g = 0 <= tau: every token skips; adapter none: y = x
+    for p in model.parameters():  # nothing trains in a static baseline
+        p.requires_grad_(False)
+    return model
+
+
+def early_exit_layers(num_layers: int, k: int) -> list[int]:
+    """Early exit after layer L - k: the last k layers are removed (final norm and LM head stay)."""
+    if not 0 <= k < num_layers:
+        raise ValueError(f"early exit needs 0 <= k < {num_layers}, got k={k}")
+    return list(range(num_layers - k, num_layers))
+
+
+__all__ = ["early_exit_layers", "remove_layers", "removal_config"]
