@@ -1,0 +1,267 @@
+"""FlexiDepth vs baselines at matched layers skipped (paper Table 1) and its ablations (Table 3), on one base
+model, in one command:
+
+    python -m src.compare                                   # conf/compare.yaml on the embedded SmolLM2
+    python -m src.compare k32=[4] baselines=[shortgpt,early_exit] trained={} eval.n_per_task=2
+    bash experiments/baselines_smollm2.sh                   # trains the learned systems first
+
+Every system is built from a fresh copy of the base model by `src.baselines.apply_method` and evaluated with
+`src.eval.run.evaluate_system` (held-out perplexity, the task suite, layers used); the base model is
+evaluated once. Writes <output_dir>/compare.json and compare.md (tables: main, ablation, per-task layers
+used), and logs the tables to W&B.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def plan_systems(cfg: DictConfig, num_layers: int) -> list[dict[str, Any]]:
+    """The systems to compare, in table order, each {label, method, ckpt, table}; missing checkpoints are
+    reported and left out. Method configs come from conf/method/<name>.yaml plus `method_overrides`."""
+    from .baselines import resolve_k, validate_method
+    from .eval.run import resolve_checkpoint
+
+    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "method"
+    overrides = OmegaConf.to_container(cfg.get("method_overrides") or {}, resolve=True)
+    trained = OmegaConf.to_container(cfg.get("trained") or {}, resolve=True)
+    systems, missing = [], []
+
+    def ckpt_of(label: str):
+        try:
+            return resolve_checkpoint(trained[label]["ckpt"])
+        except FileNotFoundError:
+            return None
+
+    for label, entry in trained.items():
+        ckpt = ckpt_of(label)
+        if ckpt is None:
+            missing.append(label)
+            continue
+        systems.append({"label": label, "method": None, "ckpt": ckpt, "table": entry.get("table", "main")})
+    for k32 in cfg.k32:
+        for name in cfg.baselines:
+            path = conf_dir / f"{name}.yaml"
+            if not path.is_file():
+                raise FileNotFoundError(f"baselines: no method config {path}")
+            method = {**OmegaConf.to_container(OmegaConf.load(path), resolve=True), **overrides.get(name, {})}
+            method.update(k=None, k32=k32)
+            validate_method(method)
+            k = resolve_k(method, num_layers)
+            systems.append({"label": f"{name}_k{k}", "method": method, "ckpt": None, "table": "main"})
+    for label in cfg.get("random_matched_to") or []:
+        ckpt = ckpt_of(label) if label in trained else None
+        if ckpt is None:
+            missing.append(f"random_matched_to {label}")
+            continue
+        method = OmegaConf.to_container(OmegaConf.load(conf_dir / "random_skip.yaml"), resolve=True)
+        method["match_rates"] = True
+        systems.append({"label": f"random_matched_{label}", "method": method, "ckpt": ckpt, "table": "main"})
+    for label in missing:
+        log.warning("compare: %s has no checkpoint yet; left out (train it first)", label)
+    return systems
+
+
+def run_compare(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from .baselines import apply_method, checkpoint_method, method_macs
+    from .data.corpora import lee_heldout_articles
+    from .eval.run import _device, evaluate_system, heldout_chunks, load_tokenizer
+    from .eval.tasks import make_task_examples
+    from .models.loader import load_base_model
+
+    ev = cfg.eval
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    device = _device(str(ev.get("device", "auto")))
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model_cfg)
+
+    def fresh_model():
+        torch.manual_seed(int(ev.seed))
+        return load_base_model(model_cfg).eval().to(device)
+
+    model = fresh_model()
+    num_layers = model.config.num_hidden_layers
+    systems = plan_systems(cfg, num_layers)  # validates every method before any evaluation
+    texts = lee_heldout_articles()
+    if ev.get("ppl_max_articles"):
+        texts = texts[: int(ev.ppl_max_articles)]
+    chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
+    examples = make_task_examples(list(ev.tasks), int(ev.n_per_task), int(ev.seed))
+
+    base, _, _ = evaluate_system(model, tokenizer, "base", chunks, examples, ev)
+    base_scores = {t: v["score"] for t, v in base["tasks"].items()}
+    rows = [_row("base", "base", None, "main", base, base_scores, None, num_layers)]
+    skip = OmegaConf.to_container(cfg.skip, resolve=True)
+    for system in systems:
+        del model
+        model = fresh_model()
+        method = system["method"] or {"name": checkpoint_method(system["ckpt"])}
+        applied = apply_method(model, method, tokenizer=tokenizer, ckpt=system["ckpt"], skip=skip)
+        model.to(device)
+        log.info("compare: %s (%s)", system["label"], applied.label)
+        summary, _, _ = evaluate_system(model, tokenizer, system["label"], chunks, examples, ev)
+        macs = method_macs(model.config, applied, summary["layers"]["layers_skipped_scored"])
+        rows.append(
+            _row(
+                system["label"],
+                applied.name,
+                applied,
+                system["table"],
+                summary,
+                base_scores,
+                macs,
+                num_layers,
+            )
+        )
+    results = {
+        "model": str(model_cfg.get("name_or_path")),
+        "num_layers": num_layers,
+        "k": sorted({r["k_target"] for r in rows if r["k_target"] is not None}),
+        "settings": OmegaConf.to_container(ev, resolve=True),
+        "ablation_reference": cfg.get("ablation_reference"),
+        "rows": rows,
+    }
+    (output_dir / "compare.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (output_dir / "compare.md").write_text(compare_markdown(results))
+    return results
+
+
+def _row(label, method, applied, table, summary, base_scores, macs, num_layers) -> dict[str, Any]:
+    from .eval.tasks import retention
+
+    scores = {t: v["score"] for t, v in summary["tasks"].items()}
+    lay = summary["layers"]
+    return {
+        "label": label,
+        "method": method,
+        "table": table,
+        "k_target": None if applied is None or applied.k is None else round(float(applied.k), 2),
+        "removed": [] if applied is None else applied.removed,
+        "layers_skipped_scored": lay["layers_skipped_scored"],
+        "layers_skipped_generated": lay["layers_skipped_generated"],
+        "ppl": summary["perplexity"]["ppl"],
+        "scores": scores,
+        "layers_used_by_task": {
+            t: {"prompt": v["layers_used_prompt"], "generated": v["layers_used_generated"]}
+            for t, v in summary["tasks"].items()
+        },
+        "retention": retention(scores, base_scores)["retention"] if method != "base" else 1.0,
+        "macs_saved_frac": 0.0 if macs is None else macs["analytic_macs_saved_frac"],
+    }
+
+
+def _f(v, digits=2) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def table_lines(rows: list[dict], tasks: list[str]) -> list[str]:
+    header = [
+        "system",
+        "k",
+        "skipped (held-out)",
+        "skipped (generated)",
+        "MACs saved",
+        "ppl",
+        *tasks,
+        "retention",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            r["label"],
+            _f(r["k_target"]),
+            _f(r["layers_skipped_scored"]),
+            _f(r["layers_skipped_generated"]),
+            f"{r['macs_saved_frac']:.1%}",
+            _f(r["ppl"], 1),
+            *[_f(r["scores"].get(t)) for t in tasks],
+            _f(r["retention"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def compare_markdown(results: dict[str, Any]) -> str:
+    rows = results["rows"]
+    tasks = list(rows[0]["scores"])
+    s = results["settings"]
+    lines = [
+        f"# Comparison on `{results['model']}` ({results['num_layers']} layers)",
+        "",
+        f"Task suite: {s['n_per_task']} examples per task, greedy, {s['max_new_tokens']} new tokens; held-out "
+        f"perplexity over {s.get('ppl_max_articles') or 'all'} Lee articles. Scores are exact match (repeat, copy, "
+        "addition, multiplication), token F1 (continue) or ROUGE-L F1 (summarize); retention = mean over "
+        "tasks of score / base score (tasks with base score 0 left out). k: target layers skipped; "
+        "'skipped' columns are measured. MACs saved: analytic, per token, lm_head included.",
+        "",
+        "## Main table (paper Table 1)",
+        "",
+        *table_lines([r for r in rows if r["table"] == "main"], tasks),
+    ]
+    ablation = [r for r in rows if r["table"] == "ablation"]
+    if ablation:
+        ref = [r for r in rows if r["label"] == results.get("ablation_reference")]
+        lines += ["", "## Ablations (paper Table 3)", "", *table_lines(ref + ablation, tasks)]
+    lines += ["", "## Mean layers used per task (prompt / generated tokens)", ""]
+    header = ["system", *tasks]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [f"{_f(u['prompt'], 1)} / {_f(u['generated'], 1)}" for u in r["layers_used_by_task"].values()]
+        lines.append("| " + " | ".join([r["label"], *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def log_compare(cfg: DictConfig, results: dict[str, Any]) -> None:
+    """Scalars per system and the table to every W&B logger."""
+    from .train import _finish_wandb, build_loggers
+
+    loggers = build_loggers(cfg, Path(cfg.paths.output_dir), resuming=False)
+    try:
+        for lg in loggers:
+            metrics = {}
+            for r in results["rows"]:
+                for key in ("layers_skipped_scored", "ppl", "retention", "macs_saved_frac"):
+                    if r[key] is not None:
+                        metrics[f"compare/{r['label']}/{key}"] = float(r[key])
+            lg.log_metrics(metrics, step=0)
+            if type(lg).__name__ == "WandbLogger":
+                import wandb
+
+                tasks = list(results["rows"][0]["scores"])
+                cols = ["system", "table", "k", "skipped", "ppl", *tasks, "retention", "macs_saved"]
+                data = [
+                    [r["label"], r["table"], r["k_target"], r["layers_skipped_scored"], r["ppl"]]
+                    + [r["scores"].get(t) for t in tasks]
+                    + [r["retention"], r["macs_saved_frac"]]
+                    for r in results["rows"]
+                ]
+                lg.experiment.log({"compare/table": wandb.Table(columns=cols, data=data)})
+            lg.save()
+    finally:
+        _finish_wandb()
+
+
+@hydra.main(
+    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="compare"
+)
+def main(cfg: DictConfig) -> None:
+    results = run_compare(cfg)
+    log_compare(cfg, results)
+    log.info("tables in %s", Path(cfg.paths.output_dir) / "compare.md")
+
+
+if __name__ == "__main__":
+    main()
