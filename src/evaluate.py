@@ -48,7 +48,8 @@ def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
-    """Log scalars, the per-task table and the figures to every configured W&B logger (others: scalars)."""
+    """Log scalars, the per-task table, the figures (PNG as wandb.Image, the HTML depth map as wandb.Html) to
+    every configured W&B logger (others: scalars)."""
     from .train import _finish_wandb, build_loggers
 
     loggers = build_loggers(cfg, Path(cfg.paths.output_dir), resuming=False)
@@ -60,8 +61,11 @@ def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
 
                 header, rows = task_table_rows(results)
                 payload = {"eval/tasks": wandb.Table(columns=header, data=rows)}
-                for fig in results.get("figures", []):
-                    payload[f"eval/{Path(fig).stem}"] = wandb.Image(fig)
+                for fig in map(Path, results.get("figures", [])):
+                    if fig.suffix == ".html":  # the depth map: a self-contained page, no wandb css injected
+                        payload[f"eval/{fig.stem}"] = wandb.Html(str(fig), inject=False)
+                    else:
+                        payload[f"eval/{fig.stem}"] = wandb.Image(str(fig))
                 lg.experiment.log(payload)
             lg.save()
     finally:

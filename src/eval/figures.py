@@ -1,5 +1,10 @@
-"""PNG figures of an evaluation (matplotlib, Agg): per-layer run fraction, layer x position heatmap,
-per-task depth bars. Each function returns the path it wrote."""
+"""Figures of an evaluation: per-layer run fraction, layer x position heatmap, per-task depth bars (PNG,
+matplotlib) and the HTML depth map (html.py).
+
+Each `*_figure` function returns a `matplotlib.figure.Figure` (or None when there is nothing to draw) built
+without pyplot, so it neither needs nor changes a backend: a notebook displays it inline, `savefig` writes
+it anywhere. The path-taking functions save one PNG and return its path; `write_figures` writes them all.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
+
+from .html import write_depthmap_html
+
+# At most this many examples per task go into depthmap.html (the eval default is 8 per task).
+HTML_MAX_EXAMPLES = 16
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _save(fig: Figure | None, path: Path) -> Path | None:
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    return path
 
 
-def run_fraction_bars(results: dict[str, Any], records: list[dict], path: Path) -> Path | None:
+def run_fraction_figure(results: dict[str, Any], records: list[dict]) -> Figure | None:
     """Fraction of tokens that ran each routed layer: held-out text tokens and generated tokens."""
     layers = results["routed_layers"]
     if not layers:
@@ -30,8 +39,8 @@ def run_fraction_bars(results: dict[str, Any], records: list[dict], path: Path) 
     gen = [r["run"] for r in records if r["segment"] == "generated" and r["run"]]
     if gen:
         series["generated"] = np.asarray(gen, dtype=float).mean(0)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(layers) + 2), 3.5))
+    fig = Figure(figsize=(max(5, 0.4 * len(layers) + 2), 3.5))
+    ax = fig.subplots()
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(layers))
     for k, (name, frac) in enumerate(series.items()):
@@ -40,17 +49,14 @@ def run_fraction_bars(results: dict[str, Any], records: list[dict], path: Path) 
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction of tokens that ran it")
     ax.set_ylim(0, 1.05)
-    ax.legend()
+    if series:
+        ax.legend()
     ax.set_title("Per-layer run fraction")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def layer_position_heatmap(
-    results: dict[str, Any], records: list[dict], path: Path, bins: int = 32
-) -> Path | None:
+def layer_position_figure(results: dict[str, Any], records: list[dict], bins: int = 32) -> Figure | None:
     """Run fraction of each routed layer by token position (prompt + completion), positions binned."""
     layers = results["routed_layers"]
     recs = [r for r in records if r["run"]]
@@ -65,8 +71,8 @@ def layer_position_heatmap(
         sel = which == b
         if sel.any():
             grid[:, b] = run[sel].mean(0)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.3 * len(layers) + 1)))
+    fig = Figure(figsize=(8, max(2.5, 0.3 * len(layers) + 1)))
+    ax = fig.subplots()
     im = ax.imshow(
         grid, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
     )
@@ -78,17 +84,15 @@ def layer_position_heatmap(
     ax.set_title("Run fraction by layer and position (task suite)")
     fig.colorbar(im, ax=ax, label="run fraction")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def task_depth_bars(results: dict[str, Any], path: Path) -> Path:
+def task_depth_figure(results: dict[str, Any]) -> Figure:
     """Mean layers used per task, prompt vs generated tokens, for each evaluated model."""
     systems = list(results["tasks"])
     tasks = list(results["tasks"][systems[0]])
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) + 2), 3.8))
+    fig = Figure(figsize=(max(6, 1.2 * len(tasks) + 2), 3.8))
+    ax = fig.subplots()
     bars = [(s, seg) for s in systems if s != "base" or len(systems) == 1 for seg in ("prompt", "generated")]
     width = 0.8 / len(bars)
     x = np.arange(len(tasks))
@@ -102,19 +106,53 @@ def task_depth_bars(results: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Layers used by task")
     fig.tight_layout()
+    return fig
+
+
+def run_fraction_bars(results: dict[str, Any], records: list[dict], path: Path) -> Path | None:
+    """PNG of `run_fraction_figure` (None when nothing is routed)."""
+    return _save(run_fraction_figure(results, records), path)
+
+
+def layer_position_heatmap(
+    results: dict[str, Any], records: list[dict], path: Path, bins: int = 32
+) -> Path | None:
+    """PNG of `layer_position_figure` (None when nothing is routed)."""
+    return _save(layer_position_figure(results, records, bins), path)
+
+
+def task_depth_bars(results: dict[str, Any], path: Path) -> Path:
+    """PNG of `task_depth_figure`."""
+    fig = task_depth_figure(results)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def write_figures(results: dict[str, Any], records: list[dict], output_dir: str | Path) -> list[Path]:
+    """The three PNGs (those with something to draw) and depthmap.html; returns the paths written."""
     out = Path(output_dir)
     made = [
         run_fraction_bars(results, records, out / "layer_run_fraction.png"),
         layer_position_heatmap(results, records, out / "layer_position_heatmap.png"),
         task_depth_bars(results, out / "task_depth.png"),
+        write_depthmap_html(
+            records,
+            out / "depthmap.html",
+            num_layers=int(results["num_layers"]),
+            routed_layers=results["routed_layers"],
+            title=f"FlexiDepth depth map: {results.get('model', '')}",
+            max_examples=HTML_MAX_EXAMPLES,
+        ),
     ]
     return [p for p in made if p is not None]
 
 
-__all__ = ["layer_position_heatmap", "run_fraction_bars", "task_depth_bars", "write_figures"]
+__all__ = [
+    "layer_position_figure",
+    "layer_position_heatmap",
+    "run_fraction_bars",
+    "run_fraction_figure",
+    "task_depth_bars",
+    "task_depth_figure",
+    "write_figures",
+]

@@ -23,6 +23,7 @@ HF `model.generate` use it. `set_fast_path(model, False)` forces the masked (tra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
@@ -66,6 +67,14 @@ class GenerationOutput:
         return float((skipped * self.valid).sum() / self.valid.sum().clamp_min(1))
 
 
+class GenerationStreamer(Protocol):
+    """What `generate(..., streamer=...)` calls: `put` once per decoding step, `end` once at the end."""
+
+    def put(self, tokens: torch.Tensor, layers_used: torch.Tensor, valid: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """logits [B, V] fp32 -> token ids [B] by temperature + nucleus sampling."""
     logits = logits / max(float(temperature), 1e-6)
@@ -101,6 +110,7 @@ def generate(
     seed: int | None = None,
     return_logits: bool = False,
     prompts: list[str] | None = None,
+    streamer: GenerationStreamer | None = None,
 ) -> GenerationOutput:
     """Greedy or sampled generation with a DynamicCache; every position (prompt too) is routed.
 
@@ -113,6 +123,10 @@ def generate(
         eos_token_id / pad_token_id: stopping; pad defaults to the (first) eos id, else 0.
         return_logits: keep the fp32 next-token logits of every step.
         prompts: texts to encode with `tokenizer` instead of input_ids.
+        streamer: optional; `streamer.put(tokens, layers_used, valid)` once per decoding step (CPU tensors
+            [B]: the step's new token of every row, the layers used by the forward that produced it, and
+            whether the row was still unfinished), then `streamer.end()`. Costs one host sync per step;
+            the outputs are the same with or without it.
     """
     if input_ids is None:
         if prompts is None or tokenizer is None:
@@ -187,6 +201,13 @@ def generate(
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
             valid.append(~finished)
             tokens.append(nxt)
+            if streamer is not None:
+                used = (
+                    torch.full_like(nxt, num_layers)
+                    if g is None
+                    else (num_layers - r.shape[-1]) + r[:, -1].sum(-1)
+                )
+                streamer.put(nxt.cpu(), used.cpu(), valid[-1].cpu())
             if eos is not None:
                 finished = finished | torch.isin(nxt, eos)
                 if bool(finished.all()):  # host sync, once per step, only when stopping is possible
@@ -196,6 +217,8 @@ def generate(
             cur = nxt[:, None]
             pos = pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    if streamer is not None:
+        streamer.end()
     new_tokens = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(bsz, 0)
     return GenerationOutput(
         sequences=torch.cat([input_ids, new_tokens], 1),
@@ -209,4 +232,4 @@ def generate(
     )
 
 
-__all__ = ["GenerationOutput", "generate", "set_fast_path"]
+__all__ = ["GenerationOutput", "GenerationStreamer", "generate", "set_fast_path"]

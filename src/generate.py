@@ -1,0 +1,88 @@
+"""Generate from one prompt and print each new token with the number of layers it used.
+
+    python -m src.generate 'prompt="What is 12 + 30?"'                             # base SmolLM2 (all layers)
+    python -m src.generate ckpt_path=outputs/train/runs/<run> max_new_tokens=48    # a FlexiDepth checkpoint
+    python -m src.generate model=tiny_llama ckpt_path=<folder> chat=false 'prompt="Once upon a time"'
+
+Output (without colours): `The[30/30] answer[24/30] is[21/30] ...`, then one summary line. Quote the
+prompt for Hydra when it holds spaces or symbols: `'prompt="..."'`. Config: conf/generate.yaml (model,
+ckpt_path, prompt, chat, max_new_tokens, do_sample/temperature/top_p/seed, tau, color, device).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .flexidepth.generation import GenerationOutput
+
+
+def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
+    """Load the model (and checkpoint), generate from `cfg.prompt` while printing to `file` (stdout)."""
+    from .eval.run import chat_prompt, load_tokenizer, resolve_checkpoint
+    from .eval.streamer import LayerStreamer
+    from .flexidepth import load_flexidepth, set_tau
+    from .flexidepth.generation import generate
+    from .models.loader import load_base_model
+
+    file = file if file is not None else sys.stdout
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    device = str(cfg.get("device", "auto"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_base_model(model_cfg).eval()
+    tokenizer = load_tokenizer(model_cfg)
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
+    routed: list[int] = []
+    if ckpt is not None:
+        load_flexidepth(model, ckpt)
+        routed = list(model.flexidepth.layer_indices)
+        if cfg.get("tau") is not None:
+            set_tau(model, float(cfg.tau))
+    model.to(device)
+    num_layers = model.config.num_hidden_layers
+
+    chat = bool(cfg.get("chat", True))
+    text = chat_prompt(tokenizer, str(cfg.prompt)) if chat else str(cfg.prompt)
+    # a chat template already holds its special tokens; plain text gets the tokenizer's usual BOS
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
+    routing = f"checkpoint {ckpt}, routed layers {routed}" if ckpt else "base model, routing off"
+    file.write(f"# {model_cfg.get('name_or_path')}: {num_layers} layers; {routing}\n")
+    file.write(f"# prompt: {str(cfg.prompt)!r}\n")
+    streamer = LayerStreamer(
+        tokenizer,
+        num_layers,
+        file=file,
+        color=cfg.get("color"),
+        min_layers=num_layers - len(routed),
+    )
+    return generate(
+        model,
+        tokenizer,
+        enc["input_ids"],
+        enc["attention_mask"],
+        max_new_tokens=int(cfg.max_new_tokens),
+        do_sample=bool(cfg.get("do_sample", False)),
+        temperature=float(cfg.get("temperature", 1.0)),
+        top_p=float(cfg.get("top_p", 1.0)),
+        seed=cfg.get("seed"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+    )
+
+
+@hydra.main(
+    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="generate"
+)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
