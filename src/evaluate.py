@@ -4,10 +4,11 @@
     python -m src.evaluate ckpt_path=<flexidepth folder> eval.n_per_task=16
     python -m src.evaluate                                               # base model alone
     python -m src.evaluate model=tiny_llama ckpt_path=<folder> logger=none eval.max_new_tokens=8
+    python -m src.evaluate method=shortgpt method.k32=8                  # a baseline (conf/method/)
 
 Writes outputs/evaluate/runs/<run_name>/: results.json, results.md (per-task table), completions.jsonl,
 depthmap.parquet (per-token layer usage, `src.eval.load_depthmap`), layer_run_fraction.png,
-layer_position_heatmap.png, task_depth.png; with a W&B logger (offline by default) the table, scalars and
+layer_position_heatmap.png, task_depth.png, depthmap.html (tokens shaded by layers used); with a W&B logger (offline by default) the table, scalars and
 figures are logged too.
 """
 

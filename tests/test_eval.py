@@ -143,7 +143,7 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path):
     from src.evaluate import run
 
     run(cfg)
-    for name in ("results.json", "results.md", "completions.jsonl", "depthmap.parquet"):
+    for name in ("results.json", "results.md", "completions.jsonl", "depthmap.parquet", "depthmap.html"):
         assert (out / name).is_file(), name
     for png in ("layer_run_fraction.png", "layer_position_heatmap.png", "task_depth.png"):
         assert (out / png).stat().st_size > 1000, png

@@ -33,7 +33,7 @@ def run_fraction_figure(results: dict[str, Any], records: list[dict]) -> Figure 
     if not layers:
         return None
     series = {}
-    ppl = results["perplexity"].get("flexidepth", {})
+    ppl = results["perplexity"].get(results.get("system", "flexidepth"), {})
     if "layer_run_fraction" in ppl:
         series["held-out text"] = np.asarray(ppl["layer_run_fraction"])
     gen = [r["run"] for r in records if r["segment"] == "generated" and r["run"]]
