@@ -1,0 +1,629 @@
+"""lm-evaluation-harness integration: run a (FlexiDepth-injected or plain) HF causal LM on lm_eval tasks and
+record how many layers it used, per task.
+
+    from src.eval.harness import run_harness
+    out = run_harness(model, tokenizer, ["hellaswag", "winogrande"], num_fewshot=5)   # hub data: internet
+    out["hellaswag"]["score"], out["hellaswag"]["layers_used_mean"]
+
+    include = write_local_tasks(tmp)                                                # offline, project data
+    out = run_harness(model, tokenizer, ["flexidepth_mc", "flexidepth_gen"], include_path=include, limit=8)
+
+The model wrapper, `FlexiDepthLM` (registered in lm_eval as ``"flexidepth"``), implements lm_eval's three
+request types:
+- ``loglikelihood``: left-padded batched forwards (longest first; LM head only over the continuation
+  positions); sum of the continuation tokens' log-softmax and whether greedy decoding would produce them.
+  Inputs longer than `max_length` lose their left end, as in lm_eval's HF model.
+- ``loglikelihood_rolling``: the document split into lm_eval's disjoint rolling windows
+  (`lm_eval.utils.get_rolling_token_windows`, prefix token = BOS, else EOS), each scored as above, summed.
+- ``generate_until``: `src.flexidepth.generation.generate` (greedy unless the task asks for sampling) over
+  left-padded prompts truncated to `max_length - max_gen_toks`, stopping at EOS or after `max_gen_toks`; the
+  text is cut at the first ``until`` string. `generate` knows EOS only, so a batch runs until every row
+  hit EOS or `max_gen_toks`; tokens after a stop string are discarded and are not counted in the stats.
+
+Routed models (injected and `any(layer.routing ...)`) are scored with `routed_forward`, so the layers
+counted are the layers the fast path really ran; plain models (or routing off) go through `model(...)` and
+use every layer. Tokenisation follows lm_eval's HF model: the tokenizer's own special tokens (none are added
+to a string that already starts with the BOS text), context/continuation split by encoding both and the
+whole, trailing context spaces moved into the continuation.
+
+Route statistics (`RouteStats`) are kept per task (`Instance.task_name`) and request type:
+- ``tokens`` / ``layers_used_mean``: every position the model processed (forward inputs: loglikelihood
+  contexts + continuations minus the last token; generation prompts plus the generated tokens fed back,
+  up to the stop point) and the mean layers used over them (unrouted layers + routed layers that ran);
+- ``output_tokens`` / ``layers_used_output_mean``: the positions whose next-token prediction is the task's
+  output, i.e. the scored continuation tokens, or each generated token (layers of the forward that
+  produced it, as in `GenerationOutput.layers_used`).
+
+Per-task attribution: lm_eval sends the requests of all tasks mixed (and batched together here); every
+Instance carries its task name, so each request's tokens are credited to its own task. A token's route
+depends only on that sequence (padding is masked and excluded), so batching tasks together does not change
+the numbers. `run_harness` therefore needs a single `simple_evaluate` call; a group (e.g. ``mmlu``) or a
+tag gets the sum over its leaf tasks, which are also reported under ``"subtasks"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+
+from src.flexidepth.generation import generate
+from src.flexidepth.inject import flexi_layers
+from src.flexidepth.routes import routed_forward
+
+from .lm_tasks import LOCAL_GROUP, LOCAL_TASKS, write_local_tasks
+
+log = logging.getLogger(__name__)
+
+REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+# The metric reported as "score" ("metric,filter" as in lm_eval's results). The paper's tasks:
+PRIMARY_METRICS = {
+    "mmlu": "acc,none",  # 4-way multiple choice, group accuracy weighted by subject size
+    "hellaswag": "acc_norm,none",  # length-normalised accuracy, the usual HellaSwag number
+    "winogrande": "acc,none",
+    "gsm8k": "exact_match,strict-match",  # the "#### <answer>" the few-shot examples teach
+    "humaneval": "pass@1,create_test",
+    "coqa": "f1,none",  # CoQA's official metric (em is reported under "metrics" too)
+}
+# Otherwise by output type (first filter that has it): these are fractions in [0, 1]. Tasks of other types
+# (loglikelihood_rolling perplexities) fall back to their first metric, which need not lie in [0, 1].
+DEFAULT_METRIC_BY_OUTPUT = {
+    "multiple_choice": "acc",
+    "loglikelihood": "acc",
+    "generate_until": "exact_match",
+}
+
+
+# ---------------------------------------------------------------------------------------- statistics
+@dataclass
+class RouteStats:
+    """Token counts and summed layers used for one task and request type."""
+
+    requests: int = 0
+    tokens: int = 0  # positions processed by the model
+    layers_sum: float = 0.0  # sum over those positions of layers used
+    output_tokens: int = 0  # scored continuation tokens / generated tokens
+    output_layers_sum: float = 0.0  # sum of layers used by the forwards that predicted them
+
+    def __iadd__(self, other: RouteStats) -> RouteStats:
+        self.requests += other.requests
+        self.tokens += other.tokens
+        self.layers_sum += other.layers_sum
+        self.output_tokens += other.output_tokens
+        self.output_layers_sum += other.output_layers_sum
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "tokens": self.tokens,
+            "layers_used_mean": self.layers_sum / self.tokens if self.tokens else None,
+            "output_tokens": self.output_tokens,
+            "layers_used_output_mean": (
+                self.output_layers_sum / self.output_tokens if self.output_tokens else None
+            ),
+        }
+
+
+# ---------------------------------------------------------------------------------------- the LM
+class FlexiDepthLM(TemplateLM):
+    """lm_eval model wrapping an in-memory HF causal LM, FlexiDepth-injected or not.
+
+    Args:
+        model: the causal LM (put in eval mode; moved to `device` when given).
+        tokenizer: its HF tokenizer.
+        batch_size: sequences per forward / per generation batch.
+        max_length: longest input in tokens; default `model.config.max_position_embeddings` (else 2048).
+        device: where to run; default the model's device.
+        max_gen_toks: generation length when a task sets none (lm_eval's HF default: 256).
+        seed: sampling seed for tasks that ask for ``do_sample``.
+        max_batch_size: ignored (lm_eval passes it; there is no automatic batch size).
+
+    Registered as lm_eval model ``"flexidepth"``; it wraps objects, so build it with
+    ``get_model("flexidepth").create_from_arg_obj({"model": model, "tokenizer": tokenizer})`` or pass an
+    instance to `simple_evaluate`, not a command-line ``--model_args`` string.
+
+    `stats[task][request_type]` accumulates `RouteStats` over every call; `reset_stats()` clears them.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        device: str | torch.device | None = None,
+        max_gen_toks: int = 256,
+        seed: int = 1234,
+        max_batch_size: int | None = None,
+    ):
+        super().__init__()
+        del max_batch_size  # accepted because lm_eval's simple_evaluate passes it; batch sizes are fixed
+        if device is not None:
+            model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self._device = next(model.parameters()).device
+        self.batch_size = max(1, int(batch_size))
+        self._max_length = int(max_length) if max_length else None
+        self._max_gen_toks = int(max_gen_toks)
+        self.seed = int(seed)
+        self.num_layers = int(model.config.num_hidden_layers)
+        self.stats: dict[str, dict[str, RouteStats]] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """Conditioning token for an empty context (loglikelihood, rolling windows): BOS, else EOS."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.eot_token_id
+        return 0 if pad is None else int(pad)
+
+    @property
+    def max_length(self) -> int:
+        if self._max_length:
+            return self._max_length
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def routed(self) -> bool:
+        """True when the model is injected and at least one FlexiDepth layer routes (run.py's test)."""
+        return hasattr(self.model, "flexidepth") and any(layer.routing for layer in flexi_layers(self.model))
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "tokenizer")).replace("/", "__")
+
+    # ------------------------------------------------------------------ statistics
+    def reset_stats(self) -> None:
+        self.stats = {}
+
+    def _stats(self, task: str | None, reqtype: str) -> RouteStats:
+        return self.stats.setdefault(str(task), {}).setdefault(reqtype, RouteStats())
+
+    def task_stats(self, tasks: list[str] | None = None) -> RouteStats:
+        """Sum over request types of the given tasks (all tasks when None)."""
+        total = RouteStats()
+        for task, by_type in self.stats.items():
+            if tasks is None or task in tasks:
+                for stats in by_type.values():
+                    total += stats
+        return total
+
+    # ------------------------------------------------------------------ tokenisation
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Token ids of `string`; special tokens as the tokenizer adds them, unless it starts with BOS text."""
+        if add_special_tokens is None:
+            bos = self.tokenizer.bos_token
+            add_special_tokens = not (bos and string.startswith(bos))
+        return self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _encode_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context:
+            return self._encode_pair(context, continuation)
+        cont = self.tok_encode(continuation, add_special_tokens=False)
+        if cont and cont[0] == self.prefix_token_id:  # the text starts with the prefix token itself
+            return cont[:1], cont[1:]
+        return [self.prefix_token_id], cont
+
+    # ------------------------------------------------------------------ forwards
+    def _forward(self, seqs: list[list[int]], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded forward of `seqs`, logits of the last `keep` positions only.
+
+        Returns (logits [B, keep, V], layers used [B, T] fp64, 0 on padding). Left padding lines every
+        sequence's end up in the last column, so one `logits_to_keep` covers every row's continuation
+        (the LM head over all positions is the largest cost at a large vocabulary). Positions are
+        `cumsum(mask) - 1`, as in `generate`.
+        """
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        kwargs = {"position_ids": position_ids, "logits_to_keep": max(int(keep), 1), "use_cache": False}
+        with torch.inference_mode():
+            if self.routed:
+                out = routed_forward(self.model, ids, mask, **kwargs)
+                if out.routes is not None:
+                    return out.logits, out.routes.layers_used.double()
+                logits = out.logits
+            else:
+                logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
+        return logits, mask.double() * self.num_layers
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        tasks: list[str | None] | None = None,
+        reqtype: str = "loglikelihood",
+        **kwargs,
+    ) -> list[tuple[float, bool]]:
+        """Score (context ids, continuation ids) pairs; credits tokens to `tasks[i]` under `reqtype`."""
+        tasks = tasks if tasks is not None else [None] * len(requests)
+        inputs, conts = [], []
+        for _, context, continuation in requests:
+            whole = (context + continuation)[-(self.max_length + 1) :]
+            inputs.append(whole[:-1])
+            n_cont = min(len(continuation), len(whole) - 1)  # truncation may cut into the continuation
+            conts.append(continuation[len(continuation) - n_cont :])
+        order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            keep = max(len(conts[i]) for i in idx)
+            logits, used = self._forward([inputs[i] for i in idx], keep)
+            used = used.cpu()
+            for row, i in enumerate(idx):
+                length, n_cont = len(inputs[i]), len(conts[i])
+                target = torch.tensor(conts[i], dtype=torch.long, device=logits.device)
+                logp = F.log_softmax(logits[row, logits.shape[1] - n_cont :].float(), dim=-1)
+                score = float(logp.gather(-1, target[:, None]).sum()) if n_cont else 0.0
+                greedy = bool((logp.argmax(-1) == target).all()) if n_cont else True
+                results[i] = (score, greedy)
+                stats = self._stats(tasks[i], reqtype)
+                stats.tokens += length
+                stats.layers_sum += float(used[row].sum())
+                stats.output_tokens += n_cont
+                stats.output_layers_sum += float(used[row, used.shape[1] - n_cont :].sum())
+                if reqtype == "loglikelihood":
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ request types
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """(log P(continuation | context), is_greedy) for each request's (context, continuation)."""
+        encoded, tasks = [], []
+        for req in requests:
+            context, continuation = req.args
+            encoded.append(((context, continuation), *self._encode_request(context, continuation)))
+            tasks.append(req.task_name)
+            self._stats(req.task_name, "loglikelihood").requests += 1
+        return self._loglikelihood_tokens(encoded, tasks=tasks, reqtype="loglikelihood")
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole string, scored over lm_eval's disjoint rolling windows."""
+        windows, owners, tasks = [], [], []
+        for n, req in enumerate(requests):
+            (string,) = req.args
+            self._stats(req.task_name, "loglikelihood_rolling").requests += 1
+            for context, continuation in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
+                windows.append(((string, ""), context, continuation))
+                owners.append(n)
+                tasks.append(req.task_name)
+        scores = self._loglikelihood_tokens(windows, tasks=tasks, reqtype="loglikelihood_rolling")
+        totals = [0.0] * len(requests)
+        for owner, (score, _) in zip(owners, scores, strict=True):
+            totals[owner] += score
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or, if asked, sampled) continuation of each context, cut at its first ``until`` string."""
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):  # one batch never mixes generation settings
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        for idxs in groups.values():
+            settings = self._gen_settings(requests[idxs[0]].args[1])
+            max_ctx = self.max_length - settings["max_gen_toks"]
+            if max_ctx <= 0:
+                raise ValueError(
+                    f"max_gen_toks={settings['max_gen_toks']} leaves no room for a prompt in "
+                    f"max_length={self.max_length}"
+                )
+            prompts = {i: self.tok_encode(requests[i].args[0])[-max_ctx:] for i in idxs}
+            order = sorted(idxs, key=lambda i: -len(prompts[i]))
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                texts = self._generate_batch(
+                    [prompts[i] for i in batch], [requests[i] for i in batch], settings
+                )
+                for i, text in zip(batch, texts, strict=True):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return results  # type: ignore[return-value]
+
+    def _gen_settings(self, gen_kwargs: dict) -> dict[str, Any]:
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None)
+        until = [until] if isinstance(until, str) else list(until or [])
+        eos_text = self.tokenizer.decode([self.eot_token_id]) if self.eot_token_id is not None else None
+        if eos_text and eos_text not in until:
+            until.append(eos_text)
+        max_gen = kwargs.pop("max_gen_toks", None) or kwargs.pop("max_new_tokens", None) or self.max_gen_toks
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        do_sample = bool(kwargs.pop("do_sample", False)) and temperature > 0
+        return {
+            "until": [s for s in until if s],
+            "max_gen_toks": int(max_gen),
+            "do_sample": do_sample,
+            "temperature": temperature if do_sample else 1.0,
+            "top_p": float(kwargs.pop("top_p", 1.0) or 1.0),
+        }
+
+    def _generate_batch(self, prompts: list[list[int]], reqs: list[Instance], settings: dict) -> list[str]:
+        if settings["max_gen_toks"] <= 0:
+            for req in reqs:
+                self._stats(req.task_name, "generate_until").requests += 1
+            return [""] * len(reqs)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding, as `generate` expects
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        out = generate(
+            self.model,
+            self.tokenizer,
+            ids,
+            mask,
+            max_new_tokens=settings["max_gen_toks"],
+            do_sample=settings["do_sample"],
+            temperature=settings["temperature"],
+            top_p=settings["top_p"],
+            eos_token_id=self.eot_token_id,
+            pad_token_id=self.pad_token_id,
+            seed=self.seed,
+        )
+        gen_used = out.layers_used.double().cpu()
+        prompt_used = (
+            out.prefill.layers_used.double().sum(-1).cpu()
+            if out.prefill is not None
+            else mask.sum(-1).double() * self.num_layers
+        )
+        texts = []
+        for row, req in enumerate(reqs):
+            n_valid = int(out.valid[row].sum())
+            tokens = out.new_tokens[row, :n_valid].tolist()
+            text, kept = self._cut_at_stop(tokens, settings["until"])
+            texts.append(text)
+            stats = self._stats(req.task_name, "generate_until")
+            stats.requests += 1
+            # processed: the prompt, then generated tokens 0 .. kept-2 fed back to produce 1 .. kept-1
+            stats.tokens += len(prompts[row]) + max(kept - 1, 0)
+            stats.layers_sum += float(prompt_used[row]) + float(gen_used[row, 1:kept].sum())
+            stats.output_tokens += kept
+            stats.output_layers_sum += float(gen_used[row, :kept].sum())
+        return texts
+
+    def _cut_at_stop(self, tokens: list[int], stops: list[str]) -> tuple[str, int]:
+        """(text before the first stop string, number of tokens generated up to where it completed)."""
+        text = self.tok_decode(tokens)
+        cuts = [text.find(s) for s in stops if s in text]
+        if not cuts:
+            return text, len(tokens)
+        lo, hi = 1, len(tokens)  # fewest tokens whose text already holds a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            prefix = self.tok_decode(tokens[:mid])
+            if any(s in prefix for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        return text[: min(cuts)], lo
+
+
+def _register() -> None:
+    """Register FlexiDepthLM as lm_eval model "flexidepth" (skipped when the name is already taken).
+
+    lm_eval's built-in model names are registered first: `get_model` only loads them lazily while the
+    registry is empty, which our entry would otherwise prevent.
+    """
+    import lm_eval.models  # noqa: F401  (registers the built-in placeholders)
+    from lm_eval.api.registry import model_registry
+
+    if "flexidepth" not in model_registry:
+        model_registry.register("flexidepth")(FlexiDepthLM)
+
+
+_register()
+
+
+# ---------------------------------------------------------------------------------------- the run
+def _task_manager(tasks: list[str], include_path: str | Path | None, include_defaults: bool | None):
+    """A TaskManager; with include_defaults=None, lm_eval's own ~15 s task index is only built when needed."""
+    from lm_eval.tasks import TaskManager
+
+    if include_defaults is None:
+        if include_path is not None:
+            local = TaskManager(include_path=str(include_path), include_defaults=False)
+            if all(t in local.all_tasks for t in tasks):
+                return local
+        include_defaults = True
+    return TaskManager(
+        include_path=str(include_path) if include_path is not None else None,
+        include_defaults=include_defaults,
+    )
+
+
+def _leaves(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
+    if name not in group_subtasks:
+        return [name]
+    return [leaf for child in group_subtasks[name] for leaf in _leaves(child, group_subtasks)]
+
+
+def _pick_metric(
+    name: str, values: dict[str, Any], output_type: str | None, metric: str | None
+) -> str | None:
+    """The "metric,filter" key reported as score (`PRIMARY_METRICS`, else by output type); None if none."""
+    keys = [k for k in values if "," in k and "_stderr" not in k and isinstance(values[k], (int, float))]
+    wanted = metric or PRIMARY_METRICS.get(name)
+    if wanted is not None:
+        if wanted in keys:
+            return wanted
+        base = wanted.split(",")[0]
+        return next((k for k in keys if k.split(",")[0] == base), None)
+    base = DEFAULT_METRIC_BY_OUTPUT.get(output_type or "")
+    match = next((k for k in keys if k.split(",")[0] == base), None)
+    return match or (keys[0] if keys else None)
+
+
+def run_harness(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    include_path: str | Path | None = None,
+    max_gen_toks: int | None = None,
+    seed: int = 1234,
+    max_length: int | None = None,
+    device: str | None = None,
+    include_defaults: bool | None = None,
+    metrics: dict[str, str] | None = None,
+    apply_chat_template: bool = False,
+    confirm_run_unsafe_code: bool = False,
+    bootstrap_iters: int = 100000,
+) -> dict[str, dict]:
+    """Evaluate `model` on lm_eval `tasks` in one `simple_evaluate` call; per task, score and route stats.
+
+    Args:
+        model / tokenizer: a HF causal LM (FlexiDepth-injected or not; routing as currently set) and its tokenizer.
+        tasks: lm_eval task or group names (``mmlu``, ``hellaswag``, ``winogrande``, ``gsm8k``,
+            ``humaneval``, ``coqa``; ``flexidepth_mc``/``flexidepth_gen`` from `write_local_tasks`).
+        num_fewshot: few-shot examples (None: each task's default; lm_eval keeps a config value of 0).
+        limit: at most this many docs per (leaf) task.
+        batch_size / max_length / device: passed to `FlexiDepthLM`.
+        include_path: extra task folder (e.g. `write_local_tasks(...)`).
+        max_gen_toks: overrides every generation task's max_gen_toks.
+        seed: python / numpy / torch / few-shot sampling seeds (and the generation sampling seed).
+        include_defaults: index lm_eval's built-in tasks; None = only when `tasks` are not all found in
+            `include_path` (building that index takes ~15 s).
+        metrics: {task: "metric,filter"} to override the reported score (`PRIMARY_METRICS`, else acc for
+            multiple choice and exact_match for generation).
+        apply_chat_template: wrap prompts in the tokenizer's chat template (lm_eval's option).
+        confirm_run_unsafe_code: needed for tasks that execute model code (HumanEval).
+        bootstrap_iters: lm_eval's stderr setting: mean metrics get the analytic stderr whenever it is
+            > 0, other aggregations a bootstrap of this many resamples; 0 skips every stderr.
+
+    Returns:
+        {task: {"score", "score_stderr" (None when not computed), "metric", "metrics" (every metric), "n" (docs evaluated),
+        "n_total" (docs in the split), "output_type", "num_fewshot", "layers_used_mean", "tokens",
+        "output_tokens", "layers_used_output_mean", "num_layers", "by_request_type": {type: stats}}};
+        a group also holds "subtasks": {leaf: the same keys}. "score" is the chosen metric's value: a
+        fraction in [0, 1] for accuracy / exact match / pass@1 / F1 metrics.
+    """
+    from lm_eval import simple_evaluate
+
+    lm = FlexiDepthLM(
+        model, tokenizer, batch_size=batch_size, max_length=max_length, device=device, seed=seed
+    )
+    manager = _task_manager(list(tasks), include_path, include_defaults)
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,
+        task_manager=manager,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=bootstrap_iters,
+        log_samples=False,
+        apply_chat_template=apply_chat_template,
+        confirm_run_unsafe_code=confirm_run_unsafe_code,
+    )
+    group_subtasks = dict(results.get("group_subtasks", {}))
+    for name in tasks:  # a tag is no group in the results: its members are its leaves
+        index_entry = manager.task_index.get(name)
+        if name not in group_subtasks and index_entry is not None and index_entry.kind.name == "TAG":
+            group_subtasks[name] = sorted(index_entry.tags)
+    all_values = {**results.get("results", {}), **results.get("groups", {})}
+
+    def entry(name: str) -> dict[str, Any]:
+        leaves = _leaves(name, group_subtasks)
+        values = all_values.get(name, {})
+        configs = [results.get("configs", {}).get(leaf, {}) for leaf in leaves]
+        output_type = configs[0].get("output_type") if configs else None
+        key = _pick_metric(name, values, output_type, (metrics or {}).get(name))
+        samples = [results.get("n-samples", {}).get(leaf, {}) for leaf in leaves]
+        stats = lm.task_stats(leaves)
+        by_type: dict[str, RouteStats] = {}
+        for leaf in leaves:
+            for reqtype, leaf_stats in lm.stats.get(leaf, {}).items():
+                total = by_type.setdefault(reqtype, RouteStats())
+                total += leaf_stats
+        stderr = values.get(key.replace(",", "_stderr,", 1)) if key is not None else None
+        return {
+            "score": float(values[key]) if key is not None else None,
+            "score_stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+            "metric": key,
+            "metrics": {k: float(v) for k, v in values.items() if "," in k and isinstance(v, (int, float))},
+            "n": sum(int(s.get("effective", 0)) for s in samples),
+            "n_total": sum(int(s.get("original", 0)) for s in samples),
+            "output_type": output_type,
+            "num_fewshot": results.get("n-shot", {}).get(leaves[0]),
+            "num_layers": lm.num_layers,
+            **stats.summary(),
+            "by_request_type": {t: s.summary() for t, s in by_type.items()},
+        }
+
+    out = {}
+    for name in tasks:
+        out[name] = entry(name)
+        if name in group_subtasks:
+            out[name]["subtasks"] = {leaf: entry(leaf) for leaf in _leaves(name, group_subtasks)}
+    return out
+
+
+__all__ = [
+    "DEFAULT_METRIC_BY_OUTPUT",
+    "FlexiDepthLM",
+    "LOCAL_GROUP",
+    "LOCAL_TASKS",
+    "PRIMARY_METRICS",
+    "REQUEST_TYPES",
+    "RouteStats",
+    "run_harness",
+    "write_local_tasks",
+]
