@@ -75,7 +75,15 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
 
     from .baselines import apply_method, checkpoint_method, method_macs
     from .data.corpora import lee_heldout_articles
-    from .eval.run import _device, evaluate_system, heldout_chunks, load_tokenizer
+    from .eval.run import (
+        _device,
+        all_scores,
+        evaluate_system,
+        harness_include_path,
+        heldout_chunks,
+        load_tokenizer,
+        split_tasks,
+    )
     from .eval.tasks import make_task_examples
     from .models.loader import load_base_model
 
@@ -97,10 +105,15 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
     if ev.get("ppl_max_articles"):
         texts = texts[: int(ev.ppl_max_articles)]
     chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
-    examples = make_task_examples(list(ev.tasks), int(ev.n_per_task), int(ev.seed))
+    suite_tasks, harness_tasks = split_tasks(list(ev.tasks))
+    examples = make_task_examples(suite_tasks, int(ev.n_per_task), int(ev.seed))
+    include = harness_include_path(harness_tasks, output_dir, (ev.get("harness") or {}).get("include_path"))
 
-    base, _, _ = evaluate_system(model, tokenizer, "base", chunks, examples, ev)
-    base_scores = {t: v["score"] for t, v in base["tasks"].items()}
+    def evaluate_as(label: str) -> dict:
+        return evaluate_system(model, tokenizer, label, chunks, examples, ev, harness_tasks, include)[0]
+
+    base = evaluate_as("base")
+    base_scores = all_scores(base)
     rows = [_row("base", "base", None, "main", base, base_scores, None, num_layers)]
     skip = OmegaConf.to_container(cfg.skip, resolve=True)
     for system in systems:
@@ -110,7 +123,7 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
         applied = apply_method(model, method, tokenizer=tokenizer, ckpt=system["ckpt"], skip=skip)
         model.to(device)
         log.info("compare: %s (%s)", system["label"], applied.label)
-        summary, _, _ = evaluate_system(model, tokenizer, system["label"], chunks, examples, ev)
+        summary = evaluate_as(system["label"])
         macs = method_macs(model.config, applied, summary["layers"]["layers_skipped_scored"])
         rows.append(
             _row(
@@ -138,9 +151,10 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _row(label, method, applied, table, summary, base_scores, macs, num_layers) -> dict[str, Any]:
+    from .eval.run import all_scores
     from .eval.tasks import retention
 
-    scores = {t: v["score"] for t, v in summary["tasks"].items()}
+    scores = all_scores(summary)
     lay = summary["layers"]
     return {
         "label": label,

@@ -35,6 +35,11 @@ def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
             out[f"eval/{system}/{task}/layers_used_prompt"] = t["layers_used_prompt"]
             if t["layers_used_generated"] is not None:
                 out[f"eval/{system}/{task}/layers_used_generated"] = t["layers_used_generated"]
+        for task, t in (results.get("harness") or {}).get(system, {}).items():
+            if t.get("score") is not None:
+                out[f"eval/{system}/{task}/score"] = t["score"]
+            if t.get("layers_used_mean") is not None:
+                out[f"eval/{system}/{task}/layers_used"] = t["layers_used_mean"]
         out[f"eval/{system}/ppl"] = results["perplexity"][system]["ppl"]
         for key, value in results["layers"][system].items():
             if value is not None:

@@ -175,3 +175,46 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path):
     row = ds[0]
     assert len(row["gates"]) == 2 and len(row["run"]) == 2
     assert all(u == 2 for u in ds["layers_used"])
+
+
+@pytest.mark.slow
+def test_evaluate_with_lm_eval_tasks_and_a_baseline(tmp_path):
+    """eval.tasks mixes the built-in suite with lm-eval tasks (the project's offline ones); retention spans
+    both; an early-exit baseline uses 3 of 4 layers on every lm-eval token."""
+    from src.evaluate import run, scalar_metrics
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                "model=tiny_llama",
+                "logger=none",
+                "method=early_exit",
+                "method.k=1",
+                "eval.tasks=[copy,flexidepth_mc,flexidepth_gen]",
+                "eval.harness.limit=3",
+                "eval.harness.max_gen_toks=4",
+                "eval.harness.bootstrap_iters=0",
+                "eval.n_per_task=1",
+                "eval.max_new_tokens=3",
+                "eval.ppl_max_articles=1",
+                "eval.ppl_max_length=32",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    res = run(cfg)
+    assert set(res["harness"]) == {"base", "early_exit_k1"}
+    for system, used in (("base", 4.0), ("early_exit_k1", 3.0)):
+        for task in ("flexidepth_mc", "flexidepth_gen"):
+            t = res["harness"][system][task]
+            assert 0.0 <= t["score"] <= 1.0 and t["n"] == 3
+            assert t["layers_used_mean"] == pytest.approx(used)
+    assert set(res["retention"]["per_task"]) | set(res["retention"]["skipped_tasks"]) == {
+        "copy",
+        "flexidepth_mc",
+        "flexidepth_gen",
+    }
+    assert (tmp_path / "lm_tasks").is_dir()
+    assert "## lm-evaluation-harness tasks" in (tmp_path / "results.md").read_text()
+    assert "eval/early_exit_k1/flexidepth_mc/layers_used" in scalar_metrics(res)

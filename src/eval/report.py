@@ -64,6 +64,17 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"**Retention** (mean of score / base score): {_f(ret['retention'])}"]
         if ret["skipped_tasks"]:
             lines.append(f"(left out, base score 0: {', '.join(ret['skipped_tasks'])})")
+    if results.get("harness"):
+        systems = list(results["harness"])
+        lines += ["", "## lm-evaluation-harness tasks", ""]
+        header = ["task", "metric", "n"] + [f"{s} {c}" for s in systems for c in ("score", "layers used")]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for task, first in results["harness"][systems[0]].items():
+            row = [task, first.get("metric"), first.get("n")]
+            for s in systems:
+                t = results["harness"][s].get(task, {})
+                row += [t.get("score"), t.get("layers_used_mean")]
+            lines.append("| " + " | ".join(_f(v) for v in row) + " |")
     lines += ["", "## Held-out perplexity and layers used", ""]
     lines += [
         "| model | ppl | tokens | layers used (held-out tokens) | layers used (generated tokens) |",

@@ -242,10 +242,36 @@ def generated_layers_mean(rows: list[dict]) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------- the whole run
+def split_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
+    """`eval.tasks` -> (built-in suite tasks, lm-evaluation-harness tasks: every other name)."""
+    from .tasks import TASKS
+
+    return [t for t in tasks if t in TASKS], [t for t in tasks if t not in TASKS]
+
+
+def harness_include_path(harness_tasks: list[str], output_dir: Path, given=None) -> str | None:
+    """The project's local lm-eval tasks (flexidepth_mc, flexidepth_gen, ...) are written on demand into
+    <output_dir>/lm_tasks; `eval.harness.include_path` adds a folder of the user's own."""
+    from .lm_tasks import LOCAL_GROUP, LOCAL_TAG, LOCAL_TASKS, write_local_tasks
+
+    local = set(LOCAL_TASKS) | {LOCAL_GROUP, LOCAL_TAG}
+    if given:
+        if any(t in local for t in harness_tasks):
+            raise ValueError(
+                "eval.harness.include_path cannot be combined with the built-in flexidepth_* tasks"
+            )
+        return str(given)
+    if any(t in local for t in harness_tasks):
+        return str(write_local_tasks(output_dir / "lm_tasks"))
+    return None
+
+
 def evaluate_system(
-    model, tokenizer, label: str, chunks, examples, ev
+    model, tokenizer, label: str, chunks, examples, ev, harness_tasks=(), include_path=None
 ) -> tuple[dict, list[dict], list[dict]]:
-    """Perplexity, task suite and layer usage of the model as it is now. Returns (summary, rows, records)."""
+    """Perplexity, task suite, lm-eval tasks and layer usage of the model as it is now.
+
+    Returns (summary, rows, records)."""
     num_layers = model.config.num_hidden_layers
     log.info("%s: held-out perplexity over %d chunks", label, len(chunks))
     ppl = perplexity(model, chunks, int(ev.batch_size), pad_id=int(tokenizer.pad_token_id))
@@ -264,7 +290,35 @@ def evaluate_system(
             "layers_skipped_generated": None if gen is None else num_layers - gen,
         },
     }
+    if harness_tasks:
+        from .harness import run_harness
+
+        h = ev.get("harness") or {}
+        log.info("%s: lm-eval tasks %s", label, list(harness_tasks))
+        summary["harness"] = run_harness(
+            model,
+            tokenizer,
+            list(harness_tasks),
+            num_fewshot=h.get("num_fewshot"),
+            limit=h.get("limit"),
+            batch_size=int(ev.batch_size),
+            include_path=include_path,
+            max_gen_toks=h.get("max_gen_toks"),
+            seed=int(ev.seed),
+            apply_chat_template=bool(h.get("apply_chat_template", False)),
+            confirm_run_unsafe_code=bool(h.get("confirm_run_unsafe_code", False)),
+            bootstrap_iters=int(h.get("bootstrap_iters", 1000)),
+        )
     return summary, rows, records
+
+
+def all_scores(summary: dict) -> dict[str, float]:
+    """Built-in task scores plus lm-eval task scores (groups without a score left out), for retention."""
+    scores = {t: v["score"] for t, v in summary["tasks"].items()}
+    for task, v in (summary.get("harness") or {}).items():
+        if v.get("score") is not None:
+            scores[task] = float(v["score"])
+    return scores
 
 
 def method_applies(cfg, ckpt: Path | None) -> bool:
@@ -312,7 +366,9 @@ def evaluate(cfg) -> dict[str, Any]:
     if ev.get("ppl_max_articles"):
         texts = texts[: int(ev.ppl_max_articles)]
     chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
-    examples = make_task_examples(list(ev.tasks), int(ev.n_per_task), int(ev.seed))
+    suite_tasks, harness_tasks = split_tasks(list(ev.tasks))
+    examples = make_task_examples(suite_tasks, int(ev.n_per_task), int(ev.seed))
+    include = harness_include_path(harness_tasks, output_dir, (ev.get("harness") or {}).get("include_path"))
 
     results: dict[str, Any] = {
         "model": str(model_cfg.get("name_or_path")),
@@ -325,10 +381,15 @@ def evaluate(cfg) -> dict[str, Any]:
         "layers": {},
     }
     all_rows, depth_records = [], []
-    summary, rows, depth_records = evaluate_system(model, tokenizer, "base", chunks, examples, ev)
+    summary, rows, depth_records = evaluate_system(
+        model, tokenizer, "base", chunks, examples, ev, harness_tasks, include
+    )
     all_rows += rows
     for key in ("perplexity", "tasks", "layers"):
         results[key]["base"] = summary[key]
+    if harness_tasks:
+        results["harness"] = {"base": summary["harness"]}
+    base_scores = all_scores(summary)
 
     if method_applies(cfg, ckpt):
         applied = apply_method(
@@ -346,14 +407,15 @@ def evaluate(cfg) -> dict[str, Any]:
         results["method"] = applied.to_dict()
         results["system"] = label
         results["routed_layers"] = list(model.flexidepth.layer_indices) if _injected(model) else []
-        summary, rows, depth_records = evaluate_system(model, tokenizer, label, chunks, examples, ev)
+        summary, rows, depth_records = evaluate_system(
+            model, tokenizer, label, chunks, examples, ev, harness_tasks, include
+        )
         all_rows += rows
         for key in ("perplexity", "tasks", "layers"):
             results[key][label] = summary[key]
-        results["retention"] = retention(
-            {t: v["score"] for t, v in results["tasks"][label].items()},
-            {t: v["score"] for t, v in results["tasks"]["base"].items()},
-        )
+        if harness_tasks:
+            results["harness"][label] = summary["harness"]
+        results["retention"] = retention(all_scores(summary), base_scores)
         lay = results["layers"][label]
         results["flops"] = {"scored": method_macs(model.config, applied, lay["layers_skipped_scored"])}
         if applied.name == "flexidepth":  # flops.py report (same numbers, plus its per-token fields)
@@ -384,7 +446,9 @@ def _device(name: str) -> torch.device:
 __all__ = [
     "chat_prompt",
     "evaluate",
+    "all_scores",
     "evaluate_system",
+    "split_tasks",
     "generated_layers_mean",
     "heldout_chunks",
     "load_tokenizer",
