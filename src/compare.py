@@ -74,17 +74,7 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from .baselines import apply_method, checkpoint_method, method_macs
-    from .data.corpora import lee_heldout_articles
-    from .eval.run import (
-        _device,
-        all_scores,
-        evaluate_system,
-        harness_include_path,
-        heldout_chunks,
-        load_tokenizer,
-        split_tasks,
-    )
-    from .eval.tasks import make_task_examples
+    from .eval.run import _device, all_scores, eval_inputs, evaluate_system, load_tokenizer
     from .models.loader import load_base_model
 
     ev = cfg.eval
@@ -101,13 +91,7 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
     model = fresh_model()
     num_layers = model.config.num_hidden_layers
     systems = plan_systems(cfg, num_layers)  # validates every method before any evaluation
-    texts = lee_heldout_articles()
-    if ev.get("ppl_max_articles"):
-        texts = texts[: int(ev.ppl_max_articles)]
-    chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
-    suite_tasks, harness_tasks = split_tasks(list(ev.tasks))
-    examples = make_task_examples(suite_tasks, int(ev.n_per_task), int(ev.seed))
-    include = harness_include_path(harness_tasks, output_dir, (ev.get("harness") or {}).get("include_path"))
+    chunks, examples, harness_tasks, include = eval_inputs(tokenizer, ev, output_dir)
 
     def evaluate_as(label: str) -> dict:
         return evaluate_system(model, tokenizer, label, chunks, examples, ev, harness_tasks, include)[0]

@@ -2,12 +2,9 @@
 config validation, and train + eval end to end for every method and ablation config on a tiny model."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from src.baselines import MethodConfigError, apply_method, method_macs, resolve_k, validate_method
 from src.baselines.mindskip import MindSkipLayer, inject_mindskip
@@ -17,8 +14,7 @@ from src.flexidepth import FlexiDepthConfig, flexi_layers, parameter_counts, rou
 from src.flexidepth.flops import layer_macs, model_macs_per_token
 from src.flexidepth.generation import generate
 from tests.conftest import tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.configs import compose_tiny
 
 
 def _ids(batch=2, seq=12, seed=0, vocab=1000):
@@ -257,23 +253,14 @@ def test_method_macs_per_method():
 
 # ---------------------------------------------------------------------------------------- end to end
 def _eval_cfg(overrides, out):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                "model=tiny_llama",
-                "logger=none",
-                "eval.n_per_task=1",
-                "eval.max_new_tokens=3",
-                "eval.ppl_max_articles=1",
-                "eval.ppl_max_length=32",
-                "eval.tasks=[copy,addition]",
-                *overrides,
-            ],
-        )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
+    quick = [
+        "eval.n_per_task=1",
+        "eval.max_new_tokens=3",
+        "eval.ppl_max_articles=1",
+        "eval.ppl_max_length=32",
+        "eval.tasks=[copy,addition]",
+    ]
+    return compose_tiny("evaluate", [*quick, *overrides], out)
 
 
 SMALL_CAL = ["method.calibration.texts=2", "method.calibration.max_length=32"]

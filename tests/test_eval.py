@@ -2,11 +2,8 @@
 end-to-end `src.evaluate` run of a freshly trained tiny checkpoint."""
 
 import json
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from src.eval.depthmap import load_depthmap, write_depthmap
 from src.eval.tasks import (
@@ -19,8 +16,7 @@ from src.eval.tasks import (
     score,
     token_f1,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.configs import compose_tiny
 
 
 # ---------------------------------------------------------------------------------------- retention
@@ -123,23 +119,19 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path):
     train(compose_cfg(["debug=tiny", "logger=none"], tmp_path / "train"))
     assert (tmp_path / "train" / "flexidepth" / "flexidepth_config.json").is_file()
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                "model=tiny_llama",
-                "logger=none",
-                f"ckpt_path={tmp_path / 'train'}",  # a run folder: its flexidepth/ is used
-                "eval.n_per_task=2",
-                "eval.max_new_tokens=4",
-                "eval.ppl_max_articles=2",
-                "eval.ppl_max_length=64",
-                "eval.tau=0.99",  # above every fresh gate (sigmoid(3) = 0.953): routed layers are skipped
-            ],
-        )
+    cfg = compose_tiny(
+        "evaluate",
+        [
+            f"ckpt_path={tmp_path / 'train'}",  # a run folder: its flexidepth/ is used
+            "eval.n_per_task=2",
+            "eval.max_new_tokens=4",
+            "eval.ppl_max_articles=2",
+            "eval.ppl_max_length=64",
+            "eval.tau=0.99",  # above every fresh gate (sigmoid(3) = 0.953): routed layers are skipped
+        ],
+        tmp_path / "eval",
+    )
     out = tmp_path / "eval"
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
     from src.evaluate import run
 
     run(cfg)
@@ -183,26 +175,22 @@ def test_evaluate_with_lm_eval_tasks_and_a_baseline(tmp_path):
     both; an early-exit baseline uses 3 of 4 layers on every lm-eval token."""
     from src.evaluate import run, scalar_metrics
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                "model=tiny_llama",
-                "logger=none",
-                "method=early_exit",
-                "method.k=1",
-                "eval.tasks=[copy,flexidepth_mc,flexidepth_gen]",
-                "eval.harness.limit=3",
-                "eval.harness.max_gen_toks=4",
-                "eval.harness.bootstrap_iters=0",
-                "eval.n_per_task=1",
-                "eval.max_new_tokens=3",
-                "eval.ppl_max_articles=1",
-                "eval.ppl_max_length=32",
-            ],
-        )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
+    cfg = compose_tiny(
+        "evaluate",
+        [
+            "method=early_exit",
+            "method.k=1",
+            "eval.tasks=[copy,flexidepth_mc,flexidepth_gen]",
+            "eval.harness.limit=3",
+            "eval.harness.max_gen_toks=4",
+            "eval.harness.bootstrap_iters=0",
+            "eval.n_per_task=1",
+            "eval.max_new_tokens=3",
+            "eval.ppl_max_articles=1",
+            "eval.ppl_max_length=32",
+        ],
+        tmp_path,
+    )
     res = run(cfg)
     assert set(res["harness"]) == {"base", "early_exit_k1"}
     for system, used in (("base", 4.0), ("early_exit_k1", 3.0)):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+
+from tests.helpers.configs import compose_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "depth_analysis.ipynb"
@@ -23,22 +23,18 @@ def tiny_results(tmp_path: Path) -> Path:
     from tests.test_streamer import mixed_tiny_llama
 
     ckpt = save_flexidepth(mixed_tiny_llama(), tmp_path / "ckpt")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                "model=tiny_llama",
-                "logger=none",
-                f"ckpt_path={ckpt}",
-                "eval.n_per_task=1",
-                "eval.max_new_tokens=4",
-                "eval.ppl_max_articles=1",
-                "eval.ppl_max_length=64",
-            ],
-        )
     out = tmp_path / "eval"
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
+    cfg = compose_tiny(
+        "evaluate",
+        [
+            f"ckpt_path={ckpt}",
+            "eval.n_per_task=1",
+            "eval.max_new_tokens=4",
+            "eval.ppl_max_articles=1",
+            "eval.ppl_max_length=64",
+        ],
+        out,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -266,6 +266,23 @@ def harness_include_path(harness_tasks: list[str], output_dir: Path, given=None)
     return None
 
 
+def eval_inputs(
+    tokenizer, ev, output_dir: Path
+) -> tuple[list[list[int]], list[TaskExample], list[str], str | None]:
+    """What every system is evaluated on: held-out perplexity windows, the built-in suite's examples, the
+    lm-eval task names and their include path (the project's offline tasks are written on demand)."""
+    from src.data.corpora import lee_heldout_articles
+
+    texts = lee_heldout_articles()
+    if ev.get("ppl_max_articles"):
+        texts = texts[: int(ev.ppl_max_articles)]
+    chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
+    suite_tasks, harness_tasks = split_tasks(list(ev.tasks))
+    examples = make_task_examples(suite_tasks, int(ev.n_per_task), int(ev.seed))
+    include = harness_include_path(harness_tasks, output_dir, (ev.get("harness") or {}).get("include_path"))
+    return chunks, examples, harness_tasks, include
+
+
 def evaluate_system(
     model, tokenizer, label: str, chunks, examples, ev, harness_tasks=(), include_path=None
 ) -> tuple[dict, list[dict], list[dict]]:
@@ -337,7 +354,6 @@ def evaluate(cfg) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from src.baselines import apply_method, checkpoint_method, method_macs, validate_method
-    from src.data.corpora import lee_heldout_articles
     from src.models.loader import load_base_model
 
     from .depthmap import write_depthmap
@@ -362,13 +378,7 @@ def evaluate(cfg) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_cfg)
     num_layers = model.config.num_hidden_layers
 
-    texts = lee_heldout_articles()
-    if ev.get("ppl_max_articles"):
-        texts = texts[: int(ev.ppl_max_articles)]
-    chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
-    suite_tasks, harness_tasks = split_tasks(list(ev.tasks))
-    examples = make_task_examples(suite_tasks, int(ev.n_per_task), int(ev.seed))
-    include = harness_include_path(harness_tasks, output_dir, (ev.get("harness") or {}).get("include_path"))
+    chunks, examples, harness_tasks, include = eval_inputs(tokenizer, ev, output_dir)
 
     results: dict[str, Any] = {
         "model": str(model_cfg.get("name_or_path")),
@@ -447,6 +457,7 @@ __all__ = [
     "chat_prompt",
     "evaluate",
     "all_scores",
+    "eval_inputs",
     "evaluate_system",
     "split_tasks",
     "generated_layers_mean",

@@ -1,0 +1,17 @@
+"""Composing primary configs in tests: the tiny random model, no logger, a given output folder."""
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def compose_tiny(config_name: str, overrides=(), output_dir=None):
+    """`config_name` (evaluate | compare | ...) on model=tiny_llama, logger=none, plus `overrides`."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name, overrides=["model=tiny_llama", "logger=none", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir or "/tmp/flexidepth-unused")
+    return cfg
