@@ -2,7 +2,7 @@
 model, in one command:
 
     python -m src.compare                                   # conf/compare.yaml on the embedded SmolLM2
-    python -m src.compare k32=[4] baselines=[shortgpt,early_exit] trained={} eval.n_per_task=2
+    python -m src.compare k32=[4] baselines=[shortgpt,early_exit] '~trained' random_matched_to=[] eval.n_per_task=2
     bash experiments/baselines_smollm2.sh                   # trains the learned systems first
 
 Every system is built from a fresh copy of the base model by `src.baselines.apply_method` and evaluated with
@@ -24,15 +24,23 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-def plan_systems(cfg: DictConfig, num_layers: int) -> list[dict[str, Any]]:
+def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
     """The systems to compare, in table order, each {label, method, ckpt, table}; missing checkpoints are
-    reported and left out. Method configs come from conf/method/<name>.yaml plus `method_overrides`."""
+    reported and left out, checkpoints of another base model refused before anything is evaluated. Method
+    configs come from conf/method/<name>.yaml plus `method_overrides`."""
     from .baselines import resolve_k, validate_method
     from .eval.run import resolve_checkpoint
+    from .flexidepth.checkpoint import read_checkpoint_config
+
+    num_layers = model_config.num_hidden_layers
 
     conf_dir = Path(__file__).resolve().parents[1] / "conf" / "method"
-    overrides = OmegaConf.to_container(cfg.get("method_overrides") or {}, resolve=True)
-    trained = OmegaConf.to_container(cfg.get("trained") or {}, resolve=True)
+
+    def plain(key: str) -> dict:
+        node = cfg.get(key)
+        return {} if node is None else OmegaConf.to_container(node, resolve=True)
+
+    overrides, trained = plain("method_overrides"), plain("trained")
     systems, missing = [], []
 
     def ckpt_of(label: str):
@@ -46,6 +54,13 @@ def plan_systems(cfg: DictConfig, num_layers: int) -> list[dict[str, Any]]:
         if ckpt is None:
             missing.append(label)
             continue
+        stored = read_checkpoint_config(ckpt)["base_model"]
+        for key in ("model_type", "num_hidden_layers", "hidden_size"):
+            if stored[key] != getattr(model_config, key):
+                raise ValueError(
+                    f"trained.{label}: {ckpt} was trained on a model with {key}={stored[key]!r}, this base "
+                    f"model has {getattr(model_config, key)!r} (pass ~trained to compare baselines only)"
+                )
         systems.append({"label": label, "method": None, "ckpt": ckpt, "table": entry.get("table", "main")})
     for k32 in cfg.k32:
         for name in cfg.baselines:
@@ -90,7 +105,7 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
 
     model = fresh_model()
     num_layers = model.config.num_hidden_layers
-    systems = plan_systems(cfg, num_layers)  # validates every method before any evaluation
+    systems = plan_systems(cfg, model.config)  # validates every method before any evaluation
     chunks, examples, harness_tasks, include = eval_inputs(tokenizer, ev, output_dir)
 
     def evaluate_as(label: str) -> dict:
