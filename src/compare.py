@@ -62,6 +62,17 @@ def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
                     f"model has {getattr(model_config, key)!r} (pass ~trained to compare baselines only)"
                 )
         systems.append({"label": label, "method": None, "ckpt": ckpt, "table": entry.get("table", "main")})
+        for k32 in entry.get("match_k32") or []:  # the same router, its threshold set to skip k layers
+            k = resolve_k({"k32": k32}, num_layers)
+            systems.append(
+                {
+                    "label": f"{label}@k{k}",
+                    "method": None,
+                    "ckpt": ckpt,
+                    "table": entry.get("table", "main"),
+                    "k": k,
+                }
+            )
     for k32 in cfg.k32:
         for name in cfg.baselines:
             path = conf_dir / f"{name}.yaml"
@@ -89,7 +100,9 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from .baselines import apply_method, checkpoint_method, method_macs
+    from .baselines.methods import calibration_batches, tau_for_k
     from .eval.run import _device, all_scores, eval_inputs, evaluate_system, load_tokenizer
+    from .flexidepth import set_tau
     from .models.loader import load_base_model
 
     ev = cfg.eval
@@ -121,6 +134,13 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
         method = system["method"] or {"name": checkpoint_method(system["ckpt"])}
         applied = apply_method(model, method, tokenizer=tokenizer, ckpt=system["ckpt"], skip=skip)
         model.to(device)
+        if system.get("k") is not None:  # threshold matched to k on calibration text (training side)
+            tau = tau_for_k(
+                model, calibration_batches(tokenizer, {"calibration": {"texts": 16}}), system["k"]
+            )
+            set_tau(model, tau)
+            applied.k, applied.details["tau"] = system["k"], tau
+            log.info("compare: %s threshold %.4f for k=%s", system["label"], tau, system["k"])
         log.info("compare: %s (%s)", system["label"], applied.label)
         summary = evaluate_as(system["label"])
         macs = method_macs(model.config, applied, summary["layers"]["layers_skipped_scored"])

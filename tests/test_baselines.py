@@ -325,3 +325,22 @@ def test_trained_method_and_ablation_train_and_eval_end_to_end(name, tmp_path):
     # tau = 0.99 is above every freshly initialised gate: both routed layers are skipped
     assert res["layers"][method]["layers_skipped_scored"] == pytest.approx(2.0)
     assert res["flops"]["scored"]["analytic_macs_saved_frac"] > 0
+
+
+def test_tau_for_k_sets_the_threshold_that_skips_k_layers():
+    from src.baselines.methods import tau_for_k
+    from src.flexidepth import inject, set_tau
+
+    model = tiny_model(layers=6)
+    inject(model, FlexiDepthConfig(layers="2:6"))
+    with torch.no_grad():
+        for layer in flexi_layers(model):
+            torch.nn.init.normal_(layer.router.head.weight, std=2.0)
+    batches = [(_ids(batch=4, seq=64, seed=s), torch.ones(4, 64, dtype=torch.long)) for s in range(2)]
+    for k in (1.0, 2.5):
+        set_tau(model, tau_for_k(model, batches, k))
+        skipped = [
+            float(routed_forward(model, ids, mask).routes.layers_skipped_mean) for ids, mask in batches
+        ]
+        assert sum(skipped) / len(skipped) == pytest.approx(k, abs=0.02)
+    assert tau_for_k(model, batches, 0) == 0.0 and tau_for_k(model, batches, 4) == 1.0

@@ -258,6 +258,26 @@ def measured_run_rates(model, batches) -> dict[int, float]:
     return dict(zip(model.flexidepth.layer_indices, frac, strict=True))
 
 
+@torch.no_grad()
+def tau_for_k(model, batches, k: float) -> float:
+    """The threshold at which a routed model skips k layers per token on average over `batches`.
+
+    Skipped layers per token = sum over routed layers of [g <= tau], so its mean over tokens is
+    R * P(g <= tau) over all (token, layer) gates: tau is the k / R quantile of the gates. Matching a trained
+    router to a skip count this way keeps its ranking of tokens and changes only how many skip.
+    """
+    device = next(model.parameters()).device
+    gates = []
+    for ids, mask in batches:
+        out = routed_forward(model, ids.to(device), mask.to(device))
+        gates.append(out.routes.gates[out.routes.valid].float().cpu())  # [n_valid, R]
+    flat = torch.cat(gates).flatten()
+    routed = len(model.flexidepth.layer_indices)
+    if not 0 <= k <= routed:
+        raise ValueError(f"cannot skip k={k} of {routed} routed layers")
+    return float(torch.quantile(flat.double(), k / routed)) if 0 < k < routed else (0.0 if k == 0 else 1.0)
+
+
 def method_macs(config, applied: AppliedMethod, layers_skipped: float) -> dict[str, float]:
     """Analytic MACs per token of the system vs the base model (lm_head included), per the method's cost.
 
@@ -305,5 +325,6 @@ __all__ = [
     "measured_run_rates",
     "method_macs",
     "resolve_k",
+    "tau_for_k",
     "validate_method",
 ]
