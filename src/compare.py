@@ -246,7 +246,8 @@ def compare_markdown(results: dict[str, Any]) -> str:
     ]
     ablation = [r for r in rows if r["table"] == "ablation"]
     if ablation:
-        ref = [r for r in rows if r["label"] == results.get("ablation_reference")]
+        name = results.get("ablation_reference")
+        ref = [r for r in rows if r["label"] == name or r["label"].startswith(f"{name}@")]
         lines += ["", "## Ablations (paper Table 3)", "", *table_lines(ref + ablation, tasks)]
     lines += ["", "## Mean layers used per task (prompt / generated tokens)", ""]
     header = ["system", *tasks]

@@ -28,7 +28,7 @@ def test_compare_end_to_end(tmp_path):
                 "k32=[8,16]",  # 4 layers: k = 1, 2
                 "baselines=[shortgpt,early_exit,random_skip]",
                 "method_overrides={shortgpt: {calibration: {texts: 2, max_length: 32}}}",
-                "+trained.tiny={ckpt: '${runs_dir}/tiny_flexi', table: main}",
+                "+trained.tiny={ckpt: '${runs_dir}/tiny_flexi', table: main, match_k32: [8]}",
                 "+trained.tiny_abl={ckpt: '${runs_dir}/tiny_flexi', table: ablation}",
                 "+trained.gone={ckpt: '${runs_dir}/missing', table: main}",
                 "ablation_reference=tiny",
@@ -50,6 +50,7 @@ def test_compare_end_to_end(tmp_path):
     assert labels == [
         "base",
         "tiny",
+        "tiny@k1",  # the same router, threshold set to skip 1 layer (tau_for_k)
         "tiny_abl",
         "shortgpt_k1",
         "early_exit_k1",
@@ -70,6 +71,9 @@ def test_compare_end_to_end(tmp_path):
     assert rows["tiny"]["layers_skipped_scored"] == pytest.approx(
         rows["random_matched_tiny"]["layers_skipped_scored"], abs=0.1
     )
+    assert rows["tiny@k1"]["k_target"] == 1.0
     md = (tmp_path / "out" / "compare.md").read_text()
     assert "## Main table" in md and "## Ablations" in md and "| shortgpt_k2 |" in md
+    ablation = md[md.index("## Ablations") : md.index("## Mean layers")]
+    assert "| tiny |" in ablation and "| tiny@k1 |" in ablation and "| tiny_abl |" in ablation
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["rows"][0]["label"] == "base"
