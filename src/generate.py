@@ -24,9 +24,10 @@ from .flexidepth.generation import GenerationOutput
 
 def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     """Load the model (and checkpoint), generate from `cfg.prompt` while printing to `file` (stdout)."""
+    from .baselines import apply_method, checkpoint_method
     from .eval.run import chat_prompt, load_tokenizer, resolve_checkpoint
     from .eval.streamer import LayerStreamer
-    from .flexidepth import load_flexidepth, set_tau
+    from .flexidepth import set_tau
     from .flexidepth.generation import generate
     from .models.loader import load_base_model
 
@@ -40,7 +41,7 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
     routed: list[int] = []
     if ckpt is not None:
-        load_flexidepth(model, ckpt)
+        apply_method(model, {"name": checkpoint_method(ckpt)}, ckpt=ckpt)  # flexidepth or mindskip
         routed = list(model.flexidepth.layer_indices)
         if cfg.get("tau") is not None:
             set_tau(model, float(cfg.tau))

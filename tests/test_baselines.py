@@ -344,3 +344,21 @@ def test_tau_for_k_sets_the_threshold_that_skips_k_layers():
         ]
         assert sum(skipped) / len(skipped) == pytest.approx(k, abs=0.02)
     assert tau_for_k(model, batches, 0) == 0.0 and tau_for_k(model, batches, 4) == 1.0
+
+
+def test_mindskip_checkpoint_round_trip_goes_through_apply_method(tmp_path):
+    from src.flexidepth import load_flexidepth, save_flexidepth
+
+    trained = tiny_model(layers=4)
+    inject_mindskip(trained, FlexiDepthConfig(adapter="none", router="linear"))
+    with torch.no_grad():
+        for layer in flexi_layers(trained):
+            torch.nn.init.normal_(layer.router.head.weight, std=1.0)
+    save_flexidepth(trained, tmp_path / "ms", extra={"method": "mindskip"})
+    with pytest.raises(ValueError, match="method=mindskip checkpoint"):
+        load_flexidepth(tiny_model(layers=4), tmp_path / "ms")  # would build FlexiDepth layers otherwise
+    model = tiny_model(layers=4)
+    applied = apply_method(model, {"name": "mindskip"}, ckpt=tmp_path / "ms")
+    assert applied.label == "mindskip" and all(isinstance(m, MindSkipLayer) for m in flexi_layers(model))
+    ids = _ids()
+    torch.testing.assert_close(routed_forward(model, ids).logits, routed_forward(trained, ids).logits)

@@ -1,9 +1,9 @@
-"""Evaluation of a base model and its FlexiDepth checkpoint: held-out perplexity, the task suite, retention,
-analytic FLOPs, a DepthMap and figures. `evaluate(cfg)` is what `python -m src.evaluate` runs.
+"""Evaluation of a base model and the system a method builds on it (a FlexiDepth / MindSkip checkpoint or an
+untrained baseline, src/baselines/): held-out perplexity, the task suite, lm-eval tasks, retention, analytic
+FLOPs, a DepthMap and figures. `evaluate(cfg)` is what `python -m src.evaluate` runs.
 
-The base model and the FlexiDepth model are the same object: the checkpoint is injected once and the base
-numbers are computed with routing switched off (`set_routing(model, False)`: every layer computes exactly
-the base layer).
+The base model is evaluated first, as loaded; the method then modifies the same model in place (LaCo
+changes weights, so the order matters) and is evaluated on the same inputs (`eval_inputs`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 
 from src.flexidepth import routed_forward, set_tau
 from src.flexidepth.checkpoint import CONFIG
-from src.flexidepth.flops import flops_report
 from src.flexidepth.generation import generate
 from src.flexidepth.routes import lm_loss_sum
 
@@ -428,10 +427,6 @@ def evaluate(cfg) -> dict[str, Any]:
         results["retention"] = retention(all_scores(summary), base_scores)
         lay = results["layers"][label]
         results["flops"] = {"scored": method_macs(model.config, applied, lay["layers_skipped_scored"])}
-        if applied.name == "flexidepth":  # flops.py report (same numbers, plus its per-token fields)
-            results["flops"]["scored"] = flops_report(
-                model.config, applied.flexi_cfg, lay["layers_skipped_scored"]
-            )
         if lay["layers_skipped_generated"] is not None:
             results["flops"]["generated"] = method_macs(
                 model.config, applied, lay["layers_skipped_generated"]

@@ -79,6 +79,12 @@ def load_flexidepth(model, folder: str | Path):
                 f"{folder / CONFIG}: base_model.{key}={meta['base_model'][key]!r} but the model has {mine[key]!r}"
             )
     if not hasattr(model, "flexidepth"):
+        method = meta.get("method", "flexidepth")
+        if method != "flexidepth":  # another routed-layer class (e.g. mindskip): built by src.baselines
+            raise ValueError(
+                f"{folder / CONFIG}: a method={method} checkpoint; load it with "
+                "src.baselines.apply_method(model, {'name': '" + method + "'}, ckpt=folder)"
+            )
         inject(model, stored)
     elif model.flexidepth.config.gate_mode != stored.gate_mode:
         raise ValueError(
