@@ -169,6 +169,91 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def run_curves(cfg: DictConfig) -> dict[str, Any]:
+    """Held-out perplexity vs layers skipped *on each held-out set* (src/eval/curves.py).
+
+    The base model once; every trained FlexiDepth entry of `trained` (table main) as a threshold curve (its
+    own tau plus the thresholds that skip `curves.curve_k` layers on calibration text); every baseline of
+    `curves.baselines` at each k of `curves.k` as a point (removal skips exactly k; random skipping at a
+    uniform rate k / R with an identity skip path). Writes curves.json, curves.md (the comparison at equal
+    layers skipped, interpolated along each curve) and ppl_vs_skipped.png (one panel per held-out set).
+    """
+    import copy
+
+    import torch
+
+    from .baselines import apply_method
+    from .baselines.methods import calibration_batches, checkpoint_method, tau_for_k
+    from .data.mixture import check_heldout
+    from .eval import curves as C
+    from .eval.run import _device, load_tokenizer
+    from .models.loader import load_base_model
+
+    cc = cfg.curves
+    names = check_heldout(list(cc.heldout), "curves.heldout")
+    ks = [float(k) for k in cc.k]
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    device = _device(str(cfg.eval.get("device", "auto")))
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model_cfg)
+    torch.manual_seed(int(cfg.eval.seed))
+    base = load_base_model(model_cfg).eval().to(device)
+    num_layers = base.config.num_hidden_layers
+    systems = [s for s in plan_systems(cfg, base.config) if s["method"] is None and "k" not in s]
+    systems = [s for s in systems if s["table"] == "main" and checkpoint_method(s["ckpt"]) == "flexidepth"]
+    sets = C.heldout_sets(tokenizer, names, int(cc.max_length), cc.get("max_tokens"))
+    pad = int(tokenizer.pad_token_id or 0)
+    bs = int(cfg.eval.batch_size)
+    base_sets = C.measure(base, sets, bs, pad)
+    log.info("curves: base %s", {n: round(v["ppl"], 2) for n, v in base_sets.items()})
+    curves, points = {}, {}
+    for system in systems:
+        model = copy.deepcopy(base)
+        apply_method(model, {"name": "flexidepth"}, ckpt=system["ckpt"])
+        cal = calibration_batches(tokenizer, {"calibration": {"texts": int(cc.calibration_texts)}})
+        own = float(model.flexidepth.config.tau)
+        taus = sorted({own, *(round(tau_for_k(model, cal, float(k)), 6) for k in cc.curve_k)})
+        curves[system["label"]] = C.tau_curve(model, sets, taus, bs, pad)
+        log.info("curves: %s at %d thresholds", system["label"], len(taus))
+        del model
+    skip = OmegaConf.to_container(cfg.skip, resolve=True)
+    for name in cc.baselines:
+        for k in cc.k:
+            method = {"name": name, "k": int(k), "k32": None}
+            if name == "random_skip":
+                method.update(match_rates=False, seed=0)
+            model = copy.deepcopy(base)
+            applied = apply_method(model, method, tokenizer=tokenizer, skip=skip)
+            label = f"{name}_k{int(k)}"
+            points[label] = {
+                "k": float(k),
+                "removed": applied.removed,
+                "sets": C.measure(model.to(device), sets, bs, pad, num_layers=num_layers),
+            }
+            log.info(
+                "curves: %s %s", label, {n: round(v["ppl"], 2) for n, v in points[label]["sets"].items()}
+            )
+            del model
+    results = {
+        "model": str(model_cfg.get("name_or_path")),
+        "num_layers": num_layers,
+        "heldout": names,
+        "tokens": {n: base_sets[n]["tokens"] for n in names},
+        "k": ks,
+        "base": base_sets,
+        "curves": curves,
+        "points": points,
+        "at_k": C.summary(curves, points, ks),
+    }
+    (output_dir / "curves.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    md = f"# Held-out perplexity vs layers skipped on `{results['model']}` ({num_layers} layers)\n\n"
+    md += "Tokens per set: " + ", ".join(f"{n} {t}" for n, t in results["tokens"].items()) + ".\n\n"
+    (output_dir / "curves.md").write_text(md + C.markdown(curves, points, base_sets, ks))
+    C.plot(curves, points, base_sets, output_dir / "ppl_vs_skipped.png")
+    return results
+
+
 def _row(label, method, applied, table, summary, base_scores, macs, num_layers) -> dict[str, Any]:
     from .eval.run import all_scores
     from .eval.tasks import retention
@@ -292,9 +377,14 @@ def log_compare(cfg: DictConfig, results: dict[str, Any]) -> None:
     version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="compare"
 )
 def main(cfg: DictConfig) -> None:
-    results = run_compare(cfg)
-    log_compare(cfg, results)
-    log.info("tables in %s", Path(cfg.paths.output_dir) / "compare.md")
+    out = Path(cfg.paths.output_dir)
+    if cfg.curves.enabled:
+        run_curves(cfg)
+        log.info("held-out curves in %s (curves.md, ppl_vs_skipped.png)", out)
+    if cfg.tables:
+        results = run_compare(cfg)
+        log_compare(cfg, results)
+        log.info("tables in %s", out / "compare.md")
 
 
 if __name__ == "__main__":

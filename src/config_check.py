@@ -23,6 +23,7 @@ TOP_KEYS = {
     "gradient_checkpointing",
     "model",
     "skip",
+    "loss",
     "method",
     "data",
     "optim",
@@ -35,7 +36,7 @@ TOP_KEYS = {
     "hydra",
 }
 MODEL_KEYS = {"name_or_path", "tokenizer", "dtype", "attn_implementation", "random_init", "init_seed", "arch"}
-OPTIM_KEYS = {"lr", "betas", "weight_decay", "warmup_ratio", "min_lr_ratio"}
+OPTIM_KEYS = {"lr", "betas", "weight_decay", "warmup_ratio", "min_lr_ratio", "router_lr", "adapter_lr"}
 
 
 class ConfigError(ValueError):
@@ -50,14 +51,13 @@ def _unknown(section: str, given: set[str], known: set[str]) -> None:
         )
 
 
-def skip_config(skip: dict[str, Any]) -> tuple[FlexiDepthConfig, float]:
+def skip_config(skip: dict[str, Any]) -> tuple[FlexiDepthConfig, float | None]:
+    """The FlexiDepthConfig of a `skip` node and its deprecated `alpha` alias (None when unset)."""
     skip = dict(skip)
-    if "alpha" not in skip:
-        raise ConfigError("skip.alpha is missing")
-    alpha = skip.pop("alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+    alpha = skip.pop("alpha", None)
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0):
         raise ConfigError(f"skip.alpha must be a number >= 0, got {alpha!r}")
-    return FlexiDepthConfig.from_dict(skip), float(alpha)
+    return FlexiDepthConfig.from_dict(skip), None if alpha is None else float(alpha)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -87,10 +87,19 @@ def validate(cfg: DictConfig) -> None:
     except FlexiDepthConfigError as err:
         raise ConfigError(str(err)) from err
 
+    if cfg.get("loss") is not None:
+        from .lit.objectives import LossConfig, LossConfigError
+
+        try:
+            LossConfig.from_dict(OmegaConf.to_container(cfg.loss, resolve=True))
+        except LossConfigError as err:
+            raise ConfigError(str(err)) from err
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     _unknown("optim", set(optim), OPTIM_KEYS)
-    if not optim["lr"] > 0:
-        raise ConfigError(f"optim.lr must be > 0, got {optim['lr']}")
+    for key in ("lr", "router_lr", "adapter_lr"):
+        value = optim.get(key)
+        if (key == "lr" or value is not None) and not (isinstance(value, (int, float)) and value > 0):
+            raise ConfigError(f"optim.{key} must be > 0{'' if key == 'lr' else ' or null'}, got {value!r}")
     if len(optim["betas"]) != 2 or not all(0 <= b < 1 for b in optim["betas"]):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {optim['betas']}")
     if not 0 <= optim["warmup_ratio"] < 1:

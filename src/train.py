@@ -98,6 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
         method=method,
+        loss=loss_config(cfg),
     )
     if cfg.get("init_from"):
         load_flexidepth(module.model, cfg.init_from)
@@ -124,6 +125,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_metrics(output_dir, metrics, trainer.global_step, cfg)
     return metrics
+
+
+def loss_config(cfg: DictConfig) -> dict[str, Any]:
+    """The `loss` node as a dict; the deprecated `skip.alpha`, when set, overrides `loss.alpha` (one note)."""
+    loss = OmegaConf.to_container(cfg.loss, resolve=True) if cfg.get("loss") is not None else {}
+    legacy = cfg.skip.get("alpha")
+    if legacy is not None:
+        log.warning("skip.alpha is deprecated: use loss.alpha (taking loss.alpha=%s)", legacy)
+        loss["alpha"] = float(legacy)
+    return loss
 
 
 def apply_untrained(cfg: DictConfig) -> dict[str, Any]:
@@ -167,7 +178,8 @@ def write_metrics(output_dir: Path, metrics: dict[str, float], global_step: int,
     record = {
         "metrics": metrics,
         "global_step": int(global_step),
-        "skip": {k: skip.get(k) for k in ("alpha", "tau", "adapter_rank", "adapter_reduction", "router")},
+        "skip": {k: skip.get(k) for k in ("tau", "adapter_rank", "adapter_reduction", "router")},
+        "loss": loss_config(cfg),
         "model": str(cfg.model.name_or_path),
         "run_name": str(cfg.get("run_name")),
     }

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from src.data.corpora import lee_articles, lee_heldout_articles
+from src.data.mixture import check_heldout, check_mixture, draw, mixture_rows
 from src.data.sampler import StepBatchSampler, StepDataset, example_lengths, example_supervised
 from src.data.sft import LOSS_ON, FilterReport, tokenize_dataset
 from src.data.synthetic import make_instruction_examples
@@ -80,6 +81,9 @@ class SFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         pad_to_multiple_of: int | None = None,
+        mixture: dict | None = None,
+        mixture_examples: int = 20000,
+        heldout: list | None = None,
     ):
         super().__init__()
         self.tokenizer_path, self.source, self.hub_split = tokenizer_path, source, hub_split
@@ -89,6 +93,8 @@ class SFTDataModule(L.LightningDataModule):
         self.max_train_examples = max_train_examples
         self.n_synthetic, self.seed, self.num_workers, self.shuffle = n_synthetic, seed, num_workers, shuffle
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.mixture, self.mixture_examples = mixture, mixture_examples
+        self.heldout = list(heldout or [])  # evaluation text only; named here so evaluations can use it
         self._validate()
         self.tokenizer = None
         self.train_examples: list[dict] | None = None
@@ -113,7 +119,12 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"data.max_train_examples must be >= 1 or null, got {self.max_train_examples}")
         if self.n_synthetic < 0:
             raise ValueError(f"data.n_synthetic must be >= 0, got {self.n_synthetic}")
-        if self.source != "builtin" and _looks_local(self.source):
+        if self.source == "mixture":
+            self.mixture = check_mixture(self.mixture)
+            if self.mixture_examples < 1:
+                raise ValueError(f"data.mixture_examples must be >= 1, got {self.mixture_examples}")
+        check_heldout(self.heldout)
+        if self.source not in ("builtin", "mixture") and _looks_local(self.source):
             _check_local(self.source, "data.source")
         if self.val_source is not None and self.val_source not in VAL_SOURCES:
             _check_local(self.val_source, "data.val_source")
@@ -127,6 +138,9 @@ class SFTDataModule(L.LightningDataModule):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_path))
+        if self.source == "mixture":
+            self._setup_mixture()
+            return
         rows = self._load(self.source, "data.source")
         train_ids, val_ids = self._split(len(rows))
         name = f"data.source={self.source}"
@@ -136,6 +150,26 @@ class SFTDataModule(L.LightningDataModule):
             self.val_examples = self._tokenize(val_rows, "val", f"data.val_source={self.val_source}")
         elif val_ids:
             self.val_examples = self._tokenize((rows[i] for i in val_ids), "val", name)
+
+    def _setup_mixture(self) -> None:
+        """Per source: split rows into train/val (`val_fraction`), tokenise, then draw the weighted mixture."""
+        by_source, val = {}, []
+        for name, weight in self.mixture.items():
+            if not weight:
+                continue
+            rows = mixture_rows(name, self.n_synthetic, self.seed)
+            train_ids, val_ids = self._split(len(rows))
+            key = f"data.mixture.{name}"
+            by_source[name] = self._tokenize((rows[i] for i in train_ids), "train", key)
+            if self.val_source is None and val_ids:
+                val += self._tokenize((rows[i] for i in val_ids), "val", key)
+        self.train_examples = draw(by_source, self.mixture, self.mixture_examples, self.seed)
+        if self.max_train_examples is not None:
+            self.train_examples = self.train_examples[: self.max_train_examples]
+        if self.val_source is not None:
+            val = self._tokenize(self._load(self.val_source, "data.val_source"), "val", "data.val_source")
+        random.Random(self.seed).shuffle(val)  # every source in the first validation batches
+        self.val_examples = val
 
     def _split(self, n: int) -> tuple[list[int], list[int]]:
         """Seeded random split of row indices into train and validation, then the training cap."""

@@ -19,6 +19,7 @@ from ..flexidepth import FlexiDepthConfig, inject, parameter_counts, routed_forw
 from ..flexidepth.flops import flops_report
 from ..flexidepth.inject import is_flexidepth_param
 from ..models.loader import load_base_model
+from .objectives import AlphaSchedule, LossConfig, kd_loss_sum
 
 
 class UsageAccumulator:
@@ -53,8 +54,10 @@ class FlexiDepthModule(L.LightningModule):
 
     Args:
         model: the `model` config node (name_or_path, dtype, arch, ...).
-        skip: the `skip` config node: FlexiDepthConfig fields plus `alpha`.
-        optim: lr, betas, weight_decay, warmup_ratio, min_lr_ratio.
+        skip: the `skip` config node: FlexiDepthConfig fields (plus the deprecated alias `alpha`: when not
+            None it overrides `loss.alpha`).
+        optim: lr, betas, weight_decay, warmup_ratio, min_lr_ratio, router_lr / adapter_lr (None: lr).
+        loss: the `loss` config node (`LossConfig`: alpha, objective, temperature, warm-up, target).
         gradient_checkpointing: enable HF gradient checkpointing in the frozen base.
         method: "flexidepth" or "mindskip" (src/baselines/mindskip.py: same training, other layer class).
     """
@@ -66,11 +69,17 @@ class FlexiDepthModule(L.LightningModule):
         optim: dict[str, Any],
         gradient_checkpointing: bool = False,
         method: str = "flexidepth",
+        loss: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         skip = dict(skip)
-        self.alpha = float(skip.pop("alpha"))
+        loss = dict(loss or {})
+        legacy_alpha = skip.pop("alpha", None)
+        if legacy_alpha is not None:
+            loss["alpha"] = float(legacy_alpha)
+        self.loss_cfg = LossConfig.from_dict(loss)
+        self.alpha_schedule = AlphaSchedule(self.loss_cfg)
         self.flexi_cfg = FlexiDepthConfig.from_dict(skip)
         self.optim_cfg = dict(optim)
         self.method = method
@@ -86,20 +95,46 @@ class FlexiDepthModule(L.LightningModule):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         state = self.model.flexidepth
+        self.loss_cfg.validate(routed_layers=len(state.layer_indices))
         self.usage = UsageAccumulator(state.layer_indices, state.num_layers)
         self.strict_loading = False  # Lightning checkpoints hold only router/adapter tensors
         self._val: dict[str, float] = {}
         self._base_val_loss: float | None = None  # base-model val loss, measured once
         self._clock: float | None = None
+        self._window = [0.0, 0.0]  # skipped-layer sum, valid tokens of the current optimizer step
+
+    @property
+    def alpha(self) -> float:
+        """The skip-loss weight of the current optimizer step (fixed, warming up, or adapted to a target)."""
+        return self.alpha_schedule.value(self.global_step)
 
     # ------------------------------------------------------------------ forward / loss
     def forward(self, batch: dict[str, torch.Tensor]):
         return routed_forward(self.model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
 
+    def _teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of the same model with routing off (the frozen base), without autograd."""
+        set_routing(self.model, False)
+        try:
+            with torch.no_grad():
+                return self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
+        finally:
+            set_routing(self.model, True)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        c = self.loss_cfg
+        teacher = self._teacher_logits(batch) if c.objective != "ce" else None
         out = self(batch)
         routes = out.routes
-        lm = out.lm_loss_sum / batch["lm_denom"]
+        ce = out.lm_loss_sum / batch["lm_denom"]
+        if teacher is None:
+            lm = ce
+        else:
+            kd = kd_loss_sum(out.logits, teacher, batch["labels"], c.temperature) / batch["lm_denom"]
+            self.log("train/kd_loss", kd.detach(), batch_size=batch["input_ids"].shape[0])
+            lm = kd if c.objective == "kd" else (1 - c.kd_weight) * ce + c.kd_weight * kd
         skip = routes.skip_loss_sum / batch["tok_denom"]
         loss = lm + self.alpha * skip
         if not torch.isfinite(loss):
@@ -119,6 +154,8 @@ class FlexiDepthModule(L.LightningModule):
             batch_size=n,
         )
         self._tokens_in_step = getattr(self, "_tokens_in_step", 0.0) + float(routes.n_valid)
+        self._window[0] += float(routes.layers_skipped_mean) * float(routes.n_valid)
+        self._window[1] += float(routes.n_valid)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -130,9 +167,16 @@ class FlexiDepthModule(L.LightningModule):
             tps = self._tokens_in_step * self.trainer.world_size / max(now - self._clock, 1e-9)
             self.log("train/tokens_per_s", tps, prog_bar=True)
         self._clock, self._tokens_in_step = now, 0.0
+        window = torch.tensor(self._window, dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            window = self.trainer.strategy.reduce(window, reduce_op="sum")
+        self._window = [0.0, 0.0]
+        skipped = float(window[0] / window[1].clamp_min(1))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("skip/tau", self.flexi_cfg.tau)
-        self.log("skip/alpha", self.alpha)
+        self.log("skip/alpha", self.alpha)  # the alpha this step used (before the controller's update)
+        self.log("skip/step_layers_skipped", skipped)
+        self.alpha_schedule.update(skipped)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -190,7 +234,15 @@ class FlexiDepthModule(L.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         o = self.optim_cfg
-        params = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        groups: dict[str, list] = {"router": [], "adapter": []}
+        for name, p in self.trainer.model.named_parameters():
+            if p.requires_grad:
+                groups["router" if ".router." in f".{name}" else "adapter"].append(p)
+        params = [
+            {"params": ps, "lr": float(o.get(f"{kind}_lr") or o["lr"]), "name": kind}
+            for kind, ps in groups.items()
+            if ps
+        ]
         opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(math.ceil(o["warmup_ratio"] * total))
@@ -205,13 +257,49 @@ class FlexiDepthModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ------------------------------------------------------------------ threshold for the budget
+    @torch.no_grad()
+    def calibrate_tau(self, batches) -> float | None:
+        """With a layers-skipped target and `loss.calibrate_tau`: set tau to the threshold at which the model
+        skips the target on `batches` (the k/R gate quantile, `src.baselines.methods.tau_for_k`); returns it.
+
+        batches: iterable of dicts with input_ids / attention_mask [B, T] (the validation loader)."""
+        c = self.loss_cfg
+        if c.target_layers_skipped is None or not c.calibrate_tau:
+            return None
+        from ..baselines.methods import tau_for_k
+        from ..flexidepth import set_tau
+
+        pairs = [(b["input_ids"].to(self.device), b["attention_mask"].to(self.device)) for b in batches]
+        if not pairs:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            tau = tau_for_k(self.model, pairs, float(c.target_layers_skipped))
+        finally:
+            self.model.train(was_training)
+        set_tau(self.model, tau)  # also updates self.flexi_cfg (the same config object)
+        return tau
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # keep the frozen base out of Lightning checkpoints: it is reloaded from model.name_or_path
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if is_flexidepth_param(k)
         }
-        checkpoint["flexidepth"] = {"config": self.flexi_cfg.to_dict(), "alpha": self.alpha}
+        checkpoint["flexidepth"] = {
+            "config": self.flexi_cfg.to_dict(),
+            "alpha": self.alpha,
+            "loss": self.loss_cfg.to_dict(),
+            "alpha_schedule": self.alpha_schedule.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # resume continues the controller where it was (the target run's alpha is training state)
+        state = (checkpoint.get("flexidepth") or {}).get("alpha_schedule")
+        if state:
+            self.alpha_schedule.load_state_dict(state)
 
     def parameter_counts(self) -> dict[str, int]:
         return parameter_counts(self.model)

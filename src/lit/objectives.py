@@ -1,0 +1,172 @@
+"""Training objectives of FlexiDepth (the `loss` config group): the LM term, the skip-loss weight alpha and
+how alpha moves during training.
+
+    L = L_lm + alpha_t * L_skip                      (docs/method.md, "Loss")
+
+L_lm is one of
+  * ``ce``:  next-token cross-entropy on the training text (the paper's objective);
+  * ``kd``:  self-distillation: KL(p_base || p_routed) per supervised position, where p_base is the *same*
+             model with routing switched off (the frozen base layers, no second copy in memory), both softened
+             by ``temperature`` and the KL multiplied by temperature^2 (Hinton et al., 2015, "Distilling the
+             Knowledge in a Neural Network", Sec. 2). With routing off the two distributions are equal, so the
+             term and its gradient are exactly 0: skipping is penalised only by how far it moves the output.
+  * ``mix``: (1 - kd_weight) * ce + kd_weight * kd.
+
+alpha_t is ``alpha`` scaled by a linear warm-up over ``alpha_warmup_steps`` optimizer steps, or, when
+``target_layers_skipped`` is set, the Lagrange multiplier of the constraint "mean layers skipped on training
+tokens = target", updated after every optimizer step by dual ascent (Boyd & Vandenberghe, "Convex
+Optimization", Sec. 5.5) in units of the configured ``alpha``:
+
+    alpha_{t+1} = alpha_t + rate_t * alpha * (target - skipped_t),   clamped to [-alpha_max, alpha_max]
+    rate_t = controller_rate (below target) or controller_rate * controller_down_factor (above it)
+
+where skipped_t is the mean number of routed layers the step's training tokens skipped (hard decisions,
+padding excluded). The multiplier is signed on purpose: a token whose gate fell below tau gets no gradient
+that would bring it back (its layer did not run, so nothing says running would have been better), so once a
+run overshoots the budget only a *negative* weight on L_skip (which raises every gate) can pull it back.
+The faster way down is an anti-windup measure: while the fresh gates (sigmoid(3) = 0.95) sink towards tau
+nothing is skipped yet, the multiplier keeps growing, and the first crossing overshoots; it must unwind
+quickly. A researcher asks for a compute budget instead of guessing alpha; runs trained to the same target are matched
+in skip rate, which is what ablations need.
+
+Hard decisions make the realised count jump when many gates cross tau together (a fresh router gives every
+token the same gate), so the count the controller reaches at the end of training is close to, not exactly,
+the target. With ``calibrate_tau`` (default) the exported model's threshold is then set to the k/R quantile
+of its gates on the validation split (training-side text, never the held-out sets), k = the target: the
+checkpoint skips the budget at its own threshold. Without a target, tau stays as configured (0.5, the paper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("ce", "kd", "mix")
+
+
+class LossConfigError(ValueError):
+    """A `loss.<key>` setting is invalid; the message names the key."""
+
+
+@dataclass
+class LossConfig:
+    """The `loss` config group (conf/loss/default.yaml documents each key)."""
+
+    alpha: float = 1e-3
+    objective: str = "ce"
+    kd_weight: float = 0.5
+    temperature: float = 1.0
+    alpha_warmup_steps: int = 0
+    target_layers_skipped: float | None = None
+    controller_rate: float = 0.02
+    controller_down_factor: float = 4.0
+    alpha_max: float = 1.0
+    calibrate_tau: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LossConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LossConfigError(
+                f"unknown key(s) {', '.join('loss.' + k for k in unknown)}; valid keys: {sorted(known)}"
+            )
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self, routed_layers: int | None = None) -> None:
+        """Value checks; with `routed_layers`, the target must be reachable (0 <= target <= R)."""
+        for key in ("alpha", "temperature", "controller_rate", "controller_down_factor", "alpha_max"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise LossConfigError(f"loss.{key} must be a number >= 0, got {value!r}")
+        if self.objective not in OBJECTIVES:
+            raise LossConfigError(f"loss.objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if not 0.0 <= float(self.kd_weight) <= 1.0:
+            raise LossConfigError(f"loss.kd_weight must be in [0, 1], got {self.kd_weight!r}")
+        if self.temperature <= 0:
+            raise LossConfigError(f"loss.temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.calibrate_tau, bool):
+            raise LossConfigError(f"loss.calibrate_tau must be true/false, got {self.calibrate_tau!r}")
+        if not isinstance(self.alpha_warmup_steps, int) or self.alpha_warmup_steps < 0:
+            raise LossConfigError(
+                f"loss.alpha_warmup_steps must be an integer >= 0, got {self.alpha_warmup_steps!r}"
+            )
+        if self.alpha > self.alpha_max:
+            raise LossConfigError(f"loss.alpha ({self.alpha}) must be <= loss.alpha_max ({self.alpha_max})")
+        t = self.target_layers_skipped
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
+                raise LossConfigError(f"loss.target_layers_skipped must be a number >= 0 or null, got {t!r}")
+            if routed_layers is not None and t > routed_layers:
+                raise LossConfigError(
+                    f"loss.target_layers_skipped={t} exceeds the {routed_layers} routed layers"
+                )
+            if self.alpha <= 0:
+                raise LossConfigError(
+                    "loss.alpha (the controller's starting value) must be > 0 with a target"
+                )
+
+
+def kd_loss_sum(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Summed KL(teacher || student) over supervised next-token positions, times temperature^2.
+
+    Args:
+        student_logits / teacher_logits: [B, T, V]; position t predicts token t + 1.
+        labels: [B, T] unshifted labels, -100 where no loss is taken (the same positions as the CE term).
+        temperature: softening of both distributions.
+
+    Returns:
+        A 0-dim fp32 tensor; divide by the supervised count (as for the CE sum) for the mean.
+    """
+    mask = labels[:, 1:] != -100
+    s = student_logits[:, :-1][mask].float() / temperature
+    t = teacher_logits[:, :-1][mask].float() / temperature
+    log_p_t = F.log_softmax(t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - F.log_softmax(s, dim=-1))).sum()
+    return kl * temperature**2
+
+
+class AlphaSchedule:
+    """alpha_t: fixed with linear warm-up, or adapted to a layers-skipped target (module docstring)."""
+
+    def __init__(self, cfg: LossConfig):
+        self.cfg = cfg
+        self.multiplier = float(cfg.alpha) if cfg.target_layers_skipped is not None else None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.multiplier is not None
+
+    def value(self, step: int) -> float:
+        """alpha for optimizer step `step` (0-based)."""
+        if self.adaptive:
+            return self.multiplier
+        warm = self.cfg.alpha_warmup_steps
+        return self.cfg.alpha * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+    def update(self, layers_skipped: float) -> None:
+        """One dual-ascent step after an optimizer step whose tokens skipped `layers_skipped` layers."""
+        if not self.adaptive:
+            return
+        c = self.cfg
+        error = float(c.target_layers_skipped) - layers_skipped
+        rate = c.controller_rate * (1.0 if error >= 0 else c.controller_down_factor)
+        step = rate * c.alpha * error
+        self.multiplier = min(max(self.multiplier + step, -c.alpha_max), c.alpha_max)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"multiplier": self.multiplier}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.adaptive and state.get("multiplier") is not None:
+            self.multiplier = float(state["multiplier"])
