@@ -117,6 +117,8 @@ def build_router(cfg, hidden_size: int, eps: float) -> nn.Module:
             hidden_size, cfg.router_width(hidden_size), eps, cfg.router_bias, cfg.router_init_bias
         )
     router.reset_parameters()
+    if getattr(cfg, "init", "near_base") == "released":
+        released_init(router)
     return router
 
 
@@ -125,4 +127,23 @@ def build_adapter(cfg, hidden_size: int, intermediate_size: int) -> nn.Module | 
         return None
     adapter = SwiGLUAdapter(hidden_size, cfg.adapter_width(intermediate_size))
     adapter.reset_parameters()
+    if getattr(cfg, "init", "near_base") == "released":
+        released_init(adapter)
     return adapter
+
+
+def released_init(module: nn.Module) -> None:
+    """`skip.init=released`: every projection random (nn.Linear's own init), norm weights 1, logit bias 0.
+
+    The release says only that router and adapter start "with random values" (docs/method.md,
+    "Initialisation"); nn.Linear's default (uniform in +-1/sqrt(fan_in)) is our reading. Gates then start
+    near 0.5 (about half the tokens run each routed layer) and the adapter output is non-zero.
+    """
+    for child in module.modules():
+        if isinstance(child, nn.Linear):
+            child.reset_parameters()
+        elif isinstance(child, RouterRMSNorm):
+            nn.init.ones_(child.weight)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, nn.Parameter):
+        nn.init.zeros_(bias)
