@@ -4,7 +4,8 @@ A folder written by `save_flexidepth` holds:
     flexidepth.safetensors   router/adapter tensors under the model's own keys (model.layers.{i}.router.*)
     flexidepth_config.json   FlexiDepthConfig, gate mode, routed layers and the base model's identity
 
-`load_released` maps the released FlexiDepth-Llama-3-8B tensor names onto our modules (paper-spec §3.9).
+`load_released` maps the released FlexiDepth-Llama-3-8B tensor names onto our modules (docs/checkpoints.md §2);
+`export_released` writes that layout back (§2.1).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def load_flexidepth(model, folder: str | Path):
     """Load router/adapter weights into `model`, injecting first (with the stored config) if needed.
 
     Raises if the stored base model or gate mode does not match: serving a checkpoint under another gate
-    mode fails silently otherwise (paper-spec §3.6).
+    mode fails silently otherwise (docs/method.md §3.6).
     """
     folder = Path(folder)
     meta = read_checkpoint_config(folder)

@@ -1,6 +1,6 @@
 """The two trainable pieces FlexiDepth adds per routed layer: a router and a skip-path adapter.
 
-Shapes follow the released checkpoint (paper-spec.md §3.2, §3.8): no biases in the projections. Our
+Shapes follow the released checkpoint (docs/method.md §3.2, §3.8; docs/checkpoints.md §2): no biases in the projections. Our
 optional scalar `bias` on the router logit is the initialisation device described in `FlexiDepthConfig`.
 """
 
