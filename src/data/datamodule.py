@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from src.data.corpora import lee_articles, lee_heldout_articles
-from src.data.formats import ROW_COLUMNS, check_roles, has_row_column, normalise_rows
+from src.data.formats import check_roles, has_row_column, normalise_rows
 from src.data.sampler import StepBatchSampler, StepDataset, example_lengths, example_supervised
 from src.data.sft import LOSS_ON, FilterReport, tokenize_dataset
 from src.data.synthetic import make_instruction_examples
@@ -304,4 +304,6 @@ def _load_hub(name: str, split: str, key: str):
 
 def _check_columns(columns: list[str], source: str) -> None:
     if not has_row_column(columns):
-        raise ValueError(f"{source}: needs one of the columns {list(ROW_COLUMNS)}, found {columns}")
+        raise ValueError(
+            f"{source}: needs a 'conversations' (ShareGPT), a 'messages' or a 'text' column, found {columns}"
+        )
