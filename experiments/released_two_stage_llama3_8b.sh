@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Released two-stage recipe: stage 1 (Tulu-3, alpha 1e-4), then stage 2 (open-perfectblend, alpha 1e-5)
-# warm-started from stage 1's router/adapter export. Both stages use stable run folders, so re-running this
+# warm-started from stage 1's router/adapter export. Each stage prints the alpha it uses: by default the
+# README value x 8 processes (released_alpha.use=reproduce, docs/released-differences.md); pass
+# released_alpha.use=face to this script for the value as written. Both stages use stable run folders, so re-running this
 # script after a crash resumes the unfinished stage (resume=auto) and skips a finished stage 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -33,6 +33,7 @@ TOP_KEYS = {
     "paths",
     "tags",
     "optimized_metric",  # objective returned to Hydra sweepers (default val/ppl)
+    "released_alpha",  # released_stage* experiments: src/released_recipe.py
     "hydra",
 }
 MODEL_KEYS = {"name_or_path", "tokenizer", "dtype", "attn_implementation", "random_init", "init_seed", "arch"}

@@ -26,6 +26,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config_check import validate
+from .released_recipe import report_alpha
 from .utils.launch import cluster_plugins, is_rank_zero, one_job_per_sweep_point, sweep_group
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def build_callbacks(cfg: DictConfig) -> list:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job; returns the final callback metrics (floats), also written to metrics.json."""
     validate(cfg)  # before anything heavy is loaded
+    report_alpha(cfg)  # released_stage* experiments: which alpha (face value or reproducing) is used
     # our sampler resumes mid-epoch itself (StepBatchSampler.start_fn), which Lightning cannot see
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     from .data.datamodule import SFTDataModule

@@ -4,7 +4,7 @@ import os
 import tempfile
 from pathlib import Path
 
-# Before any HF / wandb import (environment.md §3).
+# Before any HF / wandb import (docs/environment.md §3).
 _TMP = Path(tempfile.gettempdir()) / "flexidepth-tests"
 for key, value in {
     "HF_HUB_OFFLINE": "1",
@@ -32,7 +32,7 @@ FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def tiny_config(family: str = "llama", layers: int = 4, attn: str = "sdpa"):
-    """Config-B sized random model (environment.md §10): hidden 64, FFN 128, 4 heads / 2 KV heads."""
+    """Config-B sized random model (docs/environment.md §10): hidden 64, FFN 128, 4 heads / 2 KV heads."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(

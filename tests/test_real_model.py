@@ -31,7 +31,7 @@ def test_embedded_inject_counts_parity_and_init(smollm2, lee_batch):
     model = inject(copy.deepcopy(base), FlexiDepthConfig())
     assert model.flexidepth.layer_indices == list(range(15, 30))
     counts = parameter_counts(model)
-    # paper-spec §7: 3,119,580 without biases; our router adds one logit bias per routed layer
+    # docs/method.md §7: 3,119,580 without biases; our router adds one logit bias per routed layer
     assert counts["trainable"] == 3_119_580 + 15
     assert counts["total"] - counts["trainable"] == 134_515_008
     ids, mask = lee_batch
@@ -57,7 +57,7 @@ def test_embedded_inject_counts_parity_and_init(smollm2, lee_batch):
 
 
 def test_llama3_8b_trainable_count_from_config():
-    """Counted on the meta device from the architecture alone (paper-spec §7: 209,784,832 without biases)."""
+    """Counted on the meta device from the architecture alone (docs/method.md §7: 209,784,832 without biases)."""
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import llama3_8b_config

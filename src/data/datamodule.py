@@ -5,7 +5,8 @@ Sources (``data.source``):
 - ``builtin``: fully offline; ``n_synthetic`` synthetic instruction examples (`src.data.synthetic`) plus the 300
   Lee news articles as plain text rows.
 - a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.txt`` file, or a directory of them. JSON and Parquet rows
-  need a ``messages`` or a ``text`` column; a ``.txt`` file gives one text row per line.
+  need a ``messages``, a ShareGPT ``conversations`` or a ``text`` column (`src.data.formats`,
+  docs/data-formats.md); a ``.txt`` file gives one text row per line.
 - anything else is a Hugging Face hub dataset name (e.g. ``allenai/tulu-3-sft-mixture``), loaded with
   ``datasets.load_dataset(name, split=hub_split)``; this needs network access.
 """
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from src.data.corpora import lee_articles, lee_heldout_articles
 from src.data.mixture import check_heldout, check_mixture, draw, mixture_rows
+from src.data.formats import check_roles, has_row_column, normalise_rows
 from src.data.sampler import StepBatchSampler, StepDataset, example_lengths, example_supervised
 from src.data.sft import LOSS_ON, FilterReport, tokenize_dataset
 from src.data.synthetic import make_instruction_examples
@@ -62,6 +64,8 @@ class SFTDataModule(L.LightningDataModule):
         shuffle: Shuffle training examples each epoch.
         pad_to_multiple_of: Round padded lengths up to a multiple of this (e.g. 8 on GPUs); None pads to the
             longest example.
+        conversation_roles: ShareGPT ``from`` value -> chat role (or null: drop the turn) for ``conversations``
+            rows; None is the released mapping (human -> user, gpt -> assistant, others dropped).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class SFTDataModule(L.LightningDataModule):
         mixture: dict | None = None,
         mixture_examples: int = 20000,
         heldout: list | None = None,
+        conversation_roles: dict | None = None,
     ):
         super().__init__()
         self.tokenizer_path, self.source, self.hub_split = tokenizer_path, source, hub_split
@@ -95,6 +100,7 @@ class SFTDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.mixture, self.mixture_examples = mixture, mixture_examples
         self.heldout = list(heldout or [])  # evaluation text only; named here so evaluations can use it
+        self.conversation_roles = check_roles(conversation_roles)
         self._validate()
         self.tokenizer = None
         self.train_examples: list[dict] | None = None
@@ -183,6 +189,7 @@ class SFTDataModule(L.LightningDataModule):
 
     def _tokenize(self, rows, split: str, source: str) -> list[dict]:
         source = f"{source} ({split})"
+        rows = normalise_rows(rows, self.conversation_roles, source)  # ShareGPT rows -> messages
         examples, report = tokenize_dataset(
             self.tokenizer, rows, self.max_length, self.loss_on, source=source
         )
@@ -330,5 +337,7 @@ def _load_hub(name: str, split: str, key: str):
 
 
 def _check_columns(columns: list[str], source: str) -> None:
-    if "messages" not in columns and "text" not in columns:
-        raise ValueError(f"{source}: needs a 'messages' or a 'text' column, found {columns}")
+    if not has_row_column(columns):
+        raise ValueError(
+            f"{source}: needs a 'conversations' (ShareGPT), a 'messages' or a 'text' column, found {columns}"
+        )

@@ -4,7 +4,7 @@ Read in this order: config.py (knobs) -> modules.py (router, adapter) -> layer.p
 -> inject.py (wrapping a HF model) -> routes.py (skip loss, statistics) -> checkpoint.py (I/O).
 """
 
-from .checkpoint import load_flexidepth, load_released, save_flexidepth
+from .checkpoint import export_released, load_flexidepth, load_released, released_config, save_flexidepth
 from .config import FlexiDepthConfig, FlexiDepthConfigError
 from .families import FAMILIES, UnsupportedArchitectureError
 from .inject import (
@@ -26,6 +26,7 @@ __all__ = [
     "RoutedOutput",
     "Routes",
     "UnsupportedArchitectureError",
+    "export_released",
     "flexi_layers",
     "flexidepth_state_dict",
     "forced_gates",
@@ -35,6 +36,7 @@ __all__ = [
     "load_flexidepth",
     "load_released",
     "parameter_counts",
+    "released_config",
     "routed_forward",
     "save_flexidepth",
     "set_routing",

@@ -4,7 +4,8 @@ A folder written by `save_flexidepth` holds:
     flexidepth.safetensors   router/adapter tensors under the model's own keys (model.layers.{i}.router.*)
     flexidepth_config.json   FlexiDepthConfig, gate mode, routed layers and the base model's identity
 
-`load_released` maps the released FlexiDepth-Llama-3-8B tensor names onto our modules (paper-spec §3.9).
+`load_released` maps the released FlexiDepth-Llama-3-8B tensor names onto our modules (docs/checkpoints.md §2);
+`export_released` writes that layout back (§2.1).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def load_flexidepth(model, folder: str | Path):
     """Load router/adapter weights into `model`, injecting first (with the stored config) if needed.
 
     Raises if the stored base model or gate mode does not match: serving a checkpoint under another gate
-    mode fails silently otherwise (paper-spec §3.6).
+    mode fails silently otherwise (docs/method.md §3.6).
     """
     folder = Path(folder)
     meta = read_checkpoint_config(folder)
@@ -157,3 +158,146 @@ def load_released(model, source: str | Path | dict[str, torch.Tensor]):
             mapped[key] = torch.zeros_like(expected[key])
     _load_exact(model, mapped, source="released checkpoint")
     return model
+
+
+# ---------------------------------------------------------------------- export to the released layout
+RELEASED_WEIGHTS = "flexidepth_released.safetensors"
+RELEASED_CONFIG = "flexidepth_released_config.json"
+RELEASED_FORMAT = "flexidepth-released-layout"
+_OURS_TO_RELEASED = {ours: released for released, ours in _ROUTER_MAP.items()}
+_OURS = re.compile(r"^(?P<prefix>.*layers\.\d+\.)(?P<name>router\.\w+|adapter\.\w+)\.weight$")
+
+
+def released_state_dict(model) -> dict[str, torch.Tensor]:
+    """Router/adapter tensors of an injected model under the released checkpoint's names (docs/checkpoints.md).
+
+    The inverse of `map_released_keys`: ``router.enc`` -> ``router.router_enc``, ``adapter.gate_proj`` ->
+    ``router_proj.gate_proj``, ``adapter.up_proj`` (W_u, [m, d]) -> ``router_proj.down_proj`` and
+    ``adapter.down_proj`` (W_o, [d, m]) -> ``router_proj.up_proj`` (the release's swapped names). The router
+    bias has no released tensor and is left out; `check_released_compatible` requires it to be 0.
+
+    Returns:
+        ``{name: tensor}`` (detached, CPU, contiguous), 7 tensors per routed layer.
+
+    Raises:
+        ValueError: If the model cannot be expressed in the released layout (see `check_released_compatible`).
+    """
+    check_released_compatible(model)
+    out = {}
+    for key, value in flexidepth_state_dict(model).items():
+        if key.endswith("router.bias"):
+            continue
+        match = _OURS.match(key)
+        if not match or match["name"] not in _OURS_TO_RELEASED:
+            raise ValueError(f"{key}: no tensor of the released layout corresponds to it")
+        out[f"{match['prefix']}{_OURS_TO_RELEASED[match['name']]}.weight"] = value.detach().cpu().contiguous()
+    return out
+
+
+def check_released_compatible(model) -> None:
+    """Raise unless the model's routers/adapters have the released architecture and gate arithmetic.
+
+    The released layout holds an MLP router without bias and a SwiGLU adapter per routed layer, and its
+    serving code scales the FFN by g and the adapter by 1 - g with K/V kept for skipped tokens
+    (docs/method.md). So: ``skip.router=mlp``, ``skip.adapter=swiglu``, ``skip.gate_mode=released``,
+    ``skip.kv_for_skipped=true``, and a router bias, if present, equal to 0 in every layer (train with
+    ``skip.router_bias=false`` to share a model in this layout).
+
+    Raises:
+        ValueError: Naming the first ``skip.*`` setting (or the layer whose bias is non-zero) that differs.
+    """
+    cfg = model.flexidepth.config
+    for key, wanted in (("router", "mlp"), ("adapter", "swiglu"), ("gate_mode", "released")):
+        if getattr(cfg, key) != wanted:
+            raise ValueError(
+                f"skip.{key}={getattr(cfg, key)!r}: the released layout needs skip.{key}={wanted}"
+            )
+    if not cfg.kv_for_skipped:
+        raise ValueError("skip.kv_for_skipped=false: the released model always keeps K/V of skipped tokens")
+    for key, value in flexidepth_state_dict(model).items():
+        if key.endswith("router.bias") and bool((value != 0).any()):
+            raise ValueError(
+                f"{key}={value.flatten().tolist()}: the released router has no bias, so a non-zero bias cannot "
+                "be exported; train with skip.router_bias=false"
+            )
+
+
+def export_released(model, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write an injected model's routers/adapters in the released checkpoint layout (inverse of `load_released`).
+
+    The folder gets ``flexidepth_released.safetensors`` (the tensors of `released_state_dict`, 7 per routed
+    layer, optionally cast to ``dtype``; the released file is bfloat16) and ``flexidepth_released_config.json``
+    (tau, routed layers, router/adapter widths and reduction factors, gate mode, dtype, the base model's
+    identity; key names in docs/checkpoints.md). `load_released` reads the folder back; `released_config`
+    rebuilds the matching `FlexiDepthConfig`. The base model's weights are not written: they are the untouched
+    base checkpoint's.
+
+    Args:
+        model: An injected FlexiDepth model (see `check_released_compatible`).
+        folder: Output folder, created if needed.
+        dtype: Cast the tensors to this dtype (e.g. ``torch.bfloat16`` as released); None keeps theirs, which
+            makes export -> `load_released` exact.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: If the model cannot be expressed in the released layout.
+    """
+    tensors = released_state_dict(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    state, mc = model.flexidepth, model.config
+    first = state.layer_indices[0]
+    router_width = tensors[f"model.layers.{first}.router.router_enc.weight"].shape[0]
+    adapter_width = tensors[f"model.layers.{first}.router_proj.gate_proj.weight"].shape[0]
+    meta = {
+        "format": RELEASED_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tau": float(state.config.tau),
+        "routed_layers": list(state.layer_indices),
+        "router_width": int(router_width),
+        "adapter_width": int(adapter_width),
+        "router_reduction_factor": _exact_ratio(mc.hidden_size, router_width),
+        "proj_reduction_factor": _exact_ratio(mc.intermediate_size, adapter_width),
+        "router_bias": False,
+        "gate_mode": state.config.gate_mode,
+        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "base_model": base_identity(model),
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / RELEASED_WEIGHTS), metadata={"format": RELEASED_FORMAT})
+    (folder / RELEASED_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return folder
+
+
+def released_config(folder: str | Path) -> FlexiDepthConfig:
+    """The `FlexiDepthConfig` that matches a folder written by `export_released` (inject with it, then
+    `load_released`): tau, routed layers, widths, no router bias, parameters in the exported dtype (so the
+    reloaded model computes in the same precision as the exported one).
+
+    Raises:
+        FileNotFoundError: If the folder has no ``flexidepth_released_config.json``.
+        ValueError: If the file is not of the released-layout format.
+    """
+    path = Path(folder) / RELEASED_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a folder written by export_released")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != RELEASED_FORMAT:
+        raise ValueError(f"{path}: format={meta.get('format')!r}, expected {RELEASED_FORMAT!r}")
+    hidden = meta["base_model"]["hidden_size"]
+    return FlexiDepthConfig(
+        tau=meta["tau"],
+        router_reduction=hidden // meta["router_width"],
+        router_bias=False,
+        adapter_rank=meta["adapter_width"],
+        layers=list(meta["routed_layers"]),
+        gate_mode=meta["gate_mode"],
+        param_dtype=meta["dtype"],
+    )
+
+
+def _exact_ratio(full: int, width: int) -> int | None:
+    return full // width if full % width == 0 else None

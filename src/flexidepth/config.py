@@ -12,6 +12,7 @@ from typing import Any
 ROUTERS = ("mlp", "linear")
 ADAPTERS = ("swiglu", "none")
 GATE_MODES = ("released", "ste")
+INITS = ("near_base", "released")
 
 
 class FlexiDepthConfigError(ValueError):
@@ -38,7 +39,12 @@ class FlexiDepthConfig:
             cannot attend to a token at a layer it skipped.
         gate_mode: "released" scales FFN by g and adapter by (1-g); "ste" uses weight 1 on both branches
             with a straight-through gradient to g. Stored in checkpoints: serving with the other is wrong.
-        param_dtype: dtype of router/adapter parameters (fp32 master weights by default).
+        param_dtype: dtype of router/adapter parameters (fp32 master weights by default; "bfloat16" is the
+            released recipe's choice, docs/released-differences.md).
+        init: "near_base" (ours): router head 0 + bias `router_init_bias` (gates start high) and adapter
+            output projection 0, so the fresh model is the base with its FFNs scaled by the initial gate;
+            "released": every projection random (nn.Linear's default), bias (if any) 0, so gates start near
+            0.5 and the adapter is random from the start (docs/method.md, "Initialisation").
     """
 
     tau: float = 0.5
@@ -53,6 +59,7 @@ class FlexiDepthConfig:
     kv_for_skipped: bool = True
     gate_mode: str = "released"
     param_dtype: str = "float32"
+    init: str = "near_base"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -83,6 +90,7 @@ class FlexiDepthConfig:
         _choice("adapter", self.adapter, ADAPTERS)
         _choice("gate_mode", self.gate_mode, GATE_MODES)
         _choice("param_dtype", self.param_dtype, ("float32", "bfloat16", "float16"))
+        _choice("init", self.init, INITS)
         _positive_int("router_reduction", self.router_reduction)
         _positive_int("adapter_reduction", self.adapter_reduction)
         if self.adapter_rank is not None:

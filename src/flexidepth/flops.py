@@ -1,4 +1,4 @@
-"""Analytic compute per token (multiply-accumulates), paper-spec.md §6.
+"""Analytic compute per token (multiply-accumulates), docs/method.md §6.
 
 Counted per token and layer, from a HF model config and a FlexiDepthConfig:
 

@@ -1,4 +1,4 @@
-"""The FlexiDepth decoder layer: one routed layer of a frozen HF model (paper-spec.md §3.4-3.5).
+"""The FlexiDepth decoder layer: one routed layer of a frozen HF model (docs/method.md §3.4-3.5).
 
 Per token, g = sigmoid(router(N_a(x))) and the hard decision run = g > tau:
 
@@ -169,7 +169,7 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         return out.masked_fill(~allowed, torch.finfo(attention_mask.dtype).min)
 
     # ------------------------------------------------------------------ inference fast path
-    # Real skipping (paper-spec.md §3.5 last bullet). Same numbers as the masked forward above, but:
+    # Real skipping (docs/method.md §3.5, last bullet). Same numbers as the masked forward above, but:
     #   * K/V (RoPE'd; Qwen3 k_norm) of *every* row are projected once and written to the cache once;
     #   * q_proj, attention scores, o_proj and the FFN run only on the rows with g > tau;
     #   * the adapter runs only on the skipped rows.

@@ -1,6 +1,6 @@
 """The two trainable pieces FlexiDepth adds per routed layer: a router and a skip-path adapter.
 
-Shapes follow the released checkpoint (paper-spec.md §3.2, §3.8): no biases in the projections. Our
+Shapes follow the released checkpoint (docs/method.md §3.2, §3.8; docs/checkpoints.md §2): no biases in the projections. Our
 optional scalar `bias` on the router logit is the initialisation device described in `FlexiDepthConfig`.
 """
 
@@ -117,6 +117,8 @@ def build_router(cfg, hidden_size: int, eps: float) -> nn.Module:
             hidden_size, cfg.router_width(hidden_size), eps, cfg.router_bias, cfg.router_init_bias
         )
     router.reset_parameters()
+    if getattr(cfg, "init", "near_base") == "released":
+        released_init(router)
     return router
 
 
@@ -125,4 +127,23 @@ def build_adapter(cfg, hidden_size: int, intermediate_size: int) -> nn.Module | 
         return None
     adapter = SwiGLUAdapter(hidden_size, cfg.adapter_width(intermediate_size))
     adapter.reset_parameters()
+    if getattr(cfg, "init", "near_base") == "released":
+        released_init(adapter)
     return adapter
+
+
+def released_init(module: nn.Module) -> None:
+    """`skip.init=released`: every projection random (nn.Linear's own init), norm weights 1, logit bias 0.
+
+    The release says only that router and adapter start "with random values" (docs/method.md,
+    "Initialisation"); nn.Linear's default (uniform in +-1/sqrt(fan_in)) is our reading. Gates then start
+    near 0.5 (about half the tokens run each routed layer) and the adapter output is non-zero.
+    """
+    for child in module.modules():
+        if isinstance(child, nn.Linear):
+            child.reset_parameters()
+        elif isinstance(child, RouterRMSNorm):
+            nn.init.ones_(child.weight)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, nn.Parameter):
+        nn.init.zeros_(bias)

@@ -1,4 +1,4 @@
-"""Skip loss and route statistics (paper-spec.md §4-5), and a forward that returns them with the logits.
+"""Skip loss and route statistics (docs/method.md §4-5), and a forward that returns them with the logits.
 
     L_skip = sum over valid tokens t of (sum over routed layers l of g_t^l)^2  /  #valid tokens
 

@@ -155,7 +155,7 @@ def _convert(gguf: Path, out_dir: Path, dtype: str) -> None:
     """Load the GGUF model (dequantised to fp32) and save it as a normal HF model in ``out_dir``.
 
     A GGUF-loaded model refuses ``save_pretrained``, so the weights are copied into a plain model built from a
-    copy of its config without the quantisation marker (see docs/environment.md, section 4).
+    copy of its config without the quantisation marker (docs/environment.md §4).
     """
     import copy
 

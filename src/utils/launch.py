@@ -1,6 +1,6 @@
 """Launch plumbing: Hydra multirun x Lightning multi-process, SLURM requeue, W&B grouping.
 
-Kept out of train.py so the training entry point stays readable. See style.md: Lightning's DDP subprocess
+Kept out of train.py so the training entry point stays readable. See docs/design-notes.md §1: Lightning's DDP subprocess
 launcher re-runs the script, which inside a Hydra multirun would start the whole sweep again per rank.
 """
 
