@@ -111,12 +111,14 @@ def test_target_run_lands_on_the_layers_skipped_budget(tmp_path):
             "debug=tiny",
             "logger=csv",
             "callbacks=none",
-            "trainer.max_steps=150",
+            "trainer.max_steps=200",
             "trainer.max_epochs=-1",
             "trainer.limit_val_batches=0",
             "data.max_train_examples=null",
             "data.n_synthetic=400",
-            "optim.lr=1e-2",
+            "optim.router_lr=1e-3",
+            "optim.adapter_lr=1e-2",
+            "loss.objective=kd",
             "loss.target_layers_skipped=1.0",
             "loss.controller_rate=0.1",
         ],
@@ -126,10 +128,11 @@ def test_target_run_lands_on_the_layers_skipped_budget(tmp_path):
     rows = _metrics(tmp_path)
     skipped = [float(r["skip/step_layers_skipped"]) for r in rows if r.get("skip/step_layers_skipped")]
     alphas = [float(r["skip/alpha"]) for r in rows if r.get("skip/alpha")]
-    assert len(skipped) == 150
+    assert len(skipped) == 200
     assert skipped[0] == 0.0  # fresh gates run everything
     assert abs(sum(skipped[-30:]) / 30 - 1.0) <= 0.25
-    assert alphas[-1] != alphas[0]  # alpha was adapted (logged every step)
+    assert max(skipped) > 1.25  # the first crossing overshoots (all fresh gates sink together) ...
+    assert min(alphas) < 0 < alphas[0]  # ... and only a negative multiplier pulls it back
 
 
 def test_router_and_adapter_learning_rates_and_skip_alpha_alias(tmp_path):

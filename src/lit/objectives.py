@@ -1,7 +1,7 @@
 """Training objectives of FlexiDepth (the `loss` config group): the LM term, the skip-loss weight alpha and
 how alpha moves during training.
 
-    L = L_lm + alpha_t * L_skip                      (docs/method.md, "Loss")
+    L = L_lm + alpha_t * L_skip                      (docs/method.md §4)
 
 L_lm is one of
   * ``ce``:  next-token cross-entropy on the training text (the paper's objective);
