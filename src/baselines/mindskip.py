@@ -50,7 +50,13 @@ class MindSkipLayer(FlexiDepthLayer):
     ) -> torch.Tensor:
         x = hidden_states
         z = self.input_layernorm(x)
-        a, _ = self.self_attn(
+        run = None
+        if self.routing:
+            g = self.gate(z)
+            run = g > self.tau
+            self.recorder.record(self.layer_index, g, run)
+        a, _ = self._call_attention(
+            run,  # a skipped sequence's attention map rows are zeros
             hidden_states=z,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -62,9 +68,6 @@ class MindSkipLayer(FlexiDepthLayer):
         if not self.routing:
             h = x + a
         else:
-            g = self.gate(z)
-            run = g > self.tau
-            self.recorder.record(self.layer_index, g, run)
             h = x + (run.float() * g).unsqueeze(-1).to(x.dtype) * a
         return h + self.mlp(self.post_attention_layernorm(h))
 

@@ -99,15 +99,51 @@ def inject(
     ref = next(model.parameters())
     dtype = getattr(torch, cfg.param_dtype)
     recorder = RouteRecorder(indices)
+    hidden_state_recorder = _hidden_state_recorder(model, layers)
     for i in indices:
         router = build_router(cfg, mc.hidden_size, mc.rms_norm_eps).to(ref.device, dtype)
         adapter = build_adapter(cfg, mc.hidden_size, mc.intermediate_size)
         if adapter is not None:
             adapter = adapter.to(ref.device, dtype)
-        layers[i] = layer_cls(layers[i], router, adapter, i, cfg, recorder, family)
+        replaced = layers[i]
+        layers[i] = layer_cls(replaced, router, adapter, i, cfg, recorder, family)
+        if hidden_state_recorder is not None:
+            hidden_state_recorder(layers[i], replaced)
     model.flexidepth = FlexiDepthState(cfg, indices, mc.num_hidden_layers, family, recorder)
     freeze_base(model)
     return model
+
+
+def _hidden_state_recorder(model: nn.Module, layers: nn.ModuleList):
+    """A function (new layer, replaced layer) that makes the new routed layer record its output for `output_hidden_states`, or None.
+
+    transformers collects hidden states with forward hooks on the modules of the decoder-layer class named in
+    the model's `_can_record_outputs`, installed lazily by class. An injected layer is not of that class, so
+    without this the routed layers' outputs would be missing from `hidden_states` (fewer entries, shifted
+    indices). The hook is installed on the new layer right away; it is inactive unless a forward asks for
+    hidden states, and it records exactly what the base layer's hook would (same index, same first entry).
+    """
+    try:
+        from transformers.utils.output_capturing import OutputRecorder, install_output_capuring_hook
+    except ImportError:  # transformers without output recorders: hidden states come from the model loop
+        return None
+    inner = getattr(model, "model", model)
+    specs = getattr(inner, "_can_record_outputs", None) or {}
+    specs = specs.get("hidden_states")
+    if specs is None:
+        return None
+    specs = specs if isinstance(specs, list) else [specs]
+    specs = [s if isinstance(s, OutputRecorder) else OutputRecorder(target_class=s) for s in specs]
+
+    def install(layer: nn.Module, replaced: nn.Module) -> None:
+        for spec in specs:
+            if isinstance(spec.target_class, type) and isinstance(replaced, spec.target_class):
+                install_output_capuring_hook(
+                    layer, "hidden_states", spec.index, spec.capture_initial_hidden_state
+                )
+                return
+
+    return install
 
 
 def is_flexidepth_param(name: str) -> bool:
