@@ -26,12 +26,16 @@ class MindSkipLayer(FlexiDepthLayer):
     """A routed layer with a per-sequence gate that skips the attention block only."""
 
     def gate(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [B, T, d] -> g: [B, T], the same gate for every token of a sequence."""
+        """z: [B, T, d] -> g: [B, T], the same gate for every token of a sequence.
+
+        The pooled state is the mean over the sequence's real tokens of this forward (padding excluded, so
+        the gate does not depend on the batch a sequence is in or on the pad id)."""
         if self.force_gate is not None:
             return super().gate(z)
-        mask = self.recorder.token_mask
-        if mask is not None and mask.shape == z.shape[:2]:
-            w = mask.to(z.dtype).unsqueeze(-1)
+        mask = self.recorder.token_mask  # [B, past + T] real-token mask of this forward (inject's hook)
+        bsz, seq = z.shape[:2]
+        if mask is not None and mask.shape[0] == bsz and mask.shape[1] >= seq:
+            w = mask[:, -seq:].to(z.dtype).unsqueeze(-1)  # this forward's positions: padding weighs 0
             pooled = (z * w).sum(1) / w.sum(1).clamp_min(1.0)
         else:
             pooled = z.mean(1)

@@ -110,8 +110,21 @@ def inject(
         if hidden_state_recorder is not None:
             hidden_state_recorder(layers[i], replaced)
     model.flexidepth = FlexiDepthState(cfg, indices, mc.num_hidden_layers, family, recorder)
+    inner = getattr(model, "model", model)
+    inner._flexidepth_recorder = recorder
+    inner.register_forward_pre_hook(_record_token_mask, with_kwargs=True)
     freeze_base(model)
     return model
+
+
+def _record_token_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the decoder stack: its 2D `attention_mask` [B, T] (1 = real token) becomes the
+    recorder's `token_mask`, so statistics over a sequence (the MindSkip gate's mean) leave padding out in
+    every entry point: `routed_forward`, `generate`, HF `generate`, a plain `model(...)` call. A missing or
+    non-2D mask (a prepared 4D mask) means "every position is real" (None)."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    recorder = module._flexidepth_recorder
+    recorder.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 def _hidden_state_recorder(model: nn.Module, layers: nn.ModuleList):
