@@ -180,7 +180,12 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         """Attention mask that hides, at this layer, the keys of tokens that skipped it.
 
         Every query may still see its own key (a skipped row's output is discarded anyway, and this keeps
-        softmax rows non-empty). With a cache, the keep-flags of earlier steps are stored on the cache.
+        softmax rows non-empty). With a cache, the keep-flags of earlier steps are stored on the cache, over
+        absolute positions. The model's mask covers the keys the attention will see: all of them, or with a
+        sliding-window cache only the last ones (window - 1 cached + the new tokens); its key j is absolute
+        position `total - kv_len + j` (a static cache longer than the sequence: position j).
+
+        Returns a mask of the model mask's kind (bool, or additive float) [B, 1, T, kv_len].
         """
         bsz, seq = run.shape
         layer_idx = self.self_attn.layer_idx
@@ -194,18 +199,30 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
             keep = run if prev is None else torch.cat([prev, run], dim=1)
             history[layer_idx] = keep
         total = past + seq
-        q_pos = past + torch.arange(seq, device=run.device)
-        k_pos = torch.arange(total, device=run.device)
-        if attention_mask is None:
-            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(bsz, 1, seq, total)
-        elif attention_mask.dtype == torch.bool:
-            allowed = attention_mask[..., :total].expand(bsz, 1, seq, total)
+        cache_layers = getattr(cache, "layers", None) or []
+        cache_layer = cache_layers[layer_idx] if layer_idx < len(cache_layers) else None
+        if attention_mask is not None:
+            kv_len = attention_mask.shape[-1]
+        elif hasattr(cache_layer, "get_mask_sizes"):
+            kv_len = cache_layer.get_mask_sizes(seq)[0]  # the keys this attention call will see
         else:
-            allowed = (attention_mask[..., :total] > torch.finfo(attention_mask.dtype).min / 2).expand(
-                bsz, 1, seq, total
-            )
+            kv_len = total
+        offset = max(total - kv_len, 0)  # absolute position of the mask's first key
+        q_pos = past + torch.arange(seq, device=run.device)
+        k_pos = offset + torch.arange(kv_len, device=run.device)
+        keep_k = torch.ones(
+            bsz, kv_len, dtype=torch.bool, device=run.device
+        )  # keys past `total`: masked anyway
+        n = min(kv_len, total - offset)
+        keep_k[:, :n] = keep[:, offset : offset + n]
+        if attention_mask is None:
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(bsz, 1, seq, kv_len)
+        elif attention_mask.dtype == torch.bool:
+            allowed = attention_mask.expand(bsz, 1, seq, kv_len)
+        else:
+            allowed = (attention_mask > torch.finfo(attention_mask.dtype).min / 2).expand(bsz, 1, seq, kv_len)
         own = (k_pos[None, :] == q_pos[:, None])[None, None]
-        allowed = allowed & (keep[:, None, None, :] | own)
+        allowed = allowed & (keep_k[:, None, None, :] | own)
         if attention_mask is None or attention_mask.dtype == torch.bool:
             return allowed
         out = torch.zeros(allowed.shape, dtype=attention_mask.dtype, device=run.device)
