@@ -197,3 +197,21 @@ def test_parity_with_lm_eval_hf_model(tokenizer, model):
         gen("Q: 1 + 1 =", until=["\n"], max_gen_toks=5, do_sample=False, temperature=0.0),
     ]
     assert lm.generate_until(gens) == hf.generate_until(gens)
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_eval_ppl_max_articles_zero_is_not_all(tokenizer, tmp_path, value):
+    """The same kind in src.eval: eval.ppl_max_articles=0 used to mean "all 50 articles"."""
+    from omegaconf import OmegaConf
+
+    from src.eval.run import eval_inputs
+
+    ev = OmegaConf.create(
+        {"ppl_max_articles": value, "ppl_max_length": 64, "tasks": [], "n_per_task": 1, "seed": 0}
+    )
+    with pytest.raises(ValueError, match="eval.ppl_max_articles must be null"):
+        eval_inputs(tokenizer, ev, tmp_path)
+    ev.ppl_max_articles = 2
+    chunks, *_ = eval_inputs(tokenizer, ev, tmp_path)
+    ev.ppl_max_articles = 1
+    assert 0 < len(eval_inputs(tokenizer, ev, tmp_path)[0]) < len(chunks)

@@ -124,3 +124,21 @@ def test_mindskip_hidden_states_and_attentions(family):
     for i in ROUTED:
         assert torch.count_nonzero(off.attentions[i]) == 0
     torch.testing.assert_close(off.attentions[0], ref.attentions[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_removed_layers_keep_the_contract(fast):
+    """Static removal (ShortGPT / LaCo / early exit) goes through the same injection: L + 1 hidden states,
+    L attention maps, the removed layer's entry equals its input and its attention map is all zeros."""
+    from src.baselines.removal import remove_layers
+
+    base = tiny_model("qwen2", layers=LAYERS, attn="eager")
+    model = remove_layers(copy.deepcopy(base), [1])
+    ids, mask = _inputs()
+    ref = _outputs(base, ids, mask, None)
+    out = _outputs(model, ids, mask, fast)
+    assert len(out.hidden_states) == LAYERS + 1 and len(out.attentions) == LAYERS
+    torch.testing.assert_close(out.hidden_states[1], ref.hidden_states[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.hidden_states[2], out.hidden_states[1], rtol=0, atol=0)  # layer 1: y = x
+    assert torch.count_nonzero(out.attentions[1]) == 0
+    torch.testing.assert_close(out.attentions[0], ref.attentions[0], rtol=1e-5, atol=1e-6)
