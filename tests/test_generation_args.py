@@ -57,6 +57,21 @@ def test_temperature_zero_samples_greedily_and_top_p_one_is_no_cut(model):
     assert torch.equal(a.sequences, b.sequences)
 
 
+def test_extreme_temperatures_and_seeds(model):
+    ids, mask = _ids()
+    greedy = generate(model, None, ids, mask, max_new_tokens=N_NEW)
+    tiny = generate(model, None, ids, mask, max_new_tokens=N_NEW, do_sample=True, temperature=1e-30, seed=1)
+    assert torch.equal(tiny.sequences, greedy.sequences)  # not a NaN distribution
+    huge = generate(model, None, ids, mask, max_new_tokens=N_NEW, do_sample=True, temperature=1e30, seed=1)
+    assert huge.new_tokens.shape == (2, N_NEW) and bool(
+        ((huge.new_tokens >= 0) & (huge.new_tokens < 1000)).all()
+    )
+    big_seed = generate(model, None, ids, mask, max_new_tokens=2, do_sample=True, seed=2**64 - 1)
+    assert big_seed.new_tokens.shape == (2, 2)
+    with pytest.raises(ValueError, match="seed"):
+        generate(model, None, ids, mask, do_sample=True, seed=2**64)
+
+
 def test_zero_new_tokens_and_empty_eos_list(model):
     ids, mask = _ids()
     out = generate(model, None, ids, mask, max_new_tokens=0)

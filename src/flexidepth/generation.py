@@ -112,8 +112,8 @@ def check_generation_args(
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if not 0.0 <= real("top_p", top_p) <= 1.0:
         raise ValueError(f"top_p must be in [0, 1] (0: only the most likely token), got {top_p}")
-    if seed is not None and not is_int(seed):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
     eos = [eos_token_id] if eos_token_id is None or is_int(eos_token_id) else eos_token_id
     if not isinstance(eos, list | tuple) or not all(e is None or (is_int(e) and e >= 0) for e in eos):
         raise ValueError(
@@ -126,12 +126,13 @@ def check_generation_args(
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """logits [B, V] fp32 -> token ids [B] by temperature + nucleus sampling.
 
-    temperature 0 is greedy (argmax); top_p 0 keeps only the most likely token (ties: the first in sort
+    temperature 0 is greedy (argmax), a tiny one effectively so, a huge one near-uniform; top_p 0 keeps only the most likely token (ties: the first in sort
     order), top_p 1 keeps the whole distribution.
     """
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / float(temperature)
+    # shifted by the row max first: a tiny temperature then sends the others to -inf (greedy), not to NaN
+    logits = (logits - logits.max(-1, keepdim=True).values) / float(temperature)
     if top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, dim=-1)
