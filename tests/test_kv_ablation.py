@@ -68,3 +68,14 @@ def test_no_kv_batched_equals_one_at_a_time():
         assert torch.equal(one.new_tokens[0], batched.new_tokens[b])
         assert torch.equal(one.run[0], batched.run[b])
         torch.testing.assert_close(one.logits[0], batched.logits[b], rtol=1e-4, atol=1e-4)
+
+
+def test_no_kv_hf_generate_equals_ours():
+    model = _no_kv_model("sdpa")
+    ids, mask = _left_padded((30, 5, 18))
+    ours = generate(model, None, ids, mask, max_new_tokens=N_NEW, pad_token_id=0)
+    with torch.no_grad():
+        hf = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False, pad_token_id=0
+        )
+    assert torch.equal(hf, ours.sequences)
