@@ -142,3 +142,15 @@ def test_removed_layers_keep_the_contract(fast):
     torch.testing.assert_close(out.hidden_states[2], out.hidden_states[1], rtol=0, atol=0)  # layer 1: y = x
     assert torch.count_nonzero(out.attentions[1]) == 0
     torch.testing.assert_close(out.attentions[0], ref.attentions[0], rtol=1e-5, atol=1e-6)
+
+
+def test_injected_model_stays_picklable_until_outputs_are_requested():
+    """The hidden-state recorders are installed on first use, as transformers does for the base layers."""
+    import pickle
+
+    model = inject(tiny_model("llama", layers=LAYERS), FlexiDepthConfig(layers="last_half"))
+    clone = pickle.loads(pickle.dumps(model))
+    ids, mask = _inputs()
+    with forced_gates(clone, 1.0):
+        out = _outputs(clone, ids, mask, None, attentions=False)
+    assert len(out.hidden_states) == LAYERS + 1
