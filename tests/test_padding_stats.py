@@ -52,7 +52,9 @@ def _batch(prompts, pad_id, side="left"):
     return ids, mask
 
 
-@pytest.mark.parametrize("pad_id", [0, 999])
+@pytest.mark.parametrize(
+    ("family", "pad_id"), [("llama", 0), ("llama", 999), ("mistral", 0), ("qwen2", 999), ("qwen3", 0)]
+)
 def test_mindskip_generate_batched_equals_one_at_a_time(family, pad_id):
     model = _mindskip(family)
     prompts = _prompts()
