@@ -275,7 +275,9 @@ class FlexiDepthLM(TemplateLM):
                 break
             shared += 1
         if shared < len(ctx):
-            log.warning(
+            self._boundary_merges = getattr(self, "_boundary_merges", 0) + 1
+            warn = log.warning if self._boundary_merges <= 3 else log.debug  # the first few, then quietly
+            warn(
                 "context %r and continuation %r share a token at their boundary: the continuation is scored "
                 "from token %d of the context (%d context tokens kept)",
                 context[-20:],

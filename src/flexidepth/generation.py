@@ -242,7 +242,9 @@ def generate(
             tokenizer.padding_side = side
         input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
     device = next(model.parameters()).device
-    _check_prompt_tensors(input_ids, attention_mask, model.config.vocab_size)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    _check_prompt_tensors(input_ids, attention_mask, vocab)
     input_ids = input_ids.to(device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
