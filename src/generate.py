@@ -19,7 +19,45 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .flexidepth.generation import GenerationOutput
+from .flexidepth.generation import GenerationOutput, check_generation_args
+
+
+def check_cli_args(cfg: DictConfig) -> dict:
+    """The generation keys of conf/generate.yaml, checked; ValueError naming the key otherwise.
+
+    Returns {prompt, chat, max_new_tokens, do_sample, temperature, top_p, seed, tau}. The prompt must be a
+    non-empty string (Hydra may read an unquoted number or `null`), tau None or in [0, 1] and only set with
+    a ckpt_path (the base model has no threshold).
+    """
+    prompt = cfg.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string (quote it: 'prompt=\"...\"'), got {prompt!r}")
+    chat = cfg.get("chat", True)
+    if not isinstance(chat, bool):
+        raise ValueError(f"chat must be true or false, got {chat!r}")
+    params = dict(
+        max_new_tokens=cfg.get("max_new_tokens", 64),
+        do_sample=cfg.get("do_sample", False),
+        temperature=cfg.get("temperature", 1.0),
+        top_p=cfg.get("top_p", 1.0),
+        seed=cfg.get("seed"),
+    )
+    check_generation_args(**params)
+    tau = cfg.get("tau")
+    if tau is not None:
+        if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0.0 <= float(tau) <= 1.0:
+            raise ValueError(f"tau must be null or a number in [0, 1], got {tau!r}")
+        if cfg.get("ckpt_path") is None:
+            raise ValueError("tau is set but ckpt_path is null: the base model has no routers to threshold")
+        tau = float(tau)
+    return dict(
+        params,
+        prompt=prompt,
+        chat=chat,
+        temperature=float(params["temperature"]),
+        top_p=float(params["top_p"]),
+        tau=tau,
+    )
 
 
 def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
@@ -32,6 +70,7 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     from .models.loader import load_base_model
 
     file = file if file is not None else sys.stdout
+    params = check_cli_args(cfg)  # before any model work
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     device = str(cfg.get("device", "auto"))
     if device == "auto":
@@ -43,13 +82,13 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     if ckpt is not None:
         apply_method(model, {"name": checkpoint_method(ckpt)}, ckpt=ckpt)  # flexidepth or mindskip
         routed = list(model.flexidepth.layer_indices)
-        if cfg.get("tau") is not None:
-            set_tau(model, float(cfg.tau))
+        if params["tau"] is not None:
+            set_tau(model, params["tau"])
     model.to(device)
     num_layers = model.config.num_hidden_layers
 
-    chat = bool(cfg.get("chat", True))
-    text = chat_prompt(tokenizer, str(cfg.prompt)) if chat else str(cfg.prompt)
+    chat = params["chat"]
+    text = chat_prompt(tokenizer, params["prompt"]) if chat else params["prompt"]
     # a chat template already holds its special tokens; plain text gets the tokenizer's usual BOS
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
     routing = f"checkpoint {ckpt}, routed layers {routed}" if ckpt else "base model, routing off"
@@ -67,11 +106,11 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
         tokenizer,
         enc["input_ids"],
         enc["attention_mask"],
-        max_new_tokens=int(cfg.max_new_tokens),
-        do_sample=bool(cfg.get("do_sample", False)),
-        temperature=float(cfg.get("temperature", 1.0)),
-        top_p=float(cfg.get("top_p", 1.0)),
-        seed=cfg.get("seed"),
+        max_new_tokens=params["max_new_tokens"],
+        do_sample=params["do_sample"],
+        temperature=params["temperature"],
+        top_p=params["top_p"],
+        seed=params["seed"],
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         streamer=streamer,

@@ -26,12 +26,16 @@ class MindSkipLayer(FlexiDepthLayer):
     """A routed layer with a per-sequence gate that skips the attention block only."""
 
     def gate(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [B, T, d] -> g: [B, T], the same gate for every token of a sequence."""
+        """z: [B, T, d] -> g: [B, T], the same gate for every token of a sequence.
+
+        The pooled state is the mean over the sequence's real tokens of this forward (padding excluded, so
+        the gate does not depend on the batch a sequence is in or on the pad id)."""
         if self.force_gate is not None:
             return super().gate(z)
-        mask = self.recorder.token_mask
-        if mask is not None and mask.shape == z.shape[:2]:
-            w = mask.to(z.dtype).unsqueeze(-1)
+        mask = self.recorder.token_mask  # [B, past + T] real-token mask of this forward (inject's hook)
+        bsz, seq = z.shape[:2]
+        if mask is not None and mask.shape[0] == bsz and mask.shape[1] >= seq:
+            w = mask[:, -seq:].to(z.dtype).unsqueeze(-1)  # this forward's positions: padding weighs 0
             pooled = (z * w).sum(1) / w.sum(1).clamp_min(1.0)
         else:
             pooled = z.mean(1)
@@ -50,7 +54,13 @@ class MindSkipLayer(FlexiDepthLayer):
     ) -> torch.Tensor:
         x = hidden_states
         z = self.input_layernorm(x)
-        a, _ = self.self_attn(
+        run = None
+        if self.routing:
+            g = self.gate(z)
+            run = g > self.tau
+            self.recorder.record(self.layer_index, g, run)
+        a, _ = self._call_attention(
+            run,  # a skipped sequence's attention map rows are zeros
             hidden_states=z,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -62,9 +72,6 @@ class MindSkipLayer(FlexiDepthLayer):
         if not self.routing:
             h = x + a
         else:
-            g = self.gate(z)
-            run = g > self.tau
-            self.recorder.record(self.layer_index, g, run)
             h = x + (run.float() * g).unsqueeze(-1).to(x.dtype) * a
         return h + self.mlp(self.post_attention_layernorm(h))
 

@@ -13,6 +13,7 @@ Sources (``data.source``):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -25,8 +26,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from src.data.corpora import lee_articles, lee_heldout_articles
+from src.data.formats import check_roles, has_row_column, normalise_row
 from src.data.mixture import check_heldout, check_mixture, draw, mixture_rows
-from src.data.formats import check_roles, has_row_column, normalise_rows
 from src.data.sampler import StepBatchSampler, StepDataset, example_lengths, example_supervised
 from src.data.sft import LOSS_ON, FilterReport, tokenize_dataset
 from src.data.synthetic import make_instruction_examples
@@ -125,6 +126,11 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"data.max_train_examples must be >= 1 or null, got {self.max_train_examples}")
         if self.n_synthetic < 0:
             raise ValueError(f"data.n_synthetic must be >= 0, got {self.n_synthetic}")
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError(
+                f"data.source is required, got {self.source!r}: data=local reads "
+                "data.source=<file.jsonl|.json|.parquet|.txt or a folder>; data=builtin needs no file"
+            )
         if self.source == "mixture":
             self.mixture = check_mixture(self.mixture)
             if self.mixture_examples < 1:
@@ -150,12 +156,13 @@ class SFTDataModule(L.LightningDataModule):
         rows = self._load(self.source, "data.source")
         train_ids, val_ids = self._split(len(rows))
         name = f"data.source={self.source}"
-        self.train_examples = self._tokenize((rows[i] for i in train_ids), "train", name)
+        self.train_examples = self._tokenize(rows, train_ids, "train", name)
         if self.val_source is not None:
             val_rows = self._load(self.val_source, "data.val_source")
-            self.val_examples = self._tokenize(val_rows, "val", f"data.val_source={self.val_source}")
+            val_name = f"data.val_source={self.val_source}"
+            self.val_examples = self._tokenize(val_rows, range(len(val_rows)), "val", val_name)
         elif val_ids:
-            self.val_examples = self._tokenize((rows[i] for i in val_ids), "val", name)
+            self.val_examples = self._tokenize(rows, val_ids, "val", name)
 
     def _setup_mixture(self) -> None:
         """Per source: split rows into train/val (`val_fraction`), tokenise, then draw the weighted mixture."""
@@ -166,14 +173,15 @@ class SFTDataModule(L.LightningDataModule):
             rows = mixture_rows(name, self.n_synthetic, self.seed)
             train_ids, val_ids = self._split(len(rows))
             key = f"data.mixture.{name}"
-            by_source[name] = self._tokenize((rows[i] for i in train_ids), "train", key)
+            by_source[name] = self._tokenize(rows, train_ids, "train", key)
             if self.val_source is None and val_ids:
-                val += self._tokenize((rows[i] for i in val_ids), "val", key)
+                val += self._tokenize(rows, val_ids, "val", key)
         self.train_examples = draw(by_source, self.mixture, self.mixture_examples, self.seed)
         if self.max_train_examples is not None:
             self.train_examples = self.train_examples[: self.max_train_examples]
         if self.val_source is not None:
-            val = self._tokenize(self._load(self.val_source, "data.val_source"), "val", "data.val_source")
+            val_rows = self._load(self.val_source, "data.val_source")
+            val = self._tokenize(val_rows, range(len(val_rows)), "val", "data.val_source")
         random.Random(self.seed).shuffle(val)  # every source in the first validation batches
         self.val_examples = val
 
@@ -187,11 +195,16 @@ class SFTDataModule(L.LightningDataModule):
         train, val = order[n_val:], order[:n_val]
         return train[: self.max_train_examples], val
 
-    def _tokenize(self, rows, split: str, source: str) -> list[dict]:
+    def _tokenize(self, rows, ids, split: str, source: str) -> list[dict]:
+        """Tokenise ``rows[i] for i in ids``; errors name each row by its origin (file and row in it)."""
         source = f"{source} ({split})"
-        rows = normalise_rows(rows, self.conversation_roles, source)  # ShareGPT rows -> messages
+        ids = list(ids)
+        names = [_row_name(rows, i, source) for i in ids]
+        picked = (  # ShareGPT rows -> messages, each named by its origin in errors
+            normalise_row(rows[i], self.conversation_roles, name) for i, name in zip(ids, names, strict=True)
+        )
         examples, report = tokenize_dataset(
-            self.tokenizer, rows, self.max_length, self.loss_on, source=source
+            self.tokenizer, picked, self.max_length, self.loss_on, source=source, row_names=iter(names)
         )
         self.filter_report[split] = report
         _log_info(str(report))
@@ -312,15 +325,122 @@ def _data_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in BUILDERS)
 
 
-def _load_local(path: Path, key: str):
-    """Load a local file or directory with the matching ``datasets`` builder (one builder per directory)."""
-    import datasets
+class LocalRows(Sequence):
+    """Rows of local files in file order, each with its origin: the file and the row as numbered in it.
 
+    Numbering: ``line N`` (from 1) for .jsonl / .txt files and JSON Lines in a .json file, ``row N`` (from 1)
+    for the records of a JSON array and for Parquet rows.
+    """
+
+    def __init__(self):
+        self.rows: list = []
+        self.origins: list[str] = []
+
+    def add(self, row, origin: str) -> None:
+        self.rows.append(row)
+        self.origins.append(origin)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+    def origin(self, index: int) -> str:
+        return self.origins[index]
+
+    @property
+    def column_names(self) -> list[str]:
+        """Every key that some row (an object) has."""
+        return sorted({k for row in self.rows if isinstance(row, dict) for k in row})
+
+
+def _row_name(rows, index: int, source: str) -> str:
+    """How errors name row ``index`` of ``rows``: its file and row in it, else its position in the source."""
+    if isinstance(rows, LocalRows):
+        return rows.origin(index)
+    return f"{source}: row {index}"
+
+
+def _load_local(path: Path, key: str) -> LocalRows:
+    """Read a local file or directory (one file type per directory) into `LocalRows`.
+
+    Raises:
+        ValueError: naming the key and file: mixed file types, invalid JSON (with its line), a JSON value
+            that is not a list of rows, an unreadable Parquet file, or no rows at all (empty files).
+    """
     files = _data_files(path) if path.is_dir() else [path]
-    builders = {BUILDERS[f.suffix] for f in files}
-    if len(builders) != 1:
-        raise ValueError(f"{key}={path}: mixes file types {sorted(builders)}; keep one type per directory")
-    return datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
+    kinds = {BUILDERS[f.suffix] for f in files}
+    if len(kinds) != 1:
+        raise ValueError(f"{key}={path}: mixes file types {sorted(kinds)}; keep one type per directory")
+    rows = LocalRows()
+    for file in files:
+        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".txt": _read_txt}
+        reader[file.suffix](file, key, rows)
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{rows.origin(index)}: expected an object with 'messages' or 'text', got {row!r:.60}"
+            )
+    if not len(rows):
+        names = ", ".join(str(f) for f in files)
+        raise ValueError(f"{key}={path}: no rows in {names} (empty file); give a file with at least one row")
+    return rows
+
+
+def _read_jsonl(file: Path, key: str, rows: LocalRows) -> None:
+    """One JSON value per non-blank line; blank lines are skipped but still counted in the numbering."""
+    with open(file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.add(json.loads(line), f"{key}={file} line {number}")
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{key}={file} line {number}: invalid JSON ({error.msg})") from error
+
+
+def _read_json(file: Path, key: str, rows: LocalRows) -> None:
+    """A JSON array of rows, an object of equal-length columns, or JSON Lines in a .json file."""
+    text = file.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as error:
+        if error.msg != "Extra data":
+            raise ValueError(f"{key}={file} line {error.lineno}: invalid JSON ({error.msg})") from error
+        _read_jsonl(file, key, rows)  # several values: JSON Lines
+        return
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        lengths = {len(v) for v in value.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"{key}={file}: columns of different lengths {sorted(lengths)}")
+        value = [dict(zip(value, values, strict=True)) for values in zip(*value.values(), strict=True)]
+    elif isinstance(value, dict):
+        value = [value]  # a single row
+    if not isinstance(value, list):
+        raise ValueError(f"{key}={file}: expected a JSON array of rows, got a {type(value).__name__}")
+    for number, row in enumerate(value, start=1):
+        rows.add(row, f"{key}={file} row {number}")
+
+
+def _read_parquet(file: Path, key: str, rows: LocalRows) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(file)
+    except Exception as error:  # any reader failure: name the file, keep the original as cause
+        raise ValueError(
+            f"{key}={file}: cannot read it as Parquet ({type(error).__name__}: {error})"
+        ) from error
+    for number, row in enumerate(table.to_pylist(), start=1):
+        rows.add(row, f"{key}={file} row {number}")
+
+
+def _read_txt(file: Path, key: str, rows: LocalRows) -> None:
+    """One text row per line (blank lines are empty rows, counted as dropped)."""
+    with open(file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            rows.add({"text": line.rstrip("\r\n")}, f"{key}={file} line {number}")
 
 
 def _load_hub(name: str, split: str, key: str):

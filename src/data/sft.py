@@ -3,13 +3,18 @@
 Two row formats are accepted:
 
 - chat rows ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the tokenizer's chat
-  template. With ``loss_on="all"`` every token is supervised (the paper's setting: its pipeline builds no label
+  template. Roles are ``system``, ``user``, ``assistant`` or ``tool``; ``content`` is a string, null (empty)
+  or a list of parts (``[{"type": "text", "text": ...}, ...]`` or plain strings), whose text parts are
+  joined; a non-text part (image, audio, ...) is an error. With ``loss_on="all"`` every token is supervised (the paper's setting: its pipeline builds no label
   mask); with ``loss_on="assistant"`` only the assistant turns are (content plus the template's end-of-turn
   tokens, so the model still learns to stop). Rows longer than ``max_length`` are dropped, not truncated,
   as in the paper.
 - plain text rows ``{"text": ...}``: tokenised, an end-of-sequence token appended, and cut into consecutive
   blocks of at most ``max_length`` tokens. Every block is supervised. Documents are never packed together,
   so no attention crosses a document boundary.
+
+Every malformed row raises a ValueError naming where the row comes from (``row_names``: the file and the
+row as numbered in that file) and what is wrong with it.
 
 Labels follow the Hugging Face convention: unshifted copies of ``input_ids`` with ``IGNORE_INDEX`` where no
 loss is taken; the model shifts them internally.
@@ -25,6 +30,7 @@ LOSS_ON = ("all", "assistant")
 # How many trailing prompt tokens BPE may merge with the start of the answer (SmolLM2: the template's "\n"
 # before an answer that starts with "\n\n"); a larger mismatch means the template is not prefix-stable.
 _MAX_BOUNDARY_MERGE = 2
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -61,14 +67,82 @@ def tokenize_example(tokenizer, example: dict, max_length: int, loss_on: str = "
         or has no supervised token.
 
     Raises:
-        ValueError: On a bad ``loss_on`` or a chat template that is not prefix-stable (see `assistant_spans`).
+        ValueError: On a bad ``loss_on``, malformed messages (see `normalize_messages`) or a chat template that
+            is not prefix-stable (see `assistant_spans`).
     """
     _check_loss_on(loss_on)
-    input_ids = _encode(tokenizer, _render(tokenizer, example["messages"]))
+    messages = normalize_messages(example.get("messages"), "example")
+    input_ids = _encode(tokenizer, _render(tokenizer, messages))
     if len(input_ids) > max_length:
         return None
-    labels = _chat_labels(tokenizer, example["messages"], input_ids, loss_on)
+    labels = _chat_labels(tokenizer, messages, input_ids, loss_on)
     return {"input_ids": input_ids, "labels": labels} if supervised_count(labels) else None
+
+
+def normalize_messages(messages, where: str) -> list[dict]:
+    """Check a row's ``messages`` and return them as ``[{"role": str, "content": str}, ...]``.
+
+    ``content`` may be a string, None (empty) or a list of parts: strings or ``{"type": "text", "text": str}``
+    dicts (a dict without ``type`` but with ``text`` counts as text); text parts are joined without a
+    separator. Other keys of a message (e.g. ``name``) are kept.
+
+    Args:
+        messages: The row's ``messages`` value.
+        where: Where the row comes from, for errors (e.g. ``"data/chat.jsonl row 12"``).
+
+    Raises:
+        ValueError: naming ``where``, the message and the problem: not a list, a message that is not an
+            object, a missing or unknown role (allowed: `ROLES`), a non-text part (naming its type) or a
+            content of another type.
+    """
+    if not isinstance(messages, list | tuple):
+        raise ValueError(
+            f"{where}: 'messages' must be a list of {{role, content}} objects, got {_kind(messages)}"
+        )
+    out = []
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(
+                f"{where}: message {j} is {_kind(message)}, expected an object {{'role': ..., 'content': ...}}"
+            )
+        role = message.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{where}: message {j} has role {role!r}; allowed roles are {list(ROLES)}")
+        out.append({**message, "content": _content_text(message.get("content"), f"{where}: message {j}")})
+    return out
+
+
+def _content_text(content, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list | tuple):
+        raise ValueError(f"{where}: content must be a string or a list of parts, got {_kind(content)}")
+    texts = []
+    for k, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise ValueError(f"{where}: content part {k} is {_kind(part)}, expected a string or an object")
+        kind = part.get("type", "text" if "text" in part else None)
+        if kind != "text":
+            raise ValueError(
+                f"{where}: content part {k} has type {kind!r}; only text parts can be trained on "
+                "(remove or describe non-text parts)"
+            )
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{where}: content part {k} is a text part without a string 'text', got {_kind(text)}"
+            )
+        texts.append(text)
+    return "".join(texts)
+
+
+def _kind(value) -> str:
+    return "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
 
 
 def _chat_labels(tokenizer, messages: list[dict], input_ids: list[int], loss_on: str) -> list[int]:
@@ -156,6 +230,7 @@ def tokenize_dataset(
     max_length: int,
     loss_on: str = "all",
     source: str = "<rows>",
+    row_names: Iterable[str] | None = None,
 ) -> tuple[list[dict], FilterReport]:
     """Tokenise chat and text rows, dropping over-long and empty ones.
 
@@ -165,26 +240,37 @@ def tokenize_dataset(
         max_length: Longest allowed sequence (chat rows are filtered, text rows chunked).
         loss_on: ``"all"`` or ``"assistant"``; text rows are always fully supervised.
         source: Name of the rows' origin (file, hub dataset), used in the report and in errors.
+        row_names: Where each row comes from, in the order of ``rows`` (e.g. ``"chat.jsonl row 12"``: the file
+            and the row as numbered in it, whatever shuffling or splitting came before); errors name the row
+            with it. None: ``"{source}: row {i}"`` with i the position in ``rows`` (from 0).
 
     Returns:
         The tokenised examples and a `FilterReport`.
 
     Raises:
-        ValueError: On a row with neither ``messages`` nor ``text``, or if nothing survives filtering.
+        ValueError: On a malformed row (neither ``messages`` nor ``text``, not an object, bad messages or
+            text), naming the row, or if nothing survives filtering.
     """
     _check_loss_on(loss_on)
     examples, report = [], FilterReport(source=source)
+    names = iter(row_names) if row_names is not None else None
     for index, row in enumerate(rows):
+        where = next(names) if names is not None else f"{source}: row {index}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object with 'messages' or 'text', got {_kind(row)}")
         if row.get("messages") is not None:
-            _tokenize_chat_row(tokenizer, row, max_length, loss_on, examples, report)
+            _tokenize_chat_row(tokenizer, row, max_length, loss_on, examples, report, where)
         elif "text" in row:
-            blocks = tokenize_text(tokenizer, row["text"] or "", max_length)
+            text = row["text"]
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"{where}: 'text' must be a string, got {_kind(text)}")
+            blocks = tokenize_text(tokenizer, text or "", max_length)
             examples.extend(blocks)
             report.kept += len(blocks)
             report.dropped_empty += not blocks
         else:
             raise ValueError(
-                f"{source}: row {index} has neither a 'messages' nor a 'text' column "
+                f"{where} has neither a 'messages' nor a 'text' column "
                 f"(columns: {sorted(row)}); chat rows need 'messages', plain text rows need 'text'."
             )
     if not examples:
@@ -195,11 +281,11 @@ def tokenize_dataset(
 
 
 def _tokenize_chat_row(
-    tokenizer, row: dict, max_length: int, loss_on: str, out: list, report: FilterReport
+    tokenizer, row: dict, max_length: int, loss_on: str, out: list, report: FilterReport, where: str = "row"
 ) -> None:
-    """Tokenise one chat row into ``out`` and count it in ``report``."""
-    messages = row["messages"]
-    if not messages or not any((m.get("content") or "").strip() for m in messages):
+    """Tokenise one chat row into ``out`` and count it in ``report`` (``where`` names the row in errors)."""
+    messages = normalize_messages(row["messages"], where)
+    if not messages or not any(m["content"].strip() for m in messages):
         report.dropped_empty += 1
         return
     input_ids = _encode(tokenizer, _render(tokenizer, messages))

@@ -24,7 +24,19 @@ Routed models (injected and `any(layer.routing ...)`) are scored with `routed_fo
 counted are the layers the fast path really ran; plain models (or routing off) go through `model(...)` and
 use every layer. Tokenisation follows lm_eval's HF model: the tokenizer's own special tokens (none are added
 to a string that already starts with the BOS text), context/continuation split by encoding both and the
-whole, trailing context spaces moved into the continuation.
+whole, trailing context spaces moved into the continuation. Where the tokenizer merges the end of the context
+with the start of the continuation (``"hello wor"`` + ``"ld"``), lm_eval's split would leave the continuation
+without tokens (or misaligned); the split then moves back to the last token the context and the whole share,
+so the merged token is scored as part of the continuation (a warning says so). A continuation that is truly
+empty, or longer than `max_length` on its own, is an error naming the request.
+
+Request parameters are read as lm_eval's HF model reads them, with explicit defaults (a 0 is a value, not
+"missing"): ``max_gen_toks`` (aliases ``max_new_tokens``, ``max_tokens``, ``max_completion_tokens``; 0 gives
+empty generations), ``do_sample`` (unset: sample iff temperature > 0), ``temperature`` (0: greedy),
+``top_p`` (0: the top token), ``until``. Any other generation keyword (``top_k``, ``num_beams`` ...) is
+refused unless it has its neutral value, since `generate` cannot honour it. Sampled requests run one at a
+time with the wrapper's seed, so a result never depends on which requests share its batch; an empty
+generation context is conditioned on the prefix token (BOS, else EOS), as an empty log-likelihood context.
 
 Route statistics (`RouteStats`) are kept per task (`Instance.task_name`) and request type:
 - ``tokens`` / ``layers_used_mean``: every position the model processed (forward inputs: loglikelihood
@@ -55,7 +67,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 
-from src.flexidepth.generation import generate
+from src.flexidepth.generation import check_generation_args, generate
 from src.flexidepth.inject import flexi_layers
 from src.flexidepth.routes import routed_forward
 
@@ -148,13 +160,25 @@ class FlexiDepthLM(TemplateLM):
     ):
         super().__init__()
         del max_batch_size  # accepted because lm_eval's simple_evaluate passes it; batch sizes are fixed
+        if (
+            isinstance(batch_size, str) and batch_size.strip().isdigit()
+        ):  # lm_eval's command line gives strings
+            batch_size = int(batch_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                f"batch_size must be an integer >= 1 (no automatic batch size), got {batch_size!r}"
+            )
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+            raise ValueError(f"max_length must be None (the model's) or an integer >= 2, got {max_length!r}")
+        if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 0:
+            raise ValueError(f"max_gen_toks must be an integer >= 0, got {max_gen_toks!r}")
         if device is not None:
             model.to(device)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self._device = next(model.parameters()).device
-        self.batch_size = max(1, int(batch_size))
-        self._max_length = int(max_length) if max_length else None
+        self.batch_size = int(batch_size)
+        self._max_length = None if max_length is None else int(max_length)
         self._max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
         self.num_layers = int(model.config.num_hidden_layers)
@@ -180,7 +204,7 @@ class FlexiDepthLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        if self._max_length:
+        if self._max_length is not None:
             return self._max_length
         return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
 
@@ -231,13 +255,67 @@ class FlexiDepthLM(TemplateLM):
             chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def _encode_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) for a non-empty context, lm_eval's causal split made safe.
+
+        As lm_eval: trailing context whitespace moves to the continuation, and both come from encoding the
+        whole text and the context. The split point is the number of leading tokens the two encodings share:
+        lm_eval's `len(context ids)` whenever the context's tokens are a prefix of the whole's, and earlier
+        when the tokenizer merged the context's end with the continuation's start, so that the continuation
+        keeps the merged token instead of losing it.
+        """
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.tok_encode(context + continuation)
+        ctx = self.tok_encode(context)
+        shared = 0
+        for a, b in zip(ctx, whole, strict=False):
+            if a != b:
+                break
+            shared += 1
+        if shared < len(ctx):
+            self._boundary_merges = getattr(self, "_boundary_merges", 0) + 1
+            warn = log.warning if self._boundary_merges <= 3 else log.debug  # the first few, then quietly
+            warn(
+                "context %r and continuation %r share a token at their boundary: the continuation is scored "
+                "from token %d of the context (%d context tokens kept)",
+                context[-20:],
+                continuation[:20],
+                shared,
+                shared,
+            )
+        if shared == 0:  # the whole context merged into the continuation: condition on the prefix token
+            return [self.prefix_token_id], whole
+        return whole[:shared], whole[shared:]
+
+    def _encode_request(
+        self, context: str, continuation: str, where: str = "request"
+    ) -> tuple[list[int], list[int]]:
+        """Token ids of a log-likelihood request; ValueError naming `where` if the continuation has none."""
+        if not isinstance(context, str) or not isinstance(continuation, str):
+            raise ValueError(
+                f"{where}: context and continuation must be strings, got {context!r}, {continuation!r}"
+            )
         if context:
-            return self._encode_pair(context, continuation)
-        cont = self.tok_encode(continuation, add_special_tokens=False)
-        if cont and cont[0] == self.prefix_token_id:  # the text starts with the prefix token itself
-            return cont[:1], cont[1:]
-        return [self.prefix_token_id], cont
+            ctx, cont = self._encode_pair(context, continuation)
+        else:
+            cont = self.tok_encode(continuation, add_special_tokens=False)
+            if cont and cont[0] == self.prefix_token_id:  # the text starts with the prefix token itself
+                ctx, cont = cont[:1], cont[1:]
+            else:
+                ctx = [self.prefix_token_id]
+        if not cont:
+            raise ValueError(
+                f"{where}: the continuation {continuation!r} encodes to no token, so it has no log-likelihood "
+                f"(context ends with {context[-30:]!r})"
+            )
+        if len(cont) > self.max_length:
+            raise ValueError(
+                f"{where}: the continuation has {len(cont)} tokens, more than max_length={self.max_length}; "
+                "it cannot be scored in one window"
+            )
+        return ctx, cont
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, seqs: list[list[int]], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +390,8 @@ class FlexiDepthLM(TemplateLM):
         encoded, tasks = [], []
         for req in requests:
             context, continuation = req.args
-            encoded.append(((context, continuation), *self._encode_request(context, continuation)))
+            where = f"loglikelihood request (task {req.task_name}, doc {req.doc_id})"
+            encoded.append(((context, continuation), *self._encode_request(context, continuation, where)))
             tasks.append(req.task_name)
             self._stats(req.task_name, "loglikelihood").requests += 1
         return self._loglikelihood_tokens(encoded, tasks=tasks, reqtype="loglikelihood")
@@ -350,17 +429,21 @@ class FlexiDepthLM(TemplateLM):
         for i, req in enumerate(requests):  # one batch never mixes generation settings
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         for idxs in groups.values():
-            settings = self._gen_settings(requests[idxs[0]].args[1])
+            first = requests[idxs[0]]
+            where = f"generate_until request (task {first.task_name}, doc {first.doc_id})"
+            settings = self._gen_settings(first.args[1], where)
             max_ctx = self.max_length - settings["max_gen_toks"]
             if max_ctx <= 0:
                 raise ValueError(
                     f"max_gen_toks={settings['max_gen_toks']} leaves no room for a prompt in "
                     f"max_length={self.max_length}"
                 )
-            prompts = {i: self.tok_encode(requests[i].args[0])[-max_ctx:] for i in idxs}
+            prompts = {i: self._gen_prompt(requests[i].args[0])[-max_ctx:] for i in idxs}
             order = sorted(idxs, key=lambda i: -len(prompts[i]))
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
+            # sampled: one request per batch, so its draws never depend on the other rows of a batch
+            step = 1 if settings["do_sample"] else self.batch_size
+            for start in range(0, len(order), step):
+                batch = order[start : start + step]
                 texts = self._generate_batch(
                     [prompts[i] for i in batch], [requests[i] for i in batch], settings
                 )
@@ -369,22 +452,63 @@ class FlexiDepthLM(TemplateLM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results  # type: ignore[return-value]
 
-    def _gen_settings(self, gen_kwargs: dict) -> dict[str, Any]:
+    def _gen_prompt(self, context: str) -> list[int]:
+        """Prompt ids of a generation context; an empty one is the prefix token (BOS, else EOS)."""
+        ids = self.tok_encode(context)
+        return ids if ids else [self.prefix_token_id]
+
+    def _gen_settings(self, gen_kwargs: dict | None, where: str = "generate_until request") -> dict[str, Any]:
+        """Generation settings of a request; ValueError naming `where` and the key for a value we cannot honour.
+
+        Returns {"until": [str], "max_gen_toks": int, "do_sample": bool, "temperature": float, "top_p": float}.
+        """
+        if gen_kwargs is not None and not isinstance(gen_kwargs, dict):
+            raise ValueError(f"{where}: generation kwargs must be a dict, got {gen_kwargs!r}")
         kwargs = dict(gen_kwargs or {})
         until = kwargs.pop("until", None)
-        until = [until] if isinstance(until, str) else list(until or [])
+        if until is None:
+            until = []
+        elif isinstance(until, str):
+            until = [until]
+        elif isinstance(until, list | tuple) and all(isinstance(u, str) for u in until):
+            until = list(until)
+        else:
+            raise ValueError(f"{where}: until must be a string or a list of strings, got {until!r}")
         eos_text = self.tokenizer.decode([self.eot_token_id]) if self.eot_token_id is not None else None
         if eos_text and eos_text not in until:
             until.append(eos_text)
-        max_gen = kwargs.pop("max_gen_toks", None) or kwargs.pop("max_new_tokens", None) or self.max_gen_toks
-        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-        do_sample = bool(kwargs.pop("do_sample", False)) and temperature > 0
+        max_gen = self.max_gen_toks
+        for key in ("max_completion_tokens", "max_tokens", "max_new_tokens", "max_gen_toks"):  # last wins
+            value = kwargs.pop(key, None)
+            if value is not None:
+                max_gen = value
+        if isinstance(max_gen, bool) or not isinstance(max_gen, int) or max_gen < 0:
+            raise ValueError(f"{where}: max_gen_toks must be an integer >= 0, got {max_gen!r}")
+        temperature = kwargs.pop("temperature", None)
+        temperature = 0.0 if temperature is None else temperature
+        do_sample = kwargs.pop("do_sample", None)
+        if do_sample is None:
+            do_sample = isinstance(temperature, int | float) and temperature > 0
+        top_p = kwargs.pop("top_p", None)
+        top_p = 1.0 if top_p is None else top_p
+        neutral = {"top_k": (None, 0), "num_beams": (None, 1), "repetition_penalty": (None, 1.0)}
+        bad = {k: v for k, v in kwargs.items() if k not in neutral or v not in neutral[k]}
+        if bad:
+            raise ValueError(
+                f"{where}: generation kwargs {bad} are not supported by this model (it honours until, "
+                "max_gen_toks, do_sample, temperature, top_p)"
+            )
+        try:
+            check_generation_args(max_gen, do_sample, temperature, top_p)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
+        temperature = float(temperature)
         return {
             "until": [s for s in until if s],
             "max_gen_toks": int(max_gen),
-            "do_sample": do_sample,
-            "temperature": temperature if do_sample else 1.0,
-            "top_p": float(kwargs.pop("top_p", 1.0) or 1.0),
+            "do_sample": bool(do_sample) and temperature > 0,  # temperature 0 is greedy
+            "temperature": temperature if do_sample and temperature > 0 else 1.0,
+            "top_p": float(top_p),
         }
 
     def _generate_batch(self, prompts: list[list[int]], reqs: list[Instance], settings: dict) -> list[str]:
@@ -562,7 +686,7 @@ def run_harness(
         tasks=list(tasks),
         num_fewshot=num_fewshot,
         limit=limit,
-        gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,
+        gen_kwargs=None if max_gen_toks is None else {"max_gen_toks": int(max_gen_toks)},
         task_manager=manager,
         random_seed=seed,
         numpy_random_seed=seed,

@@ -273,8 +273,13 @@ def eval_inputs(
     from src.data.corpora import lee_heldout_articles
 
     texts = lee_heldout_articles()
-    if ev.get("ppl_max_articles"):
-        texts = texts[: int(ev.ppl_max_articles)]
+    limit = ev.get("ppl_max_articles")
+    if limit is not None:  # 0 is a value (refused), not "all"
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(
+                f"eval.ppl_max_articles must be null (all articles) or an integer >= 1, got {limit!r}"
+            )
+        texts = texts[:limit]
     chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
     suite_tasks, harness_tasks = split_tasks(list(ev.tasks))
     examples = make_task_examples(suite_tasks, int(ev.n_per_task), int(ev.seed))

@@ -22,6 +22,7 @@ HF `model.generate` use it. `set_fast_path(model, False)` forces the masked (tra
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,18 +76,105 @@ class GenerationStreamer(Protocol):
     def end(self) -> None: ...
 
 
+def check_generation_args(
+    max_new_tokens=32,
+    do_sample=False,
+    temperature=1.0,
+    top_p=1.0,
+    seed=None,
+    eos_token_id=None,
+    pad_token_id=None,
+) -> None:
+    """Raise ValueError naming the parameter when a generation parameter is out of its domain.
+
+    Domains: max_new_tokens an int >= 0 (0: no new token); do_sample a bool; temperature a finite float
+    >= 0 (0 with do_sample: greedy); top_p a float in [0, 1] (0: only the top token, 1: no cut); seed None
+    or an int; eos_token_id None, an int >= 0 or a list of them (empty: no stopping); pad_token_id None or
+    an int >= 0. Cheap and model-free: call it before loading or running a model.
+    """
+
+    def is_int(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def real(name, v) -> float:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(f"{name} must be a number, got {v!r}")
+        v = float(v)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be finite, got {v}")
+        return v
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be true or false, got {do_sample!r}")
+    if real("temperature", temperature) < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0.0 <= real("top_p", top_p) <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1] (0: only the most likely token), got {top_p}")
+    if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
+    eos = [eos_token_id] if eos_token_id is None or is_int(eos_token_id) else eos_token_id
+    if not isinstance(eos, list | tuple) or not all(e is None or (is_int(e) and e >= 0) for e in eos):
+        raise ValueError(
+            f"eos_token_id must be None, a token id >= 0 or a list of them, got {eos_token_id!r}"
+        )
+    if pad_token_id is not None and (not is_int(pad_token_id) or pad_token_id < 0):
+        raise ValueError(f"pad_token_id must be None or a token id >= 0, got {pad_token_id!r}")
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """logits [B, V] fp32 -> token ids [B] by temperature + nucleus sampling."""
-    logits = logits / max(float(temperature), 1e-6)
+    """logits [B, V] fp32 -> token ids [B] by temperature + nucleus sampling.
+
+    temperature 0 is greedy (argmax), a tiny one effectively so, a huge one near-uniform; top_p 0 keeps only the most likely token (ties: the first in sort
+    order), top_p 1 keeps the whole distribution.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    # shifted by the row max first: a tiny temperature then sends the others to -inf (greedy), not to NaN
+    logits = (logits - logits.max(-1, keepdim=True).values) / float(temperature)
     if top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass *before* it already reaches top_p (the first token always stays)
+        # drop a token when the mass *before* it already reaches top_p; the first token always stays
+        # (with top_p = 0 the mass before it, 0, already "reaches" top_p)
         drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[..., 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_prompt_tensors(input_ids, attention_mask, vocab_size: int | None) -> None:
+    """Shape, dtype and value checks of the prompt tensors (ValueError naming the argument and row)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a [batch, prompt length] tensor, got {shape}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): every prompt needs a token")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            shape = (
+                tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            )
+            raise ValueError(f"attention_mask {shape} != input_ids {tuple(input_ids.shape)}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"prompt rows {empty} have no real token (attention_mask all 0)")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate expects left padding: every row's last prompt position must be real")
+        real = attention_mask.bool()
+    else:
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+    ids = input_ids[real]
+    if vocab_size is not None and bool(((ids < 0) | (ids >= vocab_size)).any()):
+        bad = sorted({int(i) for i in ids[(ids < 0) | (ids >= vocab_size)].tolist()})[:5]
+        raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab_size}): {bad}")
 
 
 def _step_routes(model):
@@ -119,8 +207,15 @@ def generate(
         tokenizer: optional; used to encode `prompts` (left padded) and for default eos/pad ids.
         input_ids / attention_mask: [B, P] left-padded prompts (mask 1 = real token).
         max_new_tokens: number of decode steps at most.
-        do_sample / temperature / top_p / seed: sampling controls (greedy when do_sample is False).
-        eos_token_id / pad_token_id: stopping; pad defaults to the (first) eos id, else 0.
+        do_sample / temperature / top_p / seed: sampling controls (greedy when do_sample is False;
+            temperature 0 is greedy too, top_p 0 keeps only the most likely token).
+        eos_token_id / pad_token_id: stopping (an empty list: none); pad defaults to the (first) eos id,
+            else 0.
+
+    Raises:
+        ValueError naming the parameter, before any model work, for a parameter out of its domain (see
+        `check_generation_args`), empty prompts, a row without real tokens, right padding, or token ids
+        outside the vocabulary.
         return_logits: keep the fp32 next-token logits of every step.
         prompts: texts to encode with `tokenizer` instead of input_ids.
         streamer: optional; `streamer.put(tokens, layers_used, valid)` once per decoding step (CPU tensors
@@ -128,9 +223,17 @@ def generate(
             whether the row was still unfinished), then `streamer.end()`. Costs one host sync per step;
             the outputs are the same with or without it.
     """
+    check_generation_args(max_new_tokens, do_sample, temperature, top_p, seed, eos_token_id, pad_token_id)
     if input_ids is None:
         if prompts is None or tokenizer is None:
             raise ValueError("pass input_ids, or prompts together with a tokenizer")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("prompts is empty: pass at least one prompt")
+        empty = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p]
+        if empty:
+            raise ValueError(f"prompts {empty} are empty or not strings: every prompt needs text")
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         try:
@@ -139,25 +242,20 @@ def generate(
             tokenizer.padding_side = side
         input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
     device = next(model.parameters()).device
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    _check_prompt_tensors(input_ids, attention_mask, vocab)
     input_ids = input_ids.to(device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
-        )
-    if bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("generate expects left padding: every row's last prompt position must be real")
     if eos_token_id is None and tokenizer is not None:
         eos_token_id = tokenizer.eos_token_id
-    eos = (
-        None
-        if eos_token_id is None
-        else torch.tensor(
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device
-        )
+    eos_ids = (
+        [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
     )
+    eos_ids = [int(e) for e in eos_ids if e is not None]
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
     generator = None
@@ -232,4 +330,4 @@ def generate(
     )
 
 
-__all__ = ["GenerationOutput", "GenerationStreamer", "generate", "set_fast_path"]
+__all__ = ["GenerationOutput", "GenerationStreamer", "check_generation_args", "generate", "set_fast_path"]

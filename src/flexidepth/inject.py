@@ -99,15 +99,86 @@ def inject(
     ref = next(model.parameters())
     dtype = getattr(torch, cfg.param_dtype)
     recorder = RouteRecorder(indices)
+    hidden_spec = _hidden_state_spec(model)
     for i in indices:
         router = build_router(cfg, mc.hidden_size, mc.rms_norm_eps).to(ref.device, dtype)
         adapter = build_adapter(cfg, mc.hidden_size, mc.intermediate_size)
         if adapter is not None:
             adapter = adapter.to(ref.device, dtype)
-        layers[i] = layer_cls(layers[i], router, adapter, i, cfg, recorder, family)
+        replaced = layers[i]
+        layers[i] = layer_cls(replaced, router, adapter, i, cfg, recorder, family)
+        # (index, capture_initial) of the hidden-state recorder the replaced layer had; installed on first use
+        layers[i]._flexidepth_hidden_spec = hidden_spec(replaced)
     model.flexidepth = FlexiDepthState(cfg, indices, mc.num_hidden_layers, family, recorder)
+    inner = getattr(model, "model", model)
+    inner._flexidepth_recorder = recorder
+    inner.register_forward_pre_hook(_before_forward, with_kwargs=True)
     freeze_base(model)
     return model
+
+
+def _before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the decoder stack (the module holding `.layers`).
+
+    1. Its 2D `attention_mask` [B, T] (1 = real token) becomes the recorder's `token_mask`, so statistics
+       over a sequence (the MindSkip gate's mean) leave padding out in every entry point: `routed_forward`,
+       `generate`, HF `generate`, a plain `model(...)` call. A missing or non-2D mask (a prepared 4D mask)
+       means "every position is real" (None).
+    2. When the forward asks for hidden states, the routed layers get transformers' hidden-state recorder
+       (see `_hidden_state_spec`), once, as transformers installs its own hooks: on first use.
+    """
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    recorder = module._flexidepth_recorder
+    recorder.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    wanted = kwargs.get("output_hidden_states")
+    if wanted is None:
+        wanted = getattr(getattr(module, "config", None), "output_hidden_states", False)
+    if wanted is not None and wanted is not False:
+        _install_hidden_state_hooks(module)
+
+
+def _hidden_state_spec(model: nn.Module):
+    """A function: replaced decoder layer -> (index, capture_initial_hidden_state) or None.
+
+    transformers collects hidden states with forward hooks on the modules of the decoder-layer class named in
+    the model's `_can_record_outputs`, installed lazily by class. An injected layer is not of that class, so
+    without its own hook the routed layers' outputs would be missing from `hidden_states` (fewer entries,
+    shifted indices). The spec says how the replaced layer would have been recorded (None: it would not).
+    """
+    try:
+        from transformers.utils.output_capturing import OutputRecorder
+    except ImportError:  # transformers without output recorders: hidden states come from the model loop
+        return lambda replaced: None
+    inner = getattr(model, "model", model)
+    specs = (getattr(inner, "_can_record_outputs", None) or {}).get("hidden_states")
+    specs = [] if specs is None else specs if isinstance(specs, list) else [specs]
+    specs = [s if isinstance(s, OutputRecorder) else OutputRecorder(target_class=s) for s in specs]
+
+    def spec_of(replaced: nn.Module):
+        for spec in specs:
+            if isinstance(spec.target_class, type) and isinstance(replaced, spec.target_class):
+                return int(spec.index), bool(spec.capture_initial_hidden_state)
+        return None
+
+    return spec_of
+
+
+def _install_hidden_state_hooks(stack: nn.Module) -> None:
+    """Install transformers' hidden-state recorder on every routed layer of `stack` that lacks it."""
+    pending = [
+        layer
+        for layer in getattr(stack, "layers", [])
+        if getattr(layer, "_flexidepth_hidden_spec", None) is not None
+        and not getattr(layer, "_flexidepth_hidden_hooked", False)
+    ]
+    if not pending:
+        return
+    from transformers.utils.output_capturing import install_output_capuring_hook
+
+    for layer in pending:
+        index, capture_initial = layer._flexidepth_hidden_spec
+        install_output_capuring_hook(layer, "hidden_states", index, capture_initial)
+        layer._flexidepth_hidden_hooked = True
 
 
 def is_flexidepth_param(name: str) -> bool:

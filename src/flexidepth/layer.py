@@ -10,6 +10,12 @@ The training forward below is the sequence form: attention and FFN run on every 
 skip are masked out, which equals the per-token definition (a row's query only affects its own output,
 while every row's K/V still serves as keys/values). The layer keeps the base layer's submodules under
 their own names, so the model's state_dict keys do not change; router and adapter are new children.
+
+Hugging Face output contracts (`output_hidden_states`, `output_attentions`) hold as for the base model: the
+layer's output is recorded as its hidden state (hooks installed by `inject`), and the attention module is
+called by the layer itself, so it records one attention map per layer. The attention map row of a token that
+skips a routed layer is all zeros (the token attended to nothing there). When attention maps are requested,
+the layer takes the masked path (the fast path does not form attention probabilities).
 """
 
 from __future__ import annotations
@@ -24,6 +30,30 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .families import FAST_ATTN_IMPLEMENTATIONS, Family, project_kv, project_q_rows
 
 GateForce = float | Callable[[torch.Tensor, int], torch.Tensor] | None
+
+
+def collecting_outputs(key: str, kwargs: dict | None = None) -> bool:
+    """Whether the running HF forward collects `key` ("attentions", "hidden_states") from the layers.
+
+    Read from transformers' output collector (output_capturing), or the `output_<key>` flag in `kwargs`.
+    """
+    if kwargs and kwargs.get(f"output_{key}"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older transformers: the flag in kwargs is all there is
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and key in collected
+
+
+def _zero_skipped_attention_rows(module: nn.Module, args, output):
+    """Forward hook on a routed layer's attention: rows of skipped queries in the attention map become 0."""
+    keep = getattr(module, "_flexidepth_row_keep", None)
+    if keep is None or not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+        return None
+    weights = output[1]  # [B, H, T, S]
+    return (output[0], weights * keep[:, None, :, None].to(weights.dtype), *output[2:])
 
 
 class FlexiDepthLayer(GradientCheckpointingLayer):
@@ -68,6 +98,17 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         # Inference fast path (real skipping, see `_fast_forward`): None = automatic, i.e. used whenever
         # autograd is off (torch.no_grad / inference_mode); True = always; False = never (masked path).
         self.fast_path: bool | None = None
+        # the attention map rows of skipped tokens are zeroed before any other hook (e.g. HF's
+        # output_attentions recorder) sees them; `_call_attention` arms it for one call
+        self.self_attn.register_forward_hook(_zero_skipped_attention_rows, prepend=True)
+
+    def _call_attention(self, row_keep: torch.Tensor | None, **kwargs):
+        """self_attn(**kwargs) -> (output, weights); row_keep [B, T] bool zeroes skipped rows of the map."""
+        self.self_attn._flexidepth_row_keep = row_keep
+        try:
+            return self.self_attn(**kwargs)
+        finally:
+            self.self_attn._flexidepth_row_keep = None
 
     # ------------------------------------------------------------------ gate
     def gate(self, z: torch.Tensor) -> torch.Tensor:
@@ -117,12 +158,14 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         g = self.gate(z)
         run = g > self.tau  # strict: g == tau skips
         self.recorder.record(self.layer_index, g, run)
-        if self._fast_path_applies(attention_mask, position_embeddings):
+        if self._fast_path_applies(attention_mask, position_embeddings) and not collecting_outputs(
+            "attentions", kwargs
+        ):
             return self._fast_forward(x, z, g, run, attention_mask, cache, position_embeddings)
 
         if not self.kv_for_skipped:
             attention_mask = self._mask_skipped_keys(attention_mask, run, cache)
-        a, _ = self.self_attn(hidden_states=z, attention_mask=attention_mask, **attn_kwargs)
+        a, _ = self._call_attention(run, hidden_states=z, attention_mask=attention_mask, **attn_kwargs)
         h = x + run.unsqueeze(-1).to(x.dtype) * a  # skipped rows: no attention output, x' = x
 
         u = self.post_attention_layernorm(h)
@@ -137,7 +180,12 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         """Attention mask that hides, at this layer, the keys of tokens that skipped it.
 
         Every query may still see its own key (a skipped row's output is discarded anyway, and this keeps
-        softmax rows non-empty). With a cache, the keep-flags of earlier steps are stored on the cache.
+        softmax rows non-empty). With a cache, the keep-flags of earlier steps are stored on the cache, over
+        absolute positions. The model's mask covers the keys the attention will see: all of them, or with a
+        sliding-window cache only the last ones (window - 1 cached + the new tokens); its key j is absolute
+        position `total - kv_len + j` (a static cache longer than the sequence: position j).
+
+        Returns a mask of the model mask's kind (bool, or additive float) [B, 1, T, kv_len].
         """
         bsz, seq = run.shape
         layer_idx = self.self_attn.layer_idx
@@ -151,18 +199,30 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
             keep = run if prev is None else torch.cat([prev, run], dim=1)
             history[layer_idx] = keep
         total = past + seq
-        q_pos = past + torch.arange(seq, device=run.device)
-        k_pos = torch.arange(total, device=run.device)
-        if attention_mask is None:
-            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(bsz, 1, seq, total)
-        elif attention_mask.dtype == torch.bool:
-            allowed = attention_mask[..., :total].expand(bsz, 1, seq, total)
+        cache_layers = getattr(cache, "layers", None) or []
+        cache_layer = cache_layers[layer_idx] if layer_idx < len(cache_layers) else None
+        if attention_mask is not None:
+            kv_len = attention_mask.shape[-1]
+        elif hasattr(cache_layer, "get_mask_sizes"):
+            kv_len = cache_layer.get_mask_sizes(seq)[0]  # the keys this attention call will see
         else:
-            allowed = (attention_mask[..., :total] > torch.finfo(attention_mask.dtype).min / 2).expand(
-                bsz, 1, seq, total
-            )
+            kv_len = total
+        offset = max(total - kv_len, 0)  # absolute position of the mask's first key
+        q_pos = past + torch.arange(seq, device=run.device)
+        k_pos = offset + torch.arange(kv_len, device=run.device)
+        keep_k = torch.ones(
+            bsz, kv_len, dtype=torch.bool, device=run.device
+        )  # keys past `total`: masked anyway
+        n = min(kv_len, total - offset)
+        keep_k[:, :n] = keep[:, offset : offset + n]
+        if attention_mask is None:
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None].expand(bsz, 1, seq, kv_len)
+        elif attention_mask.dtype == torch.bool:
+            allowed = attention_mask.expand(bsz, 1, seq, kv_len)
+        else:
+            allowed = (attention_mask > torch.finfo(attention_mask.dtype).min / 2).expand(bsz, 1, seq, kv_len)
         own = (k_pos[None, :] == q_pos[:, None])[None, None]
-        allowed = allowed & (keep[:, None, None, :] | own)
+        allowed = allowed & (keep_k[:, None, None, :] | own)
         if attention_mask is None or attention_mask.dtype == torch.bool:
             return allowed
         out = torch.zeros(allowed.shape, dtype=attention_mask.dtype, device=run.device)
