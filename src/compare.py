@@ -126,7 +126,7 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
 
     base = evaluate_as("base")
     base_scores = all_scores(base)
-    rows = [_row("base", "base", None, "main", base, base_scores, None, num_layers)]
+    rows = [_row("base", "base", None, "main", base, base_scores, None, num_layers, base_summary=base)]
     skip = OmegaConf.to_container(cfg.skip, resolve=True)
     for system in systems:
         del model
@@ -154,6 +154,7 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
                 base_scores,
                 macs,
                 num_layers,
+                base_summary=base,
             )
         )
     results = {
@@ -254,11 +255,21 @@ def run_curves(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def _row(label, method, applied, table, summary, base_scores, macs, num_layers) -> dict[str, Any]:
+def _row(
+    label, method, applied, table, summary, base_scores, macs, num_layers, base_summary=None
+) -> dict[str, Any]:
+    """One system's table row. Retention is against `base_scores`, with a paired bootstrap interval over the
+    built-in suite's examples when `base_summary` (the base model's `evaluate_system` summary) is given."""
     from .eval.run import all_scores
     from .eval.tasks import retention
 
     scores = all_scores(summary)
+    ret = retention(
+        scores,
+        base_scores,
+        summary.get("example_scores"),
+        None if base_summary is None else base_summary.get("example_scores"),
+    )
     lay = summary["layers"]
     return {
         "label": label,
@@ -270,11 +281,18 @@ def _row(label, method, applied, table, summary, base_scores, macs, num_layers) 
         "layers_skipped_generated": lay["layers_skipped_generated"],
         "ppl": summary["perplexity"]["ppl"],
         "scores": scores,
+        "scores_ci": {
+            t: [v["ci_low"], v["ci_high"]] for t, v in summary["tasks"].items() if v.get("ci_low") is not None
+        },
         "layers_used_by_task": {
-            t: {"prompt": v["layers_used_prompt"], "generated": v["layers_used_generated"]}
+            t: {
+                "prompt": v["layers_used_prompt"],
+                "generated": v.get("layers_used_answer", v["layers_used_generated"]),
+            }
             for t, v in summary["tasks"].items()
         },
-        "retention": retention(scores, base_scores)["retention"] if method != "base" else 1.0,
+        "retention": ret["retention"] if method != "base" else 1.0,
+        "retention_ci": ret["interval"] if method != "base" else None,
         "macs_saved_frac": 0.0 if macs is None else macs["analytic_macs_saved_frac"],
     }
 
@@ -283,6 +301,13 @@ def _f(v, digits=2) -> str:
     if v is None:
         return "-"
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _with_ci(v, ci) -> str:
+    """``v [low, high]``, or ``v`` alone without an interval."""
+    if v is None or not ci or ci[0] is None:
+        return _f(v)
+    return f"{_f(v)} [{_f(ci[0])}, {_f(ci[1])}]"
 
 
 def table_lines(rows: list[dict], tasks: list[str]) -> list[str]:
@@ -305,8 +330,8 @@ def table_lines(rows: list[dict], tasks: list[str]) -> list[str]:
             _f(r["layers_skipped_generated"]),
             f"{r['macs_saved_frac']:.1%}",
             _f(r["ppl"], 1),
-            *[_f(r["scores"].get(t)) for t in tasks],
-            _f(r["retention"]),
+            *[_with_ci(r["scores"].get(t), (r.get("scores_ci") or {}).get(t)) for t in tasks],
+            _with_ci(r["retention"], r.get("retention_ci")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -319,11 +344,15 @@ def compare_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Comparison on `{results['model']}` ({results['num_layers']} layers)",
         "",
-        f"Task suite: {s['n_per_task']} examples per task, greedy, {s['max_new_tokens']} new tokens; held-out "
-        f"perplexity over {s.get('ppl_max_articles') or 'all'} Lee articles. Scores are exact match (repeat, copy, "
-        "addition, multiplication), token F1 (continue) or ROUGE-L F1 (summarize); retention = mean over "
-        "tasks of score / base score (tasks with base score 0 left out). k: target layers skipped; "
-        "'skipped' columns are measured. MACs saved: analytic, per token, lm_head included.",
+        f"Task suite: {s['n_per_task']} examples per task; held-out perplexity over "
+        f"{s.get('ppl_max_articles') or 'all'} Lee articles. Multiple-choice tasks (next_sentence, cloze, "
+        "add_choice, mul_choice, copy_choice) score the accuracy of the highest log-likelihood choice of 4 "
+        "(chance 0.25); generation tasks (greedy, "
+        f"{s['max_new_tokens']} new tokens) score exact match (repeat, copy, addition, multiplication), token "
+        "F1 (continue) or ROUGE-L F1 (summarize). Brackets: 95% intervals (Wilson for 0/1 scores, bootstrap "
+        "otherwise). Retention = mean over tasks of score / base score (tasks with base score 0 left out), "
+        "its interval a paired bootstrap over the same example ids. k: target layers skipped; 'skipped' "
+        "columns are measured. MACs saved: analytic, per token, lm_head included.",
         "",
         "## Main table (paper Table 1)",
         "",
@@ -334,7 +363,7 @@ def compare_markdown(results: dict[str, Any]) -> str:
         name = results.get("ablation_reference")
         ref = [r for r in rows if r["label"] == name or r["label"].startswith(f"{name}@")]
         lines += ["", "## Ablations (paper Table 3)", "", *table_lines(ref + ablation, tasks)]
-    lines += ["", "## Mean layers used per task (prompt / generated tokens)", ""]
+    lines += ["", "## Mean layers used per task (prompt / answer tokens: generated, or all choices')", ""]
     header = ["system", *tasks]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:

@@ -27,7 +27,9 @@ def test_retention_arithmetic():
     assert out["per_task"] == pytest.approx({"repeat": 0.5, "copy": 1.0, "summarize": 1.25})
     assert out["retention"] == pytest.approx((0.5 + 1.0 + 1.25) / 3)
     assert out["skipped_tasks"] == ["addition"]  # base score 0: ratio undefined, left out
-    assert retention({"a": 1.0}, {"a": 0.0}) == {"retention": None, "per_task": {}, "skipped_tasks": ["a"]}
+    assert out["interval"] is None  # no per-example scores given: no interval
+    empty = retention({"a": 1.0}, {"a": 0.0})
+    assert (empty["retention"], empty["per_task"], empty["skipped_tasks"]) == (None, {}, ["a"])
 
 
 # ---------------------------------------------------------------------------------------- tasks
@@ -123,6 +125,7 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path):
         "evaluate",
         [
             f"ckpt_path={tmp_path / 'train'}",  # a run folder: its flexidepth/ is used
+            "eval.tasks=[repeat,copy,addition,multiplication,continue,summarize,next_sentence,add_choice]",
             "eval.n_per_task=2",
             "eval.max_new_tokens=4",
             "eval.ppl_max_articles=2",
@@ -143,12 +146,19 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["num_layers"] == 4 and res["routed_layers"] == [2, 3]
     assert set(res["tasks"]) == {"base", "flexidepth"}
+    suite = [*TASKS, "next_sentence", "add_choice"]
     for system in ("base", "flexidepth"):
-        assert set(res["tasks"][system]) == set(TASKS)
-        for task in TASKS:
+        assert list(res["tasks"][system]) == suite
+        for task in suite:
             t = res["tasks"][system][task]
             assert {"score", "metric", "n", "layers_used_prompt", "layers_used_generated"} <= set(t)
             assert 0.0 <= t["score"] <= 1.0 and t["n"] == 2
+            assert 0.0 <= t["ci_low"] <= t["score"] <= t["ci_high"] <= 1.0
+            assert t["ci_method"] == ("wilson" if task not in ("continue", "summarize") else "bootstrap")
+        for task in ("next_sentence", "add_choice"):
+            t = res["tasks"][system][task]
+            assert t["kind"] == "choice" and t["metric"] == "accuracy" and t["chance"] == 0.25
+            assert t["layers_used_generated"] is None
         assert res["perplexity"][system]["ppl"] > 1
     # base runs every layer; with tau = 0.99 the FlexiDepth model skips both routed layers
     assert res["layers"]["base"]["layers_used_scored"] == 4.0
@@ -156,14 +166,21 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path):
     assert res["layers"]["flexidepth"]["layers_used_scored"] == pytest.approx(2.0)
     assert res["layers"]["flexidepth"]["layers_skipped_generated"] == pytest.approx(2.0)
     assert res["tasks"]["flexidepth"]["copy"]["layers_used_prompt"] == pytest.approx(2.0)
+    assert res["tasks"]["flexidepth"]["add_choice"]["layers_used_choices"] == pytest.approx(2.0)
+    assert res["tasks"]["base"]["add_choice"]["layers_used_answer"] == 4.0
     assert res["flops"]["scored"]["layers_skipped_mean"] == pytest.approx(2.0)
     assert 0 < res["flops"]["scored"]["analytic_macs_saved_frac"] < 1
     assert "retention" in res["retention"] and "skipped_tasks" in res["retention"]
-    assert "| repeat |" in (out / "results.md").read_text()
+    if res["retention"]["retention"] is not None:
+        low, high = res["retention"]["interval"]
+        assert low <= high
+    md = (out / "results.md").read_text()
+    assert "| repeat |" in md and "| next_sentence | accuracy | 0.250 | 2 |" in md
+    assert "base 95% CI" in md and "score / base 95% CI" in md
 
     ds = load_depthmap(out / "depthmap.parquet")
-    assert len(ds) > 0 and set(ds["task"]) == set(TASKS)
-    assert set(ds["segment"]) == {"prompt", "generated"}
+    assert len(ds) > 0 and set(ds["task"]) == set(suite)
+    assert set(ds["segment"]) == {"prompt", "generated", "choice"}
     row = ds[0]
     assert len(row["gates"]) == 2 and len(row["run"]) == 2
     assert all(u == 2 for u in ds["layers_used"])

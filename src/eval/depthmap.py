@@ -1,9 +1,10 @@
 """DepthMap: per-token layer-usage records of an evaluation, stored as a `datasets` Dataset (parquet).
 
-One row per token of every evaluated example (prompt and generated tokens):
+One row per token of every evaluated example (prompt and generated tokens; for a multiple-choice task, the
+prompt and the correct choice's tokens):
 
     model        "flexidepth" | "base"
-    task, example_id, segment ("prompt" | "generated"), position (0-based in prompt + completion)
+    task, example_id, segment ("prompt" | "generated" | "choice"), position (0-based in prompt + completion)
     token_id, token (the tokenizer's token string), text (the token decoded to text)
     layers_used  decoder layers this token's forward ran (unrouted layers + routed layers run)
     gates        [R] router gate per routed layer (empty when routing is off)

@@ -88,16 +88,16 @@ def layer_position_figure(results: dict[str, Any], records: list[dict], bins: in
 
 
 def task_depth_figure(results: dict[str, Any]) -> Figure:
-    """Mean layers used per task, prompt vs generated tokens, for each evaluated model."""
+    """Mean layers used per task, prompt vs answer tokens (generated, or a choice task's choices), per model."""
     systems = list(results["tasks"])
     tasks = list(results["tasks"][systems[0]])
     fig = Figure(figsize=(max(6, 1.2 * len(tasks) + 2), 3.8))
     ax = fig.subplots()
-    bars = [(s, seg) for s in systems if s != "base" or len(systems) == 1 for seg in ("prompt", "generated")]
+    bars = [(s, seg) for s in systems if s != "base" or len(systems) == 1 for seg in ("prompt", "answer")]
     width = 0.8 / len(bars)
     x = np.arange(len(tasks))
     for k, (s, seg) in enumerate(bars):
-        vals = [results["tasks"][s][t][f"layers_used_{seg}"] or 0.0 for t in tasks]
+        vals = [_task_layers(results["tasks"][s][t], seg) or 0.0 for t in tasks]
         ax.bar(x + (k - (len(bars) - 1) / 2) * width, vals, width, label=f"{s} {seg}")
     ax.axhline(results["num_layers"], color="k", lw=1, ls="--", label="all layers")
     ax.set_xticks(x, tasks)
@@ -107,6 +107,12 @@ def task_depth_figure(results: dict[str, Any]) -> Figure:
     ax.set_title("Layers used by task")
     fig.tight_layout()
     return fig
+
+
+def _task_layers(task: dict, seg: str) -> float | None:
+    if seg == "prompt":
+        return task["layers_used_prompt"]
+    return task.get("layers_used_answer", task.get("layers_used_generated"))
 
 
 def run_fraction_bars(results: dict[str, Any], records: list[dict], path: Path) -> Path | None:

@@ -1,4 +1,5 @@
-"""results.md: the per-task table (score and layers used, base vs FlexiDepth) plus perplexity and FLOPs."""
+"""results.md: the per-task table (score with its 95% interval and layers used, base vs the system; score /
+base score with its paired bootstrap interval), retention with its interval, perplexity and FLOPs."""
 
 from __future__ import annotations
 
@@ -14,23 +15,44 @@ def _f(value, digits: int = 3) -> str:
     return str(value)
 
 
+def interval_text(low, high, digits: int = 3) -> str:
+    """``[low, high]`` (``-`` when either end is missing)."""
+    if low is None or high is None:
+        return "-"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def task_table_rows(results: dict[str, Any]) -> tuple[list[str], list[list]]:
-    """Header and rows of the per-task table (one row per task; base and FlexiDepth side by side)."""
+    """Header and rows of the per-task table (one row per task; every system side by side).
+
+    Per system: score, its interval (`summarize_tasks`' ci_low / ci_high), mean layers used on prompt tokens
+    and on answer tokens (generated tokens, or all choices' tokens for a multiple-choice task); with a
+    retention, the task's score / base score and its paired bootstrap interval."""
     systems = list(results["tasks"])
-    header = ["task", "metric", "n"]
+    header = ["task", "metric", "chance", "n"]
     for s in systems:
-        header += [f"{s} score", f"{s} layers (prompt)", f"{s} layers (generated)"]
-    if "retention" in results:
-        header.append("score / base")
+        header += [f"{s} score", f"{s} 95% CI", f"{s} layers (prompt)", f"{s} layers (answer)"]
+    ret = results.get("retention")
+    if ret is not None:
+        header += ["score / base", "score / base 95% CI"]
     rows = []
     first = results["tasks"][systems[0]]
     for task, base in first.items():
-        row = [task, base["metric"], base["n"]]
+        row = [task, base["metric"], base.get("chance"), base["n"]]
         for s in systems:
             t = results["tasks"][s][task]
-            row += [t["score"], t["layers_used_prompt"], t["layers_used_generated"]]
-        if "retention" in results:
-            row.append(results["retention"]["per_task"].get(task))
+            answer = t.get("layers_used_answer", t.get("layers_used_generated"))
+            row += [
+                t["score"],
+                interval_text(t.get("ci_low"), t.get("ci_high")),
+                t["layers_used_prompt"],
+                answer,
+            ]
+        if ret is not None:
+            row += [
+                ret["per_task"].get(task),
+                interval_text(*(ret.get("per_task_interval") or {}).get(task, [None, None])),
+            ]
         rows.append(row)
     return header, rows
 
@@ -55,13 +77,21 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Tasks",
         "",
+        "Multiple-choice tasks: accuracy of the highest-scoring of 4 choices (src/eval/choice_tasks.py); "
+        "generation tasks: greedy generation scored by the task's metric. 95% CI: Wilson for 0/1 scores, "
+        "bootstrap over examples otherwise; score / base: paired bootstrap over the same example ids.",
+        "",
     ]
     header, rows = task_table_rows(results)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_f(v) for v in row) + " |" for row in rows]
     ret = results.get("retention")
     if ret is not None:
-        lines += ["", f"**Retention** (mean of score / base score): {_f(ret['retention'])}"]
+        lines += [
+            "",
+            f"**Retention** (mean of score / base score): {_f(ret['retention'])}, 95% CI "
+            f"{interval_text(*(ret.get('interval') or [None, None]))} (paired bootstrap over examples)",
+        ]
         if ret["skipped_tasks"]:
             lines.append(f"(left out, base score 0: {', '.join(ret['skipped_tasks'])})")
     if results.get("harness"):
@@ -103,4 +133,4 @@ def write_markdown(results: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["markdown", "task_table_rows", "write_markdown"]
+__all__ = ["interval_text", "markdown", "task_table_rows", "write_markdown"]

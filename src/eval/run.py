@@ -21,7 +21,17 @@ from src.flexidepth.checkpoint import CONFIG
 from src.flexidepth.generation import generate
 from src.flexidepth.routes import lm_loss_sum
 
-from .tasks import METRICS, TaskExample, make_task_examples, retention, score
+from .choice_tasks import (
+    CHOICE_TASKS,
+    N_CHOICES,
+    SCORING,
+    ChoiceExample,
+    choice_loglikelihoods,
+    choice_scores,
+    make_choice_examples,
+    pick,
+)
+from .tasks import METRICS, TaskExample, make_task_examples, retention, score, score_interval
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +139,87 @@ def _flexi_layers(model):
 def run_suite(
     model,
     tokenizer,
-    examples: list[TaskExample],
+    examples: list[TaskExample | ChoiceExample],
     max_new_tokens: int = 32,
     batch_size: int = 8,
     label: str = "flexidepth",
 ) -> tuple[list[dict], list[dict]]:
-    """Greedy generation and scoring of every example. Returns (per-example rows, DepthMap token records)."""
+    """Score every example: generation tasks by greedy generation (`TaskExample`), multiple-choice tasks by
+    log-likelihood (`ChoiceExample`, `run_choice_suite`). Returns (per-example rows in the order of
+    `examples`, DepthMap token records)."""
+    gen = [ex for ex in examples if isinstance(ex, TaskExample)]
+    choice = [ex for ex in examples if isinstance(ex, ChoiceExample)]
+    rows, records = _run_generation(model, tokenizer, gen, max_new_tokens, batch_size, label)
+    c_rows, c_records = run_choice_suite(model, tokenizer, choice, batch_size, label)
+    by_uid = {r["uid"]: r for r in rows + c_rows}
+    return [by_uid[ex.uid] for ex in examples], records + c_records
+
+
+def run_choice_suite(
+    model, tokenizer, examples: list[ChoiceExample], batch_size: int = 8, label: str = "flexidepth"
+) -> tuple[list[dict], list[dict]]:
+    """Log-likelihood scoring of multiple-choice examples (src/eval/choice_tasks.py), `batch_size` examples
+    (times their choices) per forward. Row "score" is 1.0 when the highest-scoring choice is the correct one;
+    layers used are summed over the prompt tokens (in the correct choice's sequence) and over the tokens of
+    all choices. DepthMap records: the prompt's tokens (segment "prompt") and the correct choice's
+    (segment "choice")."""
+    if not examples:
+        return [], []
+    results = choice_loglikelihoods(model, tokenizer, examples, int(batch_size) * N_CHOICES)
+    rows, records = [], []
+    for ex, res in zip(examples, results, strict=True):
+        scores = choice_scores(ex, res)
+        pred = pick(scores)
+        rows.append(
+            {
+                "model": label,
+                **ex.to_dict(),
+                "kind": "choice",
+                "scoring": SCORING[ex.task],
+                "choice_scores": scores,
+                "logprobs": res["logprobs"],
+                "pred": pred,
+                "completion": ex.choices[pred],
+                "score": float(pred == ex.label),
+                "prompt_tokens": res["prompt_tokens"],
+                "prompt_layers_sum": float(sum(res["prompt_layers"])),
+                "choice_tokens": sum(res["choice_tokens"]),
+                "choice_layers_sum": float(sum(sum(c) for c in res["choice_layers"])),
+                "generated_tokens": 0,
+                "generated_layers_sum": 0.0,
+            }
+        )
+        ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        ids = ids + tokenizer(ex.reference, add_special_tokens=False)["input_ids"]
+        used = res["prompt_layers"] + res["choice_layers"][ex.label]
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        for j, tid in enumerate(ids):
+            records.append(
+                {
+                    "model": label,
+                    "task": ex.task,
+                    "example_id": ex.uid,
+                    "segment": "prompt" if j < res["prompt_tokens"] else "choice",
+                    "position": j,
+                    "token_id": int(tid),
+                    "token": str(pieces[j]),
+                    "text": tokenizer.decode([tid]),
+                    "layers_used": int(round(used[j])),
+                    "gates": res["gates"][j] if res["gates"] else [],
+                    "run": [bool(v) for v in res["run"][j]] if res["run"] else [],
+                }
+            )
+    return rows, records
+
+
+def _run_generation(
+    model, tokenizer, examples: list[TaskExample], max_new_tokens: int, batch_size: int, label: str
+) -> tuple[list[dict], list[dict]]:
+    """Greedy generation and scoring of generation-task examples. Returns (rows, DepthMap token records)."""
     num_layers = model.config.num_hidden_layers
     rows, records = [], []
+    if not examples:
+        return rows, records
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -173,6 +256,7 @@ def run_suite(
                     {
                         "model": label,
                         **ex.to_dict(),
+                        "kind": "generation",
                         "completion": completion,
                         "score": score(ex.task, completion, ex.reference),
                         "prompt_tokens": len(prompt_ids),
@@ -207,32 +291,53 @@ def run_suite(
     return rows, records
 
 
-def summarize_tasks(rows: list[dict]) -> dict[str, dict]:
-    """Per task: mean score and token-weighted mean layers used over prompt and generated tokens."""
-    out: dict[str, dict] = {}
+def summarize_tasks(rows: list[dict], level: float = 0.95, seed: int = 0) -> dict[str, dict]:
+    """Per task: mean score with its `level` interval (`score_interval`: Wilson for 0/1 scores, bootstrap over
+    examples otherwise) and token-weighted mean layers used.
+
+    Keys: "kind" (generation | choice), "metric", "chance" (choice tasks: 1 / choices; None for generation),
+    "n", "score", "ci_low", "ci_high", "ci_method", "prompt_tokens", "layers_used_prompt", and
+    "layers_used_answer": over generated tokens (generation tasks) or over all choices' tokens (choice
+    tasks), also given as "layers_used_generated" / "layers_used_choices" (None for the other kind)."""
+    by_task: dict[str, list[dict]] = {}
     for row in rows:
-        agg = out.setdefault(
-            row["task"],
-            {"n": 0, "score_sum": 0.0, "pt": 0, "pl": 0.0, "gt": 0, "gl": 0.0},
-        )
-        agg["n"] += 1
-        agg["score_sum"] += row["score"]
-        agg["pt"] += row["prompt_tokens"]
-        agg["pl"] += row["prompt_layers_sum"]
-        agg["gt"] += row["generated_tokens"]
-        agg["gl"] += row["generated_layers_sum"]
-    return {
-        task: {
-            "metric": METRICS[task],
-            "n": a["n"],
-            "score": a["score_sum"] / a["n"],
-            "prompt_tokens": a["pt"],
-            "generated_tokens": a["gt"],
-            "layers_used_prompt": a["pl"] / max(a["pt"], 1),
-            "layers_used_generated": a["gl"] / max(a["gt"], 1) if a["gt"] else None,
+        by_task.setdefault(row["task"], []).append(row)
+    out = {}
+    for task, items in by_task.items():
+        kind = items[0].get("kind", "generation")
+        values = [float(r["score"]) for r in items]
+        ci = score_interval(values, level=level, seed=seed)
+        pt = sum(r["prompt_tokens"] for r in items)
+        gt = sum(r["generated_tokens"] for r in items)
+        ct = sum(r.get("choice_tokens", 0) for r in items)
+        gen_used = sum(r["generated_layers_sum"] for r in items) / gt if gt else None
+        choice_used = sum(r.get("choice_layers_sum", 0.0) for r in items) / ct if ct else None
+        out[task] = {
+            "kind": kind,
+            "metric": "accuracy" if kind == "choice" else METRICS[task],
+            "chance": 1.0 / len(items[0]["choices"]) if kind == "choice" else None,
+            "n": len(items),
+            "score": sum(values) / len(values),
+            "ci_low": ci["low"],
+            "ci_high": ci["high"],
+            "ci_method": ci["method"],
+            "prompt_tokens": pt,
+            "generated_tokens": gt,
+            "choice_tokens": ct,
+            "layers_used_prompt": sum(r["prompt_layers_sum"] for r in items) / max(pt, 1),
+            "layers_used_generated": gen_used,
+            "layers_used_choices": choice_used,
+            "layers_used_answer": choice_used if kind == "choice" else gen_used,
         }
-        for task, a in out.items()
-    }
+    return out
+
+
+def example_scores(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """task -> {example uid: score} (the per-example scores that retention's paired bootstrap resamples)."""
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        out.setdefault(row["task"], {})[row["uid"]] = float(row["score"])
+    return out
 
 
 def generated_layers_mean(rows: list[dict]) -> float | None:
@@ -245,7 +350,8 @@ def split_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
     """`eval.tasks` -> (built-in suite tasks, lm-evaluation-harness tasks: every other name)."""
     from .tasks import TASKS
 
-    return [t for t in tasks if t in TASKS], [t for t in tasks if t not in TASKS]
+    builtin = set(TASKS) | set(CHOICE_TASKS)
+    return [t for t in tasks if t in builtin], [t for t in tasks if t not in builtin]
 
 
 def harness_include_path(harness_tasks: list[str], output_dir: Path, given=None) -> str | None:
@@ -265,6 +371,18 @@ def harness_include_path(harness_tasks: list[str], output_dir: Path, given=None)
     return None
 
 
+def suite_examples(tasks: list[str], n_per_task: int, seed: int) -> list[TaskExample | ChoiceExample]:
+    """Examples of the built-in tasks in `tasks` order: generation tasks from `make_task_examples`,
+    multiple-choice tasks from `make_choice_examples` (each task's draw depends only on (task, n, seed))."""
+    out: list[TaskExample | ChoiceExample] = []
+    for task in tasks:
+        if task in CHOICE_TASKS:
+            out += make_choice_examples([task], n_per_task, seed)
+        else:
+            out += make_task_examples([task], n_per_task, seed)
+    return out
+
+
 def eval_inputs(
     tokenizer, ev, output_dir: Path
 ) -> tuple[list[list[int]], list[TaskExample], list[str], str | None]:
@@ -282,7 +400,7 @@ def eval_inputs(
         texts = texts[:limit]
     chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
     suite_tasks, harness_tasks = split_tasks(list(ev.tasks))
-    examples = make_task_examples(suite_tasks, int(ev.n_per_task), int(ev.seed))
+    examples = suite_examples(suite_tasks, int(ev.n_per_task), int(ev.seed))
     include = harness_include_path(harness_tasks, output_dir, (ev.get("harness") or {}).get("include_path"))
     return chunks, examples, harness_tasks, include
 
@@ -292,7 +410,8 @@ def evaluate_system(
 ) -> tuple[dict, list[dict], list[dict]]:
     """Perplexity, task suite, lm-eval tasks and layer usage of the model as it is now.
 
-    Returns (summary, rows, records)."""
+    Returns (summary, rows, records); summary["example_scores"] (task -> {uid: score}) feeds the paired
+    retention interval (`system_retention`)."""
     num_layers = model.config.num_hidden_layers
     log.info("%s: held-out perplexity over %d chunks", label, len(chunks))
     ppl = perplexity(model, chunks, int(ev.batch_size), pad_id=int(tokenizer.pad_token_id))
@@ -303,7 +422,8 @@ def evaluate_system(
     gen = generated_layers_mean(rows)
     summary = {
         "perplexity": ppl,
-        "tasks": summarize_tasks(rows),
+        "tasks": summarize_tasks(rows, seed=int(ev.seed)),
+        "example_scores": example_scores(rows),
         "layers": {
             "layers_used_scored": ppl["layers_used_mean"],
             "layers_skipped_scored": num_layers - ppl["layers_used_mean"],
@@ -340,6 +460,18 @@ def all_scores(summary: dict) -> dict[str, float]:
         if v.get("score") is not None:
             scores[task] = float(v["score"])
     return scores
+
+
+def system_retention(summary: dict, base_summary: dict, seed: int = 0) -> dict:
+    """`retention` of a system against the base model over every scored task, with its paired bootstrap
+    interval over the built-in suite's examples (lm-eval tasks enter with fixed ratios)."""
+    return retention(
+        all_scores(summary),
+        all_scores(base_summary),
+        summary.get("example_scores"),
+        base_summary.get("example_scores"),
+        seed=seed,
+    )
 
 
 def method_applies(cfg, ckpt: Path | None) -> bool:
@@ -403,7 +535,7 @@ def evaluate(cfg) -> dict[str, Any]:
         results[key]["base"] = summary[key]
     if harness_tasks:
         results["harness"] = {"base": summary["harness"]}
-    base_scores = all_scores(summary)
+    base_summary = summary
 
     if method_applies(cfg, ckpt):
         applied = apply_method(
@@ -429,7 +561,7 @@ def evaluate(cfg) -> dict[str, Any]:
             results[key][label] = summary[key]
         if harness_tasks:
             results["harness"][label] = summary["harness"]
-        results["retention"] = retention(all_scores(summary), base_scores)
+        results["retention"] = system_retention(summary, base_summary, seed=int(ev.seed))
         lay = results["layers"][label]
         results["flops"] = {"scored": method_macs(model.config, applied, lay["layers_skipped_scored"])}
         if lay["layers_skipped_generated"] is not None:
@@ -460,11 +592,15 @@ __all__ = [
     "eval_inputs",
     "evaluate_system",
     "split_tasks",
+    "example_scores",
     "generated_layers_mean",
     "heldout_chunks",
     "load_tokenizer",
     "perplexity",
     "resolve_checkpoint",
+    "run_choice_suite",
     "run_suite",
+    "suite_examples",
     "summarize_tasks",
+    "system_retention",
 ]

@@ -19,6 +19,7 @@ F1 = 2PR / (P + R) with P = LCS / |prediction|, R = LCS / |reference| (word-leve
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
@@ -215,12 +216,100 @@ def score(task: str, completion: str, reference: str) -> float:
     raise ValueError(f"unknown eval task {task!r}")
 
 
-def retention(scores: dict[str, float], base_scores: dict[str, float]) -> dict:
-    """The paper's retention: mean over tasks of score / base score.
+# ---------------------------------------------------------------------------------------- intervals
+def _z(level: float) -> float:
+    from statistics import NormalDist
 
-    Tasks whose base score is 0 (the ratio is undefined) are left out and listed in `skipped_tasks`;
-    `retention` is None when no task is left.
+    if not 0 < level < 1:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def wilson_interval(successes: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion successes / n (the default for accuracies).
+
+    With p = successes / n and z the standard normal quantile of (1 + level) / 2:
+    centre = (p + z^2 / 2n) / (1 + z^2 / n), half width = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n).
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at p = 0 or 1.
+
+    Raises:
+        ValueError: n < 1 or successes outside [0, n].
     """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need n >= 1 and 0 <= successes <= n, got {successes} / {n}")
+    z = _z(level)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends (no rounding residue)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+def bootstrap_mean_interval(
+    values: list[float], iters: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampled with replacement, `iters` times,
+    numpy generator seeded by `seed`): the (1 - level) / 2 and (1 + level) / 2 quantiles of the means.
+
+    Raises:
+        ValueError: no values.
+    """
+    import numpy as np
+
+    if len(values) == 0:
+        raise ValueError("bootstrap of an empty sample")
+    x = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(int(iters), len(x)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def score_interval(values: list[float], level: float = 0.95, iters: int = 1000, seed: int = 0) -> dict:
+    """95% (by default) interval of a task score = mean of per-example `values`.
+
+    0/1 scores (accuracies, exact match): Wilson (`wilson_interval`); other scores (F1, ROUGE-L): percentile
+    bootstrap over examples (`bootstrap_mean_interval`). Returns {"low", "high", "method", "level"}.
+    """
+    if values and all(v in (0.0, 1.0) for v in values):
+        low, high = wilson_interval(sum(values), len(values), level)
+        method = "wilson"
+    else:
+        low, high = bootstrap_mean_interval(values, iters, seed, level)
+        method = "bootstrap"
+    return {"low": low, "high": high, "method": method, "level": level}
+
+
+def retention(
+    scores: dict[str, float],
+    base_scores: dict[str, float],
+    example_scores: dict[str, dict[str, float]] | None = None,
+    base_example_scores: dict[str, dict[str, float]] | None = None,
+    iters: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """The paper's retention: mean over tasks of score / base score, with a paired bootstrap interval.
+
+    Args:
+        scores, base_scores: task -> score of the system and of the base model.
+        example_scores, base_example_scores: task -> {example uid: score}; when both are given, `interval`
+            is the percentile bootstrap over examples, *paired*: each resample draws the same example ids
+            for the system and the base (per task, from the ids both have), recomputes every task's
+            score / base score and their mean. Tasks without per-example scores (lm-eval tasks) enter every
+            resample with their fixed ratio. Resamples where a base task score is 0 are dropped
+            (`dropped_resamples`).
+        iters, seed, level: resamples, numpy seed, confidence level.
+
+    Returns:
+        {"retention", "per_task": task -> ratio, "skipped_tasks": tasks with base score 0 (ratio undefined,
+        left out), "interval": [low, high] or None, "per_task_interval": task -> [low, high],
+        "dropped_resamples"}. `retention` is None when no task is left.
+    """
+    import numpy as np
+
     ratios, skipped = {}, []
     for task, base in base_scores.items():
         if task not in scores:
@@ -230,7 +319,40 @@ def retention(scores: dict[str, float], base_scores: dict[str, float]) -> dict:
             continue
         ratios[task] = scores[task] / base
     value = sum(ratios.values()) / len(ratios) if ratios else None
-    return {"retention": value, "per_task": ratios, "skipped_tasks": skipped}
+    out = {
+        "retention": value,
+        "per_task": ratios,
+        "skipped_tasks": skipped,
+        "interval": None,
+        "per_task_interval": {},
+        "dropped_resamples": 0,
+    }
+    if value is None or example_scores is None or base_example_scores is None:
+        return out
+    rng = np.random.default_rng(seed)
+    q = [(1 - level) / 2, (1 + level) / 2]
+    draws = np.zeros((int(iters), len(ratios)))
+    for k, task in enumerate(ratios):
+        sys_ex, base_ex = example_scores.get(task), base_example_scores.get(task)
+        ids = sorted(set(sys_ex or {}) & set(base_ex or {}))
+        if not ids:
+            draws[:, k] = ratios[task]  # no per-example scores: a fixed ratio
+            continue
+        s = np.asarray([sys_ex[i] for i in ids], dtype=float)
+        b = np.asarray([base_ex[i] for i in ids], dtype=float)
+        pick = rng.integers(0, len(ids), size=(int(iters), len(ids)))
+        num, den = s[pick].mean(1), b[pick].mean(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            draws[:, k] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+        ok = draws[:, k][~np.isnan(draws[:, k])]
+        if len(ok):
+            out["per_task_interval"][task] = [float(v) for v in np.quantile(ok, q)]
+    total = draws.mean(1)
+    keep = total[~np.isnan(total)]
+    out["dropped_resamples"] = int(len(total) - len(keep))
+    if len(keep):
+        out["interval"] = [float(v) for v in np.quantile(keep, q)]
+    return out
 
 
 __all__ = [
@@ -239,12 +361,15 @@ __all__ = [
     "TASKS",
     "TaskExample",
     "answer_text",
+    "bootstrap_mean_interval",
     "last_integer",
     "make_task_examples",
     "normalize",
     "retention",
     "rouge_l_f1",
     "score",
+    "score_interval",
     "token_f1",
+    "wilson_interval",
     "words",
 ]
