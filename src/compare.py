@@ -21,6 +21,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .utils.cli import entry_point
+from .utils.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -164,8 +167,8 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
         "ablation_reference": cfg.get("ablation_reference"),
         "rows": rows,
     }
-    (output_dir / "compare.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    (output_dir / "compare.md").write_text(compare_markdown(results))
+    atomic_write_text(output_dir / "compare.json", json.dumps(results, indent=2, sort_keys=True))
+    atomic_write_text(output_dir / "compare.md", compare_markdown(results))
     return results
 
 
@@ -291,7 +294,16 @@ def log_compare(cfg: DictConfig, results: dict[str, Any]) -> None:
 @hydra.main(
     version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="compare"
 )
+@entry_point
 def main(cfg: DictConfig) -> None:
+    from . import preflight as pf
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)  # checked before any model load
+    pf.raise_if(
+        pf.eval_problems(OmegaConf.to_container(cfg.eval, resolve=True))
+        + pf.model_access_problems(model_cfg),
+        "compare",
+    )
     results = run_compare(cfg)
     log_compare(cfg, results)
     log.info("tables in %s", Path(cfg.paths.output_dir) / "compare.md")
