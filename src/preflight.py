@@ -46,13 +46,26 @@ def hub_model_cached(repo: str) -> bool:
     return isinstance(found, str)
 
 
-def hub_access_message(key: str, repo: str, kind: str = "model", gpu_recipe: bool = False) -> str:
-    """What to do when hub repository `repo` (set by `key`) cannot be reached."""
+def hub_access_message(
+    key: str, repo: str, kind: str = "model", gpu_recipe: bool = False, error: BaseException | None = None
+) -> str:
+    """What to do when hub repository `repo` (set by `key`) cannot be reached: offline and not cached, or
+    (with `error`) the download failed."""
     repo_type = "datasets/" if kind == "dataset" else ""
+    if error is None:
+        first = (
+            f"{key}={repo!r} is a Hugging Face hub {kind} that is not in the local cache ({_hub_cache()}), and "
+            "the hub is offline (HF_HUB_OFFLINE=1: the Makefile and the test setup turn offline mode on by "
+            "default)."
+        )
+    else:
+        first = (
+            f"{key}={repo!r}: the Hugging Face hub {kind} could not be loaded ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Offline mode (HF_HUB_OFFLINE=1) is the "
+            "Makefile's default; without network access only cached repositories load."
+        )
     lines = [
-        f"{key}={repo!r} is a Hugging Face hub {kind} that is not in the local cache ({_hub_cache()}), and "
-        "the hub is offline (HF_HUB_OFFLINE=1: the Makefile and the test setup turn offline mode on by "
-        "default).",
+        first,
         f"  To fetch it: it may be gated -- accept its licence on https://huggingface.co/{repo_type}{repo}, "
         "log in (`huggingface-cli login` or HF_TOKEN=...), then run with HF_HUB_OFFLINE=0 "
         "HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0 (or download it once with `huggingface-cli download "
@@ -88,6 +101,15 @@ def model_access_problems(model_cfg: dict[str, Any], gpu_recipe: bool = False) -
         elif hub_offline() and not hub_model_cached(name):
             problems.append(hub_access_message(f"model.{key}", name, "model", gpu_recipe))
     return problems
+
+
+def model_load_error(model_cfg: dict[str, Any], err: BaseException) -> PreflightError:
+    """The user error for a failed `from_pretrained` of `model.name_or_path` (a path or a hub repository)."""
+    name = str(model_cfg.get("name_or_path"))
+    path = Path(name).expanduser()
+    if looks_like_path(name) or path.exists():
+        return PreflightError(f"model.name_or_path={name!r}: cannot load a model from {path} ({err})")
+    return PreflightError(hub_access_message("model.name_or_path", name, "model", error=err))
 
 
 def model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:

@@ -453,3 +453,28 @@ def test_sweeps_print_their_folder(capsys):
         "sweep done: /x/sweeps/alpha_1",
         "  summary: python -m src.sweep_summary /x/sweeps/alpha_1",
     ]
+
+
+def test_hub_load_failure_names_the_repo_and_what_to_do():
+    from src.models.loader import load_base_model
+
+    with pytest.raises(PreflightError) as err:
+        _LOAD_BASE({"name_or_path": "some-org/not-cached-model", "dtype": "float32"})
+    msg = str(err.value)
+    assert msg.startswith(
+        "model.name_or_path='some-org/not-cached-model': the Hugging Face hub model could not"
+    )
+    assert "https://huggingface.co/some-org/not-cached-model" in msg and "HF_HUB_OFFLINE" in msg
+    with pytest.raises(PreflightError, match=r"model\.name_or_path='/no/such/dir': cannot load a model from"):
+        load_base_model({"name_or_path": "/no/such/dir", "dtype": "float32"})
+
+
+def test_sweep_summary_lists_a_damaged_metrics_file_by_name(tmp_path):
+    from src.sweep_summary import read_sweep
+
+    job = tmp_path / "0_skip.alpha=0.1"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- skip.alpha=0.1\n")
+    (job / "metrics.json").write_text('{"metrics": {"val/ppl": 3')  # truncated
+    (point,) = read_sweep(tmp_path)
+    assert point.status.startswith(f"damaged {job / 'metrics.json'} (JSONDecodeError")
