@@ -68,6 +68,11 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool) -> list:
                 if node.get("group") is None:
                     node.group = sweep_group()
             lg = hydra.utils.instantiate(node)
+            # Lightning always passes `anonymous` (None) to wandb.init, which then prints a deprecation
+            # warning on every run; the key has no effect, so it is not passed
+            init = getattr(lg, "_wandb_init", None)
+            if isinstance(init, dict) and init.get("anonymous") is None:
+                init.pop("anonymous", None)
             if is_rank_zero():
                 atomic_write_text(id_file, str(node.id))
         else:
@@ -210,8 +215,20 @@ def open_run(cfg: DictConfig, output_dir: Path):
         resume = effective_resume(cfg)
         yield None if resume in (None, False) else (str(path) if resume == "auto" and path else resume)
         return
-    with RunLock(output_dir):
-        yield start_run(cfg, output_dir)
+    try:
+        lock = RunLock(output_dir).acquire()
+        try:
+            ckpt_path = start_run(cfg, output_dir)
+        except BaseException:
+            lock.release()
+            raise
+    except RunFolderError:
+        RunHistory(output_dir).restore_hydra()  # the refused start must not replace the run's .hydra/
+        raise
+    try:
+        yield ckpt_path
+    finally:
+        lock.release()
 
 
 def effective_resume(cfg: DictConfig):

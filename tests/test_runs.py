@@ -64,6 +64,8 @@ def _tiny_export(folder, family_cfg="tiny_llama", poison=None):
 # ------------------------------------------------------------------------------------- 1. one run, one folder
 def test_fresh_start_into_a_run_folder_refuses_unless_overwrite(tmp_path, capsys):
     run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)  # as Hydra writes it before the task runs
+    (run / ".hydra" / "config.yaml").write_text("first start\n")
     _train([], run)
     out = capsys.readouterr().out
     # the closing summary (item 5): folder, steps, export and how to evaluate it
@@ -71,16 +73,19 @@ def test_fresh_start_into_a_run_folder_refuses_unless_overwrite(tmp_path, capsys
     assert f"export: {run / 'flexidepth'}" in out and f"python -m src.eval ckpt_path={run}" in out
     first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
 
+    (run / ".hydra" / "config.yaml").write_text("refused start\n")  # Hydra rewrote it for the next command
     with pytest.raises(RunFolderError, match=r"already holds a run \(checkpoints, flexidepth") as err:
         _train([], run)
     assert "resume=auto" in str(err.value) and "overwrite=true" in str(err.value)
     again = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert again["global_step"] == first["global_step"] == 2  # untouched
+    assert (run / ".hydra" / "config.yaml").read_text() == "first start\n"  # put back
 
     _train(["overwrite=true", "seed=7"], run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # no last-v1.ckpt
     hist = sorted(p.name for p in (run / "history").iterdir())
-    assert hist == ["config-000.yaml", "events.jsonl"]  # the overwritten run's history went with it
+    # the overwritten run's history went with it
+    assert hist == ["config-000.yaml", "events.jsonl", "hydra-000"]
     assert yaml.safe_load((run / "history" / "config-000.yaml").read_text())["seed"] == 7
 
 

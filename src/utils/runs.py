@@ -7,7 +7,8 @@ A training run folder (`outputs/train/runs/<run_name>/`) guarantees:
   `overwrite=true` (the old contents are deleted) -- or pick another `run_name`.
 - **history**: `history/config-000.yaml` is the config of the first start and is never overwritten; every
   later start adds `config-<n>.yaml` and a line in `history/events.jsonl` (time, host, pid, command, the
-  changes against the previous start). Hydra's `.hydra/config.yaml` is the latest invocation's.
+  changes against the previous start), with a copy of Hydra's `.hydra/` as `hydra-<n>/`. A refused start
+  puts the latest accepted `.hydra/` back (Hydra rewrites it before our code runs).
 - **checked resume**: the keys that define the trained modules (base model, method, routed layers, router and
   adapter kinds and widths: `MODEL_DEFINING`) must equal those stored in the checkpoint, else resume refuses
   naming the keys; everything else (steps, lr, alpha, tau, ...) may change and is printed as a diff.
@@ -264,12 +265,16 @@ class RunHistory:
         return yaml.safe_load(files[-1].read_text()) if files else None
 
     def record(self, event: str, config: dict[str, Any], changes: dict[str, tuple[Any, Any]] | None = None):
-        """Write config-<n>.yaml (n = number of earlier starts) and append one events.jsonl line."""
+        """Write config-<n>.yaml (n = number of earlier starts), keep a copy of Hydra's `.hydra/` as
+        hydra-<n>/, and append one events.jsonl line."""
         import yaml
 
         n = len(self.configs())
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dir / f"config-{n:03d}.yaml", yaml.safe_dump(config, sort_keys=True))
+        hydra_dir = self.dir.parent / ".hydra"
+        if hydra_dir.is_dir():
+            shutil.copytree(hydra_dir, self.dir / f"hydra-{n:03d}", dirs_exist_ok=True)
         entry = {
             "n": n,
             "event": event,
@@ -279,3 +284,15 @@ class RunHistory:
         }
         with open(self.dir / "events.jsonl", "a") as handle:  # an append-only log, one line per start
             handle.write(json.dumps(entry, default=str) + "\n")
+
+    def restore_hydra(self) -> bool:
+        """Hydra rewrites `.hydra/` before any of our code runs, also for a start that is then refused: put
+        back the copy of the latest accepted start. Returns whether a copy existed."""
+        copies = sorted(self.dir.glob("hydra-*")) if self.dir.is_dir() else []
+        if not copies:
+            return False
+        target = self.dir.parent / ".hydra"
+        for src in copies[-1].iterdir():
+            if src.is_file():
+                atomic_write_text(target / src.name, src.read_text())
+        return True
