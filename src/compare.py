@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .utils.cli import entry_point
+from .utils.errors import PreflightError
 from .utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -294,16 +295,27 @@ def log_compare(cfg: DictConfig, results: dict[str, Any]) -> None:
 @hydra.main(
     version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="compare"
 )
-@entry_point
-def main(cfg: DictConfig) -> None:
+def preflight_compare(cfg: DictConfig) -> None:
+    """eval.* settings, hub access and every existing trained checkpoint (trained on this base model,
+    finite weights), before any model load; raises PreflightError listing every problem."""
     from . import preflight as pf
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)  # checked before any model load
-    pf.raise_if(
-        pf.eval_problems(OmegaConf.to_container(cfg.eval, resolve=True))
-        + pf.model_access_problems(model_cfg),
-        "compare",
-    )
+    problems = pf.eval_problems(OmegaConf.to_container(cfg.eval, resolve=True))
+    problems += pf.model_access_problems(model_cfg)
+    trained = OmegaConf.to_container(cfg.get("trained") or {}, resolve=True)
+    for label, entry in ({} if problems else trained).items():
+        try:  # a missing checkpoint is reported and left out by plan_systems
+            folder = pf.resolve_flexidepth_folder(entry["ckpt"], f"trained.{label}.ckpt")
+        except PreflightError:
+            continue
+        problems += pf.flexidepth_checkpoint_problems(folder, f"trained.{label}.ckpt", model_cfg)
+    pf.raise_if(problems, "compare")
+
+
+@entry_point
+def main(cfg: DictConfig) -> None:
+    preflight_compare(cfg)
     results = run_compare(cfg)
     log_compare(cfg, results)
     log.info("tables in %s", Path(cfg.paths.output_dir) / "compare.md")

@@ -225,6 +225,7 @@ def open_run(cfg: DictConfig, output_dir: Path):
     except RunFolderError:
         RunHistory(output_dir).restore_hydra()  # the refused start must not replace the run's .hydra/
         raise
+    log.info("run folder: %s (%s)", output_dir, f"resuming {ckpt_path}" if ckpt_path else "fresh start")
     try:
         yield ckpt_path
     finally:

@@ -483,3 +483,34 @@ def test_sweep_summary_lists_a_damaged_metrics_file_by_name(tmp_path):
     (job / "metrics.json").write_text('{"metrics": {"val/ppl": 3')  # truncated
     (point,) = read_sweep(tmp_path)
     assert point.status.startswith(f"damaged {job / 'metrics.json'} (JSONDecodeError")
+
+
+def test_compare_refuses_foreign_and_nan_checkpoints_before_loading(tmp_path, no_model_load):
+    from src.compare import preflight_compare
+
+    qwen = _tiny_export(tmp_path / "runs" / "qwen_fd", "tiny_qwen2")
+    nan = _tiny_export(tmp_path / "runs" / "nan_fd", poison="model.layers.2.router.head.weight")
+    cfg = _compose(
+        "compare",
+        [
+            "model=tiny_llama",
+            "logger=none",
+            f"runs_dir={tmp_path / 'runs'}",
+            "trained={}",
+            f"+trained.other={{ckpt: '{qwen}', table: main}}",
+            f"+trained.diverged={{ckpt: '{nan}', table: main}}",
+            f"+trained.gone={{ckpt: '{tmp_path / 'missing'}', table: main}}",  # left out, as before
+            "eval.tau=-1",
+        ],
+    )
+    with pytest.raises(PreflightError, match=r"eval\.tau must be null or a number in \[0, 1\], got -1"):
+        preflight_compare(cfg)
+    cfg.eval.tau = None
+    with pytest.raises(PreflightError) as err:
+        preflight_compare(cfg)
+    msg = str(err.value)
+    assert "trained.other.ckpt: " in msg and "model_type='qwen2' (this model: 'llama')" in msg
+    assert (
+        f"trained.diverged.ckpt: {nan / WEIGHTS}: tensor model.layers.2.router.head.weight holds NaN" in msg
+    )
+    assert "trained.gone" not in msg

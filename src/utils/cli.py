@@ -7,7 +7,7 @@
 - `entry_point`: wraps a Hydra task function with `user_errors()` and, when the command fails, removes the
   output folder Hydra created for it if the command produced nothing there (only Hydra's `.hydra/` and log,
   our lock/history, an offline W&B run or generated task files), so failed commands leave no empty run
-  folders or W&B runs behind.
+  folders or W&B runs behind. Sweep points keep their folder: the sweep summary lists them as failed.
 """
 
 from __future__ import annotations
@@ -67,6 +67,12 @@ def hydra_output_dir() -> Path | None:
     return Path(str(HydraConfig.get().runtime.output_dir))
 
 
+def _in_multirun() -> bool:
+    from .launch import hydra_config, is_multirun
+
+    return is_multirun(hydra_config())
+
+
 def produced(folder: Path) -> list[str]:
     """What a command wrote into its output folder besides scaffolding (see NOT_PRODUCTS)."""
     from .runs import run_contents
@@ -88,7 +94,8 @@ def entry_point(task: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(task)
     def wrapper(cfg, *args, **kwargs):
         folder = hydra_output_dir()
-        fresh = folder is not None and not produced(folder)
+        # a sweep point's folder stays: the sweep summary lists it as failed (src/sweep_summary.py)
+        fresh = folder is not None and not produced(folder) and not _in_multirun()
         with user_errors():
             try:
                 return task(cfg, *args, **kwargs)
