@@ -6,8 +6,10 @@
     python -m src.train run_name=myrun resume=auto        # continue a killed run from its own folder
     python -m src.train +sweep=alpha                      # a sweep file (conf/sweep/), summary: src.sweep_summary
 
-Outputs go to `outputs/train/runs/<run_name>/` (config, checkpoints/, flexidepth/, wandb/, layer usage,
-metrics.json).
+Outputs go to `outputs/train/runs/<run_name>/` (config, history/, checkpoints/, flexidepth/, wandb/, layer
+usage, metrics.json). The folder belongs to one run: locked while training, a fresh start into a used folder
+refuses (`resume=auto` continues it, `overwrite=true` replaces it), resume checks the stored config
+(src/utils/runs.py; README "Runs and resume").
 """
 
 from __future__ import annotations
