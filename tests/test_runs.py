@@ -377,7 +377,7 @@ def test_failed_command_prints_no_traceback_and_leaves_no_folder(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # like the other CLI tests: a loaded shared machine can take minutes to start Python
     )
     assert res.returncode == 2, res.stderr[-2000:]
     assert "error: optim.lr must be > 0, got 0" in res.stderr
