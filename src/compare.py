@@ -21,6 +21,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .utils.cli import entry_point
+from .utils.errors import PreflightError
+from .utils.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -165,8 +169,8 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
         "ablation_reference": cfg.get("ablation_reference"),
         "rows": rows,
     }
-    (output_dir / "compare.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    (output_dir / "compare.md").write_text(compare_markdown(results))
+    atomic_write_text(output_dir / "compare.json", json.dumps(results, indent=2, sort_keys=True))
+    atomic_write_text(output_dir / "compare.md", compare_markdown(results))
     return results
 
 
@@ -405,7 +409,27 @@ def log_compare(cfg: DictConfig, results: dict[str, Any]) -> None:
 @hydra.main(
     version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="compare"
 )
+def preflight_compare(cfg: DictConfig) -> None:
+    """eval.* settings, hub access and every existing trained checkpoint (trained on this base model,
+    finite weights), before any model load; raises PreflightError listing every problem."""
+    from . import preflight as pf
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)  # checked before any model load
+    problems = pf.eval_problems(OmegaConf.to_container(cfg.eval, resolve=True))
+    problems += pf.model_access_problems(model_cfg)
+    trained = OmegaConf.to_container(cfg.get("trained") or {}, resolve=True)
+    for label, entry in ({} if problems else trained).items():
+        try:  # a missing checkpoint is reported and left out by plan_systems
+            folder = pf.resolve_flexidepth_folder(entry["ckpt"], f"trained.{label}.ckpt")
+        except PreflightError:
+            continue
+        problems += pf.flexidepth_checkpoint_problems(folder, f"trained.{label}.ckpt", model_cfg)
+    pf.raise_if(problems, "compare")
+
+
+@entry_point
 def main(cfg: DictConfig) -> None:
+    preflight_compare(cfg)
     out = Path(cfg.paths.output_dir)
     if cfg.curves.enabled:
         run_curves(cfg)

@@ -13,12 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from .flexidepth import FlexiDepthConfig
 from .flexidepth.config import FlexiDepthConfigError
+from .utils.errors import UserError
 
 TOP_KEYS = {
     "task_name",
     "run_name",
     "seed",
     "resume",
+    "overwrite",
     "init_from",
     "gradient_checkpointing",
     "model",
@@ -40,8 +42,8 @@ MODEL_KEYS = {"name_or_path", "tokenizer", "dtype", "attn_implementation", "rand
 OPTIM_KEYS = {"lr", "betas", "weight_decay", "warmup_ratio", "min_lr_ratio", "router_lr", "adapter_lr"}
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config value is wrong; the message names the key."""
 
 
 def _unknown(section: str, given: set[str], known: set[str]) -> None:

@@ -19,11 +19,16 @@ from typing import Any
 import torch
 
 from .flexidepth import FlexiDepthConfig, flexidepth_state_dict, inject, save_flexidepth
+from .flexidepth.checkpoint import CheckpointError, check_finite
 from .flexidepth.inject import is_flexidepth_param
 
 
 def load_checkpoint(path: str | Path, work_dir: str | Path | None = None) -> dict[str, Any]:
-    """A Lightning checkpoint dict from a .ckpt file or a DeepSpeed checkpoint folder (collated to fp32)."""
+    """A Lightning checkpoint dict from a .ckpt file or a DeepSpeed checkpoint folder (collated to fp32).
+
+    Raises FileNotFoundError if `path` does not exist, CheckpointError naming the file if it is empty,
+    truncated or not a Lightning checkpoint.
+    """
     path = Path(path)
     if path.is_dir():
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
@@ -34,7 +39,15 @@ def load_checkpoint(path: str | Path, work_dir: str | Path | None = None) -> dic
         path = out
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint file or DeepSpeed checkpoint folder")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes; written by a process that was killed?)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # EOFError, RuntimeError, UnpicklingError, ...: a damaged or foreign file
+        raise CheckpointError(f"{path}: damaged checkpoint file ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return ckpt
 
 
 def flexidepth_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -105,6 +118,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, model_cfg: dict[str, An
             raise ValueError(
                 f"{checkpoint}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
             )
+    check_finite(checkpoint, tensors)  # a diverged run's weights are not exported
     dtype = getattr(torch, flexi.param_dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
     return save_flexidepth(
@@ -124,7 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint folder")
     parser.add_argument("out_dir", help="FlexiDepth checkpoint folder to write")
     args = parser.parse_args(argv)
-    print(f"wrote {convert(args.checkpoint, args.out_dir)}")
+    from .utils.cli import user_errors
+
+    with user_errors():
+        print(f"wrote {convert(args.checkpoint, args.out_dir)}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
     python -m src.evaluate model=tiny_llama ckpt_path=<folder> logger=none eval.max_new_tokens=8
     python -m src.evaluate method=shortgpt method.k32=8                  # a baseline (conf/method/)
 
+Everything cheap is checked first (`preflight_eval`: the checkpoint against `model=`, its weights finite,
+`eval.tau`, task names, the device, hub access), before the model is loaded or a folder is written. The run
+folder is named after the checkpoint (`<run>_<time>`; `base_<time>` or `<method>_<time>` without one).
+
 Writes outputs/evaluate/runs/<run_name>/: results.json, results.md (per-task table), completions.jsonl,
 depthmap.parquet (per-token layer usage, `src.eval.load_depthmap`), layer_run_fraction.png,
 layer_position_heatmap.png, task_depth.png, depthmap.html (tokens shaded by layers used); with a W&B logger (offline by default) the table, scalars and
@@ -22,6 +26,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .eval.report import task_table_rows
+from .utils.cli import entry_point
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +83,63 @@ def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
         _finish_wandb()
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    from .eval.run import evaluate
+def preflight_eval(cfg: DictConfig) -> None:
+    """Refuse, before any model load or output, what can be checked cheaply: eval.* values and task names,
+    the device, hub access to the base model, the method config, and the checkpoint (readable, trained on
+    this base model, finite weights). Raises PreflightError listing every problem (src/preflight.py)."""
+    from omegaconf import OmegaConf
 
+    from . import preflight as pf
+    from .baselines import validate_method
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    ev = OmegaConf.to_container(cfg.eval, resolve=True)
+    problems = pf.eval_problems(ev) + pf.model_access_problems(model_cfg)
+    if cfg.get("method") is not None:
+        validate_method(OmegaConf.to_container(cfg.method, resolve=True))
+    if cfg.get("ckpt_path") not in (None, "", "null"):
+        folder = pf.resolve_flexidepth_folder(cfg.ckpt_path, "ckpt_path")
+        if not problems:  # the base model's identity needs its config to be reachable
+            problems += pf.flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
+    pf.raise_if(problems, "evaluate")
+
+
+def main_table(results: dict[str, Any]) -> str:
+    """The per-task table (score and layers used per system) plus perplexity and retention, as text."""
+    header, rows = task_table_rows(results)
+
+    def cell(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    table = [header] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table]
+    ppl = ", ".join(f"{s} {p['ppl']:.3f}" for s, p in results["perplexity"].items())
+    lines.append(f"held-out ppl: {ppl}")
+    ret = (results.get("retention") or {}).get("retention")
+    if ret is not None:
+        lines.append(f"retention (mean score / base score): {ret:.3f}")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Preflight, evaluate, log; prints the main table and the results folder. Returns the results."""
+    from .eval.run import evaluate
+    from .utils.quiet import silence_third_party
+
+    preflight_eval(cfg)
+    silence_third_party()
     results = evaluate(cfg)
     log_results(cfg, results)
-    log.info("results in %s", cfg.paths.output_dir)
+    print(main_table(results), flush=True)
+    print(f"results in {cfg.paths.output_dir} (results.md, results.json, depthmap.html)", flush=True)
     return results
 
 
 @hydra.main(
     version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="evaluate"
 )
+@entry_point
 def main(cfg: DictConfig) -> float | None:
     results = run(cfg)
     return (results.get("retention") or {}).get("retention")

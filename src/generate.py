@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .flexidepth.generation import GenerationOutput, check_generation_args
+from .utils.cli import entry_point
 
 
 def check_cli_args(cfg: DictConfig) -> dict:
@@ -72,6 +73,7 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     file = file if file is not None else sys.stdout
     params = check_cli_args(cfg)  # before any model work
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    preflight_generate(cfg, model_cfg)
     device = str(cfg.get("device", "auto"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,9 +119,28 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     )
 
 
+def preflight_generate(cfg: DictConfig, model_cfg: dict) -> None:
+    """Device, hub access and the checkpoint (trained on this base model, finite weights), before any model
+    load; raises PreflightError listing every problem (src/preflight.py)."""
+    from . import preflight as pf
+
+    device = str(cfg.get("device", "auto"))
+    problems = pf.accelerator_problems("cuda" if device.startswith("cuda") else device, "device")
+    problems += pf.model_access_problems(model_cfg)
+    tau = cfg.get("tau")
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
+        problems.append(f"tau must be null or a number in [0, 1], got {tau!r}")
+    if cfg.get("ckpt_path") not in (None, "", "null"):
+        folder = pf.resolve_flexidepth_folder(cfg.ckpt_path, "ckpt_path")
+        if not problems:
+            problems += pf.flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
+    pf.raise_if(problems, "generate")
+
+
 @hydra.main(
     version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="generate"
 )
+@entry_point
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -55,7 +55,10 @@ def read_sweep(sweep_dir: str | Path) -> list[Point]:
         point = Point(job.name, _overrides(job))
         metrics = job / "metrics.json"
         if metrics.is_file():
-            point.metrics = json.loads(metrics.read_text())["metrics"]
+            try:
+                point.metrics = json.loads(metrics.read_text())["metrics"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:  # listed, not fatal for the summary
+                point.status = f"damaged {metrics} ({type(err).__name__}: {err})"
         else:
             point.status = "no metrics.json (failed or running)"
         points.append(point)

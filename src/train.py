@@ -6,12 +6,15 @@
     python -m src.train run_name=myrun resume=auto        # continue a killed run from its own folder
     python -m src.train +sweep=alpha                      # a sweep file (conf/sweep/), summary: src.sweep_summary
 
-Outputs go to `outputs/train/runs/<run_name>/` (config, checkpoints/, flexidepth/, wandb/, layer usage,
-metrics.json).
+Outputs go to `outputs/train/runs/<run_name>/` (config, history/, checkpoints/, flexidepth/, wandb/, layer
+usage, metrics.json). The folder belongs to one run: locked while training, a fresh start into a used folder
+refuses (`resume=auto` continues it, `overwrite=true` replaces it), resume checks the stored config
+(src/utils/runs.py; README "Runs and resume").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +30,24 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config_check import validate
 from .released_recipe import report_alpha
+from .utils.cli import entry_point
+from .utils.errors import RunFolderError
+from .utils.files import atomic_write_text
 from .utils.launch import cluster_plugins, is_rank_zero, one_job_per_sweep_point, sweep_group
+from .utils.quiet import silence_third_party
+from .utils.runs import (
+    NOT_COMPARED,
+    RunHistory,
+    RunLock,
+    clear_run,
+    config_changes,
+    find_resume_checkpoint,
+    format_changes,
+    model_defining,
+    model_defining_conflicts,
+    run_contents,
+    verify_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +71,13 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool) -> list:
                 if node.get("group") is None:
                     node.group = sweep_group()
             lg = hydra.utils.instantiate(node)
+            # Lightning always passes `anonymous` (None) to wandb.init, which then prints a deprecation
+            # warning on every run; the key has no effect, so it is not passed
+            init = getattr(lg, "_wandb_init", None)
+            if isinstance(init, dict) and init.get("anonymous") is None:
+                init.pop("anonymous", None)
             if is_rank_zero():
-                output_dir.mkdir(parents=True, exist_ok=True)
-                id_file.write_text(str(node.id))
+                atomic_write_text(id_file, str(node.id))
         else:
             lg = hydra.utils.instantiate(node)
         loggers.append(lg)
@@ -61,17 +85,33 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    return [
+    """The configured callbacks plus the ones every run has: a final validation at the last step and, when
+    the trainer shows a progress bar, one over the real number of steps (src/callbacks/progress.py)."""
+    from .callbacks.progress import FinalValidation, StepProgressBar
+
+    callbacks = [
         hydra.utils.instantiate(node)
         for node in (cfg.get("callbacks") or {}).values()
         if node is not None and "_target_" in node
     ]
+    callbacks.append(FinalValidation())
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
+    return callbacks
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; returns the final callback metrics (floats), also written to metrics.json."""
+    """Run one training job; returns the final callback metrics (floats), also written to metrics.json.
+
+    Order: the config and what it points at are checked first (`validate`, `preflight_train`: nothing is
+    loaded or created before), then the run folder is claimed (`open_run`: lock, fresh/resume decision,
+    history), then the model is built and trained. Raises ConfigError / PreflightError / RunFolderError (user
+    errors, printed without a traceback by the CLI) naming the key, file or holder.
+    """
     validate(cfg)  # before anything heavy is loaded
+    preflight_train(cfg)
     report_alpha(cfg)  # released_stage* experiments: which alpha (face value or reproducing) is used
+    silence_third_party()
     # our sampler resumes mid-epoch itself (StepBatchSampler.start_fn), which Lightning cannot see
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     from .data.datamodule import SFTDataModule
@@ -79,54 +119,249 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from .lit.module import FlexiDepthModule
     from .models.loader import tokenizer_path
 
-    L.seed_everything(int(cfg.seed), workers=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     method = str(cfg.get("method", {}).get("name", "flexidepth"))
     if method not in ("flexidepth", "mindskip"):
         return apply_untrained(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_resume(cfg, output_dir)
-    if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
+    with open_run(cfg, output_dir) as ckpt_path:
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        datamodule = SFTDataModule(
+            tokenizer_path=tokenizer_path(model_cfg),
+            accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches", 1)),
+            **OmegaConf.to_container(cfg.data, resolve=True),
+        )
+        datamodule.setup("fit")  # data errors surface here, before the model load and any logger
+        module = FlexiDepthModule(
+            model=model_cfg,
+            skip=OmegaConf.to_container(cfg.skip, resolve=True),
+            optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
+            method=method,
+            loss=loss_config(cfg),
+        )
+        if cfg.get("init_from"):
+            load_flexidepth(module.model, cfg.init_from)
+
+        loggers = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)
+        trainer: L.Trainer = hydra.utils.instantiate(
+            cfg.trainer,
+            callbacks=build_callbacks(cfg),
+            logger=loggers or False,
+            use_distributed_sampler=False,
+            **trainer_overrides(cfg),
+        )
+        if trainer.is_global_zero:
+            for lg in loggers:
+                lg.log_hyperparams(
+                    {"config": OmegaConf.to_container(cfg, resolve=True), "params": module.parameter_counts()}
+                )
+        try:
+            with one_job_per_sweep_point():
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        finally:
+            _finish_wandb()
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if trainer.is_global_zero:
+            write_metrics(output_dir, metrics, trainer.global_step, cfg)
+            print(closing_summary(cfg, output_dir, metrics, trainer, module), flush=True)
+    return metrics
+
+
+def preflight_train(cfg: DictConfig) -> None:
+    """Hardware, hub access (model, data), and the checkpoints `init_from` / `resume` name: all checked
+    before a model is loaded or an output is created (src/preflight.py). Raises PreflightError."""
+    from . import preflight as pf
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    datamodule = SFTDataModule(
-        tokenizer_path=tokenizer_path(model_cfg),
-        accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches", 1)),
-        **OmegaConf.to_container(cfg.data, resolve=True),
-    )
-    module = FlexiDepthModule(
-        model=model_cfg,
-        skip=OmegaConf.to_container(cfg.skip, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
-        method=method,
-        loss=loss_config(cfg),
-    )
-    if cfg.get("init_from"):
-        load_flexidepth(module.model, cfg.init_from)
+    accel = str(cfg.trainer.get("accelerator", "cpu"))
+    gpu_recipe = accel in ("gpu", "cuda")
+    problems = pf.accelerator_problems(accel, "trainer.accelerator", recipe_hint=gpu_recipe)
+    problems += pf.model_access_problems(model_cfg, gpu_recipe=gpu_recipe)
+    problems += pf.data_access_problems(OmegaConf.to_container(cfg.data, resolve=True))
+    if cfg.get("init_from") and not problems:
+        problems += pf.flexidepth_checkpoint_problems(Path(str(cfg.init_from)), "init_from", model_cfg)
+    resume = cfg.get("resume")
+    if resume not in (None, False, "auto"):
+        from .utils.runs import CheckpointDamaged, verify_checkpoint
 
-    loggers = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=build_callbacks(cfg),
-        logger=loggers or False,
-        use_distributed_sampler=False,
-        **cluster_plugins(),
-    )
-    if trainer.is_global_zero:
-        for lg in loggers:
-            lg.log_hyperparams(
-                {"config": OmegaConf.to_container(cfg, resolve=True), "params": module.parameter_counts()}
-            )
+        try:
+            verify_checkpoint(str(resume))
+        except CheckpointDamaged as err:
+            problems.append(f"resume: {err}")
+    pf.raise_if(problems, "train")
+
+
+def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """Trainer arguments the config does not hold: atomic checkpoint writes, cluster plugins, and
+    `val_check_interval` converted from optimizer steps (the config's unit) to Lightning's batches."""
+    overrides: dict[str, Any] = dict(cluster_plugins())
+    strategy = str(cfg.trainer.get("strategy", ""))
+    if "deepspeed" not in strategy.lower():  # DeepSpeed writes its own shard folders
+        from .utils.runs import atomic_checkpoint_io
+
+        overrides["plugins"] = [*overrides.get("plugins", []), atomic_checkpoint_io()]
+    interval = cfg.trainer.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        overrides["val_check_interval"] = interval * int(cfg.trainer.get("accumulate_grad_batches", 1))
+    return overrides
+
+
+@contextlib.contextmanager
+def open_run(cfg: DictConfig, output_dir: Path):
+    """Claim `output_dir` for this run and yield the checkpoint to resume from (None: a fresh start).
+
+    Rank zero holds the run lock for the whole block, refuses a fresh start into a folder that holds a run
+    (unless `overwrite=true`), checks a resume against the stored config and records the start in the run's
+    history (src/utils/runs.py). Other ranks only pick the same checkpoint.
+    """
+    if not is_rank_zero():
+        path, _, _ = find_resume_checkpoint(output_dir / "checkpoints")
+        resume = effective_resume(cfg)
+        yield None if resume in (None, False) else (str(path) if resume == "auto" and path else resume)
+        return
     try:
-        with one_job_per_sweep_point():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        lock = RunLock(output_dir).acquire()
+        try:
+            ckpt_path = start_run(cfg, output_dir)
+        except BaseException:
+            lock.release()
+            raise
+    except RunFolderError:
+        RunHistory(output_dir).restore_hydra()  # the refused start must not replace the run's .hydra/
+        raise
+    log.info("run folder: %s (%s)", output_dir, f"resuming {ckpt_path}" if ckpt_path else "fresh start")
+    try:
+        yield ckpt_path
     finally:
-        _finish_wandb()
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if trainer.is_global_zero:
-        write_metrics(output_dir, metrics, trainer.global_step, cfg)
-    return metrics
+        lock.release()
+
+
+def effective_resume(cfg: DictConfig):
+    """`resume`, with false read as auto under submitit: a submitit job folder is only ever re-entered by a
+    requeue of the same job, so a preempted point continues instead of restarting from zero."""
+    resume = cfg.get("resume")
+    if resume in (None, False) and os.environ.get("SUBMITIT_EXECUTOR"):
+        resume = "auto"
+    return resume
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_COMPARED}
+
+
+def start_run(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The fresh/resume decision of `open_run` (rank zero, lock held); returns the checkpoint to resume."""
+    resume = effective_resume(cfg)
+    config = run_config(cfg)
+    history = RunHistory(output_dir)
+    if resume in (None, False):
+        existing = run_contents(output_dir)
+        if existing and not cfg.get("overwrite"):
+            shown = ", ".join(existing[:8]) + (", ..." if len(existing) > 8 else "")
+            raise RunFolderError(
+                f"run folder {output_dir} already holds a run ({shown}). Continue it with resume=auto, "
+                "delete it and start over with overwrite=true, or choose another run_name"
+            )
+        if existing or history.configs():
+            clear_run(output_dir)
+            if existing:
+                log.warning(
+                    "overwrite=true: deleted the earlier run's %s from %s", ", ".join(existing), output_dir
+                )
+        history.record("start", config)
+        return None
+    if resume == "auto":
+        path, ckpt, notes = find_resume_checkpoint(output_dir / "checkpoints")
+        for note in notes:
+            log.warning("resume=auto: %s", note)
+        if path is None:
+            left = run_contents(output_dir)
+            log.warning(
+                "resume=auto: nothing to resume in %s (no intact checkpoint in checkpoints/); starting a fresh "
+                "run%s",
+                output_dir,
+                f" (deleting what the earlier attempt left: {', '.join(left)})" if left else "",
+            )
+            clear_run(output_dir)
+            history.record("start", config)
+            return None
+    else:
+        path = Path(str(resume))
+        ckpt = verify_checkpoint(path)
+    hparams = (ckpt or {}).get("hyper_parameters") or {}
+    previous = history.latest()
+    if "model" in hparams and "skip" in hparams:
+        stored = model_defining(hparams["model"], hparams["skip"], str(hparams.get("method", "flexidepth")))
+    elif previous is not None:
+        stored = model_defining(previous["model"], previous["skip"], previous.get("method", {}).get("name"))
+    else:
+        stored = None
+    requested = model_defining(config["model"], config["skip"], config.get("method", {}).get("name"))
+    conflicts = model_defining_conflicts(stored, requested) if stored is not None else []
+    if conflicts:
+        raise RunFolderError(
+            f"resume: {path} was trained with other model-defining settings ({'; '.join(conflicts)}). These "
+            "fix the trained routers/adapters and cannot change on resume: resume with the stored values, or "
+            "start a new run (another run_name, or overwrite=true)"
+        )
+    if previous is not None:
+        changes = config_changes(previous, config)
+    else:  # a run from before run histories: compare what the checkpoint stored
+        changes = config_changes(
+            {k: hparams[k] for k in ("skip", "optim") if k in hparams},
+            {k: config[k] for k in ("skip", "optim") if k in hparams},
+        )
+    if changes:
+        log.warning(
+            "resume: config changes since the last start of %s: %s", output_dir, format_changes(changes)
+        )
+    log.info("resuming from %s (step %s)", path, (ckpt or {}).get("global_step"))
+    history.record("resume", config, changes)
+    return str(path)
+
+
+def closing_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, float], trainer, module) -> str:
+    """The lines printed at the end of a run: where it is, what it reached, how to evaluate it."""
+    routed = len(module.model.flexidepth.layer_indices)
+    counts = module.parameter_counts()
+    lines = [
+        f"run finished: {output_dir}",
+        f"  steps: {trainer.global_step} optimizer steps; trained {counts['trainable']:,} router/adapter "
+        f"parameters of {counts['total']:,}",
+    ]
+    if "val/ppl" in metrics:
+        base = metrics.get("val/base_ppl")
+        lines.append(
+            f"  val ppl {metrics['val/ppl']:.3f}" + (f" (base model {base:.3f})" if base is not None else "")
+        )
+        if "val/layers_skipped_mean" in metrics:
+            lines.append(
+                f"  layers skipped {metrics['val/layers_skipped_mean']:.2f} of {routed} routed "
+                f"(skip rate {100 * metrics.get('val/skip_rate', 0.0):.1f}%)"
+            )
+    else:
+        lines.append("  no validation ran (trainer.limit_val_batches=0 or no validation data)")
+    export = next((cb.dirpath for cb in trainer.callbacks if type(cb).__name__ == "ExportFlexiDepth"), None)
+    if export is not None and (Path(export) / "flexidepth_config.json").is_file():
+        lines.append(f"  export: {export}")
+        model_arg = _group_choice("model")
+        lines.append(
+            f"  evaluate: python -m src.eval ckpt_path={output_dir}"
+            + (f" model={model_arg}" if model_arg else "")
+        )
+    best = next((cb for cb in trainer.callbacks if getattr(cb, "monitor", None) == "val/ppl"), None)
+    if best is not None and getattr(best, "best_model_path", ""):
+        lines.append(f"  best checkpoint: {best.best_model_path}")
+    return "\n".join(lines)
+
+
+def _group_choice(group: str) -> str | None:
+    """The config group option chosen on the command line or by defaults (Hydra runs only)."""
+    from .utils.launch import hydra_config
+
+    hc = hydra_config()
+    return None if hc is None else hc.runtime.choices.get(group)
 
 
 def loss_config(cfg: DictConfig) -> dict[str, Any]:
@@ -162,7 +397,7 @@ def apply_untrained(cfg: DictConfig) -> dict[str, Any]:
         "model": str(cfg.model.name_or_path),
         "run_name": str(cfg.run_name),
     }
-    (output_dir / "method.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    atomic_write_text(output_dir / "method.json", json.dumps(record, indent=2, sort_keys=True))
     log.info(
         "method=%s has no training; applied once (%s), recorded in %s. Evaluate it with "
         "`python -m src.eval method=%s ...`",
@@ -185,27 +420,7 @@ def write_metrics(output_dir: Path, metrics: dict[str, float], global_step: int,
         "model": str(cfg.model.name_or_path),
         "run_name": str(cfg.get("run_name")),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "metrics.json"
-    path.write_text(json.dumps(record, indent=2, sort_keys=True))
-    return path
-
-
-def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
-    """`resume=auto` continues from `<output_dir>/checkpoints/last.ckpt` when it exists.
-
-    Under submitit (SLURM or local) a job folder is only ever re-entered by a requeue of the same job, so
-    `resume=false` behaves as `auto` there: a preempted point continues instead of restarting from zero.
-    """
-    resume = cfg.get("resume")
-    if resume in (None, False) and os.environ.get("SUBMITIT_EXECUTOR"):
-        resume = "auto"
-    if resume in (None, False):
-        return None
-    if resume == "auto":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    return str(resume)
+    return atomic_write_text(output_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True))
 
 
 def _finish_wandb() -> None:
@@ -219,6 +434,7 @@ def _finish_wandb() -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@entry_point
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric", "val/ppl"))  # objective for hydra sweepers

@@ -114,7 +114,7 @@ def test_depthmap_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- end to end
-def test_evaluate_tiny_checkpoint_end_to_end(tmp_path):
+def test_evaluate_tiny_checkpoint_end_to_end(tmp_path, capsys):
     from src.train import train
     from tests.test_train import compose_cfg
 
@@ -138,6 +138,10 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path):
     from src.evaluate import run
 
     run(cfg)
+    printed = capsys.readouterr().out.splitlines()  # the main table and the folder are printed (issue 13)
+    assert printed[-1] == f"results in {out} (results.md, results.json, depthmap.html)"
+    assert any(line.startswith("held-out ppl: base ") and " flexidepth " in line for line in printed)
+    assert any(line.startswith("repeat ") and "exact" in line for line in printed)
     for name in ("results.json", "results.md", "completions.jsonl", "depthmap.parquet", "depthmap.html"):
         assert (out / name).is_file(), name
     for png in ("layer_run_fraction.png", "layer_position_heatmap.png", "task_depth.png"):

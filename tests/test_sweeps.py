@@ -89,6 +89,8 @@ def test_alpha_sweep_file_runs_and_summarises(tmp_path):
     sweep = tmp_path / "sweep"
     res = _cli(["+sweep=alpha", *TINY, "skip.alpha=0.001,0.1", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert f"sweep folder: {sweep}" in res.stdout  # printed at the start (issue 13)
+    assert f"summary: python -m src.sweep_summary {sweep}" in res.stdout
     jobs = _job_dirs(sweep)
     assert [p.name for p in jobs] == ["0_skip.alpha=0.001", "1_skip.alpha=0.1"]
     ids = {(j / "wandb_id.txt").read_text() for j in jobs}

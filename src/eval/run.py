@@ -20,6 +20,7 @@ from src.flexidepth import routed_forward, set_tau
 from src.flexidepth.checkpoint import CONFIG
 from src.flexidepth.generation import generate
 from src.flexidepth.routes import lm_loss_sum
+from src.utils.files import atomic_write_text
 
 from .choice_tasks import (
     CHOICE_TASKS,
@@ -568,7 +569,7 @@ def evaluate(cfg) -> dict[str, Any]:
             results["flops"]["generated"] = method_macs(
                 model.config, applied, lay["layers_skipped_generated"]
             )
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2, sort_keys=True))
     with (output_dir / "completions.jsonl").open("w") as f:
         for row in all_rows:
             f.write(json.dumps(row) + "\n")

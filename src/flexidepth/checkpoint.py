@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from .config import FlexiDepthConfig
 from .inject import flexidepth_state_dict, inject
@@ -23,6 +24,38 @@ from .inject import flexidepth_state_dict, inject
 WEIGHTS = "flexidepth.safetensors"
 CONFIG = "flexidepth_config.json"
 FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, damaged (truncated, not the expected format) or holds NaN/inf weights;
+    the message names the file."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file in `path`'s folder, then rename it over `path` (0644 under umask 022):
+    a reader never sees a partial file (src/utils/files.py)."""
+    from ..utils.files import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; CheckpointError naming the file if it is missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: damaged safetensors file ({err})") from err
+
+
+def check_finite(path: str | Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """CheckpointError naming the file and the first tensor holding NaN/inf values."""
+    tensors = read_weights(path) if tensors is None else tensors
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: tensor {key} holds NaN/inf values (a diverged run?)")
 
 
 def base_identity(model) -> dict:
@@ -37,7 +70,9 @@ def base_identity(model) -> dict:
 
 
 def save_flexidepth(model, folder: str | Path, extra: dict | None = None) -> Path:
-    """Write the router/adapter weights and their config into `folder` (created if needed)."""
+    """Write the router/adapter weights and their config into `folder` (created if needed).
+
+    Both files are written atomically (weights first: a folder whose config exists is complete)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = model.flexidepth
@@ -50,25 +85,35 @@ def save_flexidepth(model, folder: str | Path, extra: dict | None = None) -> Pat
         "base_model": base_identity(model),
         **(extra or {}),
     }
-    save_file(
-        tensors, str(folder / WEIGHTS), metadata={"format": "flexidepth", "gate_mode": state.config.gate_mode}
+    _write_atomic(
+        folder / WEIGHTS,
+        save(tensors, metadata={"format": "flexidepth", "gate_mode": state.config.gate_mode}),
     )
-    (folder / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    _write_atomic(folder / CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
     return folder
 
 
 def read_checkpoint_config(folder: str | Path) -> dict:
+    """The json config of a FlexiDepth checkpoint folder; CheckpointError naming the file if damaged."""
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a FlexiDepth checkpoint folder")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: damaged json ({err})") from err
+    missing = [k for k in ("flexidepth", "base_model") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: not a FlexiDepth checkpoint config (missing {missing})")
+    return meta
 
 
 def load_flexidepth(model, folder: str | Path):
     """Load router/adapter weights into `model`, injecting first (with the stored config) if needed.
 
     Raises if the stored base model or gate mode does not match: serving a checkpoint under another gate
-    mode fails silently otherwise (docs/method.md §3.6).
+    mode fails silently otherwise (docs/method.md §3.6). CheckpointError (naming the file) if a file is damaged
+    or the weights hold NaN/inf.
     """
     folder = Path(folder)
     meta = read_checkpoint_config(folder)
@@ -91,7 +136,8 @@ def load_flexidepth(model, folder: str | Path):
         raise ValueError(
             f"checkpoint gate_mode={stored.gate_mode!r} but the model uses {model.flexidepth.config.gate_mode!r}"
         )
-    tensors = load_file(str(folder / WEIGHTS))
+    tensors = read_weights(folder / WEIGHTS)
+    check_finite(folder / WEIGHTS, tensors)
     _load_exact(model, tensors, source=str(folder / WEIGHTS))
     return model
 
@@ -150,7 +196,7 @@ def load_released(model, source: str | Path | dict[str, torch.Tensor]):
     if not isinstance(source, dict):
         path = Path(source)
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-        source = {k: v for f in files for k, v in load_file(str(f)).items()}
+        source = {k: v for f in files for k, v in read_weights(f).items()}
     mapped = map_released_keys(source)
     expected = flexidepth_state_dict(model)
     for key in expected:

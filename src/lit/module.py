@@ -93,7 +93,13 @@ class FlexiDepthModule(L.LightningModule):
         else:
             raise ValueError(f"method={method!r} is not trained (trained methods: flexidepth, mindskip)")
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
         state = self.model.flexidepth
         self.loss_cfg.validate(routed_layers=len(state.layer_indices))
         self.usage = UsageAccumulator(state.layer_indices, state.num_layers)

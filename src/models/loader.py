@@ -53,7 +53,12 @@ def load_base_model(model_cfg: dict[str, Any]):
     else:
         # the embedded model is converted once (bf16 copy of the GGUF weights) and cast to `dtype` on load
         path = resolve_model_path(model_cfg["name_or_path"])
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        except OSError as err:  # not found / no access / no network: say which repo and what to do
+            from ..preflight import model_load_error
+
+            raise model_load_error(model_cfg, err) from err
     _check_arch(model, model_cfg)
     return model
 

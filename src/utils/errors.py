@@ -1,0 +1,20 @@
+"""User errors: mistakes in the config, paths, data or hub access that the user can fix.
+
+Entry points print them as one message without a traceback (`src.utils.cli.user_errors`); set
+`FLEXIDEPTH_TRACEBACK=1` to see the traceback anyway. Every other exception is a library or programming
+failure and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base class of errors whose message tells the user what to change (key, file, command)."""
+
+
+class RunFolderError(UserError, RuntimeError):
+    """A run folder cannot be used as requested (in use, already holds a run, resume conflicts)."""
+
+
+class PreflightError(UserError, RuntimeError):
+    """The environment cannot run the command (no GPU, hub offline, a damaged checkpoint)."""

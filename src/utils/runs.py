@@ -1,0 +1,298 @@
+"""Run folders: one run per folder, resume that checks what it resumes, checkpoints that survive a crash.
+
+A training run folder (`outputs/train/runs/<run_name>/`) guarantees:
+- **one owner**: `.run.lock` is held (an `flock`) by the process training in it and names that process (host,
+  pid, start time, command); a second start fails at once naming the holder. The lock dies with its process.
+- **one run**: a fresh start (`resume=false`) into a folder that already holds a run's files refuses, unless
+  `overwrite=true` (the old contents are deleted) -- or pick another `run_name`.
+- **history**: `history/config-000.yaml` is the config of the first start and is never overwritten; every
+  later start adds `config-<n>.yaml` and a line in `history/events.jsonl` (time, host, pid, command, the
+  changes against the previous start), with a copy of Hydra's `.hydra/` as `hydra-<n>/`. A refused start
+  puts the latest accepted `.hydra/` back (Hydra rewrites it before our code runs).
+- **checked resume**: the keys that define the trained modules (base model, method, routed layers, router and
+  adapter kinds and widths: `MODEL_DEFINING`) must equal those stored in the checkpoint, else resume refuses
+  naming the keys; everything else (steps, lr, alpha, tau, ...) may change and is printed as a diff.
+- **intact checkpoints**: checkpoints are written atomically (`atomic_checkpoint_io`); resume verifies the file
+  it loads and falls back to the newest intact checkpoint, saying so.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import RunFolderError
+from .files import atomic_open, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+LOCK = ".run.lock"
+HISTORY = "history"
+# what a folder holds before a run has produced anything: Hydra's config and log, our lock and history
+SCAFFOLD = {".hydra", LOCK, HISTORY}
+# skip keys that are not part of the trained modules' shapes/kinds: they may change on resume
+SKIP_CHANGEABLE = {"alpha", "tau"}
+MODEL_DEFINING_MODEL = ("name_or_path", "tokenizer", "random_init", "init_seed", "arch")
+# top-level keys that never count as a config change (they name the invocation, not the run)
+NOT_COMPARED = {"run_name", "resume", "overwrite", "paths", "hydra"}
+
+
+# ---------------------------------------------------------------------------------------------- lock
+class RunLock:
+    """An exclusive, non-blocking `flock` on `<folder>/.run.lock`, whose text names the holder.
+
+    Use as a context manager or with `acquire()` / `release()`. `acquire` raises RunFolderError naming the
+    holder when another process (or another open of the lock in this process) holds it.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunFolderError(
+                f"run folder {self.folder} is in use by {holder}; wait for that run to end, or start this one "
+                "under another run_name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, describe_process().encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def describe_process() -> str:
+    now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "?"
+    return f"pid {os.getpid()} on {socket.gethostname()} (started {now}: {command})"
+
+
+# ---------------------------------------------------------------------------------------------- contents
+def run_contents(folder: str | Path) -> list[str]:
+    """Names in `folder` that a run produced (everything but Hydra's .hydra/ and *.log, our lock, history)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name not in SCAFFOLD and p.suffix != ".log")
+
+
+def clear_run(folder: str | Path) -> list[str]:
+    """Delete what a run produced in `folder` (and its history); returns the deleted names."""
+    folder = Path(folder)
+    removed = run_contents(folder)
+    for name in [*removed, HISTORY]:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+class CheckpointDamaged(RunFolderError):
+    """A Lightning checkpoint file cannot be read or holds non-finite weights."""
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint on the CPU and check it; returns it.
+
+    Raises CheckpointDamaged naming the file when it is empty, truncated or not a checkpoint, lacks
+    `state_dict`/`global_step`, or holds a NaN/inf tensor (naming the key). A DeepSpeed checkpoint folder
+    is only checked for its `latest` tag (its shards are read by DeepSpeed itself).
+    """
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "latest").is_file() and not (path / "checkpoint").is_dir():
+            raise CheckpointDamaged(f"{path}: not a DeepSpeed checkpoint folder (no 'latest' tag)")
+        return {}
+    if not path.is_file():
+        raise CheckpointDamaged(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointDamaged(f"{path}: empty file (0 bytes; written by a process that was killed?)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises EOFError, RuntimeError, UnpicklingError, ... for damage
+        raise CheckpointDamaged(f"{path}: damaged checkpoint file ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise CheckpointDamaged(f"{path}: not a Lightning checkpoint (no state_dict / global_step)")
+    for key, value in ckpt["state_dict"].items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointDamaged(f"{path}: tensor {key} holds NaN/inf values")
+    return ckpt
+
+
+def find_resume_checkpoint(ckpt_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The checkpoint `resume=auto` continues from: `last.ckpt` if intact, else the newest intact one.
+
+    Returns (path, loaded checkpoint, notes): `notes` says which files were damaged and what was chosen
+    instead; (None, None, notes) when no intact checkpoint exists.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None, None, []
+    last = ckpt_dir / "last.ckpt"
+    others = sorted(
+        (p for p in ckpt_dir.iterdir() if p.suffix == ".ckpt" and p != last and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    notes: list[str] = []
+    for cand in ([last] if last.exists() else []) + others:
+        try:
+            ckpt = verify_checkpoint(cand)
+        except CheckpointDamaged as err:
+            notes.append(str(err))
+            continue
+        if notes:
+            notes.append(
+                f"falling back to the newest intact checkpoint {cand} (step {ckpt.get('global_step')})"
+            )
+        return cand, ckpt, notes
+    return None, None, notes
+
+
+def atomic_checkpoint_io():
+    """A `TorchCheckpointIO` that writes each checkpoint to a temporary file in its own directory and renames
+    it over the target (mode 0644 under umask 022). Remote (fsspec URL) paths use Lightning's own save."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            if storage_options is not None or "://" in str(path):
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            import torch
+
+            with atomic_open(path, "wb") as handle:
+                torch.save(checkpoint, handle)
+
+    return AtomicCheckpointIO()
+
+
+# ---------------------------------------------------------------------------------------------- config
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} for every leaf that differs (a key missing on one side shows as None)."""
+    a = {k: v for k, v in flatten(old).items() if k.split(".")[0] not in NOT_COMPARED}
+    b = {k: v for k, v in flatten(new).items() if k.split(".")[0] not in NOT_COMPARED}
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not _same(a.get(k), b.get(k))}
+
+
+def model_defining(model: dict, skip: dict, method: str) -> dict[str, Any]:
+    """The keys that fix the trained modules' shapes and kinds (see module docstring), flattened."""
+    chosen = {k: model.get(k) for k in MODEL_DEFINING_MODEL if model.get(k) not in (None, False, {})}
+    out = flatten(chosen, "model.") if chosen else {}
+    out.update(flatten({k: v for k, v in skip.items() if k not in SKIP_CHANGEABLE}, "skip."))
+    out["method.name"] = method
+    return out
+
+
+def model_defining_conflicts(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """'key: stored -> requested' for each model-defining key that differs."""
+    return [
+        f"{key}: {stored.get(key)!r} -> {requested.get(key)!r}"
+        for key in sorted(set(stored) | set(requested))
+        if not _same(stored.get(key), requested.get(key))
+    ]
+
+
+def format_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+
+
+# ---------------------------------------------------------------------------------------------- history
+class RunHistory:
+    """`<folder>/history/`: config-000.yaml (first start, never overwritten), config-<n>.yaml per later start
+    and events.jsonl (one line per start: time, event, process, changes against the previous start)."""
+
+    def __init__(self, folder: str | Path):
+        self.dir = Path(folder) / HISTORY
+
+    def configs(self) -> list[Path]:
+        return sorted(self.dir.glob("config-*.yaml")) if self.dir.is_dir() else []
+
+    def latest(self) -> dict[str, Any] | None:
+        import yaml
+
+        files = self.configs()
+        return yaml.safe_load(files[-1].read_text()) if files else None
+
+    def record(self, event: str, config: dict[str, Any], changes: dict[str, tuple[Any, Any]] | None = None):
+        """Write config-<n>.yaml (n = number of earlier starts), keep a copy of Hydra's `.hydra/` as
+        hydra-<n>/, and append one events.jsonl line."""
+        import yaml
+
+        n = len(self.configs())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / f"config-{n:03d}.yaml", yaml.safe_dump(config, sort_keys=True))
+        hydra_dir = self.dir.parent / ".hydra"
+        if hydra_dir.is_dir():
+            shutil.copytree(hydra_dir, self.dir / f"hydra-{n:03d}", dirs_exist_ok=True)
+        entry = {
+            "n": n,
+            "event": event,
+            "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "process": describe_process(),
+            "changes": {k: [a, b] for k, (a, b) in (changes or {}).items()},
+        }
+        with open(self.dir / "events.jsonl", "a") as handle:  # an append-only log, one line per start
+            handle.write(json.dumps(entry, default=str) + "\n")
+
+    def restore_hydra(self) -> bool:
+        """Hydra rewrites `.hydra/` before any of our code runs, also for a start that is then refused: put
+        back the copy of the latest accepted start. Returns whether a copy existed."""
+        copies = sorted(self.dir.glob("hydra-*")) if self.dir.is_dir() else []
+        if not copies:
+            return False
+        target = self.dir.parent / ".hydra"
+        for src in copies[-1].iterdir():
+            if src.is_file():
+                atomic_write_text(target / src.name, src.read_text())
+        return True
