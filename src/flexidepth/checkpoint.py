@@ -313,8 +313,8 @@ def export_released(model, folder: str | Path, dtype: torch.dtype | None = None)
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / RELEASED_WEIGHTS), metadata={"format": RELEASED_FORMAT})
-    (folder / RELEASED_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    _write_atomic(folder / RELEASED_WEIGHTS, save(tensors, metadata={"format": RELEASED_FORMAT}))
+    _write_atomic(folder / RELEASED_CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
     return folder
 
 
