@@ -18,13 +18,13 @@ train_once() {  # name, overrides...: skip when the run already exported its che
 }
 
 if [ "$STAGE" = train ] || [ "$STAGE" = all ]; then
-  train_once flexidepth_a1e-3 skip.alpha=1e-3          # lands near k = 4 (3.46 in LOG.md)
-  train_once flexidepth_a2e-3 skip.alpha=2e-3          # aimed at k = 8
-  train_once mindskip_a2e-3 method=mindskip skip.alpha=2e-3   # compare also matches its threshold to k
-  train_once abl_linear_router skip=linear_router skip.alpha=1e-3
-  train_once abl_no_adapter skip=no_adapter skip.alpha=1e-3
-  train_once abl_no_kv skip=no_kv skip.alpha=1e-3
-  train_once abl_rank24 skip.adapter_rank=24 skip.alpha=1e-3
+  train_once flexidepth_a1e-3 loss.target_layers_skipped=null loss.alpha=1e-3          # lands near k = 4 (3.46 in LOG.md)
+  train_once flexidepth_a2e-3 loss.target_layers_skipped=null loss.alpha=2e-3          # aimed at k = 8
+  train_once mindskip_a2e-3 method=mindskip loss.target_layers_skipped=null loss.alpha=2e-3   # compare also matches its threshold to k
+  train_once abl_linear_router skip=linear_router loss.target_layers_skipped=null loss.alpha=1e-3
+  train_once abl_no_adapter skip=no_adapter loss.target_layers_skipped=null loss.alpha=1e-3
+  train_once abl_no_kv skip=no_kv loss.target_layers_skipped=null loss.alpha=1e-3
+  train_once abl_rank24 skip.adapter_rank=24 loss.target_layers_skipped=null loss.alpha=1e-3
 fi
 if [ "$STAGE" = compare ] || [ "$STAGE" = all ]; then
   "$PY" -m src.compare experiment_name=smollm2_baselines runs_dir="$RUNS"

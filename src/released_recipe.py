@@ -12,7 +12,7 @@ values and the training entry point says which one it uses (`report_alpha`):
       face_value: 1.0e-4     # the README's number
       processes: 8           # the released run's world size
       use: reproduce         # reproduce (= face_value x processes) | face (= face_value)
-    skip:
+    loss:
       alpha: ${released_alpha:${released_alpha.face_value},${released_alpha.processes},${released_alpha.use}}
 """
 
@@ -52,29 +52,30 @@ def describe_alpha(cfg) -> str | None:
     """One line saying which alpha a run with a ``released_alpha`` block uses, or None without one.
 
     Raises:
-        ValueError: If ``skip.alpha`` does not equal the value the ``released_alpha`` block selects (the block
-            would then be misleading, e.g. after a command-line ``skip.alpha=...`` override).
+        ValueError: If ``loss.alpha`` (or the deprecated ``skip.alpha``) does not equal the value the ``released_alpha`` block selects (the block
+            would then be misleading, e.g. after a command-line ``loss.alpha=...`` override).
     """
     node = cfg.get(KEY)
     if node is None:
         return None
     face, processes, use = float(node.face_value), int(node.processes), str(node.use)
     chosen = released_alpha(face, processes, use)
-    alpha = float(cfg.skip.alpha)
+    legacy = cfg.skip.get("alpha") if cfg.get("skip") is not None else None
+    alpha = float(legacy if legacy is not None else cfg.loss.alpha)
     if abs(alpha - chosen) > 1e-12 * max(1.0, abs(chosen)):
         raise ValueError(
-            f"skip.alpha={alpha:g} but {KEY}.use={use} selects {chosen:g}; set {KEY}.use (or "
-            f"{KEY}.face_value) instead of overriding skip.alpha, or remove the {KEY} block"
+            f"loss.alpha={alpha:g} but {KEY}.use={use} selects {chosen:g}; set {KEY}.use (or "
+            f"{KEY}.face_value) instead of overriding loss.alpha, or remove the {KEY} block"
         )
     other = released_alpha(face, processes, "face" if use == "reproduce" else "reproduce")
     if use == "reproduce":
         return (
-            f"skip.alpha={chosen:g}: {KEY}.use=reproduce, the released alpha {face:g} x {processes} processes "
+            f"loss.alpha={chosen:g}: {KEY}.use=reproduce, the released alpha {face:g} x {processes} processes "
             f"(its trainer scales the model loss by the world size; an inference, see "
             f"docs/released-differences.md). Face value: {KEY}.use=face -> {other:g}."
         )
     return (
-        f"skip.alpha={chosen:g}: {KEY}.use=face, the released README's value taken as is. If the released "
+        f"loss.alpha={chosen:g}: {KEY}.use=face, the released README's value taken as is. If the released "
         f"trainer scaled the skip term by its {processes} processes (docs/released-differences.md), the "
         f"released behaviour is {KEY}.use=reproduce -> {other:g}."
     )

@@ -105,20 +105,21 @@ def test_released_alpha_relation_and_report(capsys):
     for stage, face in (("1", 1e-4), ("2", 1e-5)):
         cfg = compose_train([f"experiment=released_stage{stage}_llama3_8b"])
         validate(cfg)
-        assert cfg.skip.alpha == pytest.approx(8 * face)  # default: reproduce the released behaviour
+        assert cfg.loss.alpha == pytest.approx(8 * face)  # default: reproduce the released behaviour
         assert (cfg.skip.router_bias, cfg.skip.init, cfg.skip.param_dtype) == (False, "released", "bfloat16")
         line = describe_alpha(cfg)
         assert "released_alpha.use=reproduce" in line and f"{8 * face:g}" in line and f"{face:g}" in line
         face_cfg = compose_train([f"experiment=released_stage{stage}_llama3_8b", "released_alpha.use=face"])
-        assert face_cfg.skip.alpha == pytest.approx(face)
+        assert face_cfg.loss.alpha == pytest.approx(face)
         assert "released_alpha.use=face" in describe_alpha(face_cfg)
     stage2 = compose_train(["experiment=released_stage2_llama3_8b"])
     assert OmegaConf.to_container(stage2.data.conversation_roles) == {"human": "user", "gpt": "assistant"}
     assert stage2.data.source == "mlabonne/open-perfectblend"
-    # overriding skip.alpha directly would make the printed relation wrong: refused, naming both keys
-    clash = compose_train(["experiment=released_stage1_llama3_8b", "skip.alpha=0.5"])
-    with pytest.raises(ValueError, match=r"skip\.alpha=0\.5 but released_alpha\.use=reproduce"):
-        describe_alpha(clash)
+    # overriding the alpha directly would make the printed relation wrong: refused, naming both keys
+    for override in ("loss.alpha=0.5", "skip.alpha=0.5"):  # skip.alpha: the deprecated alias
+        clash = compose_train(["experiment=released_stage1_llama3_8b", override])
+        with pytest.raises(ValueError, match=r"loss\.alpha=0\.5 but released_alpha\.use=reproduce"):
+            describe_alpha(clash)
     assert describe_alpha(compose_train([])) is None  # other runs print nothing
 
 
@@ -277,7 +278,7 @@ def test_two_stage_released_recipe_on_local_files(tmp_path, capsys, stage1_forma
     s1_weights = load_file(str(s1_out / "flexidepth.safetensors"))
     assert s1_weights and not any(k.endswith("router.bias") for k in s1_weights)  # skip.router_bias=false
     assert all(v.dtype == torch.bfloat16 for v in s1_weights.values())  # skip.param_dtype=bfloat16
-    assert "skip.alpha=0.0008: released_alpha.use=reproduce" in capsys.readouterr().out
+    assert "loss.alpha=0.0008: released_alpha.use=reproduce" in capsys.readouterr().out
 
     s2 = compose_train(
         [
@@ -291,7 +292,7 @@ def test_two_stage_released_recipe_on_local_files(tmp_path, capsys, stage1_forma
     )
     assert s2.data.conversation_roles.gpt == "assistant" and "system" not in s2.data.conversation_roles
     metrics = train(s2)
-    assert "skip.alpha=1e-05: released_alpha.use=face" in capsys.readouterr().out
+    assert "loss.alpha=1e-05: released_alpha.use=face" in capsys.readouterr().out
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     s2_weights = load_file(str(tmp_path / "s2" / "flexidepth" / "flexidepth.safetensors"))
     assert set(s2_weights) == set(s1_weights)
