@@ -240,8 +240,11 @@ def eval_problems(ev: dict[str, Any]) -> list[str]:
 
 def unknown_task_problems(tasks: list[str], include_path: str | None = None) -> list[str]:
     """Names in `tasks` that are neither built-in, nor the project's lm-eval tasks, nor known to lm-eval."""
+    from .eval.choice_tasks import CHOICE_TASKS
     from .eval.lm_tasks import LOCAL_GROUP, LOCAL_TAG, LOCAL_TASKS
     from .eval.tasks import TASKS
+
+    TASKS = (*TASKS, *CHOICE_TASKS)  # the built-in suite: generation and multiple-choice tasks
 
     known = set(TASKS) | set(LOCAL_TASKS) | {LOCAL_GROUP, LOCAL_TAG}
     rest = [t for t in tasks if t not in known]
