@@ -190,7 +190,7 @@ def data_access_problems(data_cfg: dict[str, Any]) -> list[str]:
     problems = []
     for key in ("source", "val_source"):
         source = data_cfg.get(key)
-        if source in (None, "", "builtin", "lee_heldout"):
+        if source in (None, "", "builtin", "mixture", "lee_heldout"):
             continue
         source = str(source)
         path = Path(source).expanduser()

@@ -119,16 +119,16 @@ def test_resume_prints_changes_and_never_overwrites_the_first_config(tmp_path, c
     run = tmp_path / "run"
     _train([], run)
     with caplog.at_level(logging.WARNING, logger="src.train"):
-        _train(["resume=auto", "trainer.max_steps=3", "skip.alpha=0.05", "optim.lr=0.01"], run)
-    assert "skip.alpha: 0.001 -> 0.05" in caplog.text and "trainer.max_steps: 2 -> 3" in caplog.text
+        _train(["resume=auto", "trainer.max_steps=3", "loss.alpha=0.05", "optim.lr=0.01"], run)
+    assert "loss.alpha: 0.001 -> 0.05" in caplog.text and "trainer.max_steps: 2 -> 3" in caplog.text
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
     first = yaml.safe_load((run / "history" / "config-000.yaml").read_text())
     second = yaml.safe_load((run / "history" / "config-001.yaml").read_text())
-    assert first["skip"]["alpha"] == 0.001 and first["trainer"]["max_steps"] == 2
-    assert second["skip"]["alpha"] == 0.05 and second["optim"]["lr"] == 0.01
+    assert first["loss"]["alpha"] == 0.001 and first["trainer"]["max_steps"] == 2
+    assert second["loss"]["alpha"] == 0.05 and second["optim"]["lr"] == 0.01
     events = [json.loads(line) for line in (run / "history" / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "resume"]
-    assert events[1]["changes"]["skip.alpha"] == [0.001, 0.05]
+    assert events[1]["changes"]["loss.alpha"] == [0.001, 0.05]
     assert events[1]["changes"]["optim.lr"] == [0.0001, 0.01]
 
 
