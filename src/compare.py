@@ -406,9 +406,6 @@ def log_compare(cfg: DictConfig, results: dict[str, Any]) -> None:
         _finish_wandb()
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="compare"
-)
 def preflight_compare(cfg: DictConfig) -> None:
     """eval.* settings, hub access and every existing trained checkpoint (trained on this base model,
     finite weights), before any model load; raises PreflightError listing every problem."""
@@ -427,6 +424,9 @@ def preflight_compare(cfg: DictConfig) -> None:
     pf.raise_if(problems, "compare")
 
 
+@hydra.main(
+    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="compare"
+)
 @entry_point
 def main(cfg: DictConfig) -> None:
     preflight_compare(cfg)

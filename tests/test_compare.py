@@ -77,3 +77,18 @@ def test_compare_end_to_end(tmp_path):
     ablation = md[md.index("## Ablations") : md.index("## Mean layers")]
     assert "| tiny |" in ablation and "| tiny@k1 |" in ablation and "| tiny_abl |" in ablation
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["rows"][0]["label"] == "base"
+
+
+@pytest.mark.parametrize(
+    ("module", "key"), [("src.compare", "curves:"), ("src.train", "loss:"), ("src.evaluate", "eval:")]
+)
+def test_entry_points_are_hydra_commands(module, key):
+    """`python -m <entry point> --cfg job` composes its primary config (the Hydra decorator sits on main)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--cfg", "job"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert key in out.stdout
