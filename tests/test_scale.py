@@ -125,7 +125,8 @@ def ds_engine_main(out_dir: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     model_cfg = yaml.safe_load((ROOT / "conf/model/tiny_llama.yaml").read_text())
     skip = yaml.safe_load((ROOT / "conf/skip/flexidepth.yaml").read_text())
-    alpha = skip.pop("alpha")
+    skip.pop("alpha")  # the deprecated alias (null); the weight lives in the loss group
+    alpha = yaml.safe_load((ROOT / "conf/loss/default.yaml").read_text())["alpha"]
 
     class Holder(torch.nn.Module):  # same `model.` prefix as FlexiDepthModule, so checkpoint keys match
         def __init__(self, model):
