@@ -87,12 +87,12 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
 @pytest.mark.slow
 def test_alpha_sweep_file_runs_and_summarises(tmp_path):
     sweep = tmp_path / "sweep"
-    res = _cli(["+sweep=alpha", *TINY, "skip.alpha=0.001,0.1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    res = _cli(["+sweep=alpha", *TINY, "loss.alpha=0.001,0.1", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"sweep folder: {sweep}" in res.stdout  # printed at the start (issue 13)
     assert f"summary: python -m src.sweep_summary {sweep}" in res.stdout
     jobs = _job_dirs(sweep)
-    assert [p.name for p in jobs] == ["0_skip.alpha=0.001", "1_skip.alpha=0.1"]
+    assert [p.name for p in jobs] == ["0_loss.alpha=0.001", "1_loss.alpha=0.1"]
     ids = {(j / "wandb_id.txt").read_text() for j in jobs}
     assert len(ids) == 2
     for job in jobs:
@@ -108,7 +108,7 @@ def test_alpha_sweep_file_runs_and_summarises(tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
-    assert "0_skip.alpha=0.001" in (sweep / "summary.md").read_text() and (sweep / "pareto.png").is_file()
+    assert "0_loss.alpha=0.001" in (sweep / "summary.md").read_text() and (sweep / "pareto.png").is_file()
 
 
 @pytest.mark.slow
@@ -219,7 +219,7 @@ def test_multirun_with_ddp_makes_one_folder_and_one_wandb_run_per_point(tmp_path
             "trainer.max_steps=2",
             "trainer.limit_val_batches=1",
             "data.micro_batch_size=2",
-            "skip.alpha=0.001,0.1",
+            "loss.alpha=0.001,0.1",
             f"hydra.sweep.dir={sweep}",
         ],
         tmp_path,
@@ -227,7 +227,7 @@ def test_multirun_with_ddp_makes_one_folder_and_one_wandb_run_per_point(tmp_path
     assert res.returncode == 0, res.stderr[-3000:]
     names = [p.name for p in _job_dirs(sweep)]
     assert len(names) == 2 and names[0].startswith("0_") and names[1].startswith("1_"), names
-    assert "skip.alpha=0.001" in names[0] and "skip.alpha=0.1" in names[1]
+    assert "loss.alpha=0.001" in names[0] and "loss.alpha=0.1" in names[1]
     assert not (tmp_path / "outputs").exists()  # no stray run folders from the rank-1 processes
     runs = sorted(tmp_path.rglob("offline-run-*"))
     assert len(runs) == 2 and {r.parent.parent for r in runs} == set(_job_dirs(sweep))
