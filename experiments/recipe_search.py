@@ -184,9 +184,46 @@ def cmd_baselines(args) -> None:
     Path(args.out).write_text(json.dumps(results, indent=2))
 
 
+def cmd_summary(args) -> None:
+    """Markdown table of a search: per run, own-threshold skip/ppl and ppl at k = 2, 4 per held-out set,
+    against the best static baseline at the same k (from `baselines` output or a compare run's curves.json)."""
+    from src.eval.curves import interpolate
+
+    ref = json.loads(Path(args.baselines).read_text())
+    points = ref.get("points", ref)  # compare's curves.json keeps static systems under "points"
+    base = ref.get("base", points.get("base", {}))
+    base_sets = base.get("sets", base)
+    runs = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+    ks = (2, 4)
+    head = "| run | train s | " + " | ".join(
+        f"{s} own (skip / x base) | {s} k2 (best static) | {s} k4 (best static)" for s in HELDOUT
+    )
+    print(head + " |")
+    print("|" + "---|" * (2 + 3 * len(HELDOUT)))
+    for r in runs:
+        if "error" in r:
+            print(f"| {r['name']} | error: {r['error'][:80]} |")
+            continue
+        cells = [r["name"], str(r["train_s"])]
+        for s in HELDOUT:
+            own = r["own"][s]
+            cells.append(f"{own['layers_skipped']:.2f} / {own['ppl'] / base_sets[s]['ppl']:.2f}")
+            pts = [(p["sets"][s]["layers_skipped"], p["sets"][s]["ppl"]) for p in r["curve"]]
+            for k in ks:
+                fd = interpolate(pts, k)
+                best = min(
+                    (v["sets"][s]["ppl"] for n, v in points.items() if n != "base" and v.get("k") == k),
+                    default=float("nan"),
+                )
+                mark = "" if fd is None else (" **win**" if fd < best else "")
+                cells.append(f"{'-' if fd is None else f'{fd:.1f}'} ({best:.1f}){mark}")
+        print("| " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["train", "baselines"])
+    p.add_argument("mode", choices=["train", "baselines", "summary"])
+    p.add_argument("--baselines", help="summary: baselines JSON (this script's `baselines` output)")
     p.add_argument("--grid")
     p.add_argument("--out", required=True)
     p.add_argument("--runs-dir", default=str(ROOT / "outputs" / "search"))
@@ -196,8 +233,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-tokens", type=int, default=8192)
     args = p.parse_args()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    cmd_train(args) if args.mode == "train" else cmd_baselines(args)
+    if args.mode != "summary":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    {"train": cmd_train, "baselines": cmd_baselines, "summary": cmd_summary}[args.mode](args)
 
 
 if __name__ == "__main__":

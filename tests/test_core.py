@@ -253,6 +253,47 @@ def test_ste_gate_mode_uses_unit_weights():
     torch.testing.assert_close(out.logits, base(ids).logits, rtol=0, atol=1e-5)  # all run, weight 1
 
 
+def test_difference_gate_mode_value_is_the_hard_choice_and_the_gate_gradient_is_the_branch_difference():
+    """gate_mode=difference: y = y_run (the unmodified layer) or y_skip = x + Adapter(N_f(x)) by the hard
+    decision, and dL/dg = <dL/dy, y_run - y_skip> for every token, running or skipped."""
+    base = tiny_model("llama")
+    last = base.config.num_hidden_layers - 1
+    model = inject(copy.deepcopy(base), FlexiDepthConfig(gate_mode="difference", layers=[last]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)  # a non-zero adapter
+    layer = flexi_layers(model)[0]
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("args", args)
+        seen.setdefault("kwargs", kwargs)
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        routed_forward(model, _ids())
+    handle.remove()
+    args, kwargs = seen["args"], seen["kwargs"]
+    x = args[0] if args else kwargs["hidden_states"]
+    g = torch.linspace(0.05, 0.95, x.shape[0] * x.shape[1]).reshape(x.shape[:2]).requires_grad_(True)
+    layer.force_gate = lambda z, i: g
+    y = layer(*args, **kwargs)
+    y = y[0] if isinstance(y, tuple) else y
+    c = torch.randn_like(y)
+    (y * c).sum().backward()
+    layer.force_gate = None
+    with torch.no_grad():
+        y_run = base.model.layers[last](*args, **kwargs)
+        y_run = y_run[0] if isinstance(y_run, tuple) else y_run
+        y_skip = x + layer.adapter(layer.post_attention_layernorm(x))
+    run = (g > layer.tau).unsqueeze(-1)
+    assert run.any() and (~run).any()
+    torch.testing.assert_close(y.detach(), torch.where(run, y_run, y_skip), rtol=0, atol=1e-5)
+    torch.testing.assert_close(g.grad, (c * (y_run - y_skip)).sum(-1), rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip(tmp_path):
     base = tiny_model("qwen3")

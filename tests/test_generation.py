@@ -93,10 +93,16 @@ def test_fast_path_equals_masked_path(family, batch):
     _assert_same(fast, ref, valid)
 
 
-def test_ste_gate_mode_fast_path_and_single_row_decode():
-    model = _mixed_model("llama", gate_mode="ste")
+@pytest.mark.parametrize("gate_mode", ["ste", "difference"])
+def test_unit_weight_gate_modes_fast_path_and_single_row_decode(gate_mode):
+    model = _mixed_model("llama", gate_mode=gate_mode)
     ids, mask = _prompt(3, plen=10)
     _assert_same(_forward(model, ids, mask, True), _forward(model, ids, mask, False), mask.bool())
+    # the training forward (autograd on: both branches for "difference") has the served value
+    trained = routed_forward(model, ids, attention_mask=mask, position_ids=_positions(mask)).logits.detach()
+    valid = mask.bool()
+    served = _forward(model, ids, mask, True).logits
+    torch.testing.assert_close(trained[valid].float(), served[valid].float(), rtol=1e-4, atol=1e-4)
     ids, mask = _prompt(1)
     out = generate(model, None, ids, mask, max_new_tokens=N_NEW, return_logits=True)
     ref = _teacher_forced(model, out, mask)

@@ -11,7 +11,7 @@ from typing import Any
 
 ROUTERS = ("mlp", "linear")
 ADAPTERS = ("swiglu", "none")
-GATE_MODES = ("released", "ste")
+GATE_MODES = ("released", "ste", "difference")
 INITS = ("near_base", "released")
 
 
@@ -38,7 +38,10 @@ class FlexiDepthConfig:
         kv_for_skipped: skipped tokens still write K/V (the method); False = ablation where later tokens
             cannot attend to a token at a layer it skipped.
         gate_mode: "released" scales FFN by g and adapter by (1-g); "ste" uses weight 1 on both branches
-            with a straight-through gradient to g. Stored in checkpoints: serving with the other is wrong.
+            with a straight-through gradient to g through the taken branch; "difference" serves like "ste"
+            (unit weights: a running token gets exactly the base layer) but trains the gate with the gradient
+            of the soft mixture, dL/dg = <dL/dy, y_run - y_skip>, both branches computed for every token
+            (docs/method.md §3.6). Stored in checkpoints: serving with another mode is wrong.
         param_dtype: dtype of router/adapter parameters (fp32 master weights by default; "bfloat16" is the
             released recipe's choice, docs/released-differences.md).
         init: "near_base" (ours): router head 0 + bias `router_init_bias` (gates start high) and adapter

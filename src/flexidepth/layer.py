@@ -124,7 +124,7 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         m = run.float()
         if self.gate_mode == "released":
             w_run, w_skip = m * g, (1.0 - m) * (1.0 - g)
-        else:  # "ste": value 1 on the taken branch, gradient of g / (1 - g) passes straight through
+        else:  # "ste" / "difference": value 1 on the taken branch; ste: gradient of g / (1 - g) passes through
             st = g - g.detach()
             w_run, w_skip = m * (1.0 + st), (1.0 - m) * (1.0 - st)
         return w_run.unsqueeze(-1).to(dtype), w_skip.unsqueeze(-1).to(dtype)
@@ -168,12 +168,32 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         a, _ = self._call_attention(run, hidden_states=z, attention_mask=attention_mask, **attn_kwargs)
         h = x + run.unsqueeze(-1).to(x.dtype) * a  # skipped rows: no attention output, x' = x
 
+        if self.gate_mode == "difference" and g.requires_grad:
+            return self._difference_forward(x, a, g, run)
         u = self.post_attention_layernorm(h)
         w_run, w_skip = self.branch_weights(g, run, x.dtype)
         y = h + w_run * self.mlp(u)
         if self.adapter is not None:
             y = y + w_skip * self.adapter(u)
         return y
+
+    def _difference_forward(self, x: torch.Tensor, a: torch.Tensor, g: torch.Tensor, run: torch.Tensor):
+        """Training forward of gate_mode="difference": the value of the hard choice, gradient of the mixture.
+
+        Both branches are computed for every row: y_run = the unmodified layer (x + a, then its FFN) and
+        y_skip = x + Adapter(N_f(x)). The output is y_run on running rows and y_skip on skipped rows (unit
+        weights, as "ste" serves it), and the gate receives dL/dg = <dL/dy, y_run - y_skip>: the derivative of
+        the soft mixture g*y_run + (1-g)*y_skip at the taken branch (the first-order term of SparseMixer-style
+        estimators, docs/method.md §3.6). A skipped token therefore still learns how much running would
+        have helped, and a running token's output is exactly the base layer's.
+
+        x, a: [B, T, d] (a = attention output of every row); g: [B, T] fp32; run: [B, T] bool -> [B, T, d].
+        """
+        h = x + a
+        y_run = h + self.mlp(self.post_attention_layernorm(h))
+        y_skip = x if self.adapter is None else x + self.adapter(self.post_attention_layernorm(x))
+        st = (g - g.detach()).unsqueeze(-1).to(x.dtype)  # value 0, gradient 1 to g
+        return torch.where(run.unsqueeze(-1), y_run, y_skip) + st * (y_run - y_skip).detach()
 
     # ------------------------------------------------------------------ ablation: no K/V for skipped
     def _mask_skipped_keys(self, attention_mask, run: torch.Tensor, cache) -> torch.Tensor:
