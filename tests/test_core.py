@@ -294,6 +294,29 @@ def test_difference_gate_mode_value_is_the_hard_choice_and_the_gate_gradient_is_
     torch.testing.assert_close(g.grad, (c * (y_run - y_skip)).sum(-1), rtol=1e-4, atol=1e-4)
 
 
+def test_sampled_training_decisions_run_with_probability_g_and_inference_thresholds():
+    base = tiny_model("llama")
+    last = base.config.num_hidden_layers - 1
+    cfg = FlexiDepthConfig(gate_mode="difference", train_decisions="sample", layers=[last])
+    model = inject(copy.deepcopy(base), cfg)
+    layer = flexi_layers(model)[0]
+    ids = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
+    for value in (0.2, 0.7):
+        layer.force_gate = lambda z, i, v=value: torch.full(z.shape[:2], v, requires_grad=torch.is_grad_enabled())
+        torch.manual_seed(1)
+        out = routed_forward(model, ids)  # autograd on: sampled
+        frac = out.routes.run.float().mean().item()
+        assert abs(frac - value) < 0.04, (value, frac)  # 512 draws: 4 sigma ~ 0.04
+        with torch.no_grad():
+            served = routed_forward(model, ids)
+        assert bool(served.routes.run.all()) == (value > cfg.tau)  # inference: g > tau for every token
+    layer.force_gate = None
+    with pytest.raises(FlexiDepthConfigError, match="train_decisions=sample needs skip.gate_mode=difference"):
+        FlexiDepthConfig(train_decisions="sample").validate()
+    with pytest.raises(FlexiDepthConfigError, match="skip.train_decisions"):
+        FlexiDepthConfig(train_decisions="bernoulli").validate()
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip(tmp_path):
     base = tiny_model("qwen3")

@@ -13,6 +13,7 @@ ROUTERS = ("mlp", "linear")
 ADAPTERS = ("swiglu", "none")
 GATE_MODES = ("released", "ste", "difference")
 INITS = ("near_base", "released")
+TRAIN_DECISIONS = ("threshold", "sample")
 
 
 class FlexiDepthConfigError(ValueError):
@@ -48,6 +49,11 @@ class FlexiDepthConfig:
             output projection 0, so the fresh model is the base with its FFNs scaled by the initial gate;
             "released": every projection random (nn.Linear's default), bias (if any) 0, so gates start near
             0.5 and the adapter is random from the start (docs/method.md, "Initialisation").
+        train_decisions: how a token's branch is chosen while training (autograd on): "threshold" (g > tau,
+            as at inference) or "sample" (run with probability g, a fresh draw per token and layer, as
+            SparseMixer samples its expert in training; gate_mode="difference" only). With the threshold the
+            difference estimator is evaluated at the taken branch only, so gates hover at tau; sampling makes
+            the expected gradient weigh both branches (docs/method.md §3.6). Inference always thresholds.
     """
 
     tau: float = 0.5
@@ -63,6 +69,7 @@ class FlexiDepthConfig:
     gate_mode: str = "released"
     param_dtype: str = "float32"
     init: str = "near_base"
+    train_decisions: str = "threshold"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -94,6 +101,12 @@ class FlexiDepthConfig:
         _choice("gate_mode", self.gate_mode, GATE_MODES)
         _choice("param_dtype", self.param_dtype, ("float32", "bfloat16", "float16"))
         _choice("init", self.init, INITS)
+        _choice("train_decisions", self.train_decisions, TRAIN_DECISIONS)
+        if self.train_decisions == "sample" and self.gate_mode != "difference":
+            raise FlexiDepthConfigError(
+                "skip.train_decisions=sample needs skip.gate_mode=difference (the gate's gradient must not "
+                f"depend on which branch was drawn), got skip.gate_mode={self.gate_mode!r}"
+            )
         _positive_int("router_reduction", self.router_reduction)
         _positive_int("adapter_reduction", self.adapter_reduction)
         if self.adapter_rank is not None:

@@ -90,6 +90,7 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         self.layer_index = layer_index
         self.tau = float(cfg.tau)
         self.gate_mode = cfg.gate_mode
+        self.train_decisions = cfg.train_decisions
         self.kv_for_skipped = cfg.kv_for_skipped
         self.recorder = recorder
         self.family = family
@@ -156,7 +157,10 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
             return h + self.mlp(self.post_attention_layernorm(h))
 
         g = self.gate(z)
-        run = g > self.tau  # strict: g == tau skips
+        if self.train_decisions == "sample" and g.requires_grad:
+            run = torch.rand_like(g) < g.detach()  # training only: run with probability g
+        else:
+            run = g > self.tau  # strict: g == tau skips
         self.recorder.record(self.layer_index, g, run)
         if self._fast_path_applies(attention_mask, position_embeddings) and not collecting_outputs(
             "attentions", kwargs
