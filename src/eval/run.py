@@ -2,8 +2,10 @@
 untrained baseline, src/baselines/): held-out perplexity, the task suite, lm-eval tasks, retention, analytic
 FLOPs, a DepthMap and figures. `evaluate(cfg)` is what `python -m src.evaluate` runs.
 
-The base model is evaluated first, as loaded; the method then modifies the same model in place (LaCo
-changes weights, so the order matters) and is evaluated on the same inputs (`eval_inputs`).
+The evaluation loop is `evaluate_against_base`, shared with `python -m src.compare`: the base model is
+evaluated first, as loaded, then each system on the same inputs (`eval_inputs`), scored against the base.
+Here the method modifies the same model in place (LaCo changes weights, so the order matters); compare gives
+every system a fresh base model. Rendering (results.md, tables, logger scalars) is in report.py.
 """
 
 from __future__ import annotations
