@@ -5,10 +5,10 @@ model, in one command:
     python -m src.compare k32=[4] baselines=[shortgpt,early_exit] '~trained' random_matched_to=[] eval.n_per_task=2
     bash experiments/baselines_smollm2.sh                   # trains the learned systems first
 
-Every system is built from a fresh copy of the base model by `src.baselines.apply_method` and evaluated with
-`src.eval.run.evaluate_system` (held-out perplexity, the task suite, layers used); the base model is
-evaluated once. Writes <output_dir>/compare.json and compare.md (tables: main, ablation, per-task layers
-used), and logs the tables to W&B.
+Every system is built from a fresh copy of the base model by `src.baselines.apply_method` and evaluated by
+the loop `src.eval` uses (`src.eval.run.evaluate_against_base`: held-out perplexity, the task suite, layers
+used; the base model once, every system scored against it). Writes <output_dir>/compare.json and compare.md
+(tables: main, ablation, per-task layers used; `src.eval.report`), and logs the tables to W&B.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
     reported and left out, checkpoints of another base model refused before anything is evaluated. Method
     configs come from conf/method/<name>.yaml plus `method_overrides`."""
     from .baselines import resolve_k, validate_method
-    from .eval.run import resolve_checkpoint
-    from .flexidepth.checkpoint import read_checkpoint_config
+    from .flexidepth.checkpoint import read_checkpoint_config, resolve_checkpoint
 
     num_layers = model_config.num_hidden_layers
 
@@ -101,17 +100,23 @@ def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
 
 
 def run_compare(cfg: DictConfig) -> dict[str, Any]:
+    """The tables: the base model once, then every planned system (`plan_systems`) on a fresh copy of it,
+    through `src.eval.run.evaluate_against_base`; writes compare.json and compare.md
+    (`src.eval.report.compare_markdown`) into `paths.output_dir` and returns the results."""
     import torch
 
-    from .baselines import apply_method, checkpoint_method, method_macs
+    from .baselines import apply_method, checkpoint_method
     from .baselines.methods import calibration_batches, tau_for_k
-    from .eval.run import _device, all_scores, eval_inputs, evaluate_system, load_tokenizer
+    from .eval.report import compare_markdown
+    from .eval.run import eval_inputs, evaluate_against_base
     from .flexidepth import set_tau
     from .models.loader import load_base_model
+    from .models.tokenizer import load_tokenizer
+    from .utils.hardware import resolve_device
 
     ev = cfg.eval
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    device = _device(str(ev.get("device", "auto")))
+    device = resolve_device(str(ev.get("device", "auto")))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_cfg)
@@ -123,44 +128,40 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
     model = fresh_model()
     num_layers = model.config.num_hidden_layers
     systems = plan_systems(cfg, model.config)  # validates every method before any evaluation
-    chunks, examples, harness_tasks, include = eval_inputs(tokenizer, ev, output_dir)
-
-    def evaluate_as(label: str) -> dict:
-        return evaluate_system(model, tokenizer, label, chunks, examples, ev, harness_tasks, include)[0]
-
-    base = evaluate_as("base")
-    base_scores = all_scores(base)
-    rows = [_row("base", "base", None, "main", base, base_scores, None, num_layers, base_summary=base)]
+    inputs = eval_inputs(tokenizer, ev, output_dir)
     skip = OmegaConf.to_container(cfg.skip, resolve=True)
-    for system in systems:
-        del model
-        model = fresh_model()
-        method = system["method"] or {"name": checkpoint_method(system["ckpt"])}
-        applied = apply_method(model, method, tokenizer=tokenizer, ckpt=system["ckpt"], skip=skip)
-        model.to(device)
-        if system.get("k") is not None:  # threshold matched to k on calibration text (training side)
-            tau = tau_for_k(
-                model, calibration_batches(tokenizer, {"calibration": {"texts": 16}}), system["k"]
-            )
-            set_tau(model, tau)
-            applied.k, applied.details["tau"] = system["k"], tau
-            log.info("compare: %s threshold %.4f for k=%s", system["label"], tau, system["k"])
-        log.info("compare: %s (%s)", system["label"], applied.label)
-        summary = evaluate_as(system["label"])
-        macs = method_macs(model.config, applied, summary["layers"]["layers_skipped_scored"])
-        rows.append(
-            _row(
-                system["label"],
-                applied.name,
-                applied,
-                system["table"],
-                summary,
-                base_scores,
-                macs,
-                num_layers,
-                base_summary=base,
-            )
-        )
+
+    def builder(system: dict):
+        def apply(model):
+            method = system["method"] or {"name": checkpoint_method(system["ckpt"])}
+            applied = apply_method(model, method, tokenizer=tokenizer, ckpt=system["ckpt"], skip=skip)
+            model.to(device)
+            if system.get("k") is not None:  # threshold matched to k on calibration text (training side)
+                tau = tau_for_k(
+                    model, calibration_batches(tokenizer, {"calibration": {"texts": 16}}), system["k"]
+                )
+                set_tau(model, tau)
+                applied.k, applied.details["tau"] = system["k"], tau
+                log.info("compare: %s threshold %.4f for k=%s", system["label"], tau, system["k"])
+            log.info("compare: %s (%s)", system["label"], applied.label)
+            return applied
+
+        return apply
+
+    # retention intervals keep compare.json's bootstrap seed (0), as before the shared loop
+    loop = evaluate_against_base(
+        model,
+        tokenizer,
+        ev,
+        inputs,
+        [(system["label"], builder(system)) for system in systems],
+        fresh_model=fresh_model,
+        retention_seed=0,
+    )
+    del model  # the loop holds the only reference: each system's fresh model replaces it
+    rows = [table_row(next(loop), "main")]  # the base model
+    for system, res in zip(systems, loop, strict=True):
+        rows.append(table_row(res, system["table"]))
     results = {
         "model": str(model_cfg.get("name_or_path")),
         "num_layers": num_layers,
@@ -191,14 +192,15 @@ def run_curves(cfg: DictConfig) -> dict[str, Any]:
     from .baselines.methods import calibration_batches, checkpoint_method, tau_for_k
     from .data.mixture import check_heldout
     from .eval import curves as C
-    from .eval.run import _device, load_tokenizer
     from .models.loader import load_base_model
+    from .models.tokenizer import load_tokenizer, pad_token_id
+    from .utils.hardware import resolve_device
 
     cc = cfg.curves
     names = check_heldout(list(cc.heldout), "curves.heldout")
     ks = [float(k) for k in cc.k]
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    device = _device(str(cfg.eval.get("device", "auto")))
+    device = resolve_device(str(cfg.eval.get("device", "auto")))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_cfg)
@@ -208,7 +210,7 @@ def run_curves(cfg: DictConfig) -> dict[str, Any]:
     systems = [s for s in plan_systems(cfg, base.config) if s["method"] is None and "k" not in s]
     systems = [s for s in systems if s["table"] == "main" and checkpoint_method(s["ckpt"]) == "flexidepth"]
     sets = C.heldout_sets(tokenizer, names, int(cc.max_length), cc.get("max_tokens"))
-    pad = int(tokenizer.pad_token_id or 0)
+    pad = pad_token_id(tokenizer)
     bs = int(cfg.eval.batch_size)
     base_sets = C.measure(base, sets, bs, pad)
     log.info("curves: base %s", {n: round(v["ppl"], 2) for n, v in base_sets.items()})
@@ -259,24 +261,20 @@ def run_curves(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def _row(
-    label, method, applied, table, summary, base_scores, macs, num_layers, base_summary=None
-) -> dict[str, Any]:
-    """One system's table row. Retention is against `base_scores`, with a paired bootstrap interval over the
-    built-in suite's examples when `base_summary` (the base model's `evaluate_system` summary) is given."""
+def table_row(res, table: str) -> dict[str, Any]:
+    """One system's row of compare.json from its `SystemResult` (src/eval/run.py): scores, layers skipped,
+    perplexity, retention against the base (`res.retention`; 1.0 for the base itself) and analytic MACs
+    saved (a fraction; 0.0 for the base)."""
     from .eval.run import all_scores
-    from .eval.tasks import retention
 
+    applied, summary = res.applied, res.summary
+    method = "base" if applied is None else applied.name
     scores = all_scores(summary)
-    ret = retention(
-        scores,
-        base_scores,
-        summary.get("example_scores"),
-        None if base_summary is None else base_summary.get("example_scores"),
-    )
+    ret = res.retention
+    macs = res.flops.get("scored")
     lay = summary["layers"]
     return {
-        "label": label,
+        "label": res.label,
         "method": method,
         "table": table,
         "k_target": None if applied is None or applied.k is None else round(float(applied.k), 2),
@@ -295,115 +293,19 @@ def _row(
             }
             for t, v in summary["tasks"].items()
         },
-        "retention": ret["retention"] if method != "base" else 1.0,
-        "retention_ci": ret["interval"] if method != "base" else None,
+        "retention": ret["retention"] if ret is not None else 1.0,
+        "retention_ci": ret["interval"] if ret is not None else None,
         "macs_saved_frac": 0.0 if macs is None else macs["analytic_macs_saved_frac"],
     }
 
 
-def _f(v, digits=2) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-def _with_ci(v, ci) -> str:
-    """``v [low, high]``, or ``v`` alone without an interval."""
-    if v is None or not ci or ci[0] is None:
-        return _f(v)
-    return f"{_f(v)} [{_f(ci[0])}, {_f(ci[1])}]"
-
-
-def table_lines(rows: list[dict], tasks: list[str]) -> list[str]:
-    header = [
-        "system",
-        "k",
-        "skipped (held-out)",
-        "skipped (generated)",
-        "MACs saved",
-        "ppl",
-        *tasks,
-        "retention",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [
-            r["label"],
-            _f(r["k_target"]),
-            _f(r["layers_skipped_scored"]),
-            _f(r["layers_skipped_generated"]),
-            f"{r['macs_saved_frac']:.1%}",
-            _f(r["ppl"], 1),
-            *[_with_ci(r["scores"].get(t), (r.get("scores_ci") or {}).get(t)) for t in tasks],
-            _with_ci(r["retention"], r.get("retention_ci")),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def compare_markdown(results: dict[str, Any]) -> str:
-    rows = results["rows"]
-    tasks = list(rows[0]["scores"])
-    s = results["settings"]
-    lines = [
-        f"# Comparison on `{results['model']}` ({results['num_layers']} layers)",
-        "",
-        f"Task suite: {s['n_per_task']} examples per task; held-out perplexity over "
-        f"{s.get('ppl_max_articles') or 'all'} Lee articles. Multiple-choice tasks (next_sentence, cloze, "
-        "add_choice, mul_choice, copy_choice) score the accuracy of the highest log-likelihood choice of 4 "
-        "(chance 0.25); generation tasks (greedy, "
-        f"{s['max_new_tokens']} new tokens) score exact match (repeat, copy, addition, multiplication), token "
-        "F1 (continue) or ROUGE-L F1 (summarize). Brackets: 95% intervals (Wilson for 0/1 scores, bootstrap "
-        "otherwise). Retention = mean over tasks of score / base score (tasks with base score 0 left out), "
-        "its interval a paired bootstrap over the same example ids. k: target layers skipped; 'skipped' "
-        "columns are measured. MACs saved: analytic, per token, lm_head included.",
-        "",
-        "## Main table (paper Table 1)",
-        "",
-        *table_lines([r for r in rows if r["table"] == "main"], tasks),
-    ]
-    ablation = [r for r in rows if r["table"] == "ablation"]
-    if ablation:
-        name = results.get("ablation_reference")
-        ref = [r for r in rows if r["label"] == name or r["label"].startswith(f"{name}@")]
-        lines += ["", "## Ablations (paper Table 3)", "", *table_lines(ref + ablation, tasks)]
-    lines += ["", "## Mean layers used per task (prompt / answer tokens: generated, or all choices')", ""]
-    header = ["system", *tasks]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [f"{_f(u['prompt'], 1)} / {_f(u['generated'], 1)}" for u in r["layers_used_by_task"].values()]
-        lines.append("| " + " | ".join([r["label"], *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def log_compare(cfg: DictConfig, results: dict[str, Any]) -> None:
-    """Scalars per system and the table to every W&B logger."""
-    from .train import _finish_wandb, build_loggers
+    """Scalars per system (compare/<label>/<key>) to every logger, and the table to every W&B logger
+    (`src.utils.loggers.log_results`)."""
+    from .eval.report import compare_scalars, compare_table
+    from .utils.loggers import log_results
 
-    loggers = build_loggers(cfg, Path(cfg.paths.output_dir), resuming=False)
-    try:
-        for lg in loggers:
-            metrics = {}
-            for r in results["rows"]:
-                for key in ("layers_skipped_scored", "ppl", "retention", "macs_saved_frac"):
-                    if r[key] is not None:
-                        metrics[f"compare/{r['label']}/{key}"] = float(r[key])
-            lg.log_metrics(metrics, step=0)
-            if type(lg).__name__ == "WandbLogger":
-                import wandb
-
-                tasks = list(results["rows"][0]["scores"])
-                cols = ["system", "table", "k", "skipped", "ppl", *tasks, "retention", "macs_saved"]
-                data = [
-                    [r["label"], r["table"], r["k_target"], r["layers_skipped_scored"], r["ppl"]]
-                    + [r["scores"].get(t) for t in tasks]
-                    + [r["retention"], r["macs_saved_frac"]]
-                    for r in results["rows"]
-                ]
-                lg.experiment.log({"compare/table": wandb.Table(columns=cols, data=data)})
-            lg.save()
-    finally:
-        _finish_wandb()
+    log_results(cfg, compare_scalars(results), {"compare/table": compare_table(results)}, prefix="compare")
 
 
 def preflight_compare(cfg: DictConfig) -> None:

@@ -25,62 +25,24 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from .eval.report import task_table_rows
+from .eval.report import main_table, scalar_metrics, task_table_rows
 from .utils.cli import entry_point
 
 log = logging.getLogger(__name__)
 
 
-def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """Flat scalars for loggers: eval/<model>/<task>/score, layer usage, ppl, retention, FLOPs."""
-    out = {}
-    for system, tasks in results["tasks"].items():
-        for task, t in tasks.items():
-            out[f"eval/{system}/{task}/score"] = t["score"]
-            out[f"eval/{system}/{task}/layers_used_prompt"] = t["layers_used_prompt"]
-            if t["layers_used_generated"] is not None:
-                out[f"eval/{system}/{task}/layers_used_generated"] = t["layers_used_generated"]
-        for task, t in (results.get("harness") or {}).get(system, {}).items():
-            if t.get("score") is not None:
-                out[f"eval/{system}/{task}/score"] = t["score"]
-            if t.get("layers_used_mean") is not None:
-                out[f"eval/{system}/{task}/layers_used"] = t["layers_used_mean"]
-        out[f"eval/{system}/ppl"] = results["perplexity"][system]["ppl"]
-        for key, value in results["layers"][system].items():
-            if value is not None:
-                out[f"eval/{system}/{key}"] = value
-    ret = (results.get("retention") or {}).get("retention")
-    if ret is not None:
-        out["eval/retention"] = ret
-    for name, rep in (results.get("flops") or {}).items():
-        out[f"eval/flops/{name}/macs_saved_frac"] = rep["analytic_macs_saved_frac"]
-        out[f"eval/flops/{name}/flop_ideal_speedup"] = rep["flop_ideal_speedup"]
-    return {k: float(v) for k, v in out.items()}
-
-
 def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
-    """Log scalars, the per-task table, the figures (PNG as wandb.Image, the HTML depth map as wandb.Html) to
-    every configured W&B logger (others: scalars)."""
-    from .train import _finish_wandb, build_loggers
+    """Log scalars (`scalar_metrics`) to every configured logger; to W&B loggers also the per-task table and
+    the figures (PNG as wandb.Image, the HTML depth map as wandb.Html) (`src.utils.loggers.log_results`)."""
+    from .utils import loggers
 
-    loggers = build_loggers(cfg, Path(cfg.paths.output_dir), resuming=False)
-    try:
-        for lg in loggers:
-            lg.log_metrics(scalar_metrics(results), step=0)
-            if type(lg).__name__ == "WandbLogger":
-                import wandb
-
-                header, rows = task_table_rows(results)
-                payload = {"eval/tasks": wandb.Table(columns=header, data=rows)}
-                for fig in map(Path, results.get("figures", [])):
-                    if fig.suffix == ".html":  # the depth map: a self-contained page, no wandb css injected
-                        payload[f"eval/{fig.stem}"] = wandb.Html(str(fig), inject=False)
-                    else:
-                        payload[f"eval/{fig.stem}"] = wandb.Image(str(fig))
-                lg.experiment.log(payload)
-            lg.save()
-    finally:
-        _finish_wandb()
+    loggers.log_results(
+        cfg,
+        scalar_metrics(results),
+        {"eval/tasks": task_table_rows(results)},
+        results.get("figures", []),
+        prefix="eval",
+    )
 
 
 def preflight_eval(cfg: DictConfig) -> None:
@@ -102,24 +64,6 @@ def preflight_eval(cfg: DictConfig) -> None:
         if not problems:  # the base model's identity needs its config to be reachable
             problems += pf.flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
     pf.raise_if(problems, "evaluate")
-
-
-def main_table(results: dict[str, Any]) -> str:
-    """The per-task table (score and layers used per system) plus perplexity and retention, as text."""
-    header, rows = task_table_rows(results)
-
-    def cell(v):
-        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    table = [header] + [[cell(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table]
-    ppl = ", ".join(f"{s} {p['ppl']:.3f}" for s, p in results["perplexity"].items())
-    lines.append(f"held-out ppl: {ppl}")
-    ret = (results.get("retention") or {}).get("retention")
-    if ret is not None:
-        lines.append(f"retention (mean score / base score): {ret:.3f}")
-    return "\n".join(lines)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

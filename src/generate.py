@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TextIO
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .flexidepth.generation import GenerationOutput, check_generation_args
@@ -64,19 +63,19 @@ def check_cli_args(cfg: DictConfig) -> dict:
 def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     """Load the model (and checkpoint), generate from `cfg.prompt` while printing to `file` (stdout)."""
     from .baselines import apply_method, checkpoint_method
-    from .eval.run import chat_prompt, load_tokenizer, resolve_checkpoint
     from .eval.streamer import LayerStreamer
     from .flexidepth import set_tau
+    from .flexidepth.checkpoint import resolve_checkpoint
     from .flexidepth.generation import generate
     from .models.loader import load_base_model
+    from .models.tokenizer import chat_prompt, load_tokenizer
+    from .utils.hardware import resolve_device
 
     file = file if file is not None else sys.stdout
     params = check_cli_args(cfg)  # before any model work
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     preflight_generate(cfg, model_cfg)
-    device = str(cfg.get("device", "auto"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(str(cfg.get("device", "auto")))
     model = load_base_model(model_cfg).eval()
     tokenizer = load_tokenizer(model_cfg)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"))

@@ -155,12 +155,12 @@ def flexidepth_checkpoint_problems(folder: Path, key: str, model_cfg: dict[str, 
 
 def resolve_flexidepth_folder(path: str | Path, key: str) -> Path:
     """A FlexiDepth folder (holding flexidepth_config.json), or a run folder holding `flexidepth/`."""
-    from .flexidepth.checkpoint import CONFIG
+    from .flexidepth.checkpoint import CONFIG, checkpoint_folder
 
     p = Path(str(path)).expanduser()
-    for cand in (p, p / "flexidepth"):
-        if (cand / CONFIG).is_file():
-            return cand
+    found = checkpoint_folder(p)
+    if found is not None:
+        return found
     if not p.exists():
         raise PreflightError(f"{key}={str(path)!r}: no such file or folder")
     raise PreflightError(

@@ -18,22 +18,21 @@ import contextlib
 import json
 import logging
 import os
-import secrets
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from .config_check import validate
 from .released_recipe import report_alpha
 from .utils.cli import entry_point
 from .utils.errors import RunFolderError
 from .utils.files import atomic_write_text
-from .utils.launch import cluster_plugins, is_rank_zero, one_job_per_sweep_point, sweep_group
+from .utils.launch import cluster_plugins, is_rank_zero, one_job_per_sweep_point
+from .utils.loggers import build_loggers, finish_wandb
 from .utils.quiet import silence_third_party
 from .utils.runs import (
     NOT_COMPARED,
@@ -50,38 +49,6 @@ from .utils.runs import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool) -> list:
-    """Instantiate loggers. A W&B run gets its id up front, saved in <output_dir>/wandb_id.txt (rank zero)
-    before training starts, so a resumed or requeued job continues the same W&B run."""
-    loggers = []
-    for name, node in (cfg.get("logger") or {}).items():
-        if node is None or "_target_" not in node:
-            continue
-        if "WandbLogger" in node._target_:
-            id_file = output_dir / "wandb_id.txt"
-            saved = id_file.read_text().strip() if id_file.is_file() else ""
-            with open_dict(node):
-                if resuming and saved:
-                    node.id = saved
-                    node.resume = "allow"
-                elif not node.get("id"):
-                    node.id = secrets.token_hex(4)
-                if node.get("group") is None:
-                    node.group = sweep_group()
-            lg = hydra.utils.instantiate(node)
-            # Lightning always passes `anonymous` (None) to wandb.init, which then prints a deprecation
-            # warning on every run; the key has no effect, so it is not passed
-            init = getattr(lg, "_wandb_init", None)
-            if isinstance(init, dict) and init.get("anonymous") is None:
-                init.pop("anonymous", None)
-            if is_rank_zero():
-                atomic_write_text(id_file, str(node.id))
-        else:
-            lg = hydra.utils.instantiate(node)
-        loggers.append(lg)
-    return loggers
 
 
 def build_callbacks(cfg: DictConfig) -> list:
@@ -160,7 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             with one_job_per_sweep_point():
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         finally:
-            _finish_wandb()
+            finish_wandb()
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if trainer.is_global_zero:
             write_metrics(output_dir, metrics, trainer.global_step, cfg)
@@ -378,8 +345,8 @@ def apply_untrained(cfg: DictConfig) -> dict[str, Any]:
     """Methods without training (shortgpt, laco, early_exit, random_skip): apply the method once (its
     calibration included) and record what it chose in <output_dir>/method.json; evaluation re-applies it."""
     from .baselines import apply_method
-    from .eval.run import load_tokenizer
     from .models.loader import load_base_model
+    from .models.tokenizer import load_tokenizer
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -421,16 +388,6 @@ def write_metrics(output_dir: Path, metrics: dict[str, float], global_step: int,
         "run_name": str(cfg.get("run_name")),
     }
     return atomic_write_text(output_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True))
-
-
-def _finish_wandb() -> None:
-    """One W&B run per job: multirun jobs must never merge (also on failure)."""
-
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

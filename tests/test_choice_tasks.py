@@ -44,8 +44,8 @@ TINY_LLAMA = {
 
 @pytest.fixture(scope="module")
 def tiny():
-    from src.eval.run import load_tokenizer
     from src.models.loader import load_base_model
+    from src.models.tokenizer import load_tokenizer
 
     return load_base_model(TINY_LLAMA).eval(), load_tokenizer(TINY_LLAMA)
 
@@ -146,8 +146,9 @@ def test_pick_takes_the_first_maximum():
 
 
 def test_layers_used_are_recorded_for_a_routed_model():
-    from src.eval.run import load_tokenizer, run_choice_suite, summarize_tasks
+    from src.eval.run import run_choice_suite, summarize_tasks
     from src.flexidepth import set_tau
+    from src.models.tokenizer import load_tokenizer
     from tests.test_streamer import mixed_tiny_llama
 
     model, tok = mixed_tiny_llama(), load_tokenizer(TINY_LLAMA)

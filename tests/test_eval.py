@@ -197,7 +197,8 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path, capsys):
 def test_evaluate_with_lm_eval_tasks_and_a_baseline(tmp_path):
     """eval.tasks mixes the built-in suite with lm-eval tasks (the project's offline ones); retention spans
     both; an early-exit baseline uses 3 of 4 layers on every lm-eval token."""
-    from src.evaluate import run, scalar_metrics
+    from src.eval.report import scalar_metrics
+    from src.evaluate import run
 
     cfg = compose_tiny(
         "evaluate",

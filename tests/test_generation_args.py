@@ -142,7 +142,7 @@ def test_degenerate_prompts_are_refused(model, kwargs, message):
 
 
 def test_degenerate_text_prompts_are_refused(model):
-    from src.eval.run import load_tokenizer
+    from src.models.tokenizer import load_tokenizer
     from tests.test_streamer import TINY_LLAMA
 
     tok = load_tokenizer(TINY_LLAMA)

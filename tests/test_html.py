@@ -257,8 +257,9 @@ def test_page_in_chromium(browser, tmp_path):
 
 def test_page_from_a_tiny_model_run_suite(browser, tmp_path):
     """Records from `run_suite` on the tiny injected model (mixed routing): the page shows each of them."""
-    from src.eval.run import load_tokenizer, run_suite
+    from src.eval.run import run_suite
     from src.eval.tasks import make_task_examples
+    from src.models.tokenizer import load_tokenizer
     from tests.test_streamer import TINY_LLAMA, mixed_tiny_llama
 
     threads = torch.get_num_threads()
@@ -312,7 +313,7 @@ def test_log_results_logs_png_as_image_and_html_as_html(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
     from omegaconf import OmegaConf
 
-    import src.train
+    import src.utils.loggers
     from src.evaluate import log_results
 
     png = tmp_path / "task_depth.png"
@@ -335,7 +336,7 @@ def test_log_results_logs_png_as_image_and_html_as_html(tmp_path, monkeypatch):
         "figures": [str(png), str(page)],
     }
     logger = WandbLogger()
-    monkeypatch.setattr(src.train, "build_loggers", lambda cfg, out, resuming: [logger])
+    monkeypatch.setattr(src.utils.loggers, "build_loggers", lambda cfg, out, resuming: [logger])
     log_results(OmegaConf.create({"paths": {"output_dir": str(tmp_path)}}), results)
     (payload,) = logger.payloads
     assert isinstance(payload["eval/task_depth"], wandb.Image)

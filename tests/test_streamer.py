@@ -14,10 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.eval.run import chat_prompt, load_tokenizer
 from src.eval.streamer import LayerStreamer
 from src.flexidepth import FlexiDepthConfig, flexi_layers, inject, save_flexidepth
 from src.flexidepth.generation import generate
+from src.models.tokenizer import chat_prompt, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LLAMA = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "tiny_llama.yaml"), resolve=True)

@@ -31,7 +31,6 @@ from src.data.mixture import check_heldout, check_mixture, draw, mixture_rows
 from src.data.sampler import StepBatchSampler, StepDataset, example_lengths, example_supervised
 from src.data.sft import LOSS_ON, FilterReport, tokenize_dataset
 from src.data.synthetic import make_instruction_examples
-from src.models.embedded import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +146,9 @@ class SFTDataModule(L.LightningDataModule):
         """Load the tokenizer, read the rows, split them and tokenise both splits (once)."""
         if self.train_examples is not None:
             return
-        from transformers import AutoTokenizer
+        from src.models.tokenizer import open_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_path))
+        self.tokenizer = open_tokenizer(self.tokenizer_path)
         if self.source == "mixture":
             self._setup_mixture()
             return
@@ -228,14 +227,11 @@ class SFTDataModule(L.LightningDataModule):
 
     @property
     def pad_id(self) -> int:
-        """Padding id: the tokenizer's pad token, else EOS (padding is masked out either way)."""
-        pad = self.tokenizer.pad_token_id
-        pad = self.tokenizer.eos_token_id if pad is None else pad
-        if pad is None:
-            raise ValueError(
-                f"tokenizer at data.tokenizer_path={self.tokenizer_path} has neither pad nor eos token"
-            )
-        return pad
+        """Padding id: the tokenizer's pad token, else EOS, else 0 (`src.models.tokenizer.pad_token_id`;
+        padding is masked out either way)."""
+        from src.models.tokenizer import pad_token_id
+
+        return pad_token_id(self.tokenizer)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled step-window micro-batches for this rank."""

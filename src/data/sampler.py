@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from src.data.batching import pad_batch
 from src.data.sft import IGNORE_INDEX, supervised_count
 
 
@@ -184,17 +185,9 @@ def collate(
     width = max(len(e["input_ids"]) for e in examples)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    batch = {
-        "input_ids": torch.full((len(examples), width), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
-        "labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long),
-    }
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        batch["input_ids"][row, :n] = torch.as_tensor(example["input_ids"])
-        batch["attention_mask"][row, :n] = 1
-        batch["labels"][row, :n] = torch.as_tensor(example["labels"])
-    return batch
+    input_ids, attention_mask = pad_batch([e["input_ids"] for e in examples], pad_id, "right", width)
+    labels, _ = pad_batch([e["labels"] for e in examples], IGNORE_INDEX, "right", width)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class StepDataset(Dataset):

@@ -1,5 +1,6 @@
-"""Evaluation of FlexiDepth checkpoints: task suite (tasks.py), the run (run.py, `python -m src.evaluate`),
-DepthMap export (depthmap.py), results table (report.py), figures (figures.py), the HTML depth map
+"""Evaluation of FlexiDepth checkpoints: task suite (tasks.py), the evaluation loop and the run (run.py,
+`python -m src.evaluate` and `python -m src.compare`), DepthMap export (depthmap.py), every table and
+Markdown rendering (report.py), figures (figures.py), the HTML depth map
 (html.py), the layer-count streamer (streamer.py) and the lm-evaluation-harness wrapper (harness.py)."""
 
 from .depthmap import load_depthmap, write_depthmap

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from src.data.synthetic import split_sentences
 
+from .tasks import draw_per_task
+
 CHOICE_TASKS = ("next_sentence", "cloze", "add_choice", "mul_choice", "copy_choice")
 N_CHOICES = 4
 SCORING = {  # how a choice is scored (`choice_scores`); the model picks the highest
@@ -89,25 +91,16 @@ def make_choice_examples(
     Raises:
         ValueError: an unknown task, or `texts` without articles of 3+ usable sentences.
     """
-    unknown = [t for t in tasks if t not in CHOICE_TASKS]
-    if unknown:
-        raise ValueError(f"unknown choice task(s) {unknown}; available: {list(CHOICE_TASKS)}")
-    if texts is None:
-        from src.data.corpora import lee_heldout_articles
 
-        texts = lee_heldout_articles()
-    pool = _Pool(texts)
-    out = []
-    for task in tasks:
-        rng = random.Random(f"{seed}-{task}")
-        for i in range(int(n_per_task)):
-            prompt, correct, wrong = _MAKERS[task](rng, pool)
-            assert len(set(wrong)) == N_CHOICES - 1 and correct not in wrong, (task, correct, wrong)
-            label = rng.randrange(N_CHOICES)
-            choices = list(wrong)
-            choices.insert(label, correct)
-            out.append(ChoiceExample(task, i, prompt, choices, label))
-    return out
+    def build(task: str, i: int, rng: random.Random, pool: _Pool) -> ChoiceExample:
+        prompt, correct, wrong = _MAKERS[task](rng, pool)
+        assert len(set(wrong)) == N_CHOICES - 1 and correct not in wrong, (task, correct, wrong)
+        label = rng.randrange(N_CHOICES)
+        choices = list(wrong)
+        choices.insert(label, correct)
+        return ChoiceExample(task, i, prompt, choices, label)
+
+    return draw_per_task(tasks, CHOICE_TASKS, "choice", n_per_task, seed, texts, _Pool, build)
 
 
 _WORD = re.compile(r"^[A-Za-z]{4,}$")
@@ -245,12 +238,14 @@ def choice_loglikelihoods(
         correct choice's sequence), "choice_layers" (per choice: layers used per choice token), "gates" /
         "run" (per token of prompt + correct choice: the routed layers' gates / run flags; [] unrouted).
     """
-    from src.flexidepth import routed_forward
+    from src.data.batching import pad_batch
+    from src.flexidepth import routed_forward, routing_active
+    from src.models.tokenizer import pad_token_id
 
     device = next(model.parameters()).device
     num_layers = model.config.num_hidden_layers
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    routed = hasattr(model, "flexidepth") and any(layer.routing for layer in _flexi_layers(model))
+    pad = pad_token_id(tokenizer)
+    routed = routing_active(model)
     null_ids = tokenizer(NULL_PROMPT, add_special_tokens=False)["input_ids"]
     seqs = []  # (example index, choice index, prompt ids, choice ids, scored after the null prompt)
     for e, ex in enumerate(examples):
@@ -284,11 +279,7 @@ def choice_loglikelihoods(
             inputs = [seqs[i][2] + seqs[i][3] for i in idx]
             width = max(len(s) for s in inputs)
             keep = max(len(seqs[i][3]) for i in idx) + 1  # + the last prompt position (predicts choice[0])
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, s in enumerate(inputs):
-                ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-                mask[row, width - len(s) :] = 1
+            ids, mask = pad_batch(inputs, pad, side="left")
             ids, mask = ids.to(device), mask.to(device)
             kwargs = {
                 "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
@@ -345,12 +336,6 @@ def choice_scores(example: ChoiceExample, result: dict) -> list[float]:
 def pick(scores: list[float]) -> int:
     """Index of the highest score (the first one on ties)."""
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
-
-
-def _flexi_layers(model):
-    from src.flexidepth import flexi_layers
-
-    return flexi_layers(model)
 
 
 __all__ = [

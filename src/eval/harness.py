@@ -67,9 +67,11 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 
+from src.data.batching import pad_batch
 from src.flexidepth.generation import check_generation_args, generate
-from src.flexidepth.inject import flexi_layers
+from src.flexidepth.inject import routing_active
 from src.flexidepth.routes import routed_forward
+from src.models.tokenizer import pad_token_id as tokenizer_pad_id
 
 from .lm_tasks import LOCAL_GROUP, LOCAL_TASKS, write_local_tasks
 
@@ -197,10 +199,8 @@ class FlexiDepthLM(TemplateLM):
 
     @property
     def pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.eot_token_id
-        return 0 if pad is None else int(pad)
+        """The padding id (`src.models.tokenizer.pad_token_id`: pad, else EOS, else 0)."""
+        return tokenizer_pad_id(self.tokenizer)
 
     @property
     def max_length(self) -> int:
@@ -214,8 +214,8 @@ class FlexiDepthLM(TemplateLM):
 
     @property
     def routed(self) -> bool:
-        """True when the model is injected and at least one FlexiDepth layer routes (run.py's test)."""
-        return hasattr(self.model, "flexidepth") and any(layer.routing for layer in flexi_layers(self.model))
+        """True when the model is injected and at least one FlexiDepth layer routes (`routing_active`)."""
+        return routing_active(self.model)
 
     @property
     def tokenizer_name(self) -> str:
@@ -326,12 +326,7 @@ class FlexiDepthLM(TemplateLM):
         (the LM head over all positions is the largest cost at a large vocabulary). Positions are
         `cumsum(mask) - 1`, as in `generate`.
         """
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
+        ids, mask = pad_batch(seqs, self.pad_token_id, side="left")
         ids, mask = ids.to(self._device), mask.to(self._device)
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         kwargs = {"position_ids": position_ids, "logits_to_keep": max(int(keep), 1), "use_cache": False}
@@ -516,12 +511,7 @@ class FlexiDepthLM(TemplateLM):
             for req in reqs:
                 self._stats(req.task_name, "generate_until").requests += 1
             return [""] * len(reqs)
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding, as `generate` expects
-            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt) :] = 1
+        ids, mask = pad_batch(prompts, self.pad_token_id, side="left")  # left padding, as `generate` expects
         out = generate(
             self.model,
             self.tokenizer,

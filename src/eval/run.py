@@ -2,8 +2,10 @@
 untrained baseline, src/baselines/): held-out perplexity, the task suite, lm-eval tasks, retention, analytic
 FLOPs, a DepthMap and figures. `evaluate(cfg)` is what `python -m src.evaluate` runs.
 
-The base model is evaluated first, as loaded; the method then modifies the same model in place (LaCo
-changes weights, so the order matters) and is evaluated on the same inputs (`eval_inputs`).
+The evaluation loop is `evaluate_against_base`, shared with `python -m src.compare`: the base model is
+evaluated first, as loaded, then each system on the same inputs (`eval_inputs`), scored against the base.
+Here the method modifies the same model in place (LaCo changes weights, so the order matters); compare gives
+every system a fresh base model. Rendering (results.md, tables, logger scalars) is in report.py.
 """
 
 from __future__ import annotations
@@ -11,16 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from src.flexidepth import routed_forward, set_tau
-from src.flexidepth.checkpoint import CONFIG
+from src.data.batching import pad_batch
+from src.flexidepth import is_injected, routed_forward, routing_active, set_tau
+from src.flexidepth.checkpoint import resolve_checkpoint
 from src.flexidepth.generation import generate
 from src.flexidepth.routes import lm_loss_sum
+from src.models.tokenizer import chat_prompt, load_tokenizer, pad_token_id
 from src.utils.files import atomic_write_text
+from src.utils.hardware import resolve_device
 
 from .choice_tasks import (
     CHOICE_TASKS,
@@ -35,42 +42,6 @@ from .choice_tasks import (
 from .tasks import METRICS, TaskExample, make_task_examples, retention, score, score_interval
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------- inputs
-def resolve_checkpoint(path: str | Path | None) -> Path | None:
-    """A FlexiDepth folder (holding flexidepth_config.json), or a run folder holding `flexidepth/`."""
-    if path in (None, "", "null"):
-        return None
-    path = Path(path)
-    for cand in (path, path / "flexidepth"):
-        if (cand / CONFIG).is_file():
-            return cand
-    raise FileNotFoundError(f"ckpt_path={str(path)!r}: neither it nor its flexidepth/ holds {CONFIG}")
-
-
-def load_tokenizer(model_cfg: dict):
-    from transformers import AutoTokenizer
-
-    from src.models.loader import tokenizer_path
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_path(model_cfg))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def chat_prompt(tokenizer, user: str) -> str:
-    """The user turn in the tokenizer's chat template (generation prompt added); plain text without one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
-    return user + "\n"
-
-
-def _injected(model) -> bool:
-    return hasattr(model, "flexidepth")
 
 
 # ---------------------------------------------------------------------------------------- perplexity
@@ -91,16 +62,10 @@ def perplexity(model, chunks: list[list[int]], batch_size: int = 8, pad_id: int 
     device = next(model.parameters()).device
     loss_sum, n_scored = 0.0, 0
     used_sum, n_tokens, run_counts, num_layers = 0.0, 0, None, model.config.num_hidden_layers
-    routed = _injected(model) and any(layer.routing for layer in _flexi_layers(model))
+    routed = routing_active(model)
     with torch.inference_mode():
         for i in range(0, len(chunks), batch_size):
-            batch = chunks[i : i + batch_size]
-            width = max(len(c) for c in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, chunk in enumerate(batch):
-                ids[row, : len(chunk)] = torch.tensor(chunk)
-                mask[row, : len(chunk)] = 1
+            ids, mask = pad_batch(chunks[i : i + batch_size], pad_id, side="right")
             ids, mask = ids.to(device), mask.to(device)
             labels = ids.masked_fill(mask == 0, -100)
             if routed:
@@ -128,12 +93,6 @@ def perplexity(model, chunks: list[list[int]], batch_size: int = 8, pad_id: int 
     if run_counts is not None:
         out["layer_run_fraction"] = (run_counts / max(n_tokens, 1)).tolist()
     return out
-
-
-def _flexi_layers(model):
-    from src.flexidepth import flexi_layers
-
-    return flexi_layers(model)
 
 
 # ---------------------------------------------------------------------------------------- task suite
@@ -193,24 +152,59 @@ def run_choice_suite(
         ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
         ids = ids + tokenizer(ex.reference, add_special_tokens=False)["input_ids"]
         used = res["prompt_layers"] + res["choice_layers"][ex.label]
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        for j, tid in enumerate(ids):
-            records.append(
-                {
-                    "model": label,
-                    "task": ex.task,
-                    "example_id": ex.uid,
-                    "segment": "prompt" if j < res["prompt_tokens"] else "choice",
-                    "position": j,
-                    "token_id": int(tid),
-                    "token": str(pieces[j]),
-                    "text": tokenizer.decode([tid]),
-                    "layers_used": int(round(used[j])),
-                    "gates": res["gates"][j] if res["gates"] else [],
-                    "run": [bool(v) for v in res["run"][j]] if res["run"] else [],
-                }
+        gates, run = res["gates"] or None, res["run"] or None
+        p = res["prompt_tokens"]
+        for segment, span in (("prompt", slice(0, p)), ("choice", slice(p, len(ids)))):
+            records += token_records(
+                tokenizer,
+                label,
+                ex,
+                segment,
+                ids[span],
+                used[span],
+                None if gates is None else gates[span],
+                None if run is None else run[span],
+                offset=span.start,
             )
     return rows, records
+
+
+def token_records(
+    tokenizer, label: str, example, segment: str, ids, used, gates=None, run=None, offset: int = 0
+) -> list[dict]:
+    """DepthMap records (src/eval/depthmap.py) of one segment of one example: one dict per token.
+
+    Args:
+        label: the system ("base", or the method's label).
+        example: a `TaskExample` / `ChoiceExample` (its task and uid are recorded).
+        segment: "prompt", "generated" or "choice".
+        ids: the segment's token ids (n).
+        used: layers used per token (n numbers; rounded to ints).
+        gates / run: per token, the routed layers' gate values / run flags (n rows of R, lists or a tensor
+            [n, R]); None when the model is not routed (recorded as []).
+        offset: position of the segment's first token in the example (positions are offset + j).
+    """
+    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    gates = gates.tolist() if isinstance(gates, torch.Tensor) else gates
+    run = run.tolist() if isinstance(run, torch.Tensor) else run
+    out = []
+    for j, tid in enumerate(ids):
+        out.append(
+            {
+                "model": label,
+                "task": example.task,
+                "example_id": example.uid,
+                "segment": segment,
+                "position": offset + j,
+                "token_id": int(tid),
+                "token": str(pieces[j]),
+                "text": tokenizer.decode([tid]),
+                "layers_used": int(round(float(used[j]))),
+                "gates": [] if gates is None else [float(v) for v in gates[j]],
+                "run": [] if run is None else [bool(v) for v in run[j]],
+            }
+        )
+    return out
 
 
 def _run_generation(
@@ -266,27 +260,12 @@ def _run_generation(
                         "generated_layers_sum": float(sum(g_used)),
                     }
                 )
-                for segment, ids, used, gates, run, offset in (
-                    ("prompt", prompt_ids, p_used, p_gates, p_run, 0),
-                    ("generated", new_ids, g_used, g_gates, g_run, len(prompt_ids)),
-                ):
-                    pieces = tokenizer.convert_ids_to_tokens(ids)
-                    for j, tid in enumerate(ids):
-                        records.append(
-                            {
-                                "model": label,
-                                "task": ex.task,
-                                "example_id": ex.uid,
-                                "segment": segment,
-                                "position": offset + j,
-                                "token_id": int(tid),
-                                "token": str(pieces[j]),
-                                "text": tokenizer.decode([tid]),
-                                "layers_used": int(used[j]),
-                                "gates": [] if gates is None else gates[j].tolist(),
-                                "run": [] if run is None else run[j].tolist(),
-                            }
-                        )
+                records += token_records(
+                    tokenizer, label, ex, "prompt", prompt_ids, p_used, p_gates, p_run, offset=0
+                )
+                records += token_records(
+                    tokenizer, label, ex, "generated", new_ids, g_used, g_gates, g_run, offset=len(prompt_ids)
+                )
     finally:
         tokenizer.padding_side = side
     return rows, records
@@ -415,7 +394,7 @@ def evaluate_system(
     retention interval (`system_retention`)."""
     num_layers = model.config.num_hidden_layers
     log.info("%s: held-out perplexity over %d chunks", label, len(chunks))
-    ppl = perplexity(model, chunks, int(ev.batch_size), pad_id=int(tokenizer.pad_token_id))
+    ppl = perplexity(model, chunks, int(ev.batch_size), pad_id=pad_token_id(tokenizer))
     log.info("%s: task suite, %d examples", label, len(examples))
     rows, records = run_suite(
         model, tokenizer, examples, int(ev.max_new_tokens), int(ev.batch_size), label=label
@@ -475,6 +454,93 @@ def system_retention(summary: dict, base_summary: dict, seed: int = 0) -> dict:
     )
 
 
+@dataclass
+class SystemResult:
+    """One system of `evaluate_against_base`: what `evaluate_system` measured plus its standing against the
+    base model.
+
+    label: "base" or the system's label. applied: the method's AppliedMethod (src/baselines; None for the
+    base). summary / rows / records: `evaluate_system`'s. retention: `system_retention` against the base
+    (None for the base). flops: {"scored": MACs report, "generated": MACs report when tokens were generated}
+    ({} for the base). routed_layers: decoder-layer indices holding FlexiDepth layers ([] when not injected).
+    """
+
+    label: str
+    applied: Any = None
+    summary: dict = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    retention: dict | None = None
+    flops: dict = field(default_factory=dict)
+    routed_layers: list[int] = field(default_factory=list)
+
+
+def routed_layers(model) -> list[int]:
+    """Indices of the decoder layers holding FlexiDepth layers ([] for a model that is not injected)."""
+    return list(model.flexidepth.layer_indices) if is_injected(model) else []
+
+
+def evaluate_against_base(
+    model,
+    tokenizer,
+    ev,
+    inputs: tuple,
+    systems: Iterable[tuple[str | None, Callable[[Any], Any]]],
+    fresh_model: Callable[[], Any] | None = None,
+    retention_seed: int | None = None,
+) -> Iterator[SystemResult]:
+    """The evaluation loop of `src.eval` and `src.compare`: the base model once, then each system, every one
+    on the same inputs (`eval_inputs`) and scored against the base.
+
+    Args:
+        model: the base model as loaded, on its device; evaluated first, as "base".
+        ev: the `eval` config node (batch_size, max_new_tokens, seed, harness, ...).
+        inputs: `eval_inputs`' (chunks, examples, harness tasks, include path).
+        systems: (label, apply) pairs in order. `apply(model)` turns the model it is given into the system in
+            place (its method applied, moved to the device) and returns the method's AppliedMethod; a label
+            None takes `applied.label`.
+        fresh_model: None: every system is applied to the same model in turn (LaCo changes weights, so the
+            order matters); else a callable giving a new base model, called before each system after the
+            previous model is released.
+        retention_seed: seed of the retention bootstrap (default `ev.seed`).
+
+    Yields:
+        A `SystemResult` for the base model, then one per system, as each finishes.
+    """
+    from src.baselines import method_macs
+
+    chunks, examples, harness_tasks, include = inputs
+
+    def measured(label: str) -> tuple[dict, list[dict], list[dict]]:
+        return evaluate_system(model, tokenizer, label, chunks, examples, ev, harness_tasks, include)
+
+    summary, rows, records = measured("base")
+    base = SystemResult("base", None, summary, rows, records, routed_layers=routed_layers(model))
+    yield base
+    seed = int(ev.seed) if retention_seed is None else int(retention_seed)
+    for label, apply in systems:
+        if fresh_model is not None:
+            del model
+            model = fresh_model()
+        applied = apply(model)
+        label = label or applied.label
+        summary, rows, records = measured(label)
+        lay = summary["layers"]
+        flops = {"scored": method_macs(model.config, applied, lay["layers_skipped_scored"])}
+        if lay["layers_skipped_generated"] is not None:
+            flops["generated"] = method_macs(model.config, applied, lay["layers_skipped_generated"])
+        yield SystemResult(
+            label,
+            applied,
+            summary,
+            rows,
+            records,
+            retention=system_retention(summary, base.summary, seed=seed),
+            flops=flops,
+            routed_layers=routed_layers(model),
+        )
+
+
 def method_applies(cfg, ckpt: Path | None) -> bool:
     """A system besides the base model: a checkpoint was given, or an untrained method was chosen."""
     name = str((cfg.get("method") or {}).get("name", "flexidepth"))
@@ -485,12 +551,16 @@ def evaluate(cfg) -> dict[str, Any]:
     """Run the evaluation described by an `evaluate` config; writes and returns the results.
 
     The base model is evaluated first, then the method (conf/method/, src/baselines/) is applied to the same
-    model in place and evaluated: a FlexiDepth or MindSkip checkpoint (`ckpt_path`), or a baseline that needs
-    no training (ShortGPT, LaCo, early exit, random skip).
+    model in place and evaluated (`evaluate_against_base`): a FlexiDepth or MindSkip checkpoint
+    (`ckpt_path`), or a baseline that needs no training (ShortGPT, LaCo, early exit, random skip).
+
+    Writes <paths.output_dir>/results.json, results.md, completions.jsonl, depthmap.parquet (the last
+    evaluated system's tokens) and the figures. Raises FileNotFoundError for a `ckpt_path` without a
+    FlexiDepth folder, ValueError for a bad method config (before the model is loaded).
     """
     from omegaconf import OmegaConf
 
-    from src.baselines import apply_method, checkpoint_method, method_macs, validate_method
+    from src.baselines import apply_method, checkpoint_method, validate_method
     from src.models.loader import load_base_model
 
     from .depthmap import write_depthmap
@@ -510,35 +580,14 @@ def evaluate(cfg) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model = load_base_model(model_cfg).eval()
-    device = _device(str(ev.get("device", "auto")))
+    device = resolve_device(str(ev.get("device", "auto")))
     model.to(device)
     tokenizer = load_tokenizer(model_cfg)
     num_layers = model.config.num_hidden_layers
 
-    chunks, examples, harness_tasks, include = eval_inputs(tokenizer, ev, output_dir)
+    inputs = eval_inputs(tokenizer, ev, output_dir)
 
-    results: dict[str, Any] = {
-        "model": str(model_cfg.get("name_or_path")),
-        "ckpt_path": str(ckpt) if ckpt else None,
-        "num_layers": num_layers,
-        "routed_layers": [],
-        "settings": OmegaConf.to_container(ev, resolve=True),
-        "perplexity": {},
-        "tasks": {},
-        "layers": {},
-    }
-    all_rows, depth_records = [], []
-    summary, rows, depth_records = evaluate_system(
-        model, tokenizer, "base", chunks, examples, ev, harness_tasks, include
-    )
-    all_rows += rows
-    for key in ("perplexity", "tasks", "layers"):
-        results[key]["base"] = summary[key]
-    if harness_tasks:
-        results["harness"] = {"base": summary["harness"]}
-    base_summary = summary
-
-    if method_applies(cfg, ckpt):
+    def apply(model):
         applied = apply_method(
             model,
             method_cfg,
@@ -550,25 +599,36 @@ def evaluate(cfg) -> dict[str, Any]:
         if ev.get("tau") is not None and applied.name in ("flexidepth", "mindskip"):
             set_tau(model, float(ev.tau))
             applied.flexi_cfg.tau = float(ev.tau)
-        label = applied.label
-        results["method"] = applied.to_dict()
-        results["system"] = label
-        results["routed_layers"] = list(model.flexidepth.layer_indices) if _injected(model) else []
-        summary, rows, depth_records = evaluate_system(
-            model, tokenizer, label, chunks, examples, ev, harness_tasks, include
-        )
-        all_rows += rows
+        return applied
+
+    systems = [(None, apply)] if method_applies(cfg, ckpt) else []
+    evaluated = list(evaluate_against_base(model, tokenizer, ev, inputs, systems))
+    del model
+
+    results: dict[str, Any] = {
+        "model": str(model_cfg.get("name_or_path")),
+        "ckpt_path": str(ckpt) if ckpt else None,
+        "num_layers": num_layers,
+        "routed_layers": [],
+        "settings": OmegaConf.to_container(ev, resolve=True),
+        "perplexity": {},
+        "tasks": {},
+        "layers": {},
+    }
+    all_rows = []
+    for res in evaluated:
+        all_rows += res.rows
         for key in ("perplexity", "tasks", "layers"):
-            results[key][label] = summary[key]
-        if harness_tasks:
-            results["harness"][label] = summary["harness"]
-        results["retention"] = system_retention(summary, base_summary, seed=int(ev.seed))
-        lay = results["layers"][label]
-        results["flops"] = {"scored": method_macs(model.config, applied, lay["layers_skipped_scored"])}
-        if lay["layers_skipped_generated"] is not None:
-            results["flops"]["generated"] = method_macs(
-                model.config, applied, lay["layers_skipped_generated"]
-            )
+            results[key][res.label] = res.summary[key]
+        if "harness" in res.summary:
+            results.setdefault("harness", {})[res.label] = res.summary["harness"]
+        if res.applied is not None:
+            results["method"] = res.applied.to_dict()
+            results["system"] = res.label
+            results["routed_layers"] = res.routed_layers
+            results["retention"] = res.retention
+            results["flops"] = res.flops
+    depth_records = evaluated[-1].records  # the system's tokens (the base model's when none applies)
     atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2, sort_keys=True))
     with (output_dir / "completions.jsonl").open("w") as f:
         for row in all_rows:
@@ -580,15 +640,10 @@ def evaluate(cfg) -> dict[str, Any]:
     return results
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 __all__ = [
-    "chat_prompt",
+    "SystemResult",
     "evaluate",
+    "evaluate_against_base",
     "all_scores",
     "eval_inputs",
     "evaluate_system",
@@ -596,12 +651,12 @@ __all__ = [
     "example_scores",
     "generated_layers_mean",
     "heldout_chunks",
-    "load_tokenizer",
     "perplexity",
-    "resolve_checkpoint",
+    "routed_layers",
     "run_choice_suite",
     "run_suite",
     "suite_examples",
     "summarize_tasks",
     "system_retention",
+    "token_records",
 ]

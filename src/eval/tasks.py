@@ -68,20 +68,42 @@ def make_task_examples(
     Each task draws from its own `random.Random(f"{seed}-{task}")`, so adding or removing a task does not
     change the others' examples. `texts` defaults to the Lee held-out articles.
     """
-    unknown = [t for t in tasks if t not in TASKS]
+
+    def build(task: str, i: int, rng: random.Random, pool: _Pool) -> TaskExample:
+        prompt, reference = _MAKERS[task](rng, pool)
+        return TaskExample(task, i, prompt, reference)
+
+    return draw_per_task(tasks, TASKS, "eval", n_per_task, seed, texts, _Pool, build)
+
+
+def draw_per_task(
+    tasks, available, kind: str, n_per_task: int, seed, texts: list[str] | None, make_pool, build
+) -> list:
+    """The draw shared by the generation and multiple-choice suites: `n_per_task` examples of each task, in
+    task order, each task from its own `random.Random(f"{seed}-{task}")` (adding or removing a task does
+    not change the others' examples).
+
+    Args:
+        available: the suite's task names; kind: its name in errors ("eval", "choice").
+        texts: articles for `make_pool(texts)` (default: the Lee held-out articles).
+        build: `build(task, index, rng, pool)` -> one example.
+
+    Raises:
+        ValueError: a task not in `available` (named, with the available ones).
+    """
+    unknown = [t for t in tasks if t not in available]
     if unknown:
-        raise ValueError(f"unknown eval task(s) {unknown}; available: {list(TASKS)}")
+        raise ValueError(f"unknown {kind} task(s) {unknown}; available: {list(available)}")
     if texts is None:
         from src.data.corpora import lee_heldout_articles
 
         texts = lee_heldout_articles()
-    pool = _Pool(texts)
+    pool = make_pool(texts)
     out = []
     for task in tasks:
         rng = random.Random(f"{seed}-{task}")
         for i in range(int(n_per_task)):
-            prompt, reference = _MAKERS[task](rng, pool)
-            out.append(TaskExample(task, i, prompt, reference))
+            out.append(build(task, i, rng, pool))
     return out
 
 

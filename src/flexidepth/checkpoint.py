@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .config import FlexiDepthConfig
-from .inject import flexidepth_state_dict, inject
+from .inject import flexidepth_state_dict, inject, is_injected
 
 WEIGHTS = "flexidepth.safetensors"
 CONFIG = "flexidepth_config.json"
@@ -93,6 +93,28 @@ def save_flexidepth(model, folder: str | Path, extra: dict | None = None) -> Pat
     return folder
 
 
+def checkpoint_folder(path: str | Path) -> Path | None:
+    """The FlexiDepth folder `path` names: `path` itself when it holds `CONFIG`, else its `flexidepth/` (a
+    training run folder exports there); None when neither does."""
+    path = Path(path)
+    for cand in (path, path / "flexidepth"):
+        if (cand / CONFIG).is_file():
+            return cand
+    return None
+
+
+def resolve_checkpoint(path: str | Path | None) -> Path | None:
+    """A `ckpt_path` setting as a FlexiDepth folder: None for None, "" or "null" (no checkpoint), else
+    `checkpoint_folder(path)`. Raises FileNotFoundError when neither `path` nor its flexidepth/ holds
+    `CONFIG`."""
+    if path in (None, "", "null"):
+        return None
+    found = checkpoint_folder(path)
+    if found is None:
+        raise FileNotFoundError(f"ckpt_path={str(path)!r}: neither it nor its flexidepth/ holds {CONFIG}")
+    return found
+
+
 def read_checkpoint_config(folder: str | Path) -> dict:
     """The json config of a FlexiDepth checkpoint folder; CheckpointError naming the file if damaged."""
     path = Path(folder) / CONFIG
@@ -124,7 +146,7 @@ def load_flexidepth(model, folder: str | Path):
             raise ValueError(
                 f"{folder / CONFIG}: base_model.{key}={meta['base_model'][key]!r} but the model has {mine[key]!r}"
             )
-    if not hasattr(model, "flexidepth"):
+    if not is_injected(model):
         method = meta.get("method", "flexidepth")
         if method != "flexidepth":  # another routed-layer class (e.g. mindskip): built by src.baselines
             raise ValueError(

@@ -90,7 +90,7 @@ def inject(
         cfg = FlexiDepthConfig.from_dict(cfg)
     mc = model.config
     family = family_of(mc)
-    if hasattr(model, "flexidepth"):
+    if is_injected(model):
         raise ValueError("model already has FlexiDepth layers injected")
     cfg.validate_for(mc.num_hidden_layers, mc.hidden_size, mc.intermediate_size)
     indices = cfg.routed_layers(mc.num_hidden_layers)
@@ -198,6 +198,17 @@ def flexidepth_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def flexi_layers(model: nn.Module) -> list[FlexiDepthLayer]:
     return [m for m in decoder_layers(model) if isinstance(m, FlexiDepthLayer)]
+
+
+def is_injected(model: nn.Module) -> bool:
+    """True when `inject` has wrapped the model (it has a `model.flexidepth` state), routing on or off."""
+    return hasattr(model, "flexidepth")
+
+
+def routing_active(model: nn.Module) -> bool:
+    """True when the model is injected and at least one FlexiDepth layer routes: such a model is run through
+    `routed_forward` to read the layers each token used; any other model runs all of its layers."""
+    return is_injected(model) and any(layer.routing for layer in flexi_layers(model))
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Pick bf16 only where the hardware runs it fast.
+"""Pick bf16 only where the hardware runs it fast; resolve `device: auto`.
 
 bf16 matmuls are ~2x faster than fp32 on CPUs with avx512_bf16/AMX, but ~20x *slower* on CPUs without
 them (measured on a dev machine: 256x576 @ 576x1536 took 16 ms in fp32 and 386 ms in bf16). `auto`
@@ -36,6 +36,15 @@ def auto_dtype(accelerator: str = "auto") -> str:
 def auto_precision(accelerator: str = "auto") -> str:
     """Lightning precision: 'bf16-mixed' where bf16 is fast, else '32-true'."""
     return "bf16-mixed" if bf16_is_fast(accelerator) else "32-true"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """A `device` setting as a torch.device: "auto" is CUDA when a GPU is visible, else the CPU; anything
+    else ("cpu", "cuda", "cuda:1", ...) as torch reads it (RuntimeError from torch on a malformed name)."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def register_resolvers() -> None:

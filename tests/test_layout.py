@@ -1,0 +1,346 @@
+"""The framework's layout rules and the shared helpers that replaced copies: padding, the pad policy, chat
+prompts, checkpoint resolution, device choice, DepthMap records and the evaluation loop (base once, then
+each system, scored against the base)."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+# the command-line entry points; `python -m src.eval` (src/eval/__main__.py) is `python -m src.evaluate`
+ENTRY_POINTS = {"src.train", "src.compare", "src.evaluate", "src.generate", "src.eval.__main__"}
+ALIASES = {("src.eval.__main__", "src.evaluate.main")}  # the one import allowed: an alias of its command
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, root: Path) -> list[tuple[str, list[str], int]]:
+    """(absolute module, imported names, line) of every import in a file under `root` (relative imports
+    resolved)."""
+    this = module_name(path, root)
+    package = this if path.name == "__init__.py" else this.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            out.append((target, [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+    return out
+
+
+def private_imports(root: Path = SRC) -> list[str]:
+    """`from x import _name` where x is another module of src/ (a private name used across modules)."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        this = module_name(path, root)
+        for target, names, line in imports(path, root):
+            if not target.startswith("src") or target == this:
+                continue
+            bad += [
+                f"{path.relative_to(root.parent)}:{line}: {target}.{n}" for n in names if n.startswith("_")
+            ]
+    return bad
+
+
+def entry_point_imports(root: Path = SRC) -> list[str]:
+    """Imports of one entry point (ENTRY_POINTS) by another: entry points are not libraries."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        this = module_name(path, root)
+        if this not in ENTRY_POINTS:
+            continue
+        for target, names, line in imports(path, root):
+            if target not in ENTRY_POINTS - {this}:
+                names_ok = [n for n in names if f"{target}.{n}" in ENTRY_POINTS - {this}]
+                bad += [f"{path.relative_to(root.parent)}:{line}: imports {target}.{n}" for n in names_ok]
+                continue
+            if all((this, f"{target}.{n}") in ALIASES for n in names) and names:
+                continue
+            bad.append(f"{path.relative_to(root.parent)}:{line}: imports {target}")
+    return bad
+
+
+def test_no_private_name_is_imported_across_modules():
+    assert private_imports() == []
+
+
+def test_no_entry_point_imports_another():
+    assert entry_point_imports() == []
+
+
+def test_the_import_scans_catch_what_they_forbid(tmp_path):
+    """The scans can fail: a planted private import across modules and entry points importing each other
+    are found; a module's own private names and the src.eval alias are not."""
+    root = tmp_path / "src"
+    (root / "eval").mkdir(parents=True)
+    for init in (root / "__init__.py", root / "eval" / "__init__.py"):
+        init.write_text("")
+    (root / "eval" / "run.py").write_text("from ..utils import loggers\nfrom .tasks import _Pool\n")
+    (root / "eval" / "__main__.py").write_text("from ..evaluate import main\n")
+    (root / "compare.py").write_text(
+        "from .train import build\nfrom .compare import _own\nfrom . import generate\n"
+    )
+    (root / "evaluate.py").write_text("import src.train\n")
+    assert private_imports(root) == ["src/eval/run.py:2: src.eval.tasks._Pool"]
+    assert entry_point_imports(root) == [
+        "src/compare.py:1: imports src.train",
+        "src/compare.py:3: imports src.generate",
+        "src/evaluate.py:1: imports src.train",
+    ]
+
+
+# ---------------------------------------------------------------------------------------- padding
+def test_pad_batch_right_and_left():
+    from src.data.batching import pad_batch
+
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=9, side="left", width=4)
+    assert ids.tolist() == [[9, 5, 6, 7], [9, 9, 9, 8]]
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    ids, mask = pad_batch([[1], []], pad_id=3)
+    assert ids.tolist() == [[1], [3]] and mask.tolist() == [[1], [0]]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [(([], 0), "at least one"), (([[1]], 0, "middle"), "side"), (([[1, 2]], 0, "right", 1), "shorter")],
+)
+def test_pad_batch_refuses(args, match):
+    from src.data.batching import pad_batch
+
+    with pytest.raises(ValueError, match=match):
+        pad_batch(*args)
+
+
+def test_collate_pads_labels_with_ignore_index():
+    from src.data.sampler import collate
+    from src.data.sft import IGNORE_INDEX
+
+    batch = collate([{"input_ids": [1, 2], "labels": [-100, 2]}, {"input_ids": [3], "labels": [3]}], 0, 4)
+    assert batch["input_ids"].tolist() == [[1, 2, 0, 0], [3, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2] + [IGNORE_INDEX] * 2, [3] + [IGNORE_INDEX] * 3]
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+@pytest.mark.parametrize(
+    "pad, eos, expected", [(7, 2, 7), (None, 2, 2), (None, [4, 5], 4), (None, None, 0), (0, 2, 0)]
+)
+def test_pad_token_id_policy(pad, eos, expected):
+    from src.models.tokenizer import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=pad, eos_token_id=eos)) == expected
+
+
+def test_chat_prompt_with_and_without_a_template():
+    from src.models.tokenizer import chat_prompt
+
+    class Templated:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert tokenize is False and add_generation_prompt is True
+            return f"<user>{messages[0]['content']}</user><assistant>"
+
+    assert chat_prompt(Templated(), "hi") == "<user>hi</user><assistant>"
+    assert chat_prompt(SimpleNamespace(chat_template=None), "hi") == "hi\n"
+
+
+# ---------------------------------------------------------------------------------------- checkpoints, device
+def test_resolve_checkpoint(tmp_path):
+    from src.flexidepth.checkpoint import CONFIG, checkpoint_folder, resolve_checkpoint
+
+    for empty in (None, "", "null"):
+        assert resolve_checkpoint(empty) is None
+    run = tmp_path / "run"
+    (run / "flexidepth").mkdir(parents=True)
+    (run / "flexidepth" / CONFIG).write_text("{}")
+    assert resolve_checkpoint(run) == run / "flexidepth"
+    assert resolve_checkpoint(str(run / "flexidepth")) == run / "flexidepth"
+    assert checkpoint_folder(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="neither it nor its flexidepth/"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_resolve_device():
+    from src.utils.hardware import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_routing_active_on_a_plain_model():
+    from src.flexidepth import is_injected, routing_active
+
+    plain = torch.nn.Linear(2, 2)
+    assert not is_injected(plain) and not routing_active(plain)
+
+
+# ---------------------------------------------------------------------------------------- DepthMap records
+class CharTokenizer:
+    def convert_ids_to_tokens(self, ids):
+        return [f"t{i}" for i in ids]
+
+    def decode(self, ids):
+        return "".join(chr(96 + i) for i in ids)
+
+
+def test_token_records_from_lists_and_tensors():
+    from src.eval.run import token_records
+
+    ex = SimpleNamespace(task="copy", uid="copy-0")
+    recs = token_records(
+        CharTokenizer(), "sys", ex, "generated", [1, 2], [3.0, 2.6], torch.tensor([[0.5], [0.25]]),
+        torch.tensor([[True], [False]]), offset=4,
+    )  # fmt: skip
+    assert [r["position"] for r in recs] == [4, 5]
+    assert [r["layers_used"] for r in recs] == [3, 3]
+    assert recs[1] == {
+        "model": "sys", "task": "copy", "example_id": "copy-0", "segment": "generated", "position": 5,
+        "token_id": 2, "token": "t2", "text": "b", "layers_used": 3, "gates": [0.25], "run": [False],
+    }  # fmt: skip
+    plain = token_records(CharTokenizer(), "base", ex, "prompt", [3], [4])
+    assert plain[0]["gates"] == [] and plain[0]["run"] == [] and plain[0]["position"] == 0
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def test_evaluate_against_base_runs_base_once_then_each_system(monkeypatch):
+    """Base first (once), each system on a fresh model, retention and MACs against the base's scores."""
+    import src.baselines
+    import src.eval.run as R
+
+    calls = []
+
+    def fake_system(model, tokenizer, label, chunks, examples, ev, harness_tasks, include):
+        calls.append((label, model.name))
+        score = {"base": 1.0}.get(label, 0.5)
+        summary = {
+            "tasks": {"copy": {"score": score}},
+            "example_scores": {"copy": {"copy-0": score, "copy-1": score}},
+            "layers": {
+                "layers_skipped_scored": 0.0 if label == "base" else 2.0,
+                "layers_skipped_generated": None,
+            },
+        }
+        return summary, [{"label": label}], [{"model": label}]
+
+    monkeypatch.setattr(R, "evaluate_system", fake_system)
+    monkeypatch.setattr(src.baselines, "method_macs", lambda config, applied, skipped: {"skipped": skipped})
+    models = iter(["fresh1", "fresh2"])
+
+    def apply_as(name):
+        def apply(model):
+            model.name += "+" + name
+            return SimpleNamespace(label=name)
+
+        return apply
+
+    ev = SimpleNamespace(seed=0)
+    model = SimpleNamespace(name="base", config=None)
+    out = list(
+        R.evaluate_against_base(
+            model, None, ev, ([], [], [], None), [("a", apply_as("A")), (None, apply_as("B"))],
+            fresh_model=lambda: SimpleNamespace(name=next(models), config=None),
+        )
+    )  # fmt: skip
+    assert calls == [("base", "base"), ("a", "fresh1+A"), ("B", "fresh2+B")]
+    assert [r.label for r in out] == ["base", "a", "B"]
+    assert out[0].retention is None and out[0].flops == {} and out[0].applied is None
+    assert out[1].retention["retention"] == pytest.approx(0.5)
+    assert out[2].flops == {"scored": {"skipped": 2.0}}
+    assert out[1].records == [{"model": "a"}]
+
+
+def test_evaluate_against_base_applies_in_place_without_fresh_model(monkeypatch):
+    import src.baselines
+    import src.eval.run as R
+
+    seen = []
+
+    def fake_system(model, tokenizer, label, *rest):
+        seen.append(model.name)
+        summary = {"tasks": {}, "layers": {"layers_skipped_scored": 1.0, "layers_skipped_generated": 1.5}}
+        return summary, [], []
+
+    monkeypatch.setattr(R, "evaluate_system", fake_system)
+    monkeypatch.setattr(src.baselines, "method_macs", lambda config, applied, skipped: skipped)
+
+    def apply(model):
+        model.name = "changed"
+        return SimpleNamespace(label="sys")
+
+    model = SimpleNamespace(name="base", config=None)
+    out = list(
+        R.evaluate_against_base(model, None, SimpleNamespace(seed=1), ([], [], [], None), [(None, apply)])
+    )
+    assert seen == ["base", "changed"] and model.name == "changed"
+    assert out[1].flops == {"scored": 1.0, "generated": 1.5}
+
+
+# ---------------------------------------------------------------------------------------- reports
+def compare_results() -> dict:
+    def row(label, table, ppl, score, retention, ci=None):
+        return {
+            "label": label, "method": label, "table": table, "k_target": None if label == "base" else 4.0,
+            "removed": [], "layers_skipped_scored": 0.0 if label == "base" else 4.0,
+            "layers_skipped_generated": None, "ppl": ppl, "scores": {"cloze": score},
+            "scores_ci": {"cloze": [score - 0.1, score + 0.1]},
+            "layers_used_by_task": {"cloze": {"prompt": 30.0, "generated": 29.5}},
+            "retention": retention, "retention_ci": ci, "macs_saved_frac": 0.0 if label == "base" else 0.125,
+        }  # fmt: skip
+
+    return {
+        "model": "m",
+        "num_layers": 30,
+        "settings": {"n_per_task": 2, "ppl_max_articles": None, "max_new_tokens": 8},
+        "ablation_reference": "fd",
+        "rows": [
+            row("base", "main", 10.0, 0.5, 1.0),
+            row("fd", "main", 11.0, 0.4, 0.8, [0.7, 0.9]),
+            row("no_adapter", "ablation", 12.0, 0.3, 0.6),
+        ],
+    }
+
+
+def test_compare_markdown_tables():
+    from src.eval.report import compare_markdown
+
+    md = compare_markdown(compare_results())
+    assert md.startswith("# Comparison on `m` (30 layers)\n")
+    assert "| fd | 4.00 | 4.00 | - | 12.5% | 11.0 | 0.40 [0.30, 0.50] | 0.80 [0.70, 0.90] |" in md
+    ablation = md.split("## Ablations (paper Table 3)")[1].split("## Mean layers used")[0]
+    assert "| fd |" in ablation and "| no_adapter |" in ablation and "| base |" not in ablation
+    assert "| base | 30.0 / 29.5 |" in md
+
+
+def test_compare_scalars_and_table():
+    from src.eval.report import compare_scalars, compare_table
+
+    res = compare_results()
+    scalars = compare_scalars(res)
+    assert (
+        scalars["compare/fd/macs_saved_frac"] == 0.125
+        and "compare/base/layers_skipped_generated" not in scalars
+    )
+    cols, data = compare_table(res)
+    assert cols == ["system", "table", "k", "skipped", "ppl", "cloze", "retention", "macs_saved"]
+    assert data[1] == ["fd", "main", 4.0, 4.0, 11.0, 0.4, 0.8, 0.125]
+    json.dumps(data)  # plain values only
