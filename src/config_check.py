@@ -36,6 +36,7 @@ TOP_KEYS = {
     "tags",
     "optimized_metric",  # objective returned to Hydra sweepers (default val/ppl)
     "released_alpha",  # released_stage* experiments: src/released_recipe.py
+    "skip_estimator",  # a model recipe's default skip.gate_mode / skip.train_decisions (conf/skip/flexidepth.yaml)
     "hydra",
 }
 MODEL_KEYS = {"name_or_path", "tokenizer", "dtype", "attn_implementation", "random_init", "init_seed", "arch"}
