@@ -31,13 +31,13 @@ log = logging.getLogger(__name__)
 def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
     """The systems to compare, in table order, each {label, method, ckpt, table}; missing checkpoints are
     reported and left out, checkpoints of another base model refused before anything is evaluated. Method
-    configs come from conf/method/<name>.yaml plus `method_overrides`."""
-    from .baselines import resolve_k, validate_method
+    configs are conf/method/<name>.yaml composed by Hydra (`src.methods.compose_method`, the app's search
+    path) plus `method_overrides`, validated by the method's own schema (MethodConfigError names the key)."""
+    from .baselines import resolve_k
     from .flexidepth.checkpoint import read_checkpoint_config, resolve_checkpoint
+    from .methods import build_method, compose_method
 
     num_layers = model_config.num_hidden_layers
-
-    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "method"
 
     def plain(key: str) -> dict:
         node = cfg.get(key)
@@ -76,14 +76,11 @@ def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
                     "k": k,
                 }
             )
+    composed = {str(name): compose_method(str(name), overrides.get(name)) for name in cfg.baselines}
     for k32 in cfg.k32:
         for name in cfg.baselines:
-            path = conf_dir / f"{name}.yaml"
-            if not path.is_file():
-                raise FileNotFoundError(f"baselines: no method config {path}")
-            method = {**OmegaConf.to_container(OmegaConf.load(path), resolve=True), **overrides.get(name, {})}
-            method.update(k=None, k32=k32)
-            validate_method(method)
+            method = {**composed[str(name)], "k": None, "k32": k32}
+            build_method(method)
             k = resolve_k(method, num_layers)
             systems.append({"label": f"{name}_k{k}", "method": method, "ckpt": None, "table": "main"})
     for label in cfg.get("random_matched_to") or []:
@@ -91,8 +88,7 @@ def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
         if ckpt is None:
             missing.append(f"random_matched_to {label}")
             continue
-        method = OmegaConf.to_container(OmegaConf.load(conf_dir / "random_skip.yaml"), resolve=True)
-        method["match_rates"] = True
+        method = compose_method("random_skip", {"match_rates": True})
         systems.append({"label": f"random_matched_{label}", "method": method, "ckpt": ckpt, "table": "main"})
     for label in missing:
         log.warning("compare: %s has no checkpoint yet; left out (train it first)", label)
@@ -227,9 +223,7 @@ def run_curves(cfg: DictConfig) -> dict[str, Any]:
     skip = OmegaConf.to_container(cfg.skip, resolve=True)
     for name in cc.baselines:
         for k in cc.k:
-            method = {"name": name, "k": int(k), "k32": None}
-            if name == "random_skip":
-                method.update(match_rates=False, seed=0)
+            method = {"name": name, "k": int(k), "k32": None}  # random_skip: uniform rate (no checkpoint)
             model = copy.deepcopy(base)
             applied = apply_method(model, method, tokenizer=tokenizer, skip=skip)
             label = f"{name}_k{int(k)}"
@@ -309,10 +303,13 @@ def log_compare(cfg: DictConfig, results: dict[str, Any]) -> None:
 
 
 def preflight_compare(cfg: DictConfig) -> None:
-    """eval.* settings, hub access and every existing trained checkpoint (trained on this base model,
-    finite weights), before any model load; raises PreflightError listing every problem."""
+    """The config groups (`config_check.validate_groups`: ConfigError), eval.* settings, hub access and every
+    existing trained checkpoint (trained on this base model, finite weights), before any model load; raises
+    PreflightError listing every problem."""
     from . import preflight as pf
+    from .config_check import validate_groups
 
+    validate_groups(cfg)  # schemas + value checks of skip, eval, model (ConfigError names the key)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)  # checked before any model load
     problems = pf.eval_problems(OmegaConf.to_container(cfg.eval, resolve=True))
     problems += pf.model_access_problems(model_cfg)

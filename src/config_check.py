@@ -1,7 +1,12 @@
 """Validation of a composed run config, before any model or dataset is loaded.
 
-Hydra's struct mode already rejects unknown keys given on the command line; this module rejects typos
-inside YAML files and out-of-range values in our own knobs, naming the key.
+Types and unknown keys of the groups we own are the schemas' job (src/schemas.py: Hydra refuses them while
+composing); this module holds the value checks that read better as code, naming the key, and re-runs the
+schemas for keys Hydra let through (`+skip.foo=1` appends even to a typed node) or configs built in code.
+
+    validate_groups(cfg)   # every entry point (train, evaluate, compare, generate): skip, loss, optim, data,
+                           # eval, method (whichever the config has), model
+    validate(cfg)          # src.train: validate_groups + top-level keys, optim values, resume / init_from
 """
 
 from __future__ import annotations
@@ -64,10 +69,43 @@ def skip_config(skip: dict[str, Any]) -> tuple[FlexiDepthConfig, float | None]:
     return FlexiDepthConfig.from_dict(skip), None if alpha is None else float(alpha)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError / FlexiDepthConfigError naming the first bad key."""
-    _unknown("", set(cfg.keys()), TOP_KEYS)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+def validate_groups(cfg: DictConfig) -> None:
+    """Schemas and value checks of every group `cfg` has (model, skip, loss, optim, data, eval, method).
+    Raises ConfigError naming the first bad key."""
+    from . import schemas
+
+    schemas.check(cfg)
+    if cfg.get("model") is not None:
+        _check_model(OmegaConf.to_container(cfg.model, resolve=True))
+    if cfg.get("method") is not None:
+        from .methods import MethodConfigError, build_method
+
+        try:
+            build_method(cfg.method)
+        except MethodConfigError as err:
+            raise ConfigError(str(err)) from err
+    if cfg.get("skip") is not None:
+        try:
+            flexi, _ = skip_config(OmegaConf.to_container(cfg.skip, resolve=True))
+            arch = (OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else {}).get(
+                "arch"
+            ) or {}
+            if all(k in arch for k in ("num_hidden_layers", "hidden_size", "intermediate_size")):
+                flexi.validate_for(arch["num_hidden_layers"], arch["hidden_size"], arch["intermediate_size"])
+        except FlexiDepthConfigError as err:
+            raise ConfigError(str(err)) from err
+    if cfg.get("loss") is not None:
+        from .lit.objectives import LossConfig, LossConfigError
+
+        try:
+            LossConfig.from_dict(OmegaConf.to_container(cfg.loss, resolve=True))
+        except LossConfigError as err:
+            raise ConfigError(str(err)) from err
+    if cfg.get("optim") is not None:
+        _check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
+
+
+def _check_model(model: dict[str, Any]) -> None:
     _unknown("model", set(model), MODEL_KEYS)
     if not model.get("name_or_path") and not model.get("random_init"):
         raise ConfigError("model.name_or_path is required (or model.random_init=true with model.arch)")
@@ -76,29 +114,8 @@ def validate(cfg: DictConfig) -> None:
     if model.get("random_init") and not model.get("arch"):
         raise ConfigError("model.random_init=true needs model.arch")
 
-    if cfg.get("method") is not None:
-        from .baselines.methods import MethodConfigError, validate_method
 
-        try:
-            validate_method(OmegaConf.to_container(cfg.method, resolve=True))
-        except MethodConfigError as err:
-            raise ConfigError(str(err)) from err
-    try:
-        flexi, _ = skip_config(OmegaConf.to_container(cfg.skip, resolve=True))
-        arch = model.get("arch") or {}
-        if all(k in arch for k in ("num_hidden_layers", "hidden_size", "intermediate_size")):
-            flexi.validate_for(arch["num_hidden_layers"], arch["hidden_size"], arch["intermediate_size"])
-    except FlexiDepthConfigError as err:
-        raise ConfigError(str(err)) from err
-
-    if cfg.get("loss") is not None:
-        from .lit.objectives import LossConfig, LossConfigError
-
-        try:
-            LossConfig.from_dict(OmegaConf.to_container(cfg.loss, resolve=True))
-        except LossConfigError as err:
-            raise ConfigError(str(err)) from err
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+def _check_optim(optim: dict[str, Any]) -> None:
     _unknown("optim", set(optim), OPTIM_KEYS)
     for key in ("lr", "router_lr", "adapter_lr"):
         value = optim.get(key)
@@ -111,6 +128,12 @@ def validate(cfg: DictConfig) -> None:
     if optim["weight_decay"] < 0:
         raise ConfigError(f"optim.weight_decay must be >= 0, got {optim['weight_decay']}")
 
+
+def validate(cfg: DictConfig) -> None:
+    """src.train's checks: top-level keys, then `validate_groups`, then resume / init_from. Raises
+    ConfigError naming the first bad key."""
+    _unknown("", set(cfg.keys()), TOP_KEYS)
+    validate_groups(cfg)
     resume, init_from = cfg.get("resume"), cfg.get("init_from")
     if resume not in (False, None, "auto") and not Path(str(resume)).is_file():
         raise ConfigError(f"resume={resume!r}: expected auto, false or an existing .ckpt file")

@@ -47,18 +47,17 @@ def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
 
 def preflight_eval(cfg: DictConfig) -> None:
     """Refuse, before any model load or output, what can be checked cheaply: eval.* values and task names,
-    the device, hub access to the base model, the method config, and the checkpoint (readable, trained on
+    the config groups (`config_check.validate_groups`), the device, hub access to the base model, and the checkpoint (readable, trained on
     this base model, finite weights). Raises PreflightError listing every problem (src/preflight.py)."""
     from omegaconf import OmegaConf
 
     from . import preflight as pf
-    from .baselines import validate_method
+    from .config_check import validate_groups
 
+    validate_groups(cfg)  # schemas + value checks of skip, eval, method, model (ConfigError names the key)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ev = OmegaConf.to_container(cfg.eval, resolve=True)
     problems = pf.eval_problems(ev) + pf.model_access_problems(model_cfg)
-    if cfg.get("method") is not None:
-        validate_method(OmegaConf.to_container(cfg.method, resolve=True))
     if cfg.get("ckpt_path") not in (None, "", "null"):
         folder = pf.resolve_flexidepth_folder(cfg.ckpt_path, "ckpt_path")
         if not problems:  # the base model's identity needs its config to be reachable

@@ -119,10 +119,12 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
 
 
 def preflight_generate(cfg: DictConfig, model_cfg: dict) -> None:
-    """Device, hub access and the checkpoint (trained on this base model, finite weights), before any model
+    """The config groups (`config_check.validate_groups`), device, hub access and the checkpoint (trained on this base model, finite weights), before any model
     load; raises PreflightError listing every problem (src/preflight.py)."""
     from . import preflight as pf
+    from .config_check import validate_groups
 
+    validate_groups(cfg)  # the model group (and any group we own the config has), naming the key
     device = str(cfg.get("device", "auto"))
     problems = pf.accelerator_problems("cuda" if device.startswith("cuda") else device, "device")
     problems += pf.model_access_problems(model_cfg)

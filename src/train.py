@@ -84,11 +84,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from .data.datamodule import SFTDataModule
     from .flexidepth import load_flexidepth
     from .lit.module import FlexiDepthModule
+    from .methods import build_method
     from .models.loader import tokenizer_path
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    method = str(cfg.get("method", {}).get("name", "flexidepth"))
-    if method not in ("flexidepth", "mindskip"):
+    method = build_method(cfg.get("method") or {"name": "flexidepth"})  # validated by `validate` already
+    if not method.trains:
         return apply_untrained(cfg)
     output_dir = Path(cfg.paths.output_dir)
     with open_run(cfg, output_dir) as ckpt_path:
@@ -104,7 +105,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             skip=OmegaConf.to_container(cfg.skip, resolve=True),
             optim=OmegaConf.to_container(cfg.optim, resolve=True),
             gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
-            method=method,
+            method=method.name,
+            inject_fn=method.inject,
             loss=loss_config(cfg),
         )
         if cfg.get("init_from"):
@@ -342,12 +344,19 @@ def loss_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def apply_untrained(cfg: DictConfig) -> dict[str, Any]:
-    """Methods without training (shortgpt, laco, early_exit, random_skip): apply the method once (its
-    calibration included) and record what it chose in <output_dir>/method.json; evaluation re-applies it."""
+    """Methods without training (`Method.trains` false: shortgpt, laco, early_exit, random_skip): src.train
+    only calibrates them: apply the method once (its calibration included) and record what it chose in
+    <output_dir>/method.json; evaluation (src.eval / src.compare) re-applies it."""
     from .baselines import apply_method
     from .models.loader import load_base_model
     from .models.tokenizer import load_tokenizer
 
+    name = str(cfg.method.name)
+    print(
+        f"method={name} has nothing to train: src.train only calibrates it and records the layers it chooses "
+        f"(method.json); evaluate it with `python -m src.eval method={name}` or src.compare",
+        flush=True,
+    )
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)

@@ -143,9 +143,9 @@ def test_random_skip_with_checkpoint_matches_its_measured_rates(tmp_path, monkey
     assert target[2] == 1.0 and 0.05 < target[3] < 0.95
 
     model = tiny_model(layers=4)
-    from src.baselines import methods
+    from src.methods import random_skip
 
-    monkeypatch.setattr(methods, "calibration_batches", lambda tok, m: batches)
+    monkeypatch.setattr(random_skip, "calibration_batches", lambda tok, calibration: batches)
     applied = apply_method(
         model, {"name": "random_skip", "seed": 1}, tokenizer=object(), ckpt=tmp_path / "ckpt"
     )

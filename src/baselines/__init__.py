@@ -1,11 +1,8 @@
-"""Baselines and the `method` config group (methods.py): ShortGPT (shortgpt.py), LaCo (laco.py), early
-exit and static removal (removal.py), MindSkip-style routing (mindskip.py), random skipping
-(random_skip.py). Every method yields a model whose route statistics and evaluation match FlexiDepth's."""
+"""Baselines: ShortGPT (shortgpt.py), LaCo (laco.py), early exit and static removal (removal.py),
+MindSkip-style routing (mindskip.py), random skipping (random_skip.py); methods.py is the functional
+interface over the method registry (src/methods/, one file per method). Every method yields a model whose route statistics and evaluation match FlexiDepth's."""
 
 from .methods import (
-    METHODS,
-    STATIC,
-    TRAINED,
     AppliedMethod,
     MethodConfigError,
     apply_method,
@@ -16,9 +13,6 @@ from .methods import (
 )
 
 __all__ = [
-    "METHODS",
-    "STATIC",
-    "TRAINED",
     "AppliedMethod",
     "MethodConfigError",
     "apply_method",

@@ -6,7 +6,7 @@ skip path (`adapter: none`) and their gate is pinned to 0, so every token skips 
 model's state_dict keys, the KV-cache layout and the route statistics (layers used per token) are then the
 same as for every other method in the comparison, and `routed_forward` / `generate` work unchanged.
 The (unused) linear router of a removed layer is never called; FLOPs of a removed layer count as zero
-(`src/baselines/methods.py: method_macs`).
+(`src/methods/_static.py: RemovalMethod.cost`).
 """
 
 from __future__ import annotations

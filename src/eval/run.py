@@ -543,8 +543,9 @@ def evaluate_against_base(
 
 def method_applies(cfg, ckpt: Path | None) -> bool:
     """A system besides the base model: a checkpoint was given, or an untrained method was chosen."""
-    name = str((cfg.get("method") or {}).get("name", "flexidepth"))
-    return ckpt is not None or name not in ("flexidepth", "mindskip")
+    from src.methods import build_method
+
+    return ckpt is not None or not build_method(cfg.get("method") or {"name": "flexidepth"}).trains
 
 
 def evaluate(cfg) -> dict[str, Any]:
@@ -560,7 +561,8 @@ def evaluate(cfg) -> dict[str, Any]:
     """
     from omegaconf import OmegaConf
 
-    from src.baselines import apply_method, checkpoint_method, validate_method
+    from src.baselines import apply_method, checkpoint_method
+    from src.methods import build_method, trains
     from src.models.loader import load_base_model
 
     from .depthmap import write_depthmap
@@ -572,9 +574,11 @@ def evaluate(cfg) -> dict[str, Any]:
         OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else {"name": "flexidepth"}
     )
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
-    if ckpt is not None and method_cfg["name"] in ("flexidepth", "mindskip"):
-        method_cfg = {**method_cfg, "name": checkpoint_method(ckpt)}  # a trained checkpoint names its method
-    validate_method(method_cfg)  # before the model is loaded
+    if ckpt is not None and build_method(method_cfg).trains:  # a trained checkpoint names its method
+        stored = checkpoint_method(ckpt)
+        if stored != method_cfg.get("name"):
+            method_cfg = {"name": stored}
+    build_method(method_cfg)  # validates, before the model is loaded
     torch.manual_seed(int(ev.seed))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -596,9 +600,8 @@ def evaluate(cfg) -> dict[str, Any]:
             skip=OmegaConf.to_container(cfg.skip, resolve=True) if cfg.get("skip") else None,
         )
         model.to(device)
-        if ev.get("tau") is not None and applied.name in ("flexidepth", "mindskip"):
-            set_tau(model, float(ev.tau))
-            applied.flexi_cfg.tau = float(ev.tau)
+        if ev.get("tau") is not None and trains(applied.name):
+            set_tau(model, float(ev.tau))  # the one writer: every layer and applied.flexi_cfg read it
         return applied
 
     systems = [(None, apply)] if method_applies(cfg, ckpt) else []

@@ -246,9 +246,11 @@ def forced_gates(model: nn.Module, value):
 
 
 def set_tau(model: nn.Module, tau: float) -> None:
-    """Change the decision threshold at evaluation time (the config copy is updated too)."""
-    if not 0.0 <= tau <= 1.0:
+    """Change the decision threshold (run iff g > tau) of every routed layer: the one writer of tau.
+
+    tau has one owner, `model.flexidepth.config` (the FlexiDepthConfig that every routed layer holds and
+    reads on each forward, and that checkpoints store), so this single assignment is seen by every layer,
+    by `AppliedMethod.flexi_cfg` and by `save_flexidepth`. Raises ValueError outside [0, 1]."""
+    if isinstance(tau, bool) or not 0.0 <= float(tau) <= 1.0:
         raise ValueError(f"tau must be in [0, 1], got {tau}")
     model.flexidepth.config.tau = float(tau)
-    for layer in flexi_layers(model):
-        layer.tau = float(tau)

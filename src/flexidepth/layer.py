@@ -64,7 +64,8 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         router: module mapping N_a(x) [B, T, d] to logits [B, T].
         adapter: skip-path module [B, T, d] -> [B, T, d], or None for the identity skip path.
         layer_index: index of this layer in the decoder stack.
-        cfg: the FlexiDepthConfig (tau, gate_mode, kv_for_skipped are read from it).
+        cfg: the FlexiDepthConfig, shared by every routed layer of the model (tau is read from it on every
+            forward; gate_mode, kv_for_skipped are copied at construction).
         recorder: shared RouteRecorder that receives this layer's gates and decisions.
         family: per-family details (families.py).
     """
@@ -88,7 +89,7 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         self.router = router
         self.adapter = adapter
         self.layer_index = layer_index
-        self.tau = float(cfg.tau)
+        self.flexi_config = cfg  # shared with model.flexidepth.config: the one owner of tau (see `tau`)
         self.gate_mode = cfg.gate_mode
         self.train_decisions = cfg.train_decisions
         self.kv_for_skipped = cfg.kv_for_skipped
@@ -102,6 +103,13 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         # the attention map rows of skipped tokens are zeroed before any other hook (e.g. HF's
         # output_attentions recorder) sees them; `_call_attention` arms it for one call
         self.self_attn.register_forward_hook(_zero_skipped_attention_rows, prepend=True)
+
+    @property
+    def tau(self) -> float:
+        """The decision threshold (run iff g > tau), read from the shared FlexiDepthConfig on every forward.
+
+        Its only writer is `src.flexidepth.set_tau(model, tau)`; assigning `layer.tau` raises AttributeError."""
+        return float(self.flexi_config.tau)
 
     def _call_attention(self, row_keep: torch.Tensor | None, **kwargs):
         """self_attn(**kwargs) -> (output, weights); row_keep [B, T] bool zeroes skipped rows of the map."""

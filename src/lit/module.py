@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 
-from ..flexidepth import FlexiDepthConfig, inject, parameter_counts, routed_forward, set_routing
+from ..flexidepth import FlexiDepthConfig, parameter_counts, routed_forward, set_routing
 from ..flexidepth.flops import flops_report
 from ..flexidepth.inject import is_flexidepth_param
 from ..models.loader import load_base_model
@@ -59,7 +60,10 @@ class FlexiDepthModule(L.LightningModule):
         optim: lr, betas, weight_decay, warmup_ratio, min_lr_ratio, router_lr / adapter_lr (None: lr).
         loss: the `loss` config node (`LossConfig`: alpha, objective, temperature, warm-up, target).
         gradient_checkpointing: enable HF gradient checkpointing in the frozen base.
-        method: "flexidepth" or "mindskip" (src/baselines/mindskip.py: same training, other layer class).
+        method: the trained method's name (stored in hparams and checkpoints: "flexidepth", "mindskip", ...).
+        inject_fn: what wraps the routed layers, `inject_fn(model, flexi_cfg)` (the method object's
+            `inject`, src/methods/); None: the registry's method `method`. The module imports no baseline.
+    Raises MethodConfigError when `method` trains nothing.
     """
 
     def __init__(
@@ -70,9 +74,10 @@ class FlexiDepthModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         method: str = "flexidepth",
         loss: dict[str, Any] | None = None,
+        inject_fn: Callable[[Any, FlexiDepthConfig], Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(logger=False, ignore=["inject_fn"])
         skip = dict(skip)
         loss = dict(loss or {})
         legacy_alpha = skip.pop("alpha", None)
@@ -84,14 +89,13 @@ class FlexiDepthModule(L.LightningModule):
         self.optim_cfg = dict(optim)
         self.method = method
         self.model = load_base_model(model)
-        if method == "mindskip":
-            from ..baselines.mindskip import inject_mindskip
+        if inject_fn is None:
+            from ..methods import method_class
 
-            inject_mindskip(self.model, self.flexi_cfg)
-        elif method == "flexidepth":
-            inject(self.model, self.flexi_cfg)
-        else:
-            raise ValueError(f"method={method!r} is not trained (trained methods: flexidepth, mindskip)")
+            inject_fn = method_class(
+                method
+            )().inject  # raises MethodConfigError for a method with nothing to train
+        inject_fn(self.model, self.flexi_cfg)
         if gradient_checkpointing:
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 name
             if enable is not None:

@@ -39,8 +39,8 @@ def is_user_error(err: BaseException) -> bool:
     if isinstance(err, (UserError, CheckpointError, FlexiDepthConfigError)):
         return True
     try:
-        from ..baselines.methods import MethodConfigError
         from ..config_check import ConfigError
+        from ..methods import MethodConfigError
     except ImportError:  # pragma: no cover - partial installs
         return False
     return isinstance(err, (ConfigError, MethodConfigError))

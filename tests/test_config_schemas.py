@@ -1,0 +1,162 @@
+"""Typed config schemas (src/schemas.py): unknown keys and wrong types are refused, naming the key, in every
+entry point's config, before any model load; tau has one owner."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf, open_dict
+
+from src.config_check import ConfigError, validate_groups
+from src.schemas import SCHEMAS
+from tests.helpers.configs import compose_tiny
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize(
+    ("group", "yaml_file"),
+    [
+        ("skip", "skip/flexidepth.yaml"),
+        ("loss", "loss/default.yaml"),
+        ("optim", "optim/adamw.yaml"),
+        ("data", "data/builtin.yaml"),
+    ],
+)
+def test_schema_keys_are_the_yaml_keys(group, yaml_file):
+    """Every key of the group's base YAML has a typed field and vice versa (no key added by the schema)."""
+    keys = set(yaml.safe_load((CONF / yaml_file).read_text())) - {"defaults"}
+    assert set(OmegaConf.structured(SCHEMAS[group]).keys()) == keys
+
+
+def test_eval_schema_keys_are_the_eval_block():
+    for primary in ("evaluate", "compare"):
+        block = yaml.safe_load((CONF / f"{primary}.yaml").read_text())["eval"]
+        assert set(OmegaConf.structured(SCHEMAS["eval"]).keys()) == set(block)
+        assert set(OmegaConf.structured(SCHEMAS["eval"]).harness.keys()) == set(block["harness"])
+
+
+@pytest.mark.parametrize(
+    ("primary", "override", "key"),
+    [
+        ("train", "skip.tau=abc", "skip.tau"),
+        ("train", "loss.alpha=much", "loss.alpha"),
+        ("train", "optim.lr=fast", "optim.lr"),
+        ("train", "data.max_length=long", "data.max_length"),
+        ("train", "skip.taux=0.5", "skip.taux"),
+        ("evaluate", "eval.n_per_task=many", "eval.n_per_task"),
+        ("evaluate", "eval.harness.limt=3", "eval.harness.limt"),
+        ("compare", "eval.batch_size=big", "eval.batch_size"),
+        ("compare", "skip.layerz=1", "skip.layerz"),
+    ],
+)
+def test_hydra_refuses_wrong_types_and_unknown_keys_naming_them(primary, override, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_tiny(primary, [override])
+    text = f"{err.value} {err.value.__cause__}"
+    assert key.split(".")[-1] in text
+
+
+@pytest.mark.parametrize(
+    ("primary", "override", "message"),
+    [
+        (
+            "train",
+            "+skip.foo=1",
+            r"skip\.foo",
+        ),  # `+` appends past Hydra's struct check: the code check refuses
+        ("train", "+loss.foo=1", r"loss\.foo"),
+        ("train", "+data.foo=1", r"data\.foo"),
+        ("train", "+optim.foo=1", r"optim\.foo"),
+        ("evaluate", "+eval.foo=1", r"eval\.foo"),
+        ("compare", "+eval.harness.foo=1", r"eval\.harness\.foo"),
+        ("evaluate", "+method.foo=1", r"method\.foo"),
+        ("generate", "+model.foo=1", r"model\.foo"),
+    ],
+)
+def test_every_entry_point_check_refuses_appended_keys(primary, override, message):
+    if primary == "generate":  # no logger group
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(primary, overrides=["model=tiny_llama", override])
+    else:
+        cfg = compose_tiny(primary, [override])
+    with pytest.raises(ConfigError, match=message):
+        validate_groups(cfg)
+
+
+def test_a_typo_inside_a_group_yaml_is_refused(tmp_path):
+    (tmp_path / "skip").mkdir()
+    (tmp_path / "skip" / "typo.yaml").write_text(
+        "defaults:\n  - flexidepth\n  - _self_\nrouter_reduktion: 8\n"
+    )
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_tiny("train", [f"hydra.searchpath=[file://{tmp_path}]", "skip=typo"])
+    assert "router_reduktion" in f"{err.value} {err.value.__cause__}"
+
+
+def test_skip_alpha_alias_still_composes_and_maps_to_loss_alpha(caplog):
+    from src.train import loss_config
+
+    cfg = compose_tiny("train", ["model=llama3_8b", "skip.alpha=0.01"])
+    assert cfg.skip.alpha == 0.01 and cfg.model.name_or_path
+    validate_groups(cfg)
+    with caplog.at_level("WARNING"):
+        assert loss_config(cfg)["alpha"] == 0.01
+    notes = [r.getMessage() for r in caplog.records if "skip.alpha is deprecated" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0]
+
+
+def test_every_group_option_and_experiment_composes_and_validates():
+    opts = {
+        g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("skip", "data", "method", "experiment")
+    }
+    for group, names in opts.items():
+        for name in names:
+            extra = ["data.source=/tmp/x.jsonl"] if (group, name) == ("data", "local") else []
+            cfg = compose_tiny("train", [f"{group}={name}", *extra])
+            assert OmegaConf.to_container(cfg.skip, resolve=True)["tau"] is not None
+            if group != "experiment":  # experiments point at hub models / GPUs; their values are theirs
+                validate_groups(cfg)
+
+
+def test_train_refuses_untrained_methods_clearly_or_only_calibrates(capsys, tmp_path):
+    """`src.train method=shortgpt` says in one line that it only calibrates (and where to evaluate)."""
+    from src.train import apply_untrained
+
+    cfg = compose_tiny("train", ["method=early_exit", "method.k=1"], tmp_path)
+    with open_dict(cfg):
+        cfg.run_name = "x"
+    apply_untrained(cfg)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("method=early_exit has nothing to train: src.train only calibrates it")
+    assert "src.eval" in out[0] and "src.compare" in out[0]
+    assert (tmp_path / "method.json").is_file()
+
+
+def test_tau_has_one_owner():
+    """set_tau writes the shared config; every routed layer, the checkpoint metadata and AppliedMethod read it."""
+    import torch
+
+    from src.flexidepth import FlexiDepthConfig, flexi_layers, inject, set_tau
+    from src.models.loader import load_base_model
+
+    cfg = compose_tiny("train", [])
+    model = load_base_model(OmegaConf.to_container(cfg.model, resolve=True)).eval()
+    inject(model, FlexiDepthConfig(tau=0.5))
+    set_tau(model, 0.97)
+    assert [layer.tau for layer in flexi_layers(model)] == [0.97] * len(flexi_layers(model))
+    assert all(layer.flexi_config is model.flexidepth.config for layer in flexi_layers(model))
+    with pytest.raises(AttributeError):
+        flexi_layers(model)[0].tau = 0.1  # no second writer
+    with pytest.raises(ValueError, match="tau must be in"):
+        set_tau(model, 1.5)
+    from src.flexidepth.routes import routed_forward
+
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    out = routed_forward(model, ids, torch.ones_like(ids))
+    assert not out.routes.run.any()  # fresh gates sigmoid(3) = 0.953 <= 0.97: every routed layer skipped
+    set_tau(model, 0.5)
+    assert routed_forward(model, ids, torch.ones_like(ids)).routes.run.all()
