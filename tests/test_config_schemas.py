@@ -31,10 +31,14 @@ def test_schema_keys_are_the_yaml_keys(group, yaml_file):
 
 
 def test_eval_schema_keys_are_the_eval_block():
+    """One eval block (conf/eval/default.yaml) for every entry point; compare's variant only changes values."""
+    block = yaml.safe_load((CONF / "eval" / "default.yaml").read_text())
+    assert set(OmegaConf.structured(SCHEMAS["eval"]).keys()) == set(block)
+    assert set(OmegaConf.structured(SCHEMAS["eval"]).harness.keys()) == set(block["harness"])
+    variant = yaml.safe_load((CONF / "eval" / "compare.yaml").read_text())
+    assert variant["defaults"] == ["default", "_self_"] and set(variant) - {"defaults"} <= set(block)
     for primary in ("evaluate", "compare"):
-        block = yaml.safe_load((CONF / f"{primary}.yaml").read_text())["eval"]
-        assert set(OmegaConf.structured(SCHEMAS["eval"]).keys()) == set(block)
-        assert set(OmegaConf.structured(SCHEMAS["eval"]).harness.keys()) == set(block["harness"])
+        assert "eval" not in yaml.safe_load((CONF / f"{primary}.yaml").read_text())  # no second copy
 
 
 @pytest.mark.parametrize(
