@@ -90,7 +90,7 @@ class HarnessSchema:
 
 @dataclass
 class EvalSchema:
-    """The `eval` block of conf/evaluate.yaml and conf/compare.yaml (documented there)."""
+    """The `eval` group: conf/eval/default.yaml (documented there) and its compare variant."""
 
     tasks: list[str] = field(
         default_factory=lambda: ["next_sentence", "cloze", "add_choice", "mul_choice", "copy_choice"]

@@ -239,7 +239,7 @@ def test_retention_interval_is_paired_over_example_ids():
 # ---------------------------------------------------------------------------------------- real model
 @pytest.mark.slow
 def test_embedded_base_is_above_chance_on_every_default_task(smollm2_dir):
-    """The default suite (conf/evaluate.yaml) on the embedded SmolLM2-135M-Instruct, 20 examples per task
+    """The default suite (conf/eval/default.yaml) on the embedded SmolLM2-135M-Instruct, 20 examples per task
     (the full 50-example measurement is in experiments/LOG.md): above chance (0.25) on every task."""
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -247,7 +247,7 @@ def test_embedded_base_is_above_chance_on_every_default_task(smollm2_dir):
     from src.eval.run import run_choice_suite, summarize_tasks
     from tests.helpers.configs import CONF
 
-    tasks = list(OmegaConf.load(f"{CONF}/evaluate.yaml").eval.tasks)
+    tasks = list(OmegaConf.load(f"{CONF}/eval/default.yaml").tasks)
     assert set(tasks) <= set(CHOICE_TASKS)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
