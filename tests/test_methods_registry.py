@@ -162,3 +162,16 @@ def test_a_toy_method_is_one_file_and_one_yaml(toy_method, tmp_path):
         build_method({**compose_method("skip_alternate", searchpath=[toy_method]), "frist": 0})
     with pytest.raises(MethodConfigError, match="no method config method/skip_alternate"):
         compose_method("skip_alternate")  # not on the default search path: nothing else lists it
+
+
+def test_evaluation_folder_names_follow_the_registry():
+    """Without a checkpoint, a trained method evaluates the base model (folder `base_*`); an untrained one is
+    named after itself. Decided by each method's `trains`, not by a list of names."""
+    from src.methods import method_names, trains
+    from src.utils.naming import checkpoint_run_name
+
+    names = method_names()
+    assert {"flexidepth", "mindskip", "shortgpt", "laco"} <= set(names)
+    for name in names:
+        assert checkpoint_run_name(None, name) == ("base" if trains(name) else name)
+    assert checkpoint_run_name(None, None) == "base"

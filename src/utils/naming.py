@@ -12,7 +12,11 @@ def checkpoint_run_name(ckpt_path: str | None, method: str | None = None) -> str
     `<sweep>_<point>`; without a checkpoint the method's name, or `base`.
     """
     if ckpt_path in (None, "", "null", "None"):
-        return method if method and method not in ("flexidepth", "mindskip") else "base"
+        if not method:
+            return "base"
+        from src.methods import trains  # a trained method without a checkpoint evaluates the base model
+
+        return "base" if trains(method) else method
     path = Path(str(ckpt_path).rstrip("/"))
     if path.name == "flexidepth":
         path = path.parent
