@@ -302,7 +302,9 @@ def test_sampled_training_decisions_run_with_probability_g_and_inference_thresho
     layer = flexi_layers(model)[0]
     ids = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
     for value in (0.2, 0.7):
-        layer.force_gate = lambda z, i, v=value: torch.full(z.shape[:2], v, requires_grad=torch.is_grad_enabled())
+        layer.force_gate = lambda z, i, v=value: torch.full(
+            z.shape[:2], v, requires_grad=torch.is_grad_enabled()
+        )
         torch.manual_seed(1)
         out = routed_forward(model, ids)  # autograd on: sampled
         frac = out.routes.run.float().mean().item()

@@ -153,7 +153,9 @@ def test_gradients_do_not_depend_on_accumulation_split(smollm2_dir):
             seed=3,
         )
         data.setup("fit")
-        module = FlexiDepthModule(model=model_cfg, skip=OmegaConf.to_container(cfg.skip, resolve=True), optim=cfg.optim)
+        module = FlexiDepthModule(
+            model=model_cfg, skip=OmegaConf.to_container(cfg.skip, resolve=True), optim=cfg.optim
+        )
         with torch.no_grad():  # non-zero adapters so every parameter has a gradient
             for n, p in module.model.named_parameters():
                 if p.requires_grad:
