@@ -319,6 +319,24 @@ def test_sampled_training_decisions_run_with_probability_g_and_inference_thresho
         FlexiDepthConfig(train_decisions="bernoulli").validate()
 
 
+def test_unresolved_skip_node_is_refused_with_the_fix():
+    from omegaconf import OmegaConf
+
+    root = OmegaConf.create(
+        {
+            "skip_estimator": {"gate_mode": "difference"},
+            "skip": {"gate_mode": "${oc.select:skip_estimator.gate_mode,released}"},
+        }
+    )
+    with pytest.raises(
+        FlexiDepthConfigError, match=r"unresolved interpolation in skip.gate_mode .*resolve=True"
+    ):
+        FlexiDepthConfig.from_dict(OmegaConf.to_container(root.skip))
+    assert (
+        FlexiDepthConfig.from_dict(OmegaConf.to_container(root.skip, resolve=True)).gate_mode == "difference"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip(tmp_path):
     base = tiny_model("qwen3")

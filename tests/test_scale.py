@@ -124,7 +124,9 @@ def ds_engine_main(out_dir: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     model_cfg = yaml.safe_load((ROOT / "conf/model/tiny_llama.yaml").read_text())
-    skip = yaml.safe_load((ROOT / "conf/skip/flexidepth.yaml").read_text())
+    # resolved like every entry point does (the estimator keys read a model recipe's `skip_estimator`; alone,
+    # the file resolves them to their defaults)
+    skip = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/skip/flexidepth.yaml"), resolve=True)
     skip.pop("alpha")  # the deprecated alias (null); the weight lives in the loss group
     alpha = yaml.safe_load((ROOT / "conf/loss/default.yaml").read_text())["alpha"]
 

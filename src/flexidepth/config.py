@@ -81,6 +81,12 @@ class FlexiDepthConfig:
             raise FlexiDepthConfigError(
                 f"unknown key(s) {', '.join('skip.' + k for k in unknown)}; valid keys: {sorted(known)}"
             )
+        unresolved = sorted(k for k, v in data.items() if isinstance(v, str) and v.startswith("${"))
+        if unresolved:  # e.g. OmegaConf.to_container(cfg.skip) without resolve=True
+            raise FlexiDepthConfigError(
+                f"unresolved interpolation in {', '.join('skip.' + k for k in unresolved)} "
+                f"({data[unresolved[0]]!r}): pass the resolved config (OmegaConf.to_container(..., resolve=True))"
+            )
         cfg = cls(**dict(data))
         cfg.validate()
         return cfg
