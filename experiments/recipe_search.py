@@ -54,8 +54,8 @@ def held_sets(tokenizer, max_tokens: int):
 def load(device: str, dtype: str):
     import torch
 
-    from src.eval.run import load_tokenizer
     from src.models.loader import load_base_model
+    from src.models.tokenizer import load_tokenizer
 
     model_cfg = {
         "name_or_path": "embedded:smollm2-135m-instruct",
@@ -75,6 +75,7 @@ def run_entry(entry: dict, args) -> dict:
     from src.baselines import apply_method
     from src.baselines.methods import calibration_batches, tau_for_k
     from src.eval.curves import measure, tau_curve
+    from src.models.tokenizer import pad_token_id
     from src.train import train
 
     out_dir = Path(args.runs_dir) / entry["name"]
@@ -96,7 +97,7 @@ def run_entry(entry: dict, args) -> dict:
     model_cfg, tok, model = load(args.device, args.dtype)
     apply_method(model, {"name": "flexidepth"}, ckpt=out_dir / "flexidepth")
     sets = held_sets(tok, args.max_tokens)
-    pad = tok.pad_token_id or 0
+    pad = pad_token_id(tok)
     own = measure(model, sets, batch_size=16, pad_id=pad)
     device = next(model.parameters()).device
     cal = [(i.to(device), m.to(device)) for i, m in calibration_batches(tok, {"calibration": {"texts": 8}})]
@@ -158,10 +159,11 @@ def cmd_baselines(args) -> None:
 
     from src.baselines import apply_method
     from src.eval.curves import measure
+    from src.models.tokenizer import pad_token_id
 
     model_cfg, tok, base = load(args.device, args.dtype)
     sets = held_sets(tok, args.max_tokens)
-    pad = tok.pad_token_id or 0
+    pad = pad_token_id(tok)
     results = {"base": {"k": 0, "sets": measure(base, sets, 16, pad)}}
     for k in (2, 4):
         for name in ("shortgpt", "laco", "random_skip"):

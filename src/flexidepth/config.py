@@ -75,12 +75,7 @@ class FlexiDepthConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlexiDepthConfig:
         """Build from a mapping, rejecting unknown keys by name (typos must not pass silently)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise FlexiDepthConfigError(
-                f"unknown key(s) {', '.join('skip.' + k for k in unknown)}; valid keys: {sorted(known)}"
-            )
+        reject_unknown_keys("skip", data, cls, FlexiDepthConfigError)
         unresolved = sorted(k for k, v in data.items() if isinstance(v, str) and v.startswith("${"))
         if unresolved:  # e.g. OmegaConf.to_container(cfg.skip) without resolve=True
             raise FlexiDepthConfigError(
@@ -171,6 +166,17 @@ class FlexiDepthConfig:
         if self.adapter_rank is not None:
             return int(self.adapter_rank)
         return max(1, intermediate_size // self.adapter_reduction)
+
+
+def reject_unknown_keys(section: str, data: dict[str, Any], schema: type, error: type[Exception]) -> None:
+    """Raise `error` naming every key of `data` that is not a field of the dataclass `schema`, as
+    `<section>.<key>`, with the valid keys (typos in a config group must not pass silently)."""
+    known = {f.name for f in fields(schema)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise error(
+            f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; valid keys: {sorted(known)}"
+        )
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -38,11 +38,13 @@ checkpoint skips the budget at its own threshold. Without a target, tau stays as
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from src.flexidepth.config import reject_unknown_keys
 
 OBJECTIVES = ("ce", "kd", "mix")
 
@@ -68,12 +70,7 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LossConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LossConfigError(
-                f"unknown key(s) {', '.join('loss.' + k for k in unknown)}; valid keys: {sorted(known)}"
-            )
+        reject_unknown_keys("loss", data, cls, LossConfigError)
         cfg = cls(**data)
         cfg.validate()
         return cfg
