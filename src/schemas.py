@@ -64,6 +64,7 @@ class DataSchema:
     val_source: str | None = None
     max_train_examples: int | None = None
     n_synthetic: int = 2000
+    synthetic_tasks: list[str] | None = None
     seed: int = 42
     num_workers: int = 0
     shuffle: bool = True

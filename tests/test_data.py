@@ -108,6 +108,25 @@ def test_synthetic_deterministic_and_seed_dependent():
     assert {row["task"] for row in make_instruction_examples(200, seed=0)} == set(TASKS)
 
 
+def test_synthetic_task_subset_and_errors(smollm2_dir):
+    from src.data.datamodule import SFTDataModule
+
+    rows = make_instruction_examples(120, seed=5, tasks=["copy", "continue"])
+    assert {row["task"] for row in rows} == {"copy", "continue"}
+    # None is every task, drawn exactly as before the option existed (the default data is unchanged)
+    assert make_instruction_examples(50, seed=5, tasks=None) == make_instruction_examples(50, seed=5)
+    assert make_instruction_examples(50, seed=5, tasks=list(TASKS)) == make_instruction_examples(50, seed=5)
+    for bad, match in (
+        (["copy", "divide"], r"data\.synthetic_tasks: unknown task\(s\) \['divide'\]"),
+        ([], r"data\.synthetic_tasks must be a non-empty list"),
+        ("copy", r"data\.synthetic_tasks must be a non-empty list"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            make_instruction_examples(5, seed=0, tasks=bad)
+        with pytest.raises(ValueError, match=match):  # refused by the data module before any tokenising
+            SFTDataModule(str(smollm2_dir), synthetic_tasks=bad)
+
+
 def test_synthetic_answers_are_correct():
     articles = [split_sentences(t) for t in lee_articles()]
     for row in make_instruction_examples(300, seed=1):

@@ -110,12 +110,16 @@ def check_heldout(names, key: str = "data.heldout") -> list[str]:
     return names
 
 
-def mixture_rows(name: str, n_synthetic: int, seed: int) -> list[dict]:
-    """Rows of one training source: ``{"text": ...}`` documents or ``{"messages": [...]}`` conversations."""
+def mixture_rows(
+    name: str, n_synthetic: int, seed: int, synthetic_tasks: list[str] | None = None
+) -> list[dict]:
+    """Rows of one training source: ``{"text": ...}`` documents or ``{"messages": [...]}`` conversations.
+
+    `synthetic_tasks` picks the generated conversations' tasks for ``instructions`` (None: all of them)."""
     if name == "instructions":
         from src.data.synthetic import make_instruction_examples
 
-        return make_instruction_examples(n_synthetic, seed)
+        return make_instruction_examples(n_synthetic, seed, tasks=synthetic_tasks)
     return [{"text": text} for text in training_texts(name)]
 
 

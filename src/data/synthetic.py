@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from src.data.corpora import lee_articles
 
@@ -67,17 +67,25 @@ def _is_abbreviation(before: str) -> bool:
     return word.lower() in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()) or "." in word
 
 
-def make_instruction_examples(n: int, seed: int, texts: list[str] | None = None) -> list[dict]:
+def make_instruction_examples(
+    n: int, seed: int, texts: list[str] | None = None, tasks: Sequence[str] | None = None
+) -> list[dict]:
     """Generate ``n`` single-turn chat examples over the tasks in `TASKS`.
 
     Args:
         n: Number of examples.
         seed: Random seed; the same seed (and texts) gives identical output.
         texts: Source articles for the text tasks; defaults to the Lee background news corpus.
+        tasks: The tasks to draw from (uniformly), a non-empty subset of `TASKS`; None is all of them. The
+            config key is ``data.synthetic_tasks`` (`check_tasks`).
 
     Returns:
         Rows ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}], "task": name}``.
+
+    Raises:
+        ValueError: `tasks` is empty or names a task not in `TASKS`.
     """
+    tasks = check_tasks(tasks)
     corpus = _Corpus(lee_articles() if texts is None else texts)
     rng = random.Random(seed)
     makers: dict[str, Callable[[random.Random, _Corpus], tuple[str, str]]] = {
@@ -90,10 +98,24 @@ def make_instruction_examples(n: int, seed: int, texts: list[str] | None = None)
     }
     rows = []
     for _ in range(n):
-        task = rng.choice(TASKS)
+        task = rng.choice(tasks)
         user, assistant = makers[task](rng, corpus)
         rows.append({"messages": _chat(user, assistant), "task": task})
     return rows
+
+
+def check_tasks(tasks: Sequence[str] | None, key: str = "data.synthetic_tasks") -> tuple[str, ...]:
+    """Validate a task subset (None: all of `TASKS`, in their order); errors name `key` and the valid tasks."""
+    if tasks is None:
+        return TASKS
+    if isinstance(tasks, str) or not tasks:
+        raise ValueError(
+            f"{key} must be a non-empty list of tasks from {list(TASKS)} (or null: all), got {tasks!r}"
+        )
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"{key}: unknown task(s) {unknown}; valid: {list(TASKS)}")
+    return tuple(dict.fromkeys(tasks))
 
 
 class _Corpus:
