@@ -1,6 +1,7 @@
 """Recipe search on the embedded SmolLM2-135M: train many configurations, measure each on the held-out sets.
 
     .venv/bin/python experiments/recipe_search.py baselines --out search/baselines.json
+    .venv/bin/python experiments/recipe_search.py measure outputs/train/runs/<name> --out search/runs.jsonl
     .venv/bin/python experiments/recipe_search.py train --grid search/grid.jsonl --out search/runs.jsonl \
         --workers 2 [--device cuda]
 
@@ -9,6 +10,8 @@ trained with the framework's own `src.train.train` (Hydra composition of conf/tr
 `logger=none`), then its exported checkpoint is measured with `src.eval.curves.tau_curve` on the held-out
 sets (a threshold sweep: layers skipped and ppl per set). Results are appended as JSON lines, so an interrupted
 search keeps what it finished. `--workers` processes run entries in parallel (on a GPU they share it).
+
+`measure`: the same numbers for runs already trained with `python -m src.train` (give their run folders).
 
 `baselines`: the base model, ShortGPT, LaCo and random skipping (identity skip path) at k = 2 and 4, on the
 same held-out windows.
@@ -68,14 +71,9 @@ def load(device: str, dtype: str):
 
 
 def run_entry(entry: dict, args) -> dict:
-    import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from src.baselines import apply_method
-    from src.baselines.methods import calibration_batches, tau_for_k
-    from src.eval.curves import measure, tau_curve
-    from src.models.tokenizer import pad_token_id
     from src.train import train
 
     out_dir = Path(args.runs_dir) / entry["name"]
@@ -94,8 +92,20 @@ def run_entry(entry: dict, args) -> dict:
     t0 = time.time()
     metrics = train(cfg)
     train_s = time.time() - t0
+    return measure_checkpoint(entry, out_dir / "flexidepth", args, train_s, metrics)
+
+
+def measure_checkpoint(entry: dict, ckpt: Path, args, train_s: float | None, metrics: dict) -> dict:
+    """Own-threshold and threshold-curve numbers of one exported FlexiDepth folder on the held-out sets."""
+    import torch
+
+    from src.baselines import apply_method
+    from src.baselines.methods import calibration_batches, tau_for_k
+    from src.eval.curves import measure, tau_curve
+    from src.models.tokenizer import pad_token_id
+
     model_cfg, tok, model = load(args.device, args.dtype)
-    apply_method(model, {"name": "flexidepth"}, ckpt=out_dir / "flexidepth")
+    apply_method(model, {"name": "flexidepth"}, ckpt=ckpt)
     sets = held_sets(tok, args.max_tokens)
     pad = pad_token_id(tok)
     own = measure(model, sets, batch_size=16, pad_id=pad)
@@ -108,7 +118,7 @@ def run_entry(entry: dict, args) -> dict:
     return {
         "name": entry["name"],
         "overrides": entry["overrides"],
-        "train_s": round(train_s, 1),
+        "train_s": None if train_s is None else round(train_s, 1),
         "val": {k: v for k, v in metrics.items() if k.startswith(("val/", "skip/"))},
         "own": own,
         "curve": curve,
@@ -152,6 +162,21 @@ def cmd_train(args) -> None:
         p.start()
     for p in procs:
         p.join()
+
+
+def cmd_measure(args) -> None:
+    """Measure runs already trained with `python -m src.train` (their run folders), appended like `train`'s."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    for run in args.runs:
+        run = Path(run)
+        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        entry = {"name": run.name, "overrides": [f"(trained with src.train: {run})"]}
+        result = measure_checkpoint(entry, run / "flexidepth", args, None, metrics.get("metrics", {}))
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"{run.name}: done", flush=True)
 
 
 def cmd_baselines(args) -> None:
@@ -224,7 +249,8 @@ def cmd_summary(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["train", "baselines", "summary"])
+    p.add_argument("mode", choices=["train", "measure", "baselines", "summary"])
+    p.add_argument("runs", nargs="*", help="measure: src.train run folders (outputs/train/runs/<name>)")
     p.add_argument("--baselines", help="summary: baselines JSON (this script's `baselines` output)")
     p.add_argument("--grid")
     p.add_argument("--out", required=True)
@@ -237,7 +263,8 @@ def main() -> None:
     args = p.parse_args()
     if args.mode != "summary":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    {"train": cmd_train, "baselines": cmd_baselines, "summary": cmd_summary}[args.mode](args)
+    modes = {"train": cmd_train, "measure": cmd_measure, "baselines": cmd_baselines, "summary": cmd_summary}
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class DataSchema:
     max_train_examples: int | None = None
     n_synthetic: int = 2000
     synthetic_tasks: list[str] | None = None
+    synthetic_max_digits: int | None = None
     seed: int = 42
     num_workers: int = 0
     shuffle: bool = True

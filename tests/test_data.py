@@ -127,6 +127,26 @@ def test_synthetic_task_subset_and_errors(smollm2_dir):
             SFTDataModule(str(smollm2_dir), synthetic_tasks=bad)
 
 
+def test_synthetic_max_digits_caps_operands(smollm2_dir):
+    from src.data.datamodule import SFTDataModule
+
+    rows = make_instruction_examples(300, seed=2, tasks=["addition", "multiplication"], max_digits=2)
+    operands = []
+    for row in rows:
+        a, op, b, _, result = row["messages"][1]["content"].split()
+        assert int(result) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+        operands += [int(a), int(b)]
+    assert max(operands) <= 99 and max(operands) >= 10  # capped, and two-digit operands do occur
+    uncapped = make_instruction_examples(300, seed=2, tasks=["addition"])
+    assert max(int(r["messages"][1]["content"].split()[0]) for r in uncapped) >= 1000
+    assert make_instruction_examples(40, seed=2, max_digits=None) == make_instruction_examples(40, seed=2)
+    for bad in (0, -1, True, "2", 1.5):
+        with pytest.raises(ValueError, match=r"data\.synthetic_max_digits must be an integer >= 1 or null"):
+            make_instruction_examples(5, seed=0, max_digits=bad)
+        with pytest.raises(ValueError, match=r"data\.synthetic_max_digits must be an integer >= 1 or null"):
+            SFTDataModule(str(smollm2_dir), synthetic_max_digits=bad)
+
+
 def test_synthetic_answers_are_correct():
     articles = [split_sentences(t) for t in lee_articles()]
     for row in make_instruction_examples(300, seed=1):

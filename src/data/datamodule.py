@@ -30,7 +30,7 @@ from src.data.formats import check_roles, has_row_column, normalise_row
 from src.data.mixture import check_heldout, check_mixture, draw, mixture_rows
 from src.data.sampler import StepBatchSampler, StepDataset, example_lengths, example_supervised
 from src.data.sft import LOSS_ON, FilterReport, tokenize_dataset
-from src.data.synthetic import check_tasks, make_instruction_examples
+from src.data.synthetic import check_max_digits, check_tasks, make_instruction_examples
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class SFTDataModule(L.LightningDataModule):
             ``instructions`` source).
         synthetic_tasks: Which synthetic tasks those examples draw from (`src.data.synthetic.TASKS`); None is
             all of them.
+        synthetic_max_digits: Cap on the arithmetic operands' digits in those examples; None keeps the
+            generator's ranges.
         seed: Seed for the validation split, the subset and the per-epoch shuffles.
         num_workers: DataLoader workers (collation happens in the workers).
         shuffle: Shuffle training examples each epoch.
@@ -85,6 +87,7 @@ class SFTDataModule(L.LightningDataModule):
         max_train_examples: int | None = None,
         n_synthetic: int = 2000,
         synthetic_tasks: list | None = None,
+        synthetic_max_digits: int | None = None,
         seed: int = 42,
         num_workers: int = 0,
         shuffle: bool = True,
@@ -101,7 +104,7 @@ class SFTDataModule(L.LightningDataModule):
         self.val_fraction, self.val_source = val_fraction, val_source
         self.max_train_examples = max_train_examples
         self.n_synthetic, self.seed, self.num_workers, self.shuffle = n_synthetic, seed, num_workers, shuffle
-        self.synthetic_tasks = synthetic_tasks
+        self.synthetic_tasks, self.synthetic_max_digits = synthetic_tasks, synthetic_max_digits
         self.pad_to_multiple_of = pad_to_multiple_of
         self.mixture, self.mixture_examples = mixture, mixture_examples
         self.heldout = list(heldout or [])  # evaluation text only; named here so evaluations can use it
@@ -132,6 +135,7 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"data.n_synthetic must be >= 0, got {self.n_synthetic}")
         if self.synthetic_tasks is not None:
             self.synthetic_tasks = list(check_tasks(self.synthetic_tasks))
+        check_max_digits(self.synthetic_max_digits)
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(
                 f"data.source is required, got {self.source!r}: data=local reads "
@@ -176,7 +180,9 @@ class SFTDataModule(L.LightningDataModule):
         for name, weight in self.mixture.items():
             if not weight:
                 continue
-            rows = mixture_rows(name, self.n_synthetic, self.seed, self.synthetic_tasks)
+            rows = mixture_rows(
+                name, self.n_synthetic, self.seed, self.synthetic_tasks, self.synthetic_max_digits
+            )
             train_ids, val_ids = self._split(len(rows))
             key = f"data.mixture.{name}"
             by_source[name] = self._tokenize(rows, train_ids, "train", key)
@@ -219,7 +225,9 @@ class SFTDataModule(L.LightningDataModule):
     def _load(self, source: str, key: str) -> Sequence[dict]:
         """Rows of a source: a list for the built-in corpora, a ``datasets.Dataset`` otherwise."""
         if source == "builtin":
-            synthetic = make_instruction_examples(self.n_synthetic, self.seed, tasks=self.synthetic_tasks)
+            synthetic = make_instruction_examples(
+                self.n_synthetic, self.seed, tasks=self.synthetic_tasks, max_digits=self.synthetic_max_digits
+            )
             return synthetic + [{"text": article} for article in lee_articles()]
         if source == "lee_heldout":
             return [{"text": article} for article in lee_heldout_articles()]

@@ -111,15 +111,22 @@ def check_heldout(names, key: str = "data.heldout") -> list[str]:
 
 
 def mixture_rows(
-    name: str, n_synthetic: int, seed: int, synthetic_tasks: list[str] | None = None
+    name: str,
+    n_synthetic: int,
+    seed: int,
+    synthetic_tasks: list[str] | None = None,
+    synthetic_max_digits: int | None = None,
 ) -> list[dict]:
     """Rows of one training source: ``{"text": ...}`` documents or ``{"messages": [...]}`` conversations.
 
-    `synthetic_tasks` picks the generated conversations' tasks for ``instructions`` (None: all of them)."""
+    `synthetic_tasks` picks the generated conversations' tasks for ``instructions`` (None: all of them) and
+    `synthetic_max_digits` caps their arithmetic operands (None: the generator's ranges)."""
     if name == "instructions":
         from src.data.synthetic import make_instruction_examples
 
-        return make_instruction_examples(n_synthetic, seed, tasks=synthetic_tasks)
+        return make_instruction_examples(
+            n_synthetic, seed, tasks=synthetic_tasks, max_digits=synthetic_max_digits
+        )
     return [{"text": text} for text in training_texts(name)]
 
 

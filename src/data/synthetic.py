@@ -68,7 +68,11 @@ def _is_abbreviation(before: str) -> bool:
 
 
 def make_instruction_examples(
-    n: int, seed: int, texts: list[str] | None = None, tasks: Sequence[str] | None = None
+    n: int,
+    seed: int,
+    texts: list[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    max_digits: int | None = None,
 ) -> list[dict]:
     """Generate ``n`` single-turn chat examples over the tasks in `TASKS`.
 
@@ -78,21 +82,25 @@ def make_instruction_examples(
         texts: Source articles for the text tasks; defaults to the Lee background news corpus.
         tasks: The tasks to draw from (uniformly), a non-empty subset of `TASKS`; None is all of them. The
             config key is ``data.synthetic_tasks`` (`check_tasks`).
+        max_digits: Cap on the digits of each arithmetic operand (``data.synthetic_max_digits``); None keeps
+            the generator's ranges (addition up to 6 + 6 digits, multiplication 4 x 3). Each operand's digit
+            count is drawn uniformly from 1 to its cap, so a small cap gives sums a small model can compute.
 
     Returns:
         Rows ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}], "task": name}``.
 
     Raises:
-        ValueError: `tasks` is empty or names a task not in `TASKS`.
+        ValueError: `tasks` is empty or names a task not in `TASKS`; `max_digits` is not a positive integer.
     """
     tasks = check_tasks(tasks)
+    check_max_digits(max_digits)
     corpus = _Corpus(lee_articles() if texts is None else texts)
     rng = random.Random(seed)
     makers: dict[str, Callable[[random.Random, _Corpus], tuple[str, str]]] = {
         "repeat": _repeat,
         "copy": _copy,
-        "addition": _addition,
-        "multiplication": _multiplication,
+        "addition": lambda r, c: _addition(r, c, max_digits),
+        "multiplication": lambda r, c: _multiplication(r, c, max_digits),
         "continue": _continue,
         "summarize": _summarize,
     }
@@ -116,6 +124,14 @@ def check_tasks(tasks: Sequence[str] | None, key: str = "data.synthetic_tasks") 
     if unknown:
         raise ValueError(f"{key}: unknown task(s) {unknown}; valid: {list(TASKS)}")
     return tuple(dict.fromkeys(tasks))
+
+
+def check_max_digits(max_digits, key: str = "data.synthetic_max_digits") -> None:
+    """Validate an operand digit cap: a positive integer or None."""
+    if max_digits is not None and (
+        isinstance(max_digits, bool) or not isinstance(max_digits, int) or max_digits < 1
+    ):
+        raise ValueError(f"{key} must be an integer >= 1 or null, got {max_digits!r}")
 
 
 class _Corpus:
@@ -169,14 +185,18 @@ def _operands(rng: random.Random, max_digits_a: int, max_digits_b: int) -> tuple
     return a, b
 
 
-def _addition(rng: random.Random, corpus: _Corpus) -> tuple[str, str]:
-    a, b = _operands(rng, 6, 6)
+def _cap(digits: int, max_digits: int | None) -> int:
+    return digits if max_digits is None else min(digits, max_digits)
+
+
+def _addition(rng: random.Random, corpus: _Corpus, max_digits: int | None = None) -> tuple[str, str]:
+    a, b = _operands(rng, _cap(6, max_digits), _cap(6, max_digits))
     prompt = rng.choice(["What is {a} + {b}?", "Add {a} and {b}.", "Calculate the sum of {a} and {b}."])
     return prompt.format(a=a, b=b), f"{a} + {b} = {a + b}"
 
 
-def _multiplication(rng: random.Random, corpus: _Corpus) -> tuple[str, str]:
-    a, b = _operands(rng, 4, 3)
+def _multiplication(rng: random.Random, corpus: _Corpus, max_digits: int | None = None) -> tuple[str, str]:
+    a, b = _operands(rng, _cap(4, max_digits), _cap(3, max_digits))
     prompt = rng.choice(
         ["What is {a} × {b}?", "Multiply {a} by {b}.", "Calculate the product of {a} and {b}."]
     )
