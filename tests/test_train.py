@@ -326,7 +326,11 @@ def test_model_recipes_specialise_defaults():
     """The embedded model gets the CPU demo lr; hub models get GPU trainer settings (conf/recipe/)."""
     default = compose_cfg()
     assert default.optim.lr == pytest.approx(3e-3) and default.trainer.accelerator == "cpu"
+    # the embedded model's recipe (issue 11): distillation, alpha 3e-3, two-digit generated arithmetic
+    assert (default.loss.objective, default.loss.alpha) == ("kd", pytest.approx(3e-3))
+    assert default.data.synthetic_max_digits == 2 and default.skip.gate_mode == "difference"
     big = compose_cfg(["model=llama3_8b", "skip.alpha=0.01"])
+    assert big.loss.objective == "ce" and big.data.synthetic_max_digits is None  # the paper's objective
     assert (
         big.trainer.accelerator == "gpu"
         and big.trainer.max_steps == -1
