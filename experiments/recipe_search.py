@@ -31,6 +31,8 @@ import time
 import traceback
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 for key, value in {
@@ -42,10 +44,13 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
-HELDOUT = ["lee", "shakespeare", "wiki", "python_docs"]
-# the threshold curve: tau = 0.5 (as trained) plus the thresholds that skip k routed layers on calibration text
-# (training-side Lee articles, `tau_for_k`); the measured skip count on held-out text then differs per set
-CURVE_K = [1, 2, 3, 4, 5, 6]
+# The held-out sets and the threshold curve are src.compare's (conf/compare.yaml `curves`): tau = 0.5 (as
+# trained) plus the thresholds that skip `curve_k` routed layers on calibration text (training-side Lee
+# articles, `tau_for_k`); the measured skip count on held-out text then differs per set.
+_CURVES = OmegaConf.load(ROOT / "conf" / "compare.yaml").curves
+HELDOUT = list(_CURVES.heldout)
+CURVE_K = [float(k) for k in _CURVES.curve_k]
+CALIBRATION_TEXTS = int(_CURVES.calibration_texts)
 
 
 def held_sets(tokenizer, max_tokens: int):
@@ -110,7 +115,10 @@ def measure_checkpoint(entry: dict, ckpt: Path, args, train_s: float | None, met
     pad = pad_token_id(tok)
     own = measure(model, sets, batch_size=16, pad_id=pad)
     device = next(model.parameters()).device
-    cal = [(i.to(device), m.to(device)) for i, m in calibration_batches(tok, {"calibration": {"texts": 8}})]
+    cal = [
+        (i.to(device), m.to(device))
+        for i, m in calibration_batches(tok, {"calibration": {"texts": CALIBRATION_TEXTS}})
+    ]
     taus = sorted({0.5, *(round(tau_for_k(model, cal, k), 6) for k in CURVE_K)})
     curve = tau_curve(model, sets, taus, batch_size=16, pad_id=pad)
     del model
