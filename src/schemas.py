@@ -97,7 +97,7 @@ class EvalSchema:
     tasks: list[str] = field(
         default_factory=lambda: ["next_sentence", "cloze", "add_choice", "mul_choice", "copy_choice"]
     )
-    n_per_task: int = 50
+    n_per_task: int = 200
     max_new_tokens: int = 48
     seed: int = 1234
     batch_size: int = 8
