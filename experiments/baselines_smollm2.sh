@@ -18,7 +18,7 @@ train_once() {  # name, overrides...: skip when the run already exported its che
 }
 
 if [ "$STAGE" = train ] || [ "$STAGE" = all ]; then
-  train_once flexidepth_a1e-3 loss.target_layers_skipped=null loss.alpha=1e-3          # lands near k = 4 (3.46 in LOG.md)
+  train_once flexidepth_a1e-3 loss.target_layers_skipped=null loss.alpha=1e-3          # 3.46 layers under the earlier 40-step ce recipe (LOG, 2026-11-28)
   train_once flexidepth_a2e-3 loss.target_layers_skipped=null loss.alpha=2e-3          # aimed at k = 8
   train_once mindskip_a2e-3 method=mindskip loss.target_layers_skipped=null loss.alpha=2e-3   # compare also matches its threshold to k
   train_once abl_linear_router skip=linear_router loss.target_layers_skipped=null loss.alpha=1e-3

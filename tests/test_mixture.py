@@ -50,7 +50,7 @@ def test_mixture_draw_shares_and_errors():
         M.check_mixture({"lee": -1})
     with pytest.raises(M.MixtureError, match="every weight is 0"):
         M.check_mixture({"lee": 0, "wiki": 0})
-    with pytest.raises(M.MixtureError, match=r"eval\.heldout: unknown held-out set\(s\) \['lea'\]"):
+    with pytest.raises(M.MixtureError, match=r"curves\.heldout: unknown held-out set\(s\) \['lea'\]"):
         M.heldout_texts("lea")
 
 

@@ -67,13 +67,14 @@ _TEXTS: dict[str, dict[str, Callable[[], list[str]]]] = {
 }
 
 
-def heldout_texts(name: str) -> list[str]:
+def heldout_texts(name: str, key: str = "curves.heldout") -> list[str]:
     """Documents of held-out set `name` (one of `HELDOUT_SETS`); none of them is in any training source.
 
     Raises:
-        MixtureError: For an unknown name (the message lists the valid ones).
+        MixtureError: For an unknown name (the message names `key`, the config key that asked for it, and
+            lists the valid names).
     """
-    check_heldout([name], "eval.heldout")
+    check_heldout([name], key)
     return _TEXTS[name]["heldout"]()
 
 
