@@ -78,6 +78,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)  # before anything heavy is loaded
     preflight_train(cfg)
     report_alpha(cfg)  # released_stage* experiments: which alpha (face value or reproducing) is used
+    note = alpha_override_note(cfg, _command_line_overrides())
+    if note and is_rank_zero():
+        log.warning(note)
     silence_third_party()
     # our sampler resumes mid-epoch itself (StepBatchSampler.start_fn), which Lightning cannot see
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
@@ -331,6 +334,28 @@ def _group_choice(group: str) -> str | None:
 
     hc = hydra_config()
     return None if hc is None else hc.runtime.choices.get(group)
+
+
+def _command_line_overrides() -> list[str]:
+    from .utils.launch import hydra_config
+
+    hc = hydra_config()
+    return [] if hc is None else list(hc.overrides.task)
+
+
+def alpha_override_note(cfg: DictConfig, overrides: list[str]) -> str | None:
+    """A note when the command line sets an alpha (`loss.alpha` or `skip.alpha`) while the composed config has a
+    layers-skipped budget (`loss.target_layers_skipped`, as the embedded model's recipe does): the alpha is then
+    only the controller's starting value, which a user sweeping alpha would not expect. None otherwise."""
+    target = cfg.loss.get("target_layers_skipped") if cfg.get("loss") is not None else None
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    given = sorted(keys & {"loss.alpha", "skip.alpha"})
+    if target is None or not given:
+        return None
+    return (
+        f"{given[0]} is only the starting value of the alpha controller: loss.target_layers_skipped={target} "
+        "(the recipe's budget) adapts alpha every step. Add loss.target_layers_skipped=null for a fixed alpha."
+    )
 
 
 def loss_config(cfg: DictConfig) -> dict[str, Any]:

@@ -326,14 +326,37 @@ def test_model_recipes_specialise_defaults():
     """The embedded model gets the CPU demo lr; hub models get GPU trainer settings (conf/recipe/)."""
     default = compose_cfg()
     assert default.optim.lr == pytest.approx(3e-3) and default.trainer.accelerator == "cpu"
-    # the embedded model's recipe (issue 11): distillation, alpha 3e-3, two-digit generated arithmetic
-    assert (default.loss.objective, default.loss.alpha) == ("kd", pytest.approx(3e-3))
+    # the embedded model's recipe (issue 11): distillation at T = 2, a 4.45-layer budget started from alpha
+    # 3e-3 with tau kept at 0.5, two-digit generated arithmetic
+    assert (default.loss.objective, default.loss.temperature) == ("kd", pytest.approx(2.0))
+    assert default.loss.alpha == pytest.approx(3e-3)
+    assert default.loss.target_layers_skipped == pytest.approx(4.45)
+    assert default.loss.calibrate_tau is False and default.skip.tau == pytest.approx(0.5)
     assert default.data.synthetic_max_digits == 2 and default.skip.gate_mode == "difference"
     big = compose_cfg(["model=llama3_8b", "skip.alpha=0.01"])
     assert big.loss.objective == "ce" and big.data.synthetic_max_digits is None  # the paper's objective
+    assert big.loss.temperature == pytest.approx(1.0) and big.loss.target_layers_skipped is None
     assert (
         big.trainer.accelerator == "gpu"
         and big.trainer.max_steps == -1
         and big.optim.lr == pytest.approx(1e-4)
     )
     assert compose_cfg(["model=llama3_8b", "optim.lr=5e-4"]).optim.lr == pytest.approx(5e-4)
+
+
+def test_alpha_sweeps_fix_alpha_and_a_command_line_alpha_under_a_budget_gets_a_note():
+    """The embedded recipe trains to a budget, so a command-line alpha only starts the controller: the alpha,
+    grid and tau sweeps set loss.target_layers_skipped=null, and src.train notes an alpha given under a budget."""
+    from src.train import alpha_override_note
+
+    for sweep in ("alpha", "grid", "tau"):
+        assert compose_cfg([f"+sweep={sweep}"]).loss.target_layers_skipped is None, sweep
+    assert compose_cfg(["+sweep=adapter_rank"]).loss.target_layers_skipped == pytest.approx(4.45)
+    budget = compose_cfg(["loss.alpha=1e-2"])
+    for given in (["loss.alpha=1e-2"], ["+skip.alpha=0.01", "seed=1"]):
+        note = alpha_override_note(budget, given)
+        assert note is not None and given[0].split("=")[0].lstrip("+") in note
+        assert "loss.target_layers_skipped=4.45" in note and "loss.target_layers_skipped=null" in note
+    assert alpha_override_note(budget, ["seed=1", "loss.temperature=1"]) is None  # no alpha given
+    fixed = compose_cfg(["loss.alpha=1e-2", "loss.target_layers_skipped=null"])
+    assert alpha_override_note(fixed, ["loss.alpha=1e-2", "loss.target_layers_skipped=null"]) is None
