@@ -11,6 +11,7 @@ schemas for keys Hydra let through (`+skip.foo=1` appends even to a typed node) 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,41 @@ def skip_config(skip: dict[str, Any]) -> tuple[FlexiDepthConfig, float | None]:
     return FlexiDepthConfig.from_dict(skip), None if alpha is None else float(alpha)
 
 
+def non_finite_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every NaN or +-inf number in a (resolved) config tree, lists included (`a.b[2]`)."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in non_finite_keys(value, f"{prefix}{key}.")]
+    if isinstance(node, (list, tuple)):
+        return [k for i, value in enumerate(node) for k in non_finite_keys(value, f"{prefix[:-1]}[{i}].")]
+    if isinstance(node, float) and not math.isfinite(node):
+        return [f"{prefix[:-1]}={node}"]
+    return []
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """No setting anywhere in the config (every group, the trainer, compare's curves, method options, top-level
+    keys) may be NaN or infinite: a NaN passes every `<` / `>` range check and surfaces much later as a
+    non-finite loss naming no key. Raises ConfigError naming each such key."""
+    tree = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
+    resolved = {}
+    for key in tree:  # resolve group by group, so one unresolvable interpolation does not hide the others
+        try:
+            resolved[key] = (
+                OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            )
+        except Exception:  # an interpolation only the entry point can resolve (e.g. hydra:...): skip it
+            resolved[key] = tree[key]
+    bad = non_finite_keys(resolved)
+    if bad:
+        raise ConfigError(f"every setting must be a finite number; not finite: {', '.join(bad)}")
+
+
 def validate_groups(cfg: DictConfig) -> None:
-    """Schemas and value checks of every group `cfg` has (model, skip, loss, optim, data, eval, method).
-    Raises ConfigError naming the first bad key."""
+    """Schemas and value checks of every group `cfg` has (model, skip, loss, optim, data, eval, method), and
+    finiteness of every number in `cfg` (`check_finite`). Raises ConfigError naming the first bad key."""
     from . import schemas
 
+    check_finite(cfg)
     schemas.check(cfg)
     if cfg.get("model") is not None:
         _check_model(OmegaConf.to_container(cfg.model, resolve=True))

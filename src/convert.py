@@ -38,7 +38,7 @@ def load_checkpoint(path: str | Path, work_dir: str | Path | None = None) -> dic
         convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
         path = out
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint file or DeepSpeed checkpoint folder")
+        raise CheckpointError(f"{path}: no checkpoint file or DeepSpeed checkpoint folder")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes; written by a process that was killed?)")
     try:
@@ -59,7 +59,7 @@ def flexidepth_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
         if is_flexidepth_param(key):
             out[key.removeprefix("model.")] = value.detach().float().cpu()
     if not out:
-        raise KeyError("the checkpoint holds no router/adapter tensors (.router. / .adapter. keys)")
+        raise CheckpointError("the checkpoint holds no router/adapter tensors (.router. / .adapter. keys)")
     return out
 
 
@@ -94,7 +94,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, model_cfg: dict[str, An
     hparams = ckpt.get("hyper_parameters") or {}
     model_cfg = dict(model_cfg or hparams.get("model") or {})
     if not model_cfg:
-        raise KeyError(f"{checkpoint}: no hyper_parameters.model in the checkpoint; pass model_cfg")
+        raise CheckpointError(f"{checkpoint}: no hyper_parameters.model in the checkpoint; pass model_cfg")
     meta = ckpt.get("flexidepth") or {}
     if "config" in meta:
         flexi = FlexiDepthConfig.from_dict(meta["config"])
@@ -109,13 +109,13 @@ def convert(checkpoint: str | Path, out_dir: str | Path, model_cfg: dict[str, An
     tensors = flexidepth_tensors(ckpt["state_dict"])
     expected = flexidepth_state_dict(model)
     if set(tensors) != set(expected):
-        raise KeyError(
+        raise CheckpointError(
             f"{checkpoint}: router/adapter keys do not match the model: "
             f"missing {sorted(set(expected) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(expected))[:3]}"
         )
     for key, value in tensors.items():
         if value.shape != expected[key].shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"{checkpoint}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
             )
     check_finite(checkpoint, tensors)  # a diverged run's weights are not exported

@@ -18,12 +18,14 @@ from typing import TextIO
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .config_check import ConfigError
+from .flexidepth.config import FlexiDepthConfigError, check_tau
 from .flexidepth.generation import GenerationOutput, check_generation_args
-from .utils.cli import entry_point
+from .utils.cli import user_errors
 
 
 def check_cli_args(cfg: DictConfig) -> dict:
-    """The generation keys of conf/generate.yaml, checked; ValueError naming the key otherwise.
+    """The generation keys of conf/generate.yaml, checked; ConfigError (a user error) naming the key otherwise.
 
     Returns {prompt, chat, max_new_tokens, do_sample, temperature, top_p, seed, tau}. The prompt must be a
     non-empty string (Hydra may read an unquoted number or `null`), tau None or in [0, 1] and only set with
@@ -31,10 +33,10 @@ def check_cli_args(cfg: DictConfig) -> dict:
     """
     prompt = cfg.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt must be a non-empty string (quote it: 'prompt=\"...\"'), got {prompt!r}")
+        raise ConfigError(f"prompt must be a non-empty string (quote it: 'prompt=\"...\"'), got {prompt!r}")
     chat = cfg.get("chat", True)
     if not isinstance(chat, bool):
-        raise ValueError(f"chat must be true or false, got {chat!r}")
+        raise ConfigError(f"chat must be true or false, got {chat!r}")
     params = dict(
         max_new_tokens=cfg.get("max_new_tokens", 64),
         do_sample=cfg.get("do_sample", False),
@@ -42,14 +44,16 @@ def check_cli_args(cfg: DictConfig) -> dict:
         top_p=cfg.get("top_p", 1.0),
         seed=cfg.get("seed"),
     )
-    check_generation_args(**params)
-    tau = cfg.get("tau")
-    if tau is not None:
-        if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0.0 <= float(tau) <= 1.0:
-            raise ValueError(f"tau must be null or a number in [0, 1], got {tau!r}")
-        if cfg.get("ckpt_path") is None:
-            raise ValueError("tau is set but ckpt_path is null: the base model has no routers to threshold")
-        tau = float(tau)
+    try:
+        check_generation_args(**params)
+    except ValueError as err:  # the library's check names the key; from the command line it is a user error
+        raise ConfigError(str(err)) from None
+    try:
+        tau = check_tau(cfg.get("tau"), "tau", allow_none=True)
+    except FlexiDepthConfigError as err:
+        raise ConfigError(str(err)) from None
+    if tau is not None and cfg.get("ckpt_path") is None:
+        raise ConfigError("tau is set but ckpt_path is null: the base model has no routers to threshold")
     return dict(
         params,
         prompt=prompt,
@@ -128,9 +132,6 @@ def preflight_generate(cfg: DictConfig, model_cfg: dict) -> None:
     device = str(cfg.get("device", "auto"))
     problems = pf.accelerator_problems("cuda" if device.startswith("cuda") else device, "device")
     problems += pf.model_access_problems(model_cfg)
-    tau = cfg.get("tau")
-    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
-        problems.append(f"tau must be null or a number in [0, 1], got {tau!r}")
     if cfg.get("ckpt_path") not in (None, "", "null"):
         folder = pf.resolve_flexidepth_folder(cfg.ckpt_path, "ckpt_path")
         if not problems:
@@ -141,9 +142,9 @@ def preflight_generate(cfg: DictConfig, model_cfg: dict) -> None:
 @hydra.main(
     version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="generate"
 )
-@entry_point
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with user_errors():  # this command writes nothing, so a failure has nothing to delete
+        run(cfg)
 
 
 if __name__ == "__main__":

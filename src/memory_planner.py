@@ -22,6 +22,7 @@ Trainable count T: per routed layer a router (h*h/r + h/r*h + h + h/r + 1 bias) 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 GB = 1024**3
@@ -58,6 +59,33 @@ ARCHS = {
 }
 
 
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _count_arg(text: str) -> int:
+    """argparse type: an integer >= 1 (the error names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _memory_arg(text: str) -> float:
+    """argparse type: a finite number > 0 (GB)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of GB > 0, got {text}")
+    return value
+
+
 @dataclass
 class Plan:
     arch: Arch
@@ -76,6 +104,28 @@ class Plan:
     offload_optimizer: bool = False
     offload_params: bool = False
     overhead_gb: float = 2.0
+
+    def __post_init__(self) -> None:
+        """Range checks naming the field: counts are integers >= 1 (routed_layers <= the model's layers),
+        memory a finite number > 0, zero in 0..3. Raises ValueError."""
+        for name in ("gpus", "micro_batch", "seq", "router_reduction", "adapter_reduction", "weight_bytes",
+                     "act_bytes"):  # fmt: skip
+            _check_count(name, getattr(self, name))
+        for name in ("routed_layers", "adapter_rank"):
+            if getattr(self, name) is not None:
+                _check_count(name, getattr(self, name))
+        if self.routed_layers is not None and self.routed_layers > self.arch.layers:
+            raise ValueError(
+                f"routed_layers={self.routed_layers} exceeds the model's {self.arch.layers} layers"
+            )
+        for name in ("gpu_mem_gb", "overhead_gb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if value < 0 or (name == "gpu_mem_gb" and value == 0):
+                raise ValueError(f"{name} must be {'> 0' if name == 'gpu_mem_gb' else '>= 0'}, got {value!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
 
     @property
     def routed(self) -> int:
@@ -136,13 +186,13 @@ class Plan:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(ARCHS), default="llama3_8b")
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU")
+    p.add_argument("--gpus", type=_count_arg, default=8)
+    p.add_argument("--gpu-mem", type=_memory_arg, default=80.0, help="GB per GPU")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--routed-layers", type=int, default=None)
-    p.add_argument("--adapter-rank", type=int, default=None)
+    p.add_argument("--micro-batch", type=_count_arg, default=1)
+    p.add_argument("--seq", type=_count_arg, default=2048)
+    p.add_argument("--routed-layers", type=_count_arg, default=None)
+    p.add_argument("--adapter-rank", type=_count_arg, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--offload-optimizer", action="store_true")
     p.add_argument("--offload-params", action="store_true")
@@ -164,7 +214,17 @@ def main(argv: list[str] | None = None) -> None:
                     end="\n\n",
                 )
         return
-    plan = Plan(
+    try:
+        plan = _plan(a)
+    except (
+        ValueError
+    ) as err:  # a cross-field check (routed layers > the model's layers): name it like argparse
+        p.error(str(err))
+    print(plan.report())
+
+
+def _plan(a: argparse.Namespace) -> Plan:
+    return Plan(
         ARCHS[a.model],
         gpus=a.gpus,
         gpu_mem_gb=a.gpu_mem,
@@ -177,7 +237,6 @@ def main(argv: list[str] | None = None) -> None:
         offload_optimizer=a.offload_optimizer,
         offload_params=a.offload_params,
     )
-    print(plan.report())
 
 
 if __name__ == "__main__":

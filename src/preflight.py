@@ -220,9 +220,12 @@ def hub_dataset_cached(repo: str) -> bool:
 def eval_problems(ev: dict[str, Any]) -> list[str]:
     """eval.tau, eval.device, eval.tasks (built-in, the project's lm-eval tasks or lm-eval's own)."""
     problems = []
-    tau = ev.get("tau")
-    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
-        problems.append(f"eval.tau must be null or a number in [0, 1], got {tau!r}")
+    from .flexidepth.config import FlexiDepthConfigError, check_tau
+
+    try:
+        check_tau(ev.get("tau"), "eval.tau", allow_none=True)
+    except FlexiDepthConfigError as err:
+        problems.append(str(err))
     device = str(ev.get("device", "auto"))
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         problems.append(f"eval.device must be auto, cpu or cuda[:n], got {device!r}")

@@ -4,7 +4,8 @@
     python -m src.sweep_summary <sweep dir> --baseline-ppl 12.3 --out /tmp/summary
 
 Each job folder (`<n>_<overrides>/`) holds `.hydra/overrides.yaml` and the `metrics.json` that src/train.py
-writes at the end of a run. Jobs without metrics.json (failed, still running) are listed as such. The plot
+writes at the end of a run, and `status.json` (`ok`, or `failed` with the error). Failed jobs are listed with
+their error, jobs without metrics.json (still running) as such. The plot
 shows validation perplexity against the mean number of layers skipped per token; points no other point beats
 on both axes (more layers skipped *and* lower perplexity) form the Pareto frontier, drawn as a line.
 """
@@ -61,6 +62,14 @@ def read_sweep(sweep_dir: str | Path) -> list[Point]:
                 point.status = f"damaged {metrics} ({type(err).__name__}: {err})"
         else:
             point.status = "no metrics.json (failed or running)"
+        status = job / "status.json"  # written by the entry point for every sweep point (src/utils/cli.py)
+        if status.is_file():
+            try:
+                record = json.loads(status.read_text())
+            except (json.JSONDecodeError, OSError) as err:
+                record = {"status": "failed", "error": f"unreadable {status} ({err})"}
+            if record.get("status") != "ok":
+                point.status = f"failed: {record.get('error', '?')}"
         points.append(point)
     mark_pareto(points)
     return points

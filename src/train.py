@@ -36,14 +36,15 @@ from .utils.loggers import build_loggers, finish_wandb
 from .utils.quiet import silence_third_party
 from .utils.runs import (
     NOT_COMPARED,
+    RUN_PRODUCTS,
     RunHistory,
     RunLock,
-    clear_run,
     config_changes,
     find_resume_checkpoint,
     format_changes,
     model_defining,
     model_defining_conflicts,
+    replace_run,
     run_contents,
     verify_checkpoint,
 )
@@ -95,7 +96,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not method.trains:
         return apply_untrained(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    with open_run(cfg, output_dir) as ckpt_path:
+    with open_run(cfg, output_dir) as start:
+        # everything that can still refuse the start comes before `start.commit()`: data files and their
+        # rows, the budget against the routed layers, init_from's shapes. Until then the folder is untouched.
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         datamodule = SFTDataModule(
             tokenizer_path=tokenizer_path(model_cfg),
@@ -114,6 +117,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         if cfg.get("init_from"):
             load_flexidepth(module.model, cfg.init_from)
+        ckpt_path = start.commit()  # now an earlier run is replaced (overwrite=true) and the start recorded
 
         loggers = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)
         trainer: L.Trainer = hydra.utils.instantiate(
@@ -134,8 +138,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         finally:
             finish_wandb()
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        # a tau calibrated at export: the val/* numbers of the exported model replace those at the training tau
+        export = next((cb for cb in trainer.callbacks if type(cb).__name__ == "ExportFlexiDepth"), None)
+        metrics.update(getattr(export, "metrics", None) or {})
         if trainer.is_global_zero:
-            write_metrics(output_dir, metrics, trainer.global_step, cfg)
+            write_metrics(output_dir, metrics, trainer.global_step, cfg, tau=module.flexi_cfg.tau)
             print(closing_summary(cfg, output_dir, metrics, trainer, module), flush=True)
     return metrics
 
@@ -153,6 +160,7 @@ def preflight_train(cfg: DictConfig) -> None:
     problems += pf.data_access_problems(OmegaConf.to_container(cfg.data, resolve=True))
     if cfg.get("init_from") and not problems:
         problems += pf.flexidepth_checkpoint_problems(Path(str(cfg.init_from)), "init_from", model_cfg)
+    problems += budget_problems(cfg, model_cfg)
     resume = cfg.get("resume")
     if resume not in (None, False, "auto"):
         from .utils.runs import CheckpointDamaged, verify_checkpoint
@@ -162,6 +170,31 @@ def preflight_train(cfg: DictConfig) -> None:
         except CheckpointDamaged as err:
             problems.append(f"resume: {err}")
     pf.raise_if(problems, "train")
+
+
+def budget_problems(cfg: DictConfig, model_cfg: dict[str, Any]) -> list[str]:
+    """`loss.target_layers_skipped` against the number of routed layers, when the base model's depth can be read
+    without loading weights (`model.arch`, or a local or embedded model folder's config.json); otherwise the
+    module checks it after the model load, still before the run folder is changed."""
+    target = cfg.loss.get("target_layers_skipped") if cfg.get("loss") is not None else None
+    if target is None:
+        return []
+    depth = (model_cfg.get("arch") or {}).get("num_hidden_layers")
+    if depth is None:
+        from .models.embedded import EMBEDDED_NAME, converted_dir
+
+        name = str(model_cfg.get("name_or_path"))
+        config_file = (converted_dir("bfloat16") if name == EMBEDDED_NAME else Path(name)) / "config.json"
+        if config_file.is_file():
+            depth = json.loads(config_file.read_text()).get("num_hidden_layers")
+    if not isinstance(depth, int):
+        return []
+    from .config_check import skip_config
+
+    routed = len(skip_config(OmegaConf.to_container(cfg.skip, resolve=True))[0].routed_layers(depth))
+    if float(target) > routed:
+        return [f"loss.target_layers_skipped={target} exceeds the {routed} routed layers of this model"]
+    return []
 
 
 def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
@@ -179,32 +212,68 @@ def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
     return overrides
 
 
+class RunStart:
+    """A claimed run folder whose start is decided but not yet carried out (see `open_run`).
+
+    `ckpt_path` is the checkpoint to resume from (None: a fresh start). `commit()` carries the start out, once
+    every check of the new start has passed: it deletes the earlier run for a fresh start that replaces one
+    (`overwrite=true`, or `resume=auto` that found no checkpoint; `runs.replace_run`), records the start in the
+    run's history, and returns `ckpt_path`."""
+
+    def __init__(self, output_dir: Path, ckpt_path: str | None = None, event: str | None = None,
+                 config: dict | None = None, changes: dict | None = None, replace: bool = False):  # fmt: skip
+        self.output_dir = output_dir
+        self.ckpt_path = ckpt_path
+        self.event = event  # None: nothing to record (ranks other than zero)
+        self.config = config
+        self.changes = changes
+        self.replace = replace
+        self.committed = False
+
+    def commit(self) -> str | None:
+        if self.event is not None and not self.committed:
+            if self.replace:
+                deleted = replace_run(self.output_dir)
+                if deleted:
+                    log.warning(
+                        "replaced the earlier run in %s: deleted %s", self.output_dir, ", ".join(deleted)
+                    )
+            RunHistory(self.output_dir).record(self.event, self.config, self.changes)
+        self.committed = True
+        return self.ckpt_path
+
+
 @contextlib.contextmanager
 def open_run(cfg: DictConfig, output_dir: Path):
-    """Claim `output_dir` for this run and yield the checkpoint to resume from (None: a fresh start).
+    """Claim `output_dir` for this run and yield its `RunStart`; call `start.commit()` once every check passed.
 
     Rank zero holds the run lock for the whole block, refuses a fresh start into a folder that holds a run
-    (unless `overwrite=true`), checks a resume against the stored config and records the start in the run's
-    history (src/utils/runs.py). Other ranks only pick the same checkpoint.
+    (unless `overwrite=true`) and checks a resume against the stored config (src/utils/runs.py); nothing in
+    the folder is deleted or recorded before `commit()`. A start that fails before its commit puts back the
+    run's `.hydra/` (Hydra rewrote it for this command). Other ranks only pick the same checkpoint.
     """
     if not is_rank_zero():
         path, _, _ = find_resume_checkpoint(output_dir / "checkpoints")
         resume = effective_resume(cfg)
-        yield None if resume in (None, False) else (str(path) if resume == "auto" and path else resume)
+        yield RunStart(
+            output_dir,
+            None if resume in (None, False) else (str(path) if resume == "auto" and path else resume),
+        )
         return
+    lock = RunLock(output_dir).acquire()
+    start: RunStart | None = None
     try:
-        lock = RunLock(output_dir).acquire()
-        try:
-            ckpt_path = start_run(cfg, output_dir)
-        except BaseException:
-            lock.release()
-            raise
-    except RunFolderError:
-        RunHistory(output_dir).restore_hydra()  # the refused start must not replace the run's .hydra/
+        start = plan_start(cfg, output_dir)
+        log.info(
+            "run folder: %s (%s)",
+            output_dir,
+            f"resuming {start.ckpt_path}" if start.ckpt_path else "fresh start",
+        )
+        yield start
+    except BaseException:
+        if start is None or not start.committed:
+            RunHistory(output_dir).restore_hydra()  # the failed start must not replace the run's .hydra/
         raise
-    log.info("run folder: %s (%s)", output_dir, f"resuming {ckpt_path}" if ckpt_path else "fresh start")
-    try:
-        yield ckpt_path
     finally:
         lock.release()
 
@@ -222,8 +291,11 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_COMPARED}
 
 
-def start_run(cfg: DictConfig, output_dir: Path) -> str | None:
-    """The fresh/resume decision of `open_run` (rank zero, lock held); returns the checkpoint to resume."""
+def plan_start(cfg: DictConfig, output_dir: Path) -> RunStart:
+    """The fresh/resume decision of `open_run` (rank zero, lock held); deletes and records nothing.
+
+    Raises RunFolderError for a fresh start into a folder holding a run without `overwrite=true`, and for a
+    resume whose model-defining keys differ from the checkpoint's (naming them)."""
     resume = effective_resume(cfg)
     config = run_config(cfg)
     history = RunHistory(output_dir)
@@ -233,31 +305,25 @@ def start_run(cfg: DictConfig, output_dir: Path) -> str | None:
             shown = ", ".join(existing[:8]) + (", ..." if len(existing) > 8 else "")
             raise RunFolderError(
                 f"run folder {output_dir} already holds a run ({shown}). Continue it with resume=auto, "
-                "delete it and start over with overwrite=true, or choose another run_name"
+                "replace it with overwrite=true (deletes that run's files in this folder), or choose another "
+                "run_name"
             )
-        if existing or history.configs():
-            clear_run(output_dir)
-            if existing:
-                log.warning(
-                    "overwrite=true: deleted the earlier run's %s from %s", ", ".join(existing), output_dir
-                )
-        history.record("start", config)
-        return None
+        replace_run(output_dir, dry_run=True)  # a folder that is not recognisably a run: refuse now
+        return RunStart(output_dir, None, "start", config, replace=True)
     if resume == "auto":
         path, ckpt, notes = find_resume_checkpoint(output_dir / "checkpoints")
         for note in notes:
             log.warning("resume=auto: %s", note)
         if path is None:
-            left = run_contents(output_dir)
+            left = [n for n in run_contents(output_dir) if n in RUN_PRODUCTS]
             log.warning(
                 "resume=auto: nothing to resume in %s (no intact checkpoint in checkpoints/); starting a fresh "
                 "run%s",
                 output_dir,
-                f" (deleting what the earlier attempt left: {', '.join(left)})" if left else "",
+                f" (replacing what the earlier attempt left: {', '.join(left)})" if left else "",
             )
-            clear_run(output_dir)
-            history.record("start", config)
-            return None
+            replace_run(output_dir, dry_run=True)
+            return RunStart(output_dir, None, "start", config, replace=True)
     else:
         path = Path(str(resume))
         ckpt = verify_checkpoint(path)
@@ -289,8 +355,7 @@ def start_run(cfg: DictConfig, output_dir: Path) -> str | None:
             "resume: config changes since the last start of %s: %s", output_dir, format_changes(changes)
         )
     log.info("resuming from %s (step %s)", path, (ckpt or {}).get("global_step"))
-    history.record("resume", config, changes)
-    return str(path)
+    return RunStart(output_dir, str(path), "resume", config, changes)
 
 
 def closing_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, float], trainer, module) -> str:
@@ -308,9 +373,11 @@ def closing_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, float]
             f"  val ppl {metrics['val/ppl']:.3f}" + (f" (base model {base:.3f})" if base is not None else "")
         )
         if "val/layers_skipped_mean" in metrics:
+            calibrated = metrics.get("val/tau")
             lines.append(
                 f"  layers skipped {metrics['val/layers_skipped_mean']:.2f} of {routed} routed "
                 f"(skip rate {100 * metrics.get('val/skip_rate', 0.0):.1f}%)"
+                + (f" at the export's calibrated tau {calibrated:.4f}" if calibrated is not None else "")
             )
     else:
         lines.append("  no validation ran (trainer.limit_val_batches=0 or no validation data)")
@@ -410,9 +477,15 @@ def apply_untrained(cfg: DictConfig) -> dict[str, Any]:
     return {}
 
 
-def write_metrics(output_dir: Path, metrics: dict[str, float], global_step: int, cfg: DictConfig) -> Path:
-    """<output_dir>/metrics.json: final metrics plus the knobs a sweep summary needs (src/sweep_summary.py)."""
+def write_metrics(
+    output_dir: Path, metrics: dict[str, float], global_step: int, cfg: DictConfig, tau: float | None = None
+) -> Path:
+    """<output_dir>/metrics.json: final metrics plus the knobs a sweep summary needs (src/sweep_summary.py).
+    `tau` is the exported model's threshold (it differs from skip.tau when the export calibrated it); the
+    metrics must have been measured at it."""
     skip = OmegaConf.to_container(cfg.skip, resolve=True)
+    if tau is not None:
+        skip["tau"] = float(tau)
     record = {
         "metrics": metrics,
         "global_step": int(global_step),

@@ -182,7 +182,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="src.train"):
         _train(["resume=auto", "trainer.max_steps=3"], run)
     assert f"{run / 'checkpoints' / 'last.ckpt'}: empty file" in caplog.text
-    assert f"falling back to the newest intact checkpoint {best[-1]} (step 2)" in caplog.text
+    assert f"taking {best[-1].name} (step 2): the intact checkpoint with the most progress" in caplog.text
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 

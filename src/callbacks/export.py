@@ -17,11 +17,14 @@ class ExportFlexiDepth(L.Callback):
 
     A module trained to a layers-skipped target first calibrates its threshold on up to
     `calibration_batches` validation batches (`FlexiDepthModule.calibrate_tau`), so the export skips the target
-    at its own tau."""
+    at its own tau. The validation split is then measured again at that tau (`FlexiDepthModule.measure`):
+    `metrics` holds those numbers ({} when the tau did not change), which `src.train` reports in its summary
+    and metrics.json, so both describe the exported model."""
 
     def __init__(self, dirpath: str, calibration_batches: int = 16):
         self.dirpath = Path(dirpath)
         self.calibration_batches = calibration_batches
+        self.metrics: dict[str, float] = {}
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -35,6 +38,7 @@ class ExportFlexiDepth(L.Callback):
                 log.info(
                     "threshold calibrated to the layers-skipped target on the validation split: tau=%.4f", tau
                 )
+                self.metrics = pl_module.measure(datamodule.val_dataloader())
         save_flexidepth(
             pl_module.model,
             self.dirpath,

@@ -13,6 +13,7 @@ Sources (``data.source``):
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from src.data.mixture import check_heldout, check_mixture, draw, mixture_rows
 from src.data.sampler import StepBatchSampler, StepDataset, example_lengths, example_supervised
 from src.data.sft import LOSS_ON, FilterReport, tokenize_dataset
 from src.data.synthetic import check_max_digits, check_tasks, make_instruction_examples
+from src.utils.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -121,30 +123,30 @@ class SFTDataModule(L.LightningDataModule):
     def _validate(self) -> None:
         """Reject bad settings before any expensive work, naming the config key."""
         if self.loss_on not in LOSS_ON:
-            raise ValueError(f"data.loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+            raise DataError(f"data.loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
         if self.max_length < 8:
-            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+            raise DataError(f"data.max_length must be >= 8, got {self.max_length}")
         if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise DataError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         for key in ("micro_batch_size", "accumulate_grad_batches"):
             if getattr(self, key) < 1:
-                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+                raise DataError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_train_examples is not None and self.max_train_examples < 1:
-            raise ValueError(f"data.max_train_examples must be >= 1 or null, got {self.max_train_examples}")
+            raise DataError(f"data.max_train_examples must be >= 1 or null, got {self.max_train_examples}")
         if self.n_synthetic < 0:
-            raise ValueError(f"data.n_synthetic must be >= 0, got {self.n_synthetic}")
+            raise DataError(f"data.n_synthetic must be >= 0, got {self.n_synthetic}")
         if self.synthetic_tasks is not None:
             self.synthetic_tasks = list(check_tasks(self.synthetic_tasks))
         check_max_digits(self.synthetic_max_digits)
         if not isinstance(self.source, str) or not self.source:
-            raise ValueError(
+            raise DataError(
                 f"data.source is required, got {self.source!r}: data=local reads "
                 "data.source=<file.jsonl|.json|.parquet|.txt or a folder>; data=builtin needs no file"
             )
         if self.source == "mixture":
             self.mixture = check_mixture(self.mixture)
             if self.mixture_examples < 1:
-                raise ValueError(f"data.mixture_examples must be >= 1, got {self.mixture_examples}")
+                raise DataError(f"data.mixture_examples must be >= 1, got {self.mixture_examples}")
         check_heldout(self.heldout)
         if self.source not in ("builtin", "mixture") and _looks_local(self.source):
             _check_local(self.source, "data.source")
@@ -323,13 +325,13 @@ def _looks_local(source: str) -> bool:
 def _check_local(source: str, key: str) -> None:
     path = Path(source).expanduser()
     if not path.exists():
-        raise ValueError(f"{key}={source}: file or directory {path} does not exist")
+        raise DataError(f"{key}={source}: file or directory {path} does not exist")
     if path.is_file() and path.suffix not in BUILDERS:
-        raise ValueError(
+        raise DataError(
             f"{key}={source}: unsupported file type {path.suffix!r}; use one of {sorted(BUILDERS)}"
         )
     if path.is_dir() and not _data_files(path):
-        raise ValueError(f"{key}={source}: directory {path} holds no {sorted(BUILDERS)} files")
+        raise DataError(f"{key}={source}: directory {path} holds no {sorted(BUILDERS)} files")
 
 
 def _data_files(directory: Path) -> list[Path]:
@@ -383,53 +385,75 @@ def _load_local(path: Path, key: str) -> LocalRows:
     files = _data_files(path) if path.is_dir() else [path]
     kinds = {BUILDERS[f.suffix] for f in files}
     if len(kinds) != 1:
-        raise ValueError(f"{key}={path}: mixes file types {sorted(kinds)}; keep one type per directory")
+        raise DataError(f"{key}={path}: mixes file types {sorted(kinds)}; keep one type per directory")
     rows = LocalRows()
     for file in files:
         reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".txt": _read_txt}
         reader[file.suffix](file, key, rows)
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(
+            raise DataError(
                 f"{rows.origin(index)}: expected an object with 'messages' or 'text', got {row!r:.60}"
             )
     if not len(rows):
         names = ", ".join(str(f) for f in files)
-        raise ValueError(f"{key}={path}: no rows in {names} (empty file); give a file with at least one row")
+        raise DataError(f"{key}={path}: no rows in {names} (empty file); give a file with at least one row")
     return rows
 
 
-def _read_jsonl(file: Path, key: str, rows: LocalRows) -> None:
+def read_utf8(file: Path, key: str) -> str:
+    """The text of a data file, which must be UTF-8 (a leading byte-order mark is accepted and dropped).
+
+    Raises DataError naming `key`, the file and the line of the first byte that is not UTF-8, or saying the
+    file is UTF-16/UTF-32 (by its byte-order mark), with what to do."""
+    data = file.read_bytes()
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):  # fmt: skip
+        if data.startswith(bom):
+            raise DataError(f"{key}={file}: the file is {name} (byte-order mark); data files must be UTF-8: "
+                            "re-save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")  # fmt: skip
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{key}={file} line {line}: byte 0x{data[error.start]:02x} at offset {error.start} is not UTF-8 "
+            "(a latin-1 or Windows-1252 file?); data files must be UTF-8: re-save it as UTF-8 "
+            "(e.g. iconv -f latin1 -t UTF-8)"
+        ) from None
+
+
+def _read_jsonl(file: Path, key: str, rows: LocalRows, text: str | None = None) -> None:
     """One JSON value per non-blank line; blank lines are skipped but still counted in the numbering."""
-    with open(file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.add(json.loads(line), f"{key}={file} line {number}")
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{key}={file} line {number}: invalid JSON ({error.msg})") from error
+    text = read_utf8(file, key) if text is None else text
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.add(json.loads(line), f"{key}={file} line {number}")
+        except json.JSONDecodeError as error:
+            raise DataError(f"{key}={file} line {number}: invalid JSON ({error.msg})") from error
 
 
 def _read_json(file: Path, key: str, rows: LocalRows) -> None:
     """A JSON array of rows, an object of equal-length columns, or JSON Lines in a .json file."""
-    text = file.read_text(encoding="utf-8")
+    text = read_utf8(file, key)
     try:
         value = json.loads(text) if text.strip() else []
     except json.JSONDecodeError as error:
         if error.msg != "Extra data":
-            raise ValueError(f"{key}={file} line {error.lineno}: invalid JSON ({error.msg})") from error
-        _read_jsonl(file, key, rows)  # several values: JSON Lines
+            raise DataError(f"{key}={file} line {error.lineno}: invalid JSON ({error.msg})") from error
+        _read_jsonl(file, key, rows, text)  # several values: JSON Lines
         return
     if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
         lengths = {len(v) for v in value.values()}
         if len(lengths) != 1:
-            raise ValueError(f"{key}={file}: columns of different lengths {sorted(lengths)}")
+            raise DataError(f"{key}={file}: columns of different lengths {sorted(lengths)}")
         value = [dict(zip(value, values, strict=True)) for values in zip(*value.values(), strict=True)]
     elif isinstance(value, dict):
         value = [value]  # a single row
     if not isinstance(value, list):
-        raise ValueError(f"{key}={file}: expected a JSON array of rows, got a {type(value).__name__}")
+        raise DataError(f"{key}={file}: expected a JSON array of rows, got a {type(value).__name__}")
     for number, row in enumerate(value, start=1):
         rows.add(row, f"{key}={file} row {number}")
 
@@ -440,7 +464,7 @@ def _read_parquet(file: Path, key: str, rows: LocalRows) -> None:
     try:
         table = pq.read_table(file)
     except Exception as error:  # any reader failure: name the file, keep the original as cause
-        raise ValueError(
+        raise DataError(
             f"{key}={file}: cannot read it as Parquet ({type(error).__name__}: {error})"
         ) from error
     for number, row in enumerate(table.to_pylist(), start=1):
@@ -449,9 +473,11 @@ def _read_parquet(file: Path, key: str, rows: LocalRows) -> None:
 
 def _read_txt(file: Path, key: str, rows: LocalRows) -> None:
     """One text row per line (blank lines are empty rows, counted as dropped)."""
-    with open(file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            rows.add({"text": line.rstrip("\r\n")}, f"{key}={file} line {number}")
+    lines = read_utf8(file, key).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line, it does not start another
+    for number, line in enumerate(lines, start=1):
+        rows.add({"text": line.rstrip("\r")}, f"{key}={file} line {number}")
 
 
 def _load_hub(name: str, split: str, key: str):
@@ -460,7 +486,7 @@ def _load_hub(name: str, split: str, key: str):
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as error:  # any loader failure: say which setting caused it, keep the original as cause
-        raise RuntimeError(
+        raise DataError(
             f"{key}={name!r}: could not load it as a Hugging Face hub dataset (split {split!r}); hub datasets "
             "need network access, use data.source=builtin or a local file offline. "
             f"{type(error).__name__}: {error}"
@@ -469,6 +495,6 @@ def _load_hub(name: str, split: str, key: str):
 
 def _check_columns(columns: list[str], source: str) -> None:
     if not has_row_column(columns):
-        raise ValueError(
+        raise DataError(
             f"{source}: needs a 'conversations' (ShareGPT), a 'messages' or a 'text' column, found {columns}"
         )

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
+from src.utils.errors import DataError
+
 ROW_COLUMNS = ("messages", "conversations", "text")
 CHAT_ROLES = ("system", "user", "assistant")
 RELEASED_ROLES: dict[str, str | None] = {"human": "user", "gpt": "assistant"}
@@ -37,18 +39,18 @@ def check_roles(roles: Mapping | None, key: str = "data.conversation_roles") -> 
     if roles is None:
         return dict(RELEASED_ROLES)
     if not isinstance(roles, Mapping):
-        raise ValueError(f"{key} must be a mapping from ShareGPT 'from' values to roles, got {roles!r}")
+        raise DataError(f"{key} must be a mapping from ShareGPT 'from' values to roles, got {roles!r}")
     out: dict[str, str | None] = {}
     for source, target in roles.items():
         if not isinstance(source, str) or not source:
-            raise ValueError(f"{key}: keys must be non-empty strings ('from' values), got {source!r}")
+            raise DataError(f"{key}: keys must be non-empty strings ('from' values), got {source!r}")
         if target is not None and target not in CHAT_ROLES:
-            raise ValueError(
+            raise DataError(
                 f"{key}.{source}={target!r}: must be one of {list(CHAT_ROLES)} or null (drop the turn)"
             )
         out[source] = target
     if "assistant" not in out.values():
-        raise ValueError(
+        raise DataError(
             f"{key}={out}: no 'from' value maps to 'assistant', so no converted row would have an answer"
         )
     return out
@@ -69,7 +71,7 @@ def sharegpt_to_messages(conversations: list, roles: Mapping[str, str | None], w
         ValueError: If ``conversations`` is not a list or a turn lacks ``from`` / ``value``.
     """
     if not isinstance(conversations, list):
-        raise ValueError(
+        raise DataError(
             f"{where}: 'conversations' must be a list of {{'from', 'value'}} turns, "
             f"got {type(conversations).__name__}"
         )
@@ -77,7 +79,7 @@ def sharegpt_to_messages(conversations: list, roles: Mapping[str, str | None], w
     for turn_index, turn in enumerate(conversations):
         if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
             found = sorted(turn) if isinstance(turn, Mapping) else type(turn).__name__
-            raise ValueError(
+            raise DataError(
                 f"{where}, turn {turn_index}: ShareGPT turns need 'from' and 'value' keys, found {found}"
             )
         role = roles.get(turn["from"])

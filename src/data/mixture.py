@@ -30,6 +30,7 @@ from src.data.corpora import (
     shakespeare_plays,
     wiki_pages,
 )
+from src.utils.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ HELDOUT_SETS = ("lee", "shakespeare", "wiki", "python_docs")
 OUT_OF_DOMAIN = ("python_docs",)
 
 
-class MixtureError(ValueError):
+class MixtureError(DataError):
     """A mixture or held-out setting is invalid; the message names the key."""
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from src.utils.errors import DataError
+
 IGNORE_INDEX = -100
 LOSS_ON = ("all", "assistant")
 # How many trailing prompt tokens BPE may merge with the start of the answer (SmolLM2: the template's "\n"
@@ -96,18 +98,18 @@ def normalize_messages(messages, where: str) -> list[dict]:
             content of another type.
     """
     if not isinstance(messages, list | tuple):
-        raise ValueError(
+        raise DataError(
             f"{where}: 'messages' must be a list of {{role, content}} objects, got {_kind(messages)}"
         )
     out = []
     for j, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(
+            raise DataError(
                 f"{where}: message {j} is {_kind(message)}, expected an object {{'role': ..., 'content': ...}}"
             )
         role = message.get("role")
         if role not in ROLES:
-            raise ValueError(f"{where}: message {j} has role {role!r}; allowed roles are {list(ROLES)}")
+            raise DataError(f"{where}: message {j} has role {role!r}; allowed roles are {list(ROLES)}")
         out.append({**message, "content": _content_text(message.get("content"), f"{where}: message {j}")})
     return out
 
@@ -118,23 +120,23 @@ def _content_text(content, where: str) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list | tuple):
-        raise ValueError(f"{where}: content must be a string or a list of parts, got {_kind(content)}")
+        raise DataError(f"{where}: content must be a string or a list of parts, got {_kind(content)}")
     texts = []
     for k, part in enumerate(content):
         if isinstance(part, str):
             texts.append(part)
             continue
         if not isinstance(part, dict):
-            raise ValueError(f"{where}: content part {k} is {_kind(part)}, expected a string or an object")
+            raise DataError(f"{where}: content part {k} is {_kind(part)}, expected a string or an object")
         kind = part.get("type", "text" if "text" in part else None)
         if kind != "text":
-            raise ValueError(
+            raise DataError(
                 f"{where}: content part {k} has type {kind!r}; only text parts can be trained on "
                 "(remove or describe non-text parts)"
             )
         text = part.get("text")
         if not isinstance(text, str):
-            raise ValueError(
+            raise DataError(
                 f"{where}: content part {k} is a text part without a string 'text', got {_kind(text)}"
             )
         texts.append(text)
@@ -186,7 +188,7 @@ def _prefix_tokens(tokenizer, prefix: str, full_text: str, input_ids: list[int])
     as supervised. Larger mismatches mean the template renders prefixes differently and raise.
     """
     if not full_text.startswith(prefix):
-        raise ValueError(
+        raise DataError(
             "The chat template is not prefix-stable (rendering the first messages does not give a prefix of the "
             "whole conversation), so assistant-only masking cannot be computed; use data.loss_on=all or a "
             f"template without history-dependent rendering. Prefix ends with: {prefix[-80:]!r}"
@@ -198,7 +200,7 @@ def _prefix_tokens(tokenizer, prefix: str, full_text: str, input_ids: list[int])
             break
         shared += 1
     if len(prefix_ids) - shared > _MAX_BOUNDARY_MERGE:
-        raise ValueError(
+        raise DataError(
             "The chat template's prefix tokenisation is not a prefix of the full tokenisation "
             f"({len(prefix_ids)} prefix tokens, only {shared} shared); assistant-only masking is unreliable "
             "for this tokenizer, use data.loss_on=all."
@@ -257,24 +259,24 @@ def tokenize_dataset(
     for index, row in enumerate(rows):
         where = next(names) if names is not None else f"{source}: row {index}"
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object with 'messages' or 'text', got {_kind(row)}")
+            raise DataError(f"{where}: expected an object with 'messages' or 'text', got {_kind(row)}")
         if row.get("messages") is not None:
             _tokenize_chat_row(tokenizer, row, max_length, loss_on, examples, report, where)
         elif "text" in row:
             text = row["text"]
             if text is not None and not isinstance(text, str):
-                raise ValueError(f"{where}: 'text' must be a string, got {_kind(text)}")
+                raise DataError(f"{where}: 'text' must be a string, got {_kind(text)}")
             blocks = tokenize_text(tokenizer, text or "", max_length)
             examples.extend(blocks)
             report.kept += len(blocks)
             report.dropped_empty += not blocks
         else:
-            raise ValueError(
+            raise DataError(
                 f"{where} has neither a 'messages' nor a 'text' column "
                 f"(columns: {sorted(row)}); chat rows need 'messages', plain text rows need 'text'."
             )
     if not examples:
-        raise ValueError(
+        raise DataError(
             f"{source}: no examples left after filtering ({report}); raise max_length or check the data."
         )
     return examples, report
@@ -318,4 +320,4 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def _check_loss_on(loss_on: str) -> None:
     if loss_on not in LOSS_ON:
-        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+        raise DataError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")

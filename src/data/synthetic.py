@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from src.data.corpora import lee_articles
+from src.utils.errors import DataError
 
 TASKS = ("repeat", "copy", "addition", "multiplication", "continue", "summarize")
 
@@ -117,12 +118,12 @@ def check_tasks(tasks: Sequence[str] | None, key: str = "data.synthetic_tasks") 
     if tasks is None:
         return TASKS
     if isinstance(tasks, str) or not tasks:
-        raise ValueError(
+        raise DataError(
             f"{key} must be a non-empty list of tasks from {list(TASKS)} (or null: all), got {tasks!r}"
         )
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"{key}: unknown task(s) {unknown}; valid: {list(TASKS)}")
+        raise DataError(f"{key}: unknown task(s) {unknown}; valid: {list(TASKS)}")
     return tuple(dict.fromkeys(tasks))
 
 
@@ -131,7 +132,7 @@ def check_max_digits(max_digits, key: str = "data.synthetic_max_digits") -> None
     if max_digits is not None and (
         isinstance(max_digits, bool) or not isinstance(max_digits, int) or max_digits < 1
     ):
-        raise ValueError(f"{key} must be an integer >= 1 or null, got {max_digits!r}")
+        raise DataError(f"{key} must be an integer >= 1 or null, got {max_digits!r}")
 
 
 class _Corpus:

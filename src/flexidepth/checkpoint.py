@@ -143,19 +143,19 @@ def load_flexidepth(model, folder: str | Path):
     mine = base_identity(model)
     for key in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size"):
         if meta["base_model"][key] != mine[key]:
-            raise ValueError(
+            raise CheckpointError(
                 f"{folder / CONFIG}: base_model.{key}={meta['base_model'][key]!r} but the model has {mine[key]!r}"
             )
     if not is_injected(model):
         method = meta.get("method", "flexidepth")
         if method != "flexidepth":  # another routed-layer class (e.g. mindskip): built by src.baselines
-            raise ValueError(
+            raise CheckpointError(
                 f"{folder / CONFIG}: a method={method} checkpoint; load it with "
                 "src.baselines.apply_method(model, {'name': '" + method + "'}, ckpt=folder)"
             )
         inject(model, stored)
     elif model.flexidepth.config.gate_mode != stored.gate_mode:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint gate_mode={stored.gate_mode!r} but the model uses {model.flexidepth.config.gate_mode!r}"
         )
     tensors = read_weights(folder / WEIGHTS)
@@ -169,12 +169,12 @@ def _load_exact(model, tensors: dict[str, torch.Tensor], source: str) -> None:
     unexpected = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unexpected or missing:
-        raise KeyError(f"{source}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}")
+        raise CheckpointError(f"{source}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}")
     for key, value in list(tensors.items()):
         if key.endswith("router.bias") and value.dim() == 0:  # format of early checkpoints: a 0-dim bias
             tensors[key] = value = value.reshape(1)
         if value.shape != expected[key].shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
             )
     model.load_state_dict(tensors, strict=False)
@@ -204,7 +204,7 @@ def map_released_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     # the swapped names are told apart by shape: W_u is [m, d] (wide input), W_o is [d, m]
     for key, value in out.items():
         if key.endswith("adapter.up_proj.weight") and value.shape[0] > value.shape[1]:
-            raise ValueError(
+            raise CheckpointError(
                 f"{key}: shape {tuple(value.shape)} looks like W_o, not W_u; names not as released"
             )
     return out

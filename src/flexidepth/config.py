@@ -20,6 +20,18 @@ class FlexiDepthConfigError(ValueError):
     """A FlexiDepth setting is invalid; the message names the key (as `skip.<key>`)."""
 
 
+def check_tau(tau: Any, key: str = "skip.tau", allow_none: bool = False) -> float | None:
+    """The decision threshold as a float in [0, 1] (a token runs a routed layer iff g > tau); the one range
+    check of tau, used by every entry point and `set_tau`. Raises FlexiDepthConfigError naming `key` for a
+    bool, a non-number, NaN or a value outside [0, 1] (None only with `allow_none`)."""
+    if tau is None and allow_none:
+        return None
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= float(tau) <= 1.0:
+        what = "null or a number" if allow_none else "a number"
+        raise FlexiDepthConfigError(f"{key} must be {what} in [0, 1], got {tau!r}")
+    return float(tau)
+
+
 @dataclass
 class FlexiDepthConfig:
     """Settings of the injected routers and adapters (the `skip` config group mirrors these fields).
@@ -95,8 +107,7 @@ class FlexiDepthConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Checks that need no model."""
-        if not isinstance(self.tau, (int, float)) or not 0.0 <= float(self.tau) <= 1.0:
-            raise FlexiDepthConfigError(f"skip.tau must be in [0, 1], got {self.tau!r}")
+        check_tau(self.tau)
         _choice("router", self.router, ROUTERS)
         _choice("adapter", self.adapter, ADAPTERS)
         _choice("gate_mode", self.gate_mode, GATE_MODES)

@@ -30,7 +30,7 @@ FAMILIES: dict[str, Family] = {
 
 
 class UnsupportedArchitectureError(ValueError):
-    pass
+    """The base model's family is not one FlexiDepth can be injected into; the message names it."""
 
 
 def family_of(model_config) -> Family:

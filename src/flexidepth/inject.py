@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import FlexiDepthConfig
+from .config import FlexiDepthConfig, check_tau
 from .families import Family, family_of
 from .layer import FlexiDepthLayer
 from .modules import build_adapter, build_router
@@ -250,7 +250,6 @@ def set_tau(model: nn.Module, tau: float) -> None:
 
     tau has one owner, `model.flexidepth.config` (the FlexiDepthConfig that every routed layer holds and
     reads on each forward, and that checkpoints store), so this single assignment is seen by every layer,
-    by `AppliedMethod.flexi_cfg` and by `save_flexidepth`. Raises ValueError outside [0, 1]."""
-    if isinstance(tau, bool) or not 0.0 <= float(tau) <= 1.0:
-        raise ValueError(f"tau must be in [0, 1], got {tau}")
-    model.flexidepth.config.tau = float(tau)
+    by `AppliedMethod.flexi_cfg` and by `save_flexidepth`. Raises FlexiDepthConfigError (a ValueError) outside
+    [0, 1] (`check_tau`)."""
+    model.flexidepth.config.tau = check_tau(tau, "tau")

@@ -213,25 +213,34 @@ class FlexiDepthModule(L.LightningModule):
             finally:
                 set_routing(self.model, True)
 
-    def on_validation_epoch_end(self) -> None:
+    def _val_totals(self) -> tuple[float, float, torch.Tensor, float, float] | None:
+        """(lm loss per supervised token, layers skipped per token, run counts [R], tokens, base loss sum) of
+        the accumulated validation, summed over ranks; None when no token was seen."""
         v = self._val
         packed = torch.tensor(
             [v["lm_sum"], v["lm_tokens"], v["tokens"], v["base_sum"], *v["run"].tolist()],
             dtype=torch.float64,
             device=self.device,
         )
-        packed = (
-            self.trainer.strategy.reduce(packed, reduce_op="sum") if self.trainer.world_size > 1 else packed
-        )
+        trainer = self._trainer  # None when measured outside a Trainer (`measure`)
+        if trainer is not None and trainer.world_size > 1:
+            packed = trainer.strategy.reduce(packed, reduce_op="sum")
         lm_sum, lm_tokens, tokens, base_sum, run = packed[0], packed[1], packed[2], packed[3], packed[4:]
         if tokens <= 0:
-            return
-        if self._base_val_loss is None and not self.trainer.sanity_checking:
-            self._base_val_loss = float(base_sum / lm_tokens.clamp_min(1))
-        if self._base_val_loss is not None:
-            self.log("val/base_ppl", math.exp(min(self._base_val_loss, 50.0)))
+            return None
         loss = float(lm_sum / lm_tokens.clamp_min(1))
         skipped = float(len(run) - run.sum() / tokens)
+        return loss, skipped, run, float(base_sum / lm_tokens.clamp_min(1)), float(tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        totals = self._val_totals()
+        if totals is None:
+            return
+        loss, skipped, run, base_loss, _ = totals
+        if self._base_val_loss is None and not self.trainer.sanity_checking:
+            self._base_val_loss = base_loss
+        if self._base_val_loss is not None:
+            self.log("val/base_ppl", math.exp(min(self._base_val_loss, 50.0)))
         self.log("val/lm_loss", loss, sync_dist=False)
         self.log("val/ppl", math.exp(min(loss, 50.0)), prog_bar=True)
         self.log("val/layers_skipped_mean", skipped)
@@ -240,6 +249,38 @@ class FlexiDepthModule(L.LightningModule):
         report = flops_report(self.model.config, self.flexi_cfg, skipped)
         self.log("val/analytic_macs_saved_frac", report["analytic_macs_saved_frac"])
         self.log("val/flop_ideal_speedup", report["flop_ideal_speedup"])
+
+    @torch.no_grad()
+    def measure(self, batches) -> dict[str, float]:
+        """Validation metrics of the model as it is now (e.g. after `calibrate_tau`), outside Lightning's loop:
+        {"val/lm_loss", "val/ppl", "val/layers_skipped_mean", "val/skip_rate", "val/analytic_macs_saved_frac",
+        "val/flop_ideal_speedup", "val/tau"} over `batches` (dicts of [B, T] tensors, e.g. the validation loader),
+        in eval mode, computed exactly as the validation epoch computes them. Empty dict without tokens."""
+        was_training = self.model.training
+        self.model.eval()
+        self.on_validation_epoch_start()
+        base = self._base_val_loss
+        self._base_val_loss = 0.0  # not None: the base model's loss is not recomputed
+        try:
+            for batch in batches:
+                self.validation_step({k: v.to(self.device) for k, v in batch.items()}, 0)
+            totals = self._val_totals()
+        finally:
+            self._base_val_loss = base
+            self.model.train(was_training)
+        if totals is None:
+            return {}
+        loss, skipped, run, _, _ = totals
+        report = flops_report(self.model.config, self.flexi_cfg, skipped)
+        return {
+            "val/lm_loss": loss,
+            "val/ppl": math.exp(min(loss, 50.0)),
+            "val/layers_skipped_mean": skipped,
+            "val/skip_rate": skipped / len(run),
+            "val/analytic_macs_saved_frac": report["analytic_macs_saved_frac"],
+            "val/flop_ideal_speedup": report["flop_ideal_speedup"],
+            "val/tau": float(self.flexi_cfg.tau),
+        }
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):

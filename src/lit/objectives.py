@@ -46,11 +46,19 @@ import torch.nn.functional as F
 
 from src.flexidepth.config import reject_unknown_keys
 
+from ..utils.errors import UserError
+
 OBJECTIVES = ("ce", "kd", "mix")
 
 
-class LossConfigError(ValueError):
+class LossConfigError(UserError, ValueError):
     """A `loss.<key>` setting is invalid; the message names the key."""
+
+
+TEMPERATURE_RANGE = (
+    0.01,
+    100.0,
+)  # distillation temperature: outside it logits / T overflow or flatten to uniform
 
 
 @dataclass
@@ -88,8 +96,11 @@ class LossConfig:
             raise LossConfigError(f"loss.objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         if not 0.0 <= float(self.kd_weight) <= 1.0:
             raise LossConfigError(f"loss.kd_weight must be in [0, 1], got {self.kd_weight!r}")
-        if self.temperature <= 0:
-            raise LossConfigError(f"loss.temperature must be > 0, got {self.temperature!r}")
+        if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:
+            raise LossConfigError(
+                f"loss.temperature must be in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}] (logits are "
+                f"divided by it; a smaller one overflows), got {self.temperature!r}"
+            )
         if not isinstance(self.calibrate_tau, bool):
             raise LossConfigError(f"loss.calibrate_tau must be true/false, got {self.calibrate_tau!r}")
         if not isinstance(self.alpha_warmup_steps, int) or self.alpha_warmup_steps < 0:

@@ -18,3 +18,7 @@ class RunFolderError(UserError, RuntimeError):
 
 class PreflightError(UserError, RuntimeError):
     """The environment cannot run the command (no GPU, hub offline, a damaged checkpoint)."""
+
+
+class DataError(UserError, ValueError):
+    """A data setting, file or row cannot be used; the message names the key, file and line or row."""

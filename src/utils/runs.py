@@ -27,11 +27,12 @@ import os
 import shutil
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import RunFolderError
-from .files import atomic_open, atomic_write_text
+from .files import atomic_open, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,21 @@ LOCK = ".run.lock"
 HISTORY = "history"
 # what a folder holds before a run has produced anything: Hydra's config and log, our lock and history
 SCAFFOLD = {".hydra", LOCK, HISTORY}
+# what a training run writes into its folder (src.train, its callbacks and loggers): the only names that
+# `overwrite=true` deletes (`replace_run`); anything else in the folder is left alone
+RUN_PRODUCTS = (
+    "checkpoints",
+    "flexidepth",
+    "metrics.json",
+    "layer_usage.jsonl",
+    "run_fraction_heatmap.png",
+    "method.json",
+    "status.json",
+    "wandb",
+    "wandb_id.txt",
+    "csv",
+    HISTORY,
+)
 # skip keys that are not part of the trained modules' shapes/kinds: they may change on resume
 SKIP_CHANGEABLE = {"alpha", "tau"}
 MODEL_DEFINING_MODEL = ("name_or_path", "tokenizer", "random_init", "init_seed", "arch")
@@ -54,12 +70,17 @@ class RunLock:
     holder when another process (or another open of the lock in this process) holds it.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, create: bool = True):
         self.folder = Path(folder)
         self.path = self.folder / LOCK
+        self.create = create
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        """Take the lock (creating the folder and the lock file unless `create=False`: then a missing lock
+        file counts as free and nothing is created). Raises RunFolderError naming the holder."""
+        if not self.create and not self.path.exists():
+            return self
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -97,25 +118,161 @@ def describe_process() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()} (started {now}: {command})"
 
 
+# ---------------------------------------------------------------------------------------------- names
+def check_run_name(name: Any, key: str = "run_name") -> str:
+    """`name` as a run folder name: one safe path component; RunFolderError naming `key` otherwise.
+
+    Refused: anything but a non-empty string, a name with '/', '\\' or NUL, '.' and '..', leading or trailing
+    whitespace, and names over 255 bytes. An empty name would make the runs folder itself the run folder, and
+    '..' a folder above it, so every folder-handling step would act on other runs."""
+    shown = repr(name)
+    if not isinstance(name, str) or not name:
+        raise RunFolderError(f"{key} must be a non-empty folder name, got {shown} (an unset shell variable?)")
+    bad = [c for c in ("/", "\\", "\x00") if c in name]
+    if bad or name in (".", "..") or name != name.strip() or len(name.encode()) > 255:
+        raise RunFolderError(
+            f"{key}={shown} is not a single folder name: use letters, digits, '-', '_', '.' without '/', "
+            "not '.' or '..', no surrounding spaces, at most 255 bytes"
+        )
+    return name
+
+
 # ---------------------------------------------------------------------------------------------- contents
 def run_contents(folder: str | Path) -> list[str]:
-    """Names in `folder` that a run produced (everything but Hydra's .hydra/ and *.log, our lock, history)."""
+    """Names in `folder` besides Hydra's .hydra/ and *.log, our lock and history: a non-empty list means the
+    folder already holds a run (or other files), which a fresh start must not mix with."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if p.name not in SCAFFOLD and p.suffix != ".log")
 
 
-def clear_run(folder: str | Path) -> list[str]:
-    """Delete what a run produced in `folder` (and its history); returns the deleted names."""
-    folder = Path(folder)
-    removed = run_contents(folder)
-    for name in [*removed, HISTORY]:
-        path = folder / name
+def is_run_folder(folder: str | Path) -> bool:
+    """Whether `folder` was started as a training run: its first start's config `history/config-000.yaml`
+    exists (written by every accepted start, src.train)."""
+    return (Path(folder) / HISTORY / "config-000.yaml").is_file()
+
+
+def remove_paths(paths) -> None:
+    """Delete each path (files, symlinks, folders with their contents); missing ones are skipped."""
+    for path in paths:
+        path = Path(path)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def replace_run(folder: str | Path, dry_run: bool = False) -> list[str]:
+    """Delete the earlier run in `folder` for a fresh start (`overwrite=true`, or `resume=auto` that found no
+    checkpoint); returns the deleted names. Call with the run lock held and every check of the new start
+    passed.
+
+    Only names a training run writes (RUN_PRODUCTS) go, and only from a folder started as a run
+    (`is_run_folder`); other files stay. `.hydra/` and the log are this start's (Hydra wrote them) and stay.
+    Raises RunFolderError when the folder holds run files but was not started as a run (no history): it is
+    then not recognisably ours to delete. `dry_run=True` checks and returns the names without deleting."""
+    folder = Path(folder)
+    present = [name for name in RUN_PRODUCTS if (folder / name).exists() or (folder / name).is_symlink()]
+    if not present:
+        return []
+    if not is_run_folder(folder):
+        raise RunFolderError(
+            f"{folder} holds {', '.join(present)} but no {HISTORY}/config-000.yaml, so it was not started as a "
+            "run by src.train and nothing in it is deleted: move those files away yourself, or choose another "
+            "run_name"
+        )
+    if not dry_run:
+        remove_paths(folder / name for name in present)
+    return present
+
+
+# ---------------------------------------------------------------------------------------------- failed commands
+@dataclass(frozen=True)
+class FolderSnapshot:
+    """What an output folder held before this command touched it: whether it existed, its top-level names, the
+    bytes of the files in its `.hydra/` (Hydra rewrites them before any of our code runs) and the sizes of its
+    log files (Hydra appends to them)."""
+
+    folder: Path
+    existed: bool
+    names: frozenset[str]
+    hydra_files: dict[str, bytes]
+    log_sizes: dict[str, int]
+
+
+_SNAPSHOTS: dict[str, FolderSnapshot] = {}
+
+
+def snapshot_folder(folder: str | Path) -> FolderSnapshot:
+    """Record `folder`'s state now (before Hydra creates or writes it); `take_snapshot` returns it later."""
+    folder = Path(folder).absolute()
+    names = frozenset(p.name for p in folder.iterdir()) if folder.is_dir() else frozenset()
+    hydra = folder / ".hydra"
+    hydra_files = (
+        {p.name: p.read_bytes() for p in hydra.iterdir() if p.is_file() and not p.is_symlink()}
+        if hydra.is_dir() and not hydra.is_symlink()
+        else {}
+    )
+    logs = {n: (folder / n).stat().st_size for n in names if n.endswith(".log") and (folder / n).is_file()}
+    snap = FolderSnapshot(folder, folder.exists(), names, hydra_files, logs)
+    _SNAPSHOTS[str(folder)] = snap
+    return snap
+
+
+def take_snapshot(folder: str | Path | None) -> FolderSnapshot | None:
+    """The snapshot recorded for `folder` by this process (None: none was taken, so nothing may be deleted)."""
+    if folder is None:
+        return None
+    return _SNAPSHOTS.pop(str(Path(folder).absolute()), None)
+
+
+def remove_created(snapshot: FolderSnapshot) -> list[str]:
+    """After a failed command: undo what it did to its output folder; returns the deleted names.
+
+    - `.hydra/` gets back the bytes it held (files Hydra added there are deleted), whoever holds the folder:
+      a refused second start must not leave its config in the running run's folder;
+    - then, only if no other process holds the folder's run lock (one may have started after the snapshot):
+      the top-level names the snapshot did not hold are deleted, log files are cut back to their earlier size
+      (the lines this command appended), and the folder itself is removed if the snapshot says it did not
+      exist and it is empty then.
+    A name that existed before is never deleted, whatever it holds."""
+    folder = snapshot.folder
+    if not folder.is_dir():
+        return []
+    removed: list[str] = []
+    hydra = folder / ".hydra"
+    if ".hydra" in snapshot.names and hydra.is_dir() and not hydra.is_symlink():
+        for name, data in snapshot.hydra_files.items():
+            if not (hydra / name).is_file() or (hydra / name).read_bytes() != data:
+                atomic_write_bytes(hydra / name, data)
+        for extra in sorted(p.name for p in hydra.iterdir() if p.name not in snapshot.hydra_files):
+            remove_paths([hydra / extra])
+            removed.append(f".hydra/{extra}")
+    lock = RunLock(folder, create=False)
+    try:
+        lock.acquire()
+    except RunFolderError:
+        log.warning("%s is in use by another process: the failed command deletes nothing more in it", folder)
+        return removed
+    try:
+        created = sorted(p.name for p in folder.iterdir() if p.name not in snapshot.names and p.name != LOCK)
+        remove_paths(folder / name for name in created)
+        removed += created
+        for name, size in snapshot.log_sizes.items():
+            path = folder / name
+            if path.is_file() and not path.is_symlink() and path.stat().st_size > size:
+                os.truncate(path, size)
+    finally:
+        lock.release()
+    if not snapshot.existed:
+        left = [p.name for p in folder.iterdir()]
+        if left == [LOCK]:
+            (folder / LOCK).unlink()
+            left = []
+        if not left:
+            folder.rmdir()
+            removed.append(str(folder))
     return removed
 
 
@@ -155,33 +312,39 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def find_resume_checkpoint(ckpt_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
-    """The checkpoint `resume=auto` continues from: `last.ckpt` if intact, else the newest intact one.
+    """The checkpoint `resume=auto` continues from: the intact one with the most progress.
 
-    Returns (path, loaded checkpoint, notes): `notes` says which files were damaged and what was chosen
-    instead; (None, None, notes) when no intact checkpoint exists.
+    Every `*.ckpt` in `ckpt_dir` is verified; the intact one with the highest `global_step` wins, ties going to
+    the newest file (modification time), then to `last.ckpt`. The name is not trusted: a moved run folder or a
+    changed `callbacks.last_checkpoint.*` made older Lightning versions write `last-v1.ckpt` beside a stale
+    `last.ckpt`. Returns (path, loaded checkpoint, notes): `notes` names the damaged files and, when there was a
+    choice, which file was taken and why; (None, None, notes) when no intact checkpoint exists.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None, None, []
-    last = ckpt_dir / "last.ckpt"
-    others = sorted(
-        (p for p in ckpt_dir.iterdir() if p.suffix == ".ckpt" and p != last and not p.name.startswith(".")),
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
-    )
+    files = sorted(p for p in ckpt_dir.iterdir() if p.suffix == ".ckpt" and not p.name.startswith("."))
     notes: list[str] = []
-    for cand in ([last] if last.exists() else []) + others:
+    intact: list[tuple[tuple[int, float, bool], Path, dict[str, Any]]] = []
+    for cand in files:
         try:
             ckpt = verify_checkpoint(cand)
         except CheckpointDamaged as err:
             notes.append(str(err))
             continue
-        if notes:
-            notes.append(
-                f"falling back to the newest intact checkpoint {cand} (step {ckpt.get('global_step')})"
-            )
-        return cand, ckpt, notes
-    return None, None, notes
+        rank = (int(ckpt.get("global_step") or 0), cand.stat().st_mtime, cand.name == "last.ckpt")
+        intact.append((rank, cand, ckpt))
+    if not intact:
+        return None, None, notes
+    intact.sort(key=lambda item: item[0], reverse=True)
+    (step, _, _), path, ckpt = intact[0]
+    if len(intact) > 1 or notes:
+        others = ", ".join(f"{p.name} (step {r[0]})" for r, p, _ in intact[1:])
+        notes.append(
+            f"taking {path.name} (step {step}): the intact checkpoint with the most progress"
+            + (f"; also intact: {others}" if others else "")
+        )
+    return path, ckpt, notes
 
 
 def atomic_checkpoint_io():
