@@ -155,7 +155,7 @@ def test_tau_has_one_owner():
     assert all(layer.flexi_config is model.flexidepth.config for layer in flexi_layers(model))
     with pytest.raises(AttributeError):
         flexi_layers(model)[0].tau = 0.1  # no second writer
-    with pytest.raises(ValueError, match="tau must be in"):
+    with pytest.raises(ValueError, match=r"tau must be a number in \[0, 1\]"):
         set_tau(model, 1.5)
     from src.flexidepth.routes import routed_forward
 

@@ -32,7 +32,7 @@ from src.data.mixture import check_heldout, check_mixture, draw, mixture_rows
 from src.data.sampler import StepBatchSampler, StepDataset, example_lengths, example_supervised
 from src.data.sft import LOSS_ON, FilterReport, tokenize_dataset
 from src.data.synthetic import check_max_digits, check_tasks, make_instruction_examples
-from src.utils.errors import DataError
+from src.utils.errors import DataError, PreflightError
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +486,7 @@ def _load_hub(name: str, split: str, key: str):
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as error:  # any loader failure: say which setting caused it, keep the original as cause
-        raise DataError(
+        raise PreflightError(
             f"{key}={name!r}: could not load it as a Hugging Face hub dataset (split {split!r}); hub datasets "
             "need network access, use data.source=builtin or a local file offline. "
             f"{type(error).__name__}: {error}"
