@@ -179,6 +179,28 @@ def test_a_failed_command_deletes_only_what_it_created(tmp_path):
     assert not fresh.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command,args,message",
+    [
+        ("src.eval", ["eval.tau=2"], "evaluate refused before loading anything:\n- eval.tau must be null"),
+        (
+            "src.compare",
+            ["curves.max_tokens=nan"],
+            "every setting must be a finite number; not finite: curves.max_tokens=nan",
+        ),
+    ],
+    ids=["eval", "compare"],
+)
+def test_failed_eval_and_compare_keep_a_folder_they_did_not_create(tmp_path, command, args, message):
+    folder = tmp_path / "results"
+    fake_run(folder)
+    before = tree(folder)
+    res = cli([command, "model=tiny_llama", "logger=none", *args, f"hydra.run.dir={folder}"], tmp_path)
+    assert_user_error(res, message)
+    assert tree(folder) == before
+
+
 # ------------------------------------------------------------------------------------ K1: overwrite
 def _local_data(tmp_path: Path, text: bytes) -> list[str]:
     path = tmp_path / "data.jsonl"
