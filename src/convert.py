@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .flexidepth import FlexiDepthConfig, flexidepth_state_dict, inject, save_flexidepth
+from .flexidepth import FlexiDepthConfig, flexidepth_state_dict, save_flexidepth
 from .flexidepth.checkpoint import CheckpointError, check_finite
 from .flexidepth.inject import is_flexidepth_param
 
@@ -104,8 +104,13 @@ def convert(checkpoint: str | Path, out_dir: str | Path, model_cfg: dict[str, An
         alpha = skip.pop("alpha", None)
         flexi = FlexiDepthConfig.from_dict(skip)
 
+    # the routed-layer class of the run's method (flexidepth, mindskip, ...): built through the registry, and
+    # recorded in the export so that loading it builds the same class again
+    method = str(meta.get("method") or hparams.get("method") or "flexidepth")
+    from .methods import build_method
+
     model = _meta_model(model_cfg)
-    inject(model, flexi)
+    build_method({"name": method}).inject(model, flexi)
     tensors = flexidepth_tensors(ckpt["state_dict"])
     expected = flexidepth_state_dict(model)
     if set(tensors) != set(expected):
@@ -125,6 +130,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, model_cfg: dict[str, An
         model,
         out_dir,
         extra={
+            "method": method,
             "alpha": alpha,
             "global_step": ckpt.get("global_step"),
             "model": model_cfg,

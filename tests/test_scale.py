@@ -14,6 +14,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from src.flexidepth.checkpoint import CheckpointError
 from tests.test_train import ROOT, compose_cfg, group_options
 
 DS_PRESETS = [p for p in group_options("trainer") if p.startswith("deepspeed_")]
@@ -267,8 +268,32 @@ def test_convert_plain_lightning_checkpoint(tmp_path):
     assert ours.keys() == exported.keys() and all(torch.equal(ours[k], exported[k]) for k in ours)
     meta = json.loads((tmp_path / "exported" / "flexidepth_config.json").read_text())
     assert meta["global_step"] == 2 and meta["flexidepth"]["tau"] == 0.5
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="missing.ckpt"):
         convert(tmp_path / "missing.ckpt", tmp_path / "x")
+
+
+def test_convert_keeps_the_method_of_the_run(tmp_path):
+    """A MindSkip run converted from its Lightning checkpoint loads back as MindSkip (with its own gates),
+    not as per-token FlexiDepth: the export records `method` and the layers are built through the registry."""
+    from src.baselines import checkpoint_method
+    from src.convert import convert
+    from src.train import train
+
+    train(
+        compose_cfg(
+            [
+                "debug=tiny",
+                "logger=none",
+                "method=mindskip",
+                "trainer.max_steps=2",
+                "trainer.limit_val_batches=0",
+            ],
+            tmp_path / "run",
+        )
+    )
+    out = convert(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "exported")
+    assert json.loads((out / "flexidepth_config.json").read_text())["method"] == "mindskip"
+    assert checkpoint_method(out) == "mindskip" == checkpoint_method(tmp_path / "run" / "flexidepth")
 
 
 # ---------------------------------------------------------------------------------- memory planner
