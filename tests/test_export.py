@@ -142,8 +142,10 @@ def check_against_original(model, tokenizer, got: dict, ids, mask, tol: float) -
         assert torch.equal(mine["run"][valid], ref.run[valid]), name
         real = mask.bool()
         assert torch.equal(mine["routes"][real], tf.routes.run[real]), name
-        torch.testing.assert_close(mine["logits"][real], tf.logits.float()[real], atol=tol, rtol=tol)
-        torch.testing.assert_close(mine["masked_logits"][real], tf.logits.float()[real], atol=tol, rtol=tol)
+        torch.testing.assert_close(mine["logits"].float()[real], tf.logits.float()[real], atol=tol, rtol=tol)
+        torch.testing.assert_close(
+            mine["masked_logits"].float()[real], tf.logits.float()[real], atol=tol, rtol=tol
+        )
     set_tau(model, 0.5)
 
 
@@ -531,3 +533,73 @@ def test_embedded_smollm2_export_matches_in_isolated_process(tmp_path):
     got = load_isolated(out, tmp_path, request)
     tol = 1e-4 if model.dtype == torch.float32 else 2e-2
     check_against_original(model, tokenizer, got, ids, mask, tol=tol)
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+def test_lm_eval_hf_model_on_the_export_scores_like_the_flexidepth_wrapper(tmp_path):
+    """lm-eval's own `hf` model (trust_remote_code) on the export = our `flexidepth` wrapper on the trained
+    model: per request (the tolerance of tests/test_harness_edges.py's parity test) and per local task."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from src.eval.harness import FlexiDepthLM, _task_manager, run_harness
+    from src.eval.lm_tasks import LOCAL_TASKS, write_local_tasks
+
+    model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt")
+    model = trained_model(model_cfg, tmp_path / "ckpt")
+    tokenizer = load_tokenizer(model_cfg)
+    ex.write_export(model, tokenizer, tmp_path / "out", "card")
+    hf = HFLM(pretrained=str(tmp_path / "out"), trust_remote_code=True, batch_size=2, device="cpu")
+    assert type(hf.model).__name__ == "FlexiDepthLlamaForCausalLM"
+    ours = FlexiDepthLM(model, tokenizer, batch_size=3)
+
+    def request(kind, args):
+        return Instance(request_type=kind, doc={}, arguments=args, idx=0, metadata=("unit", 0, 1))
+
+    pairs = [
+        ("Question: What is 2 + 3?\nAnswer:", " 5"),
+        ("The fox ", "jumps"),
+        ("A longer context, so that the batch is padded:", " yes, it is"),
+    ]
+    reqs = [request("loglikelihood", p) for p in pairs]
+    for (a, ga), (b, gb) in zip(ours.loglikelihood(reqs), hf.loglikelihood(reqs), strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    gens = [
+        request(
+            "generate_until", ("Once upon a time", {"until": ["."], "max_gen_toks": 8, "do_sample": False})
+        ),
+        request("generate_until", ("Q: 1 + 1 =", {"until": ["\n"], "max_gen_toks": 5, "do_sample": False})),
+    ]
+    assert ours.generate_until(gens) == hf.generate_until(gens)
+    routes = hf.model.flexidepth_routes.run  # the hf model routed (some tokens skipped, some ran)
+    assert 0.0 < routes.float().mean() < 1.0
+
+    tasks = write_local_tasks(tmp_path / "tasks", n_test=6, n_train=2)
+    mine = run_harness(
+        model,
+        tokenizer,
+        list(LOCAL_TASKS),
+        include_path=tasks,
+        limit=4,
+        num_fewshot=1,
+        max_gen_toks=6,
+        bootstrap_iters=0,
+    )
+    theirs = simple_evaluate(
+        model=hf,
+        tasks=list(LOCAL_TASKS),
+        num_fewshot=1,
+        limit=4,
+        gen_kwargs={"max_gen_toks": 6},
+        task_manager=_task_manager(list(LOCAL_TASKS), tasks, None),
+        random_seed=1234,
+        numpy_random_seed=1234,
+        torch_random_seed=1234,
+        fewshot_random_seed=1234,
+        bootstrap_iters=0,
+        log_samples=False,
+    )["results"]
+    for task in LOCAL_TASKS:
+        metric = mine[task]["metric"]
+        assert theirs[task][metric] == pytest.approx(mine[task]["score"], abs=1e-9), task
