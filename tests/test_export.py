@@ -603,3 +603,44 @@ def test_lm_eval_hf_model_on_the_export_scores_like_the_flexidepth_wrapper(tmp_p
     for task in LOCAL_TASKS:
         metric = mine[task]["metric"]
         assert theirs[task][metric] == pytest.approx(mine[task]["score"], abs=1e-9), task
+
+
+@pytest.mark.parametrize(
+    "skip",
+    [
+        {"router": "linear", "adapter": "none", "gate_mode": "ste"},
+        {"param_dtype": "bfloat16", "router_bias": False, "gate_mode": "difference", "layers": [1, 3]},
+        {"adapter_rank": 12, "tau": 0.45},
+    ],
+)
+def test_router_adapter_variants_round_trip(skip, tmp_path):
+    """Every router / adapter / gate-mode / dtype variant: the export generates and scores as the original."""
+    model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt", **skip)
+    model = trained_model(model_cfg, tmp_path / "ckpt")
+    tokenizer = load_tokenizer(model_cfg)
+    ex.write_export(model, tokenizer, tmp_path / "out", "card")
+    module = ex.load_modeling(tmp_path / "out")
+    loaded = module.FlexiDepthForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    layer = loaded.model.layers[3]
+    assert layer.router.head.weight.dtype == getattr(torch, skip.get("param_dtype", "float32"))
+    assert (layer.adapter is None) == (skip.get("adapter") == "none")
+    ids, mask = prompt_batch(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ref = generate(model, None, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=pad)
+    with torch.no_grad():
+        seqs = loaded.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        tf = routed_forward(model, ids, mask)
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(seqs[:, ids.shape[1] :], ref.new_tokens)
+    assert torch.equal(loaded.flexidepth_generation.layers_used[ref.valid], ref.layers_used[ref.valid])
+    real = mask.bool()
+    assert torch.equal(loaded.flexidepth_routes.run[real], tf.routes.run[real])
+    assert 0.0 < tf.routes.run[real].float().mean() < 1.0
+    torch.testing.assert_close(got[real], tf.logits.float()[real], atol=1e-4, rtol=1e-4)
