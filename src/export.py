@@ -42,6 +42,7 @@ from .utils.errors import UserError
 MODELING_SOURCE = Path(__file__).resolve().parent / "export_modeling" / "modeling_flexidepth.py"
 MODELING_FILE = "modeling_flexidepth.py"
 WEIGHTS_FILE = "model.safetensors"
+FIGURE = "ppl_vs_skipped.png"  # src.compare's held-out curves figure, copied into the export when given
 EXPORT_FORMAT = "flexidepth-hf-export"
 EXPORT_FORMAT_VERSION = 1
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -216,8 +217,11 @@ def export_config(model, base_name: str | None = None) -> dict[str, Any]:
     return data
 
 
-def write_export(model, tokenizer, folder: Path, card: str, base_name: str | None = None) -> list[str]:
-    """Write every export file into `folder` (created); returns the file names written, sorted."""
+def write_export(
+    model, tokenizer, folder: Path, card: str, base_name: str | None = None, extra: dict | None = None
+) -> list[str]:
+    """Write every export file into `folder` (created), plus copies of `extra` ({name: source path}, e.g. the
+    card's figure); returns the file names written, sorted."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -234,6 +238,8 @@ def write_export(model, tokenizer, folder: Path, card: str, base_name: str | Non
         gen.pad_token_id = tokenizer.pad_token_id
     gen.save_pretrained(str(folder))
     (folder / "README.md").write_text(card)
+    for name, source in (extra or {}).items():
+        shutil.copyfile(source, folder / name)
     return sorted(p.name for p in folder.iterdir() if p.is_file())
 
 
@@ -316,6 +322,10 @@ def model_card(
     base_model: str | None = None,
 ) -> str:
     """README.md of the export: Hugging Face metadata header, then what the run's own files say.
+
+    Next to `compare_json`, src.compare's held-out curves are used when present: `curves.md` (per held-out set:
+    perplexity against layers skipped, FlexiDepth and the baselines) is included, and `ppl_vs_skipped.png` is
+    shown (`curve_files` copies it into the export).
 
     Sources (each optional; a number that is not in them is left out, never estimated): the routing block;
     `<run>/.hydra/config.yaml` (base model, data, steps, seed) and `overrides.yaml` (the training command);
@@ -446,6 +456,18 @@ def model_card(
                 f"{_fmt(ppl) if ppl is not None else ''} | {_fmt(row.get('retention'))} | {ci_text} |"
             )
         results.append("")
+    curves = curve_files(compare_json)
+    if "curves.md" in curves:
+        text = curves["curves.md"].read_text()
+        text = re.sub(r"^(#+)", lambda m: "#" * min(6, len(m.group(1)) + 2), text, flags=re.M)
+        results += [
+            f"Held-out sets, from src.compare (curves.md next to {compare_json.name}):",
+            "",
+            text.strip(),
+            "",
+        ]
+    if FIGURE in curves:
+        results += [f"![perplexity against layers skipped, per held-out set]({FIGURE})", ""]
     if results:
         lines += ["## Results", "", *results]
     lines += [
@@ -458,6 +480,13 @@ def model_card(
         "",
     ]
     return "\n".join(meta + lines)
+
+
+def curve_files(compare_json: Path | None) -> dict[str, Path]:
+    """src.compare's held-out curve outputs next to `compare_json` that exist: {name: path}."""
+    if compare_json is None:
+        return {}
+    return {n: compare_json.parent / n for n in ("curves.md", FIGURE) if (compare_json.parent / n).is_file()}
 
 
 def card_license(base_path: str | None) -> str | None:
@@ -528,7 +557,8 @@ def run(cfg: DictConfig) -> Path:
     out_dir: Path = args["out_dir"]
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        files = write_export(model, tokenizer, tmp, card, name)
+        figure = {k: v for k, v in curve_files(args["compare_json"]).items() if k == FIGURE}
+        files = write_export(model, tokenizer, tmp, card, name, figure)
         check = verify_export(tmp, model, tokenizer)
         replace_folder(tmp, out_dir)
     finally:

@@ -344,12 +344,19 @@ def test_push_uploads_the_export_files(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
+    compare = tmp_path / "cmp" / "compare.json"
+    compare.parent.mkdir()
+    compare.write_text(
+        json.dumps({"rows": [{"label": "flexidepth", "layers_skipped_scored": 1.5, "retention": 0.9}]})
+    )
+    (compare.parent / "ppl_vs_skipped.png").write_bytes(b"\x89PNG fake")
     cfg = compose_export(
         [
             "model=tiny_llama",
             f"ckpt_path={tmp_path / 'ckpt'}",
             f"out_dir={tmp_path / 'out'}",
             "hub_repo=me/tiny-flexi",
+            f"compare_json={compare}",
         ]
     )
     ex.run(cfg)
@@ -363,7 +370,10 @@ def test_push_uploads_the_export_files(tmp_path, monkeypatch):
         "README.md",
         "tokenizer.json",
         "generation_config.json",
+        "ppl_vs_skipped.png",
     } <= set(calls[1][2])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| flexidepth | 1.50 |  | 0.900 |  |" in card and "](ppl_vs_skipped.png)" in card
 
 
 def test_out_dir_rules_and_failure_leaves_nothing(tmp_path, monkeypatch):
@@ -487,9 +497,15 @@ def test_model_card_from_the_run_files(tmp_path):
             }
         )
     )
+    (tmp_path / "curves.md").write_text(
+        "# Held-out curves\n\n| set | k | ppl |\n|---|---|---|\n| lee | 2 | 3.4 |\n"
+    )
+    (tmp_path / "ppl_vs_skipped.png").write_bytes(b"\x89PNG fake")
     card = ex.model_card(
         ROUTING, 30, run, compare, license_name="apache-2.0", base_model="HuggingFaceTB/SmolLM2-135M-Instruct"
     )
+    assert "### Held-out curves" in card and "| lee | 2 | 3.4 |" in card
+    assert "](ppl_vs_skipped.png)" in card
     head = card.split("---")[1]
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in head and "license: apache-2.0" in head
     assert "library_name: transformers" in head and "- flexidepth" in head
