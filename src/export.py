@@ -287,7 +287,8 @@ def verify_export(folder: Path, model, tokenizer) -> dict[str, float]:
 def run_folder_of(ckpt_folder: Path) -> Path | None:
     """The training run folder a checkpoint folder belongs to (`<run>/flexidepth/` with `<run>/.hydra/`)."""
     for cand in (ckpt_folder, ckpt_folder.parent):
-        if (cand / ".hydra" / "config.yaml").is_file() or (cand / "metrics.json").is_file():
+        markers = (cand / ".hydra" / "config.yaml", cand / "metrics.json", cand / "history")
+        if any(m.exists() for m in markers):
             return cand
     return None
 
@@ -307,6 +308,20 @@ def _read_yaml(path: Path):
         return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
+
+
+def run_config(run_dir: Path) -> tuple[Any, Any]:
+    """(config, command-line overrides) of a training run: `.hydra/config.yaml` / `overrides.yaml`, else the
+    latest start's copies in `history/` (`config-<n>.yaml`, `hydra-<n>/overrides.yaml`, src/utils/runs.py)."""
+    hydra_dir = run_dir / ".hydra"
+    if (hydra_dir / "config.yaml").is_file():
+        return _read_yaml(hydra_dir / "config.yaml"), _read_yaml(hydra_dir / "overrides.yaml")
+    configs = sorted((run_dir / "history").glob("config-*.yaml"))
+    if not configs:
+        return None, None
+    latest = configs[-1]
+    copy = run_dir / "history" / latest.stem.replace("config-", "hydra-") / "overrides.yaml"
+    return _read_yaml(latest), _read_yaml(copy) if copy.is_file() else None
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -333,8 +348,7 @@ def model_card(
     layers skipped, ppl, retention with its interval per system). `base_model` is a hub id or None (local
     or embedded models are named in the text only).
     """
-    cfg = _read_yaml(run_dir / ".hydra" / "config.yaml") if run_dir else None
-    overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml") if run_dir else None
+    cfg, overrides = run_config(run_dir) if run_dir else (None, None)
     metrics = _read_json(run_dir / "metrics.json") if run_dir else None
     compare = _read_json(compare_json) if compare_json else None
     cfg = cfg if isinstance(cfg, dict) else {}

@@ -660,3 +660,16 @@ def test_router_adapter_variants_round_trip(skip, tmp_path):
     assert torch.equal(loaded.flexidepth_routes.run[real], tf.routes.run[real])
     assert 0.0 < tf.routes.run[real].float().mean() < 1.0
     torch.testing.assert_close(got[real], tf.logits.float()[real], atol=1e-4, rtol=1e-4)
+
+
+def test_model_card_reads_the_run_history_without_hydra_folder(tmp_path):
+    """A run whose .hydra/ lives elsewhere: the latest start's config and overrides copies in history/."""
+    run = tmp_path / "run"
+    (run / "history" / "hydra-001").mkdir(parents=True)
+    (run / "history" / "config-000.yaml").write_text("seed: 1\ndata:\n  source: builtin\n")
+    (run / "history" / "config-001.yaml").write_text("seed: 2\ndata:\n  source: mixture\n")
+    (run / "history" / "hydra-001" / "overrides.yaml").write_text("- seed=2\n")
+    assert ex.run_folder_of(run / "flexidepth") == run
+    card = ex.model_card(ROUTING, 30, run)
+    assert "| seed | 2 |" in card and "| data source | mixture |" in card
+    assert "python -m src.train seed=2" in card and "| seed | 1 |" not in card

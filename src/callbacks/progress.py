@@ -103,11 +103,16 @@ class RunTimeEstimate(L.Callback):
         )
         device = params.device.type if params is not None else "cpu"
         native = "" if device != "cpu" else f", CPU native bf16: {'yes' if cpu_has_fast_bf16() else 'no'}"
-        minutes = e["seconds_left"] / 60
+        secs = int(round(e["seconds_left"]))
+        left = (
+            f"{secs // 3600} h {secs % 3600 // 60:02d} min"
+            if secs >= 3600
+            else f"{secs // 60} min {secs % 60:02d} s"
+        )
         print(
             f"timing: {e['seconds_per_step']:.2f} s per optimizer step (steps {self._start_step + self.skip + 1}-"
             f"{self._start_step + self.skip + self.timed}; {dtype.removeprefix('torch.')} on {device}{native}); "
-            f"expected ~{minutes:.0f} min for the {e['steps_left']} steps left, validation not included",
+            f"expected ~{left} for the {e['steps_left']} steps left, validation not included",
             file=self.file or sys.stdout,
             flush=True,
         )
