@@ -664,24 +664,28 @@ def family_model_class(model_type: str, param_dtype: str = "float32") -> type:
     return _MODEL_CLASSES[key]
 
 
-def _weights_file(path) -> str | None:
-    """Local path of the export's weights file (downloaded when `path` is a hub repo); None if absent."""
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder")
+
+
+def _weights_file(path, hub: dict | None = None) -> str | None:
+    """Local path of the export's weights file (downloaded when `path` is a hub repo, with `hub`: the
+    caller's cache_dir / revision / token / ...); None if absent."""
     if os.path.isdir(str(path)):
-        local = os.path.join(str(path), WEIGHTS_NAME)
+        local = os.path.join(str(path), (hub or {}).get("subfolder") or "", WEIGHTS_NAME)
         return local if os.path.isfile(local) else None
     from transformers.utils import cached_file
 
-    return cached_file(str(path), WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False)
+    return cached_file(str(path), WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **(hub or {}))
 
 
-def check_weights(path, config, model_cls) -> None:
+def check_weights(path, config, model_cls, hub: dict | None = None) -> None:
     """Every tensor the model needs is in model.safetensors with its shape, and nothing else is.
 
     Raises FlexiDepthExportError naming the file and the first missing, unexpected or mis-shaped tensor
     (a damaged export, or weights of another base model)."""
     from safetensors import safe_open
 
-    file = _weights_file(path)
+    file = _weights_file(path, hub)
     if file is None:
         raise FlexiDepthExportError(f"{path}: no {WEIGHTS_NAME}: not a complete FlexiDepth export")
     try:
@@ -717,16 +721,14 @@ class FlexiDepthForCausalLM(transformers.PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         tau = kwargs.pop(TAU_KWARG, None)
+        hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
         if config is None or not isinstance(getattr(config, ROUTING_KEY, None), dict):
-            hub = {
-                k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs
-            }
             config = FlexiDepthConfig.from_pretrained(pretrained_model_name_or_path, **hub)
         if tau is not None:
             config.flexidepth["tau"] = check_tau(tau)
         routing = config.flexidepth
         model_cls = family_model_class(routing["base_model_type"], routing["param_dtype"])
-        check_weights(pretrained_model_name_or_path, config, model_cls)
+        check_weights(pretrained_model_name_or_path, config, model_cls, hub)
         return model_cls.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
     @classmethod
