@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 def build_callbacks(cfg: DictConfig) -> list:
     """The configured callbacks plus the ones every run has: a final validation at the last step and, when
     the trainer shows a progress bar, one over the real number of steps (src/callbacks/progress.py)."""
-    from .callbacks.progress import FinalValidation, StepProgressBar
+    from .callbacks.progress import FinalValidation, RunTimeEstimate, StepProgressBar
 
     callbacks = [
         hydra.utils.instantiate(node)
@@ -63,6 +63,7 @@ def build_callbacks(cfg: DictConfig) -> list:
         if node is not None and "_target_" in node
     ]
     callbacks.append(FinalValidation())
+    callbacks.append(RunTimeEstimate())  # one line after the first timed steps: the run's expected wall time
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     return callbacks

@@ -21,6 +21,7 @@ from ..flexidepth.flops import flops_report
 from ..flexidepth.inject import is_flexidepth_param
 from ..models.loader import load_base_model
 from .objectives import AlphaSchedule, LossConfig, kd_loss_sum
+from .teacher import full_teacher_logits, student_and_teacher
 
 
 class UsageAccumulator:
@@ -123,20 +124,16 @@ class FlexiDepthModule(L.LightningModule):
         return routed_forward(self.model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
 
     def _teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of the same model with routing off (the frozen base), without autograd."""
-        set_routing(self.model, False)
-        try:
-            with torch.no_grad():
-                return self.model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
-        finally:
-            set_routing(self.model, True)
+        """Logits of the same model with routing off (the frozen base), without autograd, every layer run
+        (the reference `training_step` matches; it shares the unrouted prefix instead, src/lit/teacher.py)."""
+        return full_teacher_logits(self.model, batch["input_ids"], batch["attention_mask"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         c = self.loss_cfg
-        teacher = self._teacher_logits(batch) if c.objective != "ce" else None
-        out = self(batch)
+        if c.objective != "ce":  # the teacher reuses the student's forward up to the first routed layer
+            out, teacher = student_and_teacher(self.model, lambda: self(batch))
+        else:
+            out, teacher = self(batch), None
         routes = out.routes
         ce = out.lm_loss_sum / batch["lm_denom"]
         if teacher is None:

@@ -1,0 +1,621 @@
+"""Export a trained FlexiDepth model as a self-contained Hugging Face folder, optionally pushed to the Hub.
+
+    python -m src.export ckpt_path=outputs/train/runs/<run> out_dir=exports/<name>
+    python -m src.export ckpt_path=outputs/train/runs/<run> out_dir=exports/<name> hub_repo=<user>/<name>
+    python -m src.export model=tiny_llama ckpt_path=<folder> out_dir=<folder> overwrite=true
+
+The folder loads without this repository (docs/checkpoints.md §3):
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)   # flexidepth_tau=0.6 overrides tau
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+
+It holds config.json (the base config + `auto_map` + the routing block `flexidepth`), modeling_flexidepth.py
+(src/export_modeling/, copied verbatim: torch + transformers only), model.safetensors (base weights and
+router/adapter tensors under the model's own keys), the tokenizer files, generation_config.json and a model
+card README.md written from the run's files (`model_card`).
+
+Order of work: every argument, the hub setting, the output folder, the checkpoint (method, family, base model)
+are checked before the model is loaded; the folder is written to a temporary sibling, loaded back with its own
+modeling file and compared with the trained model (teacher-forced logits and routes), and only then renamed
+into place, so a failure leaves nothing at `out_dir`. Config: conf/export.yaml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .utils.cli import entry_point
+from .utils.errors import UserError
+
+MODELING_SOURCE = Path(__file__).resolve().parent / "export_modeling" / "modeling_flexidepth.py"
+MODELING_FILE = "modeling_flexidepth.py"
+WEIGHTS_FILE = "model.safetensors"
+FIGURE = "ppl_vs_skipped.png"  # src.compare's held-out curves figure, copied into the export when given
+EXPORT_FORMAT = "flexidepth-hf-export"
+EXPORT_FORMAT_VERSION = 1
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+AUTO_MAP = {
+    "AutoConfig": "modeling_flexidepth.FlexiDepthConfig",
+    "AutoModelForCausalLM": "modeling_flexidepth.FlexiDepthForCausalLM",
+}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# logits of the export vs the trained model (teacher forced, same dtype): max |diff| / max(1, max |logit|)
+VERIFY_TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+class ExportError(UserError, ValueError):
+    """The export cannot be made as asked (argument, output folder, checkpoint, hub); names the key or file."""
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def check_export_args(cfg: DictConfig) -> dict[str, Any]:
+    """The keys of conf/export.yaml, checked before any work; ExportError naming the key.
+
+    Returns {ckpt_path, out_dir (Path), overwrite, hub_repo, private, compare_json}. The hub check comes first:
+    with `hub_repo` set and the hub offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), nothing else is done.
+    """
+    hub_repo = cfg.get("hub_repo")
+    if hub_repo not in (None, ""):
+        if not isinstance(hub_repo, str) or not _REPO_ID.match(hub_repo):
+            raise ExportError(f"hub_repo must look like 'user/name', got {hub_repo!r}")
+        check_hub_online(hub_repo)
+    else:
+        hub_repo = None
+    for key in ("overwrite", "private"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ExportError(f"{key} must be true or false, got {cfg.get(key)!r}")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt in (None, "", "null"):
+        raise ExportError(
+            "ckpt_path is required: a run folder or its flexidepth/ (ckpt_path=outputs/train/runs/<run>)"
+        )
+    out = cfg.get("out_dir")
+    if out in (None, "", "null"):
+        raise ExportError("out_dir is required: the folder to write the export into (out_dir=exports/<name>)")
+    compare_json = cfg.get("compare_json")
+    if compare_json not in (None, ""):
+        if not Path(str(compare_json)).is_file():
+            raise ExportError(
+                f"compare_json={str(compare_json)!r}: no such file (a compare.json of src.compare)"
+            )
+    else:
+        compare_json = None
+    out_dir = Path(str(out)).expanduser().resolve()
+    check_out_dir(out_dir, bool(cfg.get("overwrite", False)))
+    return {
+        "ckpt_path": str(ckpt),
+        "out_dir": out_dir,
+        "overwrite": bool(cfg.get("overwrite", False)),
+        "hub_repo": hub_repo,
+        "private": bool(cfg.get("private", False)),
+        "compare_json": None if compare_json is None else Path(str(compare_json)),
+    }
+
+
+def check_hub_online(hub_repo: str) -> None:
+    """ExportError in one line when an upload to `hub_repo` is asked for while the hub is offline."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            raise ExportError(
+                f"hub_repo={hub_repo}: cannot upload while {var}={os.environ[var]} (offline mode); run with "
+                f"{var}=0 (and network access), or export without hub_repo and upload the folder later"
+            )
+
+
+def is_our_export(folder: Path) -> bool:
+    """True when `folder/config.json` is an export written by this command."""
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("flexidepth") or {}).get("format") == EXPORT_FORMAT
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """`out_dir` must be absent, empty, or (with overwrite=true) a previous export of ours."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"out_dir={str(out_dir)!r} is a file, not a folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not is_our_export(out_dir):
+        raise ExportError(
+            f"out_dir={str(out_dir)!r} is not empty and holds no previous export (config.json with "
+            f"flexidepth.format={EXPORT_FORMAT}); choose another folder"
+        )
+    if not overwrite:
+        raise ExportError(
+            f"out_dir={str(out_dir)!r} already holds an export; pass overwrite=true to replace it"
+        )
+
+
+def check_checkpoint(folder: Path) -> dict:
+    """The checkpoint's config if it can be exported: method flexidepth, a supported family, K/V kept for
+    skipped tokens. ExportError naming the file and setting otherwise."""
+    from .flexidepth.checkpoint import CONFIG, read_checkpoint_config
+
+    meta = read_checkpoint_config(folder)
+    path = folder / CONFIG
+    method = meta.get("method", "flexidepth")
+    if method != "flexidepth":
+        raise ExportError(f"{path}: method={method}: only FlexiDepth checkpoints can be exported")
+    family = (meta.get("base_model") or {}).get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise ExportError(
+            f"{path}: base model family {family!r} cannot be exported; the export's modeling file supports "
+            f"{list(SUPPORTED_FAMILIES)}"
+        )
+    if not meta["flexidepth"].get("kv_for_skipped", True):
+        raise ExportError(
+            f"{path}: skip.kv_for_skipped=false (the ablation without K/V for skipped tokens) cannot be exported"
+        )
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- contents
+def routing_block(model, base_name: str | None = None) -> dict[str, Any]:
+    """The `flexidepth` block of the export's config.json (docs/checkpoints.md §3); `base_name` (the `model`
+    group's name_or_path) names the base, else the loaded config's own path."""
+    state, mc = model.flexidepth, model.config
+    fc = state.config
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "base_model_type": mc.model_type,
+        "base_model": base_name or getattr(mc, "_name_or_path", "") or "",
+        "tau": float(fc.tau),
+        "layers": [int(i) for i in state.layer_indices],
+        "gate_mode": fc.gate_mode,
+        "router": fc.router,
+        "router_width": fc.router_width(mc.hidden_size) if fc.router == "mlp" else 0,
+        "router_bias": bool(fc.router_bias),
+        "adapter": fc.adapter,
+        "adapter_width": fc.adapter_width(mc.intermediate_size) if fc.adapter == "swiglu" else 0,
+        "param_dtype": fc.param_dtype,
+        "kv_for_skipped": True,
+    }
+
+
+def export_state_dict(model) -> dict:
+    """Every tensor of the model (base + routers/adapters) under its own key, CPU and contiguous; a tied
+    `lm_head.weight` is left out (transformers ties it back on load)."""
+    state = model.state_dict()
+    embed = model.get_input_embeddings().weight
+    out = {}
+    for key, value in state.items():
+        if key == "lm_head.weight" and value.data_ptr() == embed.data_ptr():
+            continue
+        out[key] = value.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def export_config(model, base_name: str | None = None) -> dict[str, Any]:
+    """config.json: the base config, model_type "flexidepth", auto_map, the routing block."""
+    import transformers
+
+    data = model.config.to_dict()
+    for key in list(data):
+        if key.startswith("_"):
+            data.pop(key)
+    data["model_type"] = "flexidepth"
+    data["architectures"] = ["FlexiDepthForCausalLM"]
+    data["auto_map"] = dict(AUTO_MAP)
+    data["dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    data["transformers_version"] = transformers.__version__
+    data["flexidepth"] = routing_block(model, base_name)
+    return data
+
+
+def write_export(
+    model, tokenizer, folder: Path, card: str, base_name: str | None = None, extra: dict | None = None
+) -> list[str]:
+    """Write every export file into `folder` (created), plus copies of `extra` ({name: source path}, e.g. the
+    card's figure); returns the file names written, sorted."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(export_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / "config.json").write_text(
+        json.dumps(export_config(model, base_name), indent=2, sort_keys=True) + "\n"
+    )
+    shutil.copyfile(MODELING_SOURCE, folder / MODELING_FILE)
+    tokenizer.save_pretrained(str(folder))
+    gen = model.generation_config
+    if gen.eos_token_id is None and tokenizer.eos_token_id is not None:
+        gen.eos_token_id = tokenizer.eos_token_id
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    gen.save_pretrained(str(folder))
+    (folder / "README.md").write_text(card)
+    for name, source in (extra or {}).items():
+        shutil.copyfile(source, folder / name)
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
+def load_modeling(folder: Path):
+    """The export's own modeling file imported as a module (not through src): what a user's load runs."""
+    name = f"flexidepth_export_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(name, folder / MODELING_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def verify_export(folder: Path, model, tokenizer) -> dict[str, float]:
+    """Load `folder` with its own modeling file and compare with `model` on a short text, teacher forced:
+    same routes, logits within VERIFY_TOL. ExportError naming the folder otherwise. Returns the measured
+    {max_abs_diff, rel_diff}."""
+    import torch
+
+    from .flexidepth.routes import routed_forward
+
+    module = load_modeling(folder)
+    dtype = model.get_input_embeddings().weight.dtype
+    loaded = module.FlexiDepthForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    text = "FlexiDepth export check: the quick brown fox jumps over the lazy dog. 12 + 30 = 42."
+    enc = tokenizer(text, return_tensors="pt")
+    ids = enc["input_ids"][:, :32]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = routed_forward(model, ids.to(model.device), mask.to(model.device))
+        got = loaded(input_ids=ids, attention_mask=mask)
+    ref_logits, got_logits = ref.logits.float().cpu(), got.logits.float()
+    diff = float((ref_logits - got_logits).abs().max())
+    rel = diff / max(1.0, float(ref_logits.abs().max()))
+    tol = VERIFY_TOL[str(dtype).removeprefix("torch.")]
+    if not torch.equal(ref.routes.run.cpu(), loaded.flexidepth_routes.run):
+        raise ExportError(f"{folder}: the exported model routes tokens differently from the trained model")
+    if rel > tol:
+        raise ExportError(f"{folder}: exported logits differ from the trained model's by {rel:.2e} (> {tol})")
+    del loaded
+    return {"max_abs_diff": diff, "rel_diff": rel}
+
+
+# ---------------------------------------------------------------------------------------------- model card
+def run_folder_of(ckpt_folder: Path) -> Path | None:
+    """The training run folder a checkpoint folder belongs to (`<run>/flexidepth/` with `<run>/.hydra/`)."""
+    for cand in (ckpt_folder, ckpt_folder.parent):
+        markers = (cand / ".hydra" / "config.yaml", cand / "metrics.json", cand / "history")
+        if any(m.exists() for m in markers):
+            return cand
+    return None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_yaml(path: Path):
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def run_config(run_dir: Path) -> tuple[Any, Any]:
+    """(config, command-line overrides) of a training run: `.hydra/config.yaml` / `overrides.yaml`, else the
+    latest start's copies in `history/` (`config-<n>.yaml`, `hydra-<n>/overrides.yaml`, src/utils/runs.py)."""
+    hydra_dir = run_dir / ".hydra"
+    if (hydra_dir / "config.yaml").is_file():
+        return _read_yaml(hydra_dir / "config.yaml"), _read_yaml(hydra_dir / "overrides.yaml")
+    configs = sorted((run_dir / "history").glob("config-*.yaml"))
+    if not configs:
+        return None, None
+    latest = configs[-1]
+    copy = run_dir / "history" / latest.stem.replace("config-", "hydra-") / "overrides.yaml"
+    return _read_yaml(latest), _read_yaml(copy) if copy.is_file() else None
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def model_card(
+    routing: dict[str, Any],
+    num_layers: int,
+    run_dir: Path | None,
+    compare_json: Path | None = None,
+    license_name: str | None = None,
+    base_model: str | None = None,
+) -> str:
+    """README.md of the export: Hugging Face metadata header, then what the run's own files say.
+
+    Next to `compare_json`, src.compare's held-out curves are used when present: `curves.md` (per held-out set:
+    perplexity against layers skipped, FlexiDepth and the baselines) is included, and `ppl_vs_skipped.png` is
+    shown (`curve_files` copies it into the export).
+
+    Sources (each optional; a number that is not in them is left out, never estimated): the routing block;
+    `<run>/.hydra/config.yaml` (base model, data, steps, seed) and `overrides.yaml` (the training command);
+    `<run>/metrics.json` (steps, val ppl, base ppl, layers skipped); `compare_json` (src.compare's table:
+    layers skipped, ppl, retention with its interval per system). `base_model` is a hub id or None (local
+    or embedded models are named in the text only).
+    """
+    cfg, overrides = run_config(run_dir) if run_dir else (None, None)
+    metrics = _read_json(run_dir / "metrics.json") if run_dir else None
+    compare = _read_json(compare_json) if compare_json else None
+    cfg = cfg if isinstance(cfg, dict) else {}
+    base_name = routing.get("base_model") or (cfg.get("model") or {}).get("name_or_path") or "unknown"
+
+    meta = ["---", "library_name: transformers"]
+    if base_model:
+        meta.append(f"base_model: {base_model}")
+    if license_name:
+        meta.append(f"license: {license_name}")
+    meta += [
+        "tags:",
+        "- flexidepth",
+        "- layer-skipping",
+        "- adaptive-computation",
+        "- custom_code",
+        "---",
+        "",
+    ]
+
+    routed = routing["layers"]
+    lines = [
+        f"# FlexiDepth on {base_name}",
+        "",
+        "Adaptive layer skipping (FlexiDepth, arXiv 2503.23798) on a frozen base model: in each routed layer a "
+        "router decides per token whether to run the layer (attention + FFN) or skip it (K/V still cached, "
+        "a small adapter instead of the FFN). The base weights are unchanged.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", trust_remote_code=True)',
+        'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")',
+        'out = model.generate(**tokenizer("What is 12 + 30?", return_tensors="pt"), max_new_tokens=20)',
+        "print(tokenizer.decode(out[0]))",
+        "print(model.flexidepth_generation.layers_used)  # [batch, new tokens]: layers each new token used",
+        "```",
+        "",
+        f"- Threshold: `from_pretrained(..., trust_remote_code=True, flexidepth_tau={routing['tau']})` "
+        "sets tau at load (a token runs a routed layer iff its gate g > tau; higher tau skips more); "
+        "`model.set_flexidepth_tau(t)` changes it later.",
+        "- `model.flexidepth_routes` holds the gates / decisions of the last forward "
+        "(`.gates`, `.run`: [batch, positions, routed layers]; `.layers_used`: [batch, positions]).",
+        "- Real skipping (skipped tokens run no query, attention or FFN) is used whenever autograd is off "
+        "with the `sdpa` or `eager` attention implementation.",
+        "",
+        "## Routing",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | {base_name} ({routing['base_model_type']}, {num_layers} layers) |",
+        f"| routed layers | {routed[0]}..{routed[-1]} ({len(routed)} layers) |"
+        if routed == list(range(routed[0], routed[-1] + 1))
+        else f"| routed layers | {routed} |",
+        f"| tau | {routing['tau']} |",
+        f"| gate mode | {routing['gate_mode']} |",
+        f"| router | {routing['router']} (width {routing['router_width']}, bias {routing['router_bias']}) |",
+        f"| adapter | {routing['adapter']} (width {routing['adapter_width']}) |",
+        "",
+    ]
+
+    training: list[str] = []
+    if isinstance(overrides, list):
+        cmd = "python -m src.train" + "".join(f" {o}" for o in overrides)
+        training += ["Command (FlexiDepth repository):", "", "```", cmd, "```", ""]
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else None
+    rows = []
+    if metrics and isinstance(metrics.get("global_step"), int):
+        rows.append(("optimizer steps", metrics["global_step"]))
+    elif isinstance((cfg.get("trainer") or {}).get("max_steps"), int) and cfg["trainer"]["max_steps"] > 0:
+        rows.append(("max steps (configured)", cfg["trainer"]["max_steps"]))
+    if data:
+        source = data.get("source")
+        if source is not None:
+            rows.append(("data source", source))
+        if isinstance(data.get("mixture"), dict):
+            mix = ", ".join(f"{k} {v}" for k, v in data["mixture"].items())
+            rows.append(("data mixture (weights)", mix))
+    if cfg.get("seed") is not None:
+        rows.append(("seed", cfg["seed"]))
+    loss = (metrics or {}).get("loss") or cfg.get("loss")
+    if isinstance(loss, dict):
+        rows += [(f"loss.{k}", v) for k, v in sorted(loss.items()) if isinstance(v, (int, float, str))]
+    if rows:
+        training += ["| | |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows], ""]
+    if training:
+        lines += ["## Training", "", *training]
+
+    results: list[str] = []
+    values = (metrics or {}).get("metrics") or {}
+    val = [
+        (label, values[key])
+        for key, label in (
+            ("val/ppl", "validation perplexity"),
+            ("val/base_ppl", "validation perplexity of the base model"),
+            ("val/layers_skipped_mean", f"routed layers skipped per token (of {len(routed)}, validation)"),
+            ("val/skip_rate", "skip rate (validation)"),
+        )
+        if isinstance(values.get(key), (int, float))
+    ]
+    if val:
+        results += ["From the run's metrics.json:", "", "| | |", "|---|---|"]
+        results += [f"| {k} | {_fmt(float(v))} |" for k, v in val] + [""]
+    if compare and isinstance(compare.get("rows"), list):
+        results += [
+            f"From src.compare ({compare_json.name}):",
+            "",
+            "| system | layers skipped (scored) | ppl | retention | retention interval |",
+            "|---|---|---|---|---|",
+        ]
+        for row in compare["rows"]:
+            ci = row.get("retention_ci")
+            ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, list) and len(ci) == 2 else ""
+            ppl = row.get("ppl")
+            results.append(
+                f"| {row.get('label')} | {_fmt(row.get('layers_skipped_scored'), 2)} | "
+                f"{_fmt(ppl) if ppl is not None else ''} | {_fmt(row.get('retention'))} | {ci_text} |"
+            )
+        results.append("")
+    curves = curve_files(compare_json)
+    if "curves.md" in curves:
+        text = curves["curves.md"].read_text()
+        text = re.sub(r"^(#+)", lambda m: "#" * min(6, len(m.group(1)) + 2), text, flags=re.M)
+        results += [
+            f"Held-out sets, from src.compare (curves.md next to {compare_json.name}):",
+            "",
+            text.strip(),
+            "",
+        ]
+    if FIGURE in curves:
+        results += [f"![perplexity against layers skipped, per held-out set]({FIGURE})", ""]
+    if results:
+        lines += ["## Results", "", *results]
+    lines += [
+        "## Files",
+        "",
+        "`config.json` (base config + `flexidepth` routing block + `auto_map`), `modeling_flexidepth.py` "
+        "(torch + transformers only), `model.safetensors` (base weights and router/adapter tensors), tokenizer "
+        "files, `generation_config.json`. Loading needs `trust_remote_code=True`; without it transformers "
+        "refuses the unknown model type `flexidepth`.",
+        "",
+    ]
+    return "\n".join(meta + lines)
+
+
+def curve_files(compare_json: Path | None) -> dict[str, Path]:
+    """src.compare's held-out curve outputs next to `compare_json` that exist: {name: path}."""
+    if compare_json is None:
+        return {}
+    return {n: compare_json.parent / n for n in ("curves.md", FIGURE) if (compare_json.parent / n).is_file()}
+
+
+def card_license(base_path: str | None) -> str | None:
+    """The base model's license from its own README.md metadata header, when the base is a local folder."""
+    if not base_path:
+        return None
+    readme = Path(base_path) / "README.md"
+    if not readme.is_file():
+        return None
+    match = re.search(r"^---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
+    if not match:
+        return None
+    found = re.search(r"^license:\s*(\S+)", match.group(1), re.M)
+    return found.group(1) if found else None
+
+
+# ---------------------------------------------------------------------------------------------- hub
+def upload_export(folder: Path, hub_repo: str, private: bool = False) -> list[str]:
+    """Create `hub_repo` (if needed) and upload every file of `folder`; returns the uploaded file names."""
+    from huggingface_hub import HfApi
+
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    api = HfApi()
+    api.create_repo(hub_repo, private=private, exist_ok=True)
+    api.upload_folder(repo_id=hub_repo, folder_path=str(folder), commit_message="FlexiDepth export")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- command
+def run(cfg: DictConfig) -> Path:
+    """Check everything, load, write to a temporary sibling, verify, rename into place, upload if asked."""
+    import torch
+
+    from . import preflight as pf
+    from .config_check import validate_groups
+    from .flexidepth.checkpoint import load_flexidepth
+    from .models.embedded import resolve_model_path
+    from .models.loader import load_base_model
+    from .models.tokenizer import load_tokenizer
+
+    args = check_export_args(cfg)  # hub offline, keys, out_dir: before anything else
+    folder = pf.resolve_flexidepth_folder(args["ckpt_path"], "ckpt_path")
+    check_checkpoint(folder)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    validate_groups(cfg)
+    problems = pf.model_access_problems(model_cfg)
+    if not problems:
+        problems += pf.flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
+    pf.raise_if(problems, "export")
+
+    torch.set_grad_enabled(False)
+    model = load_base_model(model_cfg).eval()
+    tokenizer = load_tokenizer(model_cfg)
+    load_flexidepth(model, folder)
+    model.eval()
+
+    base_path = None if model_cfg.get("random_init") else resolve_model_path(model_cfg["name_or_path"])
+    name = str(model_cfg.get("name_or_path"))
+    hub_base = name if _REPO_ID.match(name) and not Path(name).exists() else None
+    card = model_card(
+        routing_block(model, name),
+        model.config.num_hidden_layers,
+        run_folder_of(folder),
+        args["compare_json"],
+        license_name=card_license(base_path),
+        base_model=hub_base,
+    )
+    out_dir: Path = args["out_dir"]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        figure = {k: v for k, v in curve_files(args["compare_json"]).items() if k == FIGURE}
+        files = write_export(model, tokenizer, tmp, card, name, figure)
+        check = verify_export(tmp, model, tokenizer)
+        replace_folder(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"export: {out_dir} ({len(files)} files; checked against the trained model: logits max |diff| "
+        f"{check['max_abs_diff']:.2e}, same routes)",
+        flush=True,
+    )
+    print(
+        f"  load: AutoModelForCausalLM.from_pretrained({str(out_dir)!r}, trust_remote_code=True)", flush=True
+    )
+    if args["hub_repo"]:
+        sent = upload_export(out_dir, args["hub_repo"], args["private"])
+        print(f"  uploaded {len(sent)} files to https://huggingface.co/{args['hub_repo']}", flush=True)
+    return out_dir
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put `new` at `target`: a rename; a previous export there is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old)
+
+
+@hydra.main(
+    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="export"
+)
+@entry_point
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
