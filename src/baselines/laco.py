@@ -40,7 +40,7 @@ move strictly down, so they are always original layers): the new differences are
 Taking them against the current θ_t' instead (the literal formula) would make a one-layer remainder merge
 θ_t' + (θ_s - θ_t') = θ_s: it erases the earlier merge and turns "LaCo" into a plain removal. That is what
 happened before 2026-12-02 at k = 4 on SmolLM2-135M (15 <- 16, 17, 18, then 15 <- 19 left layer 15 equal to
-layer 19: layers 15-18 removed, ppl ~57 while every real merge gives ~1e4; docs/baselines.md). A one-layer
+layer 19: layers 15-18 removed, ppl ~57 where real merges give 3e4-5e8; docs/baselines.md). A one-layer
 merge into an original layer is still θ_t + (θ_{t+1} - θ_t) = θ_{t+1}, i.e. removing layer t, as the
 formula says (k = 1, or a remainder merged into a fresh layer).
 
