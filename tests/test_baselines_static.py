@@ -336,3 +336,57 @@ def test_laco_respects_lowest_layer_and_never_removes_layer_zero(family):
     everything = laco_prune(tiny_model(family, layers=6), 5, calib(), merge_size=2, lowest_layer=0)
     assert everything["removed"] == [1, 2, 3, 4, 5]
     assert everything["merged_into"] == {0: [1, 2, 3, 4, 5]}
+
+
+def replay_merges(original, merges):
+    """The weights `laco_prune` must leave, replayed from its accepted merges in order: a merge into layer t
+    adds Σ_s (θ_s - θ_t^orig) to t's current weights (sources at their current weights, differences taken
+    against t's *original* weights), so merging A and then B into t equals merging A ∪ B at once."""
+    current = [{n: p.double() for n, p in layer.items()} for layer in original]
+    for merge in merges:
+        t = merge["into"]
+        for name in current[t]:
+            for s in merge["layers"]:
+                current[t][name] = current[t][name] + current[s][name] - original[t][name].double()
+    return current
+
+
+def test_laco_second_merge_into_a_merged_layer_extends_it_instead_of_erasing_it():
+    # The SmolLM2 k = 4 case (issue 22): C = 4 merges 3 layers into a target, and the exact-k remainder (one
+    # layer) is merged into the *same* target. With differences against the target's current weights, that
+    # last merge gives θ_t' + (θ_s - θ_t') = θ_s: the first merge is erased and "LaCo" becomes a plain removal.
+    model = tiny_model("qwen2", seed=3, layers=6)
+    randomize_norms(model)
+    original = [params_of(layer) for layer in model.model.layers]
+    result = laco_prune(model, 4, calib(), merge_size=4, threshold=2.0, lowest_layer=1)
+    # round 1 (four candidates' similarities) picks target 1; round 2 then has a single candidate: 1 <- 5
+    assert [(m["into"], m["layers"]) for m in result["merges"]] == [(1, [2, 3, 4]), (1, [5])]
+    assert result["merged_into"] == {1: [2, 3, 4, 5]} and result["removed"] == [2, 3, 4, 5]
+    merged = params_of(model.model.layers[1])
+    for name, value in expected_rdsc(original, 1, [2, 3, 4, 5]).items():  # = one merge of all five layers
+        torch.testing.assert_close(merged[name], value, rtol=0, atol=1e-5)
+        assert (merged[name] - original[5][name]).abs().max() > 1e-3, name  # not layer 5's weights
+    for i in [0, 2, 3, 4, 5]:
+        assert all(torch.equal(p, original[i][n]) for n, p in params_of(model.model.layers[i]).items())
+
+
+@pytest.mark.parametrize(
+    "k, merge_size, threshold, lowest_layer",
+    [(4, 4, 2.0, 1), (4, 3, 2.0, 1), (3, 2, -1.0, 0), (5, 4, 2.0, 0), (4, 2, 2.0, 1)],
+)
+def test_laco_weights_equal_the_replayed_merges(family, k, merge_size, threshold, lowest_layer):
+    model = tiny_model(family, layers=6)
+    randomize_norms(model)
+    original = [params_of(layer) for layer in model.model.layers]
+    result = laco_prune(
+        model, k, calib(), merge_size=merge_size, threshold=threshold, lowest_layer=lowest_layer
+    )
+    assert len(result["removed"]) == k
+    assert sum(len(m["layers"]) for m in result["merges"]) == k
+    expected = replay_merges(original, result["merges"])
+    for i, layer in enumerate(model.model.layers):
+        for name, p in layer.named_parameters():
+            assert torch.isfinite(p).all()
+            torch.testing.assert_close(p.double(), expected[i][name], rtol=0, atol=1e-5)
+    # the pruned model's similarity is the one recorded for the last accepted merge
+    assert result["final_similarity"] == pytest.approx(result["merges"][-1]["similarity"], abs=1e-5)

@@ -34,13 +34,24 @@ every still-possible merge (any position >= L, current merge size) is evaluated 
 highest similarity is accepted (ties: the higher position), repeated until k layers are removed. Such
 merges are marked ``"phase": "fallback"`` in ``similarities``.
 
+**Merging into a layer that has already absorbed layers** (only the fallback does this; the sweep's targets
+move strictly down, so they are always original layers): the new differences are taken against the target's
+*original* weights, θ_t <- θ_t' + Σ_s (θ_s - θ_t), so merging A and then B into t equals one merge of A ∪ B.
+Taking them against the current θ_t' instead (the literal formula) would make a one-layer remainder merge
+θ_t' + (θ_s - θ_t') = θ_s: it erases the earlier merge and turns "LaCo" into a plain removal. That is what
+happened before 2026-12-02 at k = 4 on SmolLM2-135M (15 <- 16, 17, 18, then 15 <- 19 left layer 15 equal to
+layer 19: layers 15-18 removed, ppl ~57 where real merges give 3e4-5e8; docs/baselines.md). A one-layer
+merge into an original layer is still θ_t + (θ_{t+1} - θ_t) = θ_{t+1}, i.e. removing layer t, as the
+formula says (k = 1, or a remainder merged into a fresh layer).
+
 **Settings.** LaCo's paper (as we recall it; not verifiable offline) used C = 4, I = 2, T = 0.65 and merged only
 within the upper half of the 32-layer Llama2-7B (L = 16), with a handful of calibration sentences. The
 defaults here follow that, scaled by depth: C = 4, I = 2, T = 0.65, L = num_layers // 2 (15 for the
 30-layer SmolLM2-135M, 16 for Llama-3-8B). k must be at most num_layers - 1 - L (layers strictly above L);
 pass a lower ``lowest_layer`` for more. T is model-dependent: on a model where pooled final-state cosines
 sit far above or below 0.65, the threshold accepts everything or nothing; the fallback keeps k exact
-either way and ``similarities`` records what happened.
+either way and ``similarities`` records what happened. On SmolLM2-135M it accepts nothing (best candidate
+0.625 for a 3-layer and 0.165 for a 4-layer merge): every k there comes from the fallback (docs/baselines.md).
 """
 
 from __future__ import annotations
@@ -63,8 +74,18 @@ DEFAULT_THRESHOLD = 0.65
 
 
 # ------------------------------------------------------------------------------------------------- merge
-def _merge_into_(layers: nn.ModuleList, target: int, sources: list[int]) -> None:
-    """θ_target <- θ_target + Σ_s (θ_s - θ_target) for every parameter, in place."""
+def _merge_into_(
+    layers: nn.ModuleList,
+    target: int,
+    sources: list[int],
+    reference: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """θ_target <- θ_target + Σ_s (θ_s - θ_ref) for every parameter, in place.
+
+    ``reference`` (name -> tensor) is θ_ref, the weights the differences are taken against; None: the target's
+    current weights (the RDSC formula). `laco_prune` passes a target's *original* weights when the target has
+    already absorbed layers, so that merging A and then B into a layer equals merging A ∪ B at once.
+    """
     if not sources:
         return
     params = dict(layers[target].named_parameters())
@@ -77,10 +98,13 @@ def _merge_into_(layers: nn.ModuleList, target: int, sources: list[int]) -> None
                 raise ValueError(
                     f"{name}: shape {tuple(other[name].shape)} in layer {s}, {tuple(p.shape)} in {target}"
                 )
+    if reference is not None and reference.keys() != params.keys():
+        raise ValueError(f"reference weights for layer {target} name other parameters than the layer's")
     with torch.no_grad():
         for name, p in params.items():
-            base = p.detach().float()
-            merged = base.clone()
+            current = p.detach().float()
+            base = current if reference is None else reference[name].detach().float()
+            merged = current.clone()
             for other in others:
                 merged += other[name].detach().float() - base
             p.copy_(merged.to(p.dtype))
@@ -225,6 +249,7 @@ def laco_prune(
     removed: list[int] = []
     merges: list[dict] = []
     similarities: list[dict] = []
+    originals: dict[int, dict[str, torch.Tensor]] = {}  # a target's weights before its first merge
 
     was_training = model.training
     model.eval()
@@ -236,7 +261,7 @@ def laco_prune(
             """Merge active[pos+1 : pos+count] into active[pos]; return (similarity, weights before)."""
             target, sources = active[pos], active[pos + 1 : pos + count]
             backup = {name: p.detach().clone() for name, p in layers[target].named_parameters()}
-            _merge_into_(layers, target, sources)
+            _merge_into_(layers, target, sources, originals.get(target))
             with torch.inference_mode(), identity_layers(model, removed + sources):
                 return _similarity(model, batches, reference), backup
 
@@ -245,8 +270,10 @@ def laco_prune(
                 for name, p in layers[target].named_parameters():
                     p.copy_(backup[name])
 
-        def accept(pos: int, count: int, sim: float, phase: str) -> None:
+        def accept(pos: int, count: int, sim: float, phase: str, before: dict[str, torch.Tensor]) -> None:
+            """Record the merge already applied to the weights; ``before``: the target's weights before it."""
             target, sources = active[pos], active[pos + 1 : pos + count]
+            originals.setdefault(target, before)
             absorbed.setdefault(target, [])
             for s in sources:
                 absorbed[target] += [s] + absorbed.pop(s, [])
@@ -267,7 +294,7 @@ def laco_prune(
             record = {"into": target, "layers": list(sources), "similarity": sim, "accepted": ok}
             similarities.append({**record, "phase": "sweep"})
             if ok:
-                accept(pos, count, sim, "sweep")
+                accept(pos, count, sim, "sweep", backup)
                 pos -= interval
             else:
                 restore(target, backup)
@@ -293,9 +320,11 @@ def laco_prune(
                 if best is None or sim >= best[0]:
                     best = (sim, cand, len(similarities) - 1)
             sim, cand, row = best
-            _merge_into_(layers, active[cand], active[cand + 1 : cand + count])
+            target = active[cand]
+            before = {name: p.detach().clone() for name, p in layers[target].named_parameters()}
+            _merge_into_(layers, target, active[cand + 1 : cand + count], originals.get(target))
             similarities[row]["accepted"] = True
-            accept(cand, count, sim, "fallback")
+            accept(cand, count, sim, "fallback", before)
 
         final = float("nan")
         if removed:
