@@ -313,7 +313,8 @@ def preflight_compare(cfg: DictConfig) -> None:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)  # checked before any model load
     problems = pf.eval_problems(OmegaConf.to_container(cfg.eval, resolve=True))
     problems += pf.model_access_problems(model_cfg)
-    trained = OmegaConf.to_container(cfg.get("trained") or {}, resolve=True)
+    node = cfg.get("trained")  # None after '~trained' (untrained baselines only)
+    trained = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     for label, entry in ({} if problems else trained).items():
         try:  # a missing checkpoint is reported and left out by plan_systems
             folder = pf.resolve_flexidepth_folder(entry["ckpt"], f"trained.{label}.ckpt")

@@ -92,3 +92,13 @@ def test_entry_points_are_hydra_commands(module, key):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert key in out.stdout
+
+
+def test_compare_preflight_accepts_untrained_baselines_only():
+    """`'~trained'` (the README's untrained-baselines command) removes the node: preflight must not crash."""
+    from src.compare import preflight_compare
+    from tests.helpers.configs import compose_tiny
+
+    cfg = compose_tiny("compare", ["~trained", "random_matched_to=[]"])
+    assert cfg.get("trained") is None
+    preflight_compare(cfg)  # raised "Input cfg is not an OmegaConf config object" before
