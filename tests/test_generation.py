@@ -352,3 +352,42 @@ def test_smollm2_prompts_ours_equals_hf_generate(smollm2_dir):
     with torch.no_grad():
         hf = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(hf, ours.sequences)
+
+
+# ---------------------------------------------------------------------------------------------- folded router
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_router_equals_router_and_follows_weight_changes(dtype):
+    """MLPRouter.folded_logits (head @ dec folded into one vector, fused RMSNorm) = forward, to rounding;
+    the cached vector is rebuilt when a weight changes in place."""
+    from src.flexidepth.modules import MLPRouter
+
+    torch.manual_seed(0)
+    router = MLPRouter(64, 8, 1e-6).to(dtype)
+    router.reset_parameters()
+    torch.nn.init.normal_(router.head.weight, std=1.0)
+    z = torch.randn(3, 5, 64).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    with torch.inference_mode():
+        torch.testing.assert_close(router(z, folded=True), router(z), **tol)
+    with torch.no_grad():
+        router.head.weight.mul_(-2.0)  # in place: same storage, new version
+        router.dec.weight.add_(0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(router(z, folded=True), router(z), **tol)
+    assert router(z, folded=True).dtype == torch.float32
+
+
+def test_fast_path_uses_the_folded_router_and_masked_path_does_not(family):
+    model = _mixed_model(family)
+    seen = []
+    layer = flexi_layers(model)[0]
+    hook = layer.router.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append(kwargs.get("folded", False)), with_kwargs=True
+    )
+    ids, mask = _prompt(2, plen=8)
+    try:
+        _forward(model, ids, mask, True)
+        _forward(model, ids, mask, False)
+    finally:
+        hook.remove()
+    assert seen == [True, False]
