@@ -391,3 +391,28 @@ def test_fast_path_uses_the_folded_router_and_masked_path_does_not(family):
     finally:
         hook.remove()
     assert seen == [True, False]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_path_never_touches_run_weights_of_a_layer_no_row_runs(batch):
+    """Batched decode and prefill: a routed layer that no row runs calls neither q_proj, o_proj nor the FFN
+    (its weights are never streamed); a layer every row runs never calls the adapter."""
+    model = _mixed_model("llama")
+    first, second = flexi_layers(model)
+    calls = {"q": 0, "o": 0, "mlp": 0, "adapter": 0}
+    hooks = [
+        first.self_attn.q_proj.register_forward_hook(lambda *a: calls.__setitem__("q", calls["q"] + 1)),
+        first.self_attn.o_proj.register_forward_hook(lambda *a: calls.__setitem__("o", calls["o"] + 1)),
+        first.mlp.register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1)),
+        second.adapter.register_forward_hook(lambda *a: calls.__setitem__("adapter", calls["adapter"] + 1)),
+    ]
+    first.force_gate, second.force_gate = 0.0, 1.0
+    try:
+        ids, mask = _prompt(batch)
+        out = generate(model, None, ids, mask, max_new_tokens=3)
+    finally:
+        for h in hooks:
+            h.remove()
+        first.force_gate = second.force_gate = None
+    assert not out.run[..., 0].any() and out.run[..., 1].all()
+    assert calls == {"q": 0, "o": 0, "mlp": 0, "adapter": 0}
