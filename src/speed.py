@@ -392,25 +392,31 @@ def flop_ideal(config, system: System, layers_skipped: float) -> float:
     return base / (base - layers_skipped * layer_macs(config).full)
 
 
-def equal_speedup(results: dict, mode: str = "decode_b1") -> list[dict]:
+def equal_speedup(results: dict, mode: str = "decode_b1", basis: str = "wall") -> list[dict]:
     """Per held-out set and ShortGPT point: its ppl and FlexiDepth's ppl interpolated (log-linear) along the
-    curve of (measured `mode` speedup, ppl) at the same speedup; None outside the curve's measured range."""
+    curve of (measured `mode` speedup by `basis` wall | cpu time, ppl) at the same speedup; None outside the
+    curve's measured range. The curve's points are taken in speedup order (`curves.interpolate`), so on a
+    noisy machine neighbouring taus may swap: read it with the speed table."""
     from .eval.curves import interpolate
 
+    if basis not in ("wall", "cpu"):
+        raise ValueError(f"basis must be 'wall' or 'cpu', got {basis!r}")
+    key = f"speedup_{basis}"
     rows = []
     systems = results["systems"]
     flexi = [s for s in systems.values() if s["kind"] == "flexidepth"]
     for name in results["heldout"]:
-        curve = [(s["speed"][mode]["speedup_wall"], s["ppl"][name]["ppl"]) for s in flexi]
+        curve = [(s["speed"][mode][key], s["ppl"][name]["ppl"]) for s in flexi]
         for label, s in systems.items():
             if s["kind"] != "shortgpt":
                 continue
-            x = s["speed"][mode]["speedup_wall"]
+            x = s["speed"][mode][key]
             f = interpolate(curve, x)
             rows.append(
                 {
                     "set": name,
                     "baseline": label,
+                    "basis": basis,
                     "speedup": x,
                     "baseline_ppl": s["ppl"][name]["ppl"],
                     "flexidepth_ppl": f,
@@ -463,16 +469,17 @@ def speed_markdown(results: dict) -> str:
         "## At equal measured decode speedup (batch 1)",
         "",
         "FlexiDepth's ppl interpolated (log-linear) along its (measured speedup, ppl) curve at each baseline's "
-        "measured speedup; '-' = outside the speedups its taus reached.",
+        "measured speedup, by wall time and by CPU time; '-' = outside the speedups its taus reached.",
         "",
-        "| held-out set | baseline | speedup | baseline ppl | FlexiDepth ppl | FlexiDepth better |",
-        "|---|---|---|---|---|---|",
+        "| held-out set | baseline | basis | speedup | baseline ppl | FlexiDepth ppl | FlexiDepth better |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results["equal_speedup"]:
         f = "-" if r["flexidepth_ppl"] is None else f"{r['flexidepth_ppl']:.2f}"
         win = "-" if r["flexidepth_wins"] is None else ("yes" if r["flexidepth_wins"] else "no")
         lines.append(
-            f"| {r['set']} | {r['baseline']} | {r['speedup']:.3f} | {r['baseline_ppl']:.2f} | {f} | {win} |"
+            f"| {r['set']} | {r['baseline']} | {r.get('basis', 'wall')} | {r['speedup']:.3f} | "
+            f"{r['baseline_ppl']:.2f} | {f} | {win} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -586,7 +593,7 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
             "speed": speed[sys_.label],
             "ppl": ppl.get(sys_.label, {}),
         }
-    results["equal_speedup"] = equal_speedup(results) if ppl else []
+    results["equal_speedup"] = (equal_speedup(results) + equal_speedup(results, basis="cpu")) if ppl else []
     atomic_write_text(output_dir / "speed.json", json.dumps(_finite(results), indent=2, sort_keys=True))
     atomic_write_text(output_dir / "speed.md", speed_markdown(results))
     if ppl:

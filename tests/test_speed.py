@@ -170,7 +170,14 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
     # a higher threshold skips at least as many layers (same router, same text)
     sk = [systems[f"flexidepth@{t}"]["speed"]["layers_skipped_decode"] for t in ("0.2", "0.5", "0.8")]
     assert sk == sorted(sk) and sk[-1] > sk[0]
-    assert len(res["equal_speedup"]) == 2 * 2  # 2 sets x 2 ShortGPT points
+    assert len(res["equal_speedup"]) == 2 * 2 * 2  # (wall, cpu) x 2 sets x 2 ShortGPT points
+    for r in res["equal_speedup"]:
+        curve = [
+            systems[f"flexidepth@{t}"]["speed"]["decode_b1"][f"speedup_{r['basis']}"]
+            for t in ("0.2", "0.5", "0.8")
+        ]
+        inside = min(curve) <= r["speedup"] <= max(curve)
+        assert (r["flexidepth_ppl"] is not None) == inside
     saved = json.loads((out / "speed.json").read_text())
     assert saved["machine"]["threads"] == 1 and "cpu_flags" in saved["machine"]
     md = (out / "speed.md").read_text()
