@@ -458,8 +458,10 @@ def speed_markdown(results: dict) -> str:
             r = s["speed"][mode]
             cells += [f"{r['tokens_per_s']:.1f}", f"{r['speedup_wall']:.3f} ({r['speedup_cpu']:.3f})"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Held-out perplexity (layers skipped on the set / ppl)", ""]
     sets = results["heldout"]
+    if not sets:  # ppl_max_tokens=0: speed only
+        return "\n".join(lines) + "\n"
+    lines += ["", "## Held-out perplexity (layers skipped on the set / ppl)", ""]
     lines += ["| system | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
     for label, s in results["systems"].items():
         cells = [f"{s['ppl'][n]['layers_skipped']:.2f} / {s['ppl'][n]['ppl']:.2f}" for n in sets]
@@ -646,7 +648,8 @@ def main(cfg: DictConfig) -> None:
     results = run_speed(cfg)
     out = Path(cfg.paths.output_dir)
     print(speed_markdown(results))
-    log.info("speed: %s (speed.md, speed.json, ppl_vs_speedup.png)", out)
+    figure = ", ppl_vs_speedup.png" if results["heldout"] else ""
+    log.info("speed: %s (speed.md, speed.json%s)", out, figure)
 
 
 if __name__ == "__main__":

@@ -201,3 +201,16 @@ def test_speed_refuses_bad_settings(tmp_path, tiny_ckpt, override, match):
     cfg = _speed_cfg(tmp_path, tiny_ckpt, [override])
     with pytest.raises(Exception, match=match):
         preflight_speed(cfg)
+
+
+def test_speed_only_without_perplexity(tmp_path, tiny_ckpt):
+    """ppl_max_tokens=0, batch=0, prefill_length=0: batch-1 decode only; no figure, no ppl sections."""
+    from src.speed import run_speed
+
+    res = run_speed(
+        _speed_cfg(tmp_path, tiny_ckpt, ["ppl_max_tokens=0", "batch=0", "prefill_length=0", "shortgpt_k=[]"])
+    )
+    assert res["modes"] == ["decode_b1"] and res["heldout"] == [] and res["equal_speedup"] == []
+    assert list(res["systems"]) == ["base", "flexidepth@0.2", "flexidepth@0.5", "flexidepth@0.8"]
+    md = (tmp_path / "out" / "speed.md").read_text()
+    assert "Held-out perplexity" not in md and not (tmp_path / "out" / "ppl_vs_speedup.png").exists()
