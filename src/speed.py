@@ -24,7 +24,9 @@ Prompts and the prefill text are windows of held-out text (src/data/mixture.py H
 trained on). Held-out perplexity per set reuses the curves code of src.compare (src/eval/curves.py).
 The comparison at equal measured speedup interpolates FlexiDepth's perplexity (log-linear) along its
 curve of (measured batch-1 decode speedup, ppl) at each ShortGPT point's speedup; outside the range its
-taus reach there is no value (never extrapolated).
+taus reach there is no value (never extrapolated). A router skips more on some text than on other text, so
+with `per_set_speed=true` batch-1 decode is also timed on each held-out set's own prompts
+(`decode_b1@<set>`) and each set is compared at the speedups measured on its own text.
 
 Writes <output_dir>/speed.json, speed.md and ppl_vs_speedup.png (one panel per held-out set).
 """
@@ -73,6 +75,7 @@ class SpeedSettings:
     ppl_max_length: int = 256
     ppl_batch_size: int = 8
     calibration_texts: int = 32
+    per_set_speed: bool = False
 
 
 def speed_settings(cfg: DictConfig) -> SpeedSettings:
@@ -118,7 +121,15 @@ def speed_settings(cfg: DictConfig) -> SpeedSettings:
         ppl_max_length=whole("ppl_max_length", 2),
         ppl_batch_size=whole("ppl_batch_size", 1),
         calibration_texts=whole("calibration_texts", 1),
+        per_set_speed=_flag(cfg, "per_set_speed"),
     )
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    v = cfg.get(key, False)
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} must be true or false, got {v!r}")
+    return v
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -315,21 +326,33 @@ def build_systems(base, ckpt, taus, shortgpt_k, tokenizer, calibration_texts: in
 
 # ------------------------------------------------------------------------------------------ measure
 def measure_speed(
-    systems: list[System], prompts: list[list[int]], prefill: list[int] | None, s: SpeedSettings
+    systems: list[System],
+    prompts: list[list[int]],
+    prefill: list[int] | None,
+    s: SpeedSettings,
+    per_set: dict[str, list[list[int]]] | None = None,
 ):
     """Interleaved timings of every system (see the module docstring). Returns {label: {mode: {...}}}
-    with modes decode_b1, decode_b<batch> (batch > 1), prefill (prefill_length > 0), each holding the
-    wall/CPU seconds per round, their medians and tokens/s; plus layers_skipped_decode per system."""
+    with modes decode_b1, decode_b1@<set> (per_set: that held-out set's own prompts), decode_b<batch>
+    (batch > 1), prefill (prefill_length > 0), each holding the wall/CPU seconds per round, their medians
+    and tokens/s; plus layers_skipped_decode (over `prompts`) per system."""
     device = next(systems[0].model.parameters()).device
     one = [torch.tensor([p], device=device) for p in prompts]
     modes: dict[str, tuple[int, Any]] = {}  # mode -> (tokens per call, fn(system))
 
-    def dec1(sys_: System, routes=None):
-        sys_.prepare()
-        walls = [decode_timed(sys_.model, ids, s.new_tokens, routes) for ids in one]
-        return sum(w for w, _ in walls), sum(c for _, c in walls)
+    def batch1(ids_list):
+        def fn(sys_: System, routes=None):
+            sys_.prepare()
+            walls = [decode_timed(sys_.model, ids, s.new_tokens, routes) for ids in ids_list]
+            return sum(w for w, _ in walls), sum(c for _, c in walls)
 
+        return fn
+
+    dec1 = batch1(one)
     modes["decode_b1"] = (len(one) * s.new_tokens, dec1)
+    for name, set_prompts in (per_set or {}).items():
+        ids_list = [torch.tensor([p], device=device) for p in set_prompts]
+        modes[f"decode_b1@{name}"] = (len(ids_list) * s.new_tokens, batch1(ids_list))
     if s.batch > 1:
         rows = torch.tensor([prompts[i % len(prompts)] for i in range(s.batch)], device=device)
 
@@ -392,6 +415,11 @@ def flop_ideal(config, system: System, layers_skipped: float) -> float:
     return base / (base - layers_skipped * layer_macs(config).full)
 
 
+def set_mode(results: dict, mode: str, name: str) -> str:
+    """`<mode>@<name>` when the run timed held-out set `name`'s own prompts (per_set_speed), else `mode`."""
+    return f"{mode}@{name}" if f"{mode}@{name}" in results.get("modes", []) else mode
+
+
 def equal_speedup(results: dict, mode: str = "decode_b1", basis: str = "wall") -> list[dict]:
     """Per held-out set and ShortGPT point: its ppl and FlexiDepth's ppl interpolated (log-linear) along the
     curve of (measured `mode` speedup by `basis` wall | cpu time, ppl) at the same speedup; None outside the
@@ -406,17 +434,19 @@ def equal_speedup(results: dict, mode: str = "decode_b1", basis: str = "wall") -
     systems = results["systems"]
     flexi = [s for s in systems.values() if s["kind"] == "flexidepth"]
     for name in results["heldout"]:
-        curve = [(s["speed"][mode][key], s["ppl"][name]["ppl"]) for s in flexi]
+        m = set_mode(results, mode, name)
+        curve = [(s["speed"][m][key], s["ppl"][name]["ppl"]) for s in flexi]
         for label, s in systems.items():
             if s["kind"] != "shortgpt":
                 continue
-            x = s["speed"][mode][key]
+            x = s["speed"][m][key]
             f = interpolate(curve, x)
             rows.append(
                 {
                     "set": name,
                     "baseline": label,
                     "basis": basis,
+                    "mode": m,
                     "speedup": x,
                     "baseline_ppl": s["ppl"][name]["ppl"],
                     "flexidepth_ppl": f,
@@ -480,10 +510,16 @@ def speed_markdown(results: dict) -> str:
         f = "-" if r["flexidepth_ppl"] is None else f"{r['flexidepth_ppl']:.2f}"
         win = "-" if r["flexidepth_wins"] is None else ("yes" if r["flexidepth_wins"] else "no")
         lines.append(
-            f"| {r['set']} | {r['baseline']} | {r.get('basis', 'wall')} | {r['speedup']:.3f} | "
+            f"| {r['set']} | {r['baseline']} | {basis_cell(r)} | {r['speedup']:.3f} | "
             f"{r['baseline_ppl']:.2f} | {f} | {win} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def basis_cell(row: dict) -> str:
+    """`wall` / `cpu`, plus `, own prompts` when the speedup was timed on that set's own prompts."""
+    own = ", own prompts" if "@" in row.get("mode", "") else ""
+    return f"{row.get('basis', 'wall')}{own}"
 
 
 def plot_speed(results: dict, path: str | Path) -> Path:
@@ -499,14 +535,15 @@ def plot_speed(results: dict, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         flexi = [s for s in systems.values() if s["kind"] == "flexidepth"]
-        xs = [s["speed"]["decode_b1"]["speedup_wall"] for s in flexi]
+        m = set_mode(results, "decode_b1", name)
+        xs = [s["speed"][m]["speedup_wall"] for s in flexi]
         ys = [s["ppl"][name]["ppl"] for s in flexi]
         ax.plot(xs, ys, "-o", ms=3, label="FlexiDepth (tau curve)")
         for s, x, y in zip(flexi, xs, ys, strict=True):
             ax.annotate(f"{s['tau']:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         for kind, marker in (("base", "*"), ("shortgpt", "s")):
             pts = [
-                (s["speed"]["decode_b1"]["speedup_wall"], s["ppl"][name]["ppl"])
+                (s["speed"][m]["speedup_wall"], s["ppl"][name]["ppl"])
                 for s in systems.values()
                 if s["kind"] == kind
             ]
@@ -561,7 +598,10 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
     systems = build_systems(base, ckpt, s.taus, s.shortgpt_k, tokenizer, s.calibration_texts)
     for sys_ in systems:
         sys_.model.to(device)
-    speed = measure_speed(systems, prompts, prefill, s)
+    per_set = None
+    if s.per_set_speed:
+        per_set = {n: heldout_prompts(tokenizer, [n], s.prompts, s.prompt_length) for n in s.heldout}
+    speed = measure_speed(systems, prompts, prefill, s, per_set)
 
     ppl: dict[str, dict] = {}
     if s.ppl_max_tokens != 0:

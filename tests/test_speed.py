@@ -136,7 +136,7 @@ def tiny_ckpt(tmp_path):
 def test_speed_end_to_end(tmp_path, tiny_ckpt):
     from src.speed import preflight_speed, run_speed
 
-    cfg = _speed_cfg(tmp_path, tiny_ckpt)
+    cfg = _speed_cfg(tmp_path, tiny_ckpt, ["per_set_speed=true"])
     preflight_speed(cfg)
     res = run_speed(cfg)
     out = tmp_path / "out"
@@ -151,7 +151,7 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
         "shortgpt_k1",
         "shortgpt_k2",
     ]
-    assert res["modes"] == ["decode_b1", "decode_b3", "prefill"]
+    assert res["modes"] == ["decode_b1", "decode_b1@lee", "decode_b1@python_docs", "decode_b3", "prefill"]
     for label, s in systems.items():
         for mode in res["modes"]:
             r = s["speed"][mode]
@@ -172,10 +172,12 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
     assert sk == sorted(sk) and sk[-1] > sk[0]
     assert len(res["equal_speedup"]) == 2 * 2 * 2  # (wall, cpu) x 2 sets x 2 ShortGPT points
     for r in res["equal_speedup"]:
+        assert r["mode"] == f"decode_b1@{r['set']}"  # each set compared at the speed of its own prompts
         curve = [
-            systems[f"flexidepth@{t}"]["speed"]["decode_b1"][f"speedup_{r['basis']}"]
+            systems[f"flexidepth@{t}"]["speed"][r["mode"]][f"speedup_{r['basis']}"]
             for t in ("0.2", "0.5", "0.8")
         ]
+        assert r["speedup"] == systems[r["baseline"]]["speed"][r["mode"]][f"speedup_{r['basis']}"]
         inside = min(curve) <= r["speedup"] <= max(curve)
         assert (r["flexidepth_ppl"] is not None) == inside
     saved = json.loads((out / "speed.json").read_text())
@@ -192,6 +194,7 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
         ("shortgpt_k=[0]", "shortgpt_k"),
         ("heldout=[nope]", "heldout"),
         ("prompts=0", "prompts"),
+        ("per_set_speed=1", "per_set_speed"),
         ("ckpt_path=/nonexistent/run", "ckpt_path"),
     ],
 )
