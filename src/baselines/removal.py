@@ -7,6 +7,10 @@ model's state_dict keys, the KV-cache layout and the route statistics (layers us
 same as for every other method in the comparison, and `routed_forward` / `generate` work unchanged.
 The (unused) linear router of a removed layer is never called; FLOPs of a removed layer count as zero
 (`src/methods/_static.py: RemovalMethod.cost`).
+
+For wall-clock timing that wiring is not what a deployment runs (the identity layers still compute K/V
+and call a router), so `prune_layers` deletes the layers instead (used by `python -m src.speed`); both give
+the same logits (tests/test_speed.py).
 """
 
 from __future__ import annotations
