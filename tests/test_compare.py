@@ -80,7 +80,8 @@ def test_compare_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("module", "key"), [("src.compare", "curves:"), ("src.train", "loss:"), ("src.evaluate", "eval:")]
+    ("module", "key"),
+    [("src.compare", "curves:"), ("src.train", "loss:"), ("src.evaluate", "eval:"), ("src.speed", "taus:")],
 )
 def test_entry_points_are_hydra_commands(module, key):
     """`python -m <entry point> --cfg job` composes its primary config (the Hydra decorator sits on main)."""

@@ -352,3 +352,67 @@ def test_smollm2_prompts_ours_equals_hf_generate(smollm2_dir):
     with torch.no_grad():
         hf = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(hf, ours.sequences)
+
+
+# ---------------------------------------------------------------------------------------------- folded router
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_router_equals_router_and_follows_weight_changes(dtype):
+    """MLPRouter.folded_logits (head @ dec folded into one vector, fused RMSNorm) = forward, to rounding;
+    the cached vector is rebuilt when a weight changes in place."""
+    from src.flexidepth.modules import MLPRouter
+
+    torch.manual_seed(0)
+    router = MLPRouter(64, 8, 1e-6).to(dtype)
+    router.reset_parameters()
+    torch.nn.init.normal_(router.head.weight, std=1.0)
+    z = torch.randn(3, 5, 64).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    with torch.inference_mode():
+        torch.testing.assert_close(router(z, folded=True), router(z), **tol)
+    with torch.no_grad():
+        router.head.weight.mul_(-2.0)  # in place: same storage, new version
+        router.dec.weight.add_(0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(router(z, folded=True), router(z), **tol)
+    assert router(z, folded=True).dtype == torch.float32
+
+
+def test_fast_path_uses_the_folded_router_and_masked_path_does_not(family):
+    model = _mixed_model(family)
+    seen = []
+    layer = flexi_layers(model)[0]
+    hook = layer.router.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append(kwargs.get("folded", False)), with_kwargs=True
+    )
+    ids, mask = _prompt(2, plen=8)
+    try:
+        _forward(model, ids, mask, True)
+        _forward(model, ids, mask, False)
+    finally:
+        hook.remove()
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_path_never_touches_run_weights_of_a_layer_no_row_runs(batch):
+    """Batched decode and prefill: a routed layer that no row runs calls neither q_proj, o_proj nor the FFN
+    (its weights are never streamed); a layer every row runs never calls the adapter."""
+    model = _mixed_model("llama")
+    first, second = flexi_layers(model)
+    calls = {"q": 0, "o": 0, "mlp": 0, "adapter": 0}
+    hooks = [
+        first.self_attn.q_proj.register_forward_hook(lambda *a: calls.__setitem__("q", calls["q"] + 1)),
+        first.self_attn.o_proj.register_forward_hook(lambda *a: calls.__setitem__("o", calls["o"] + 1)),
+        first.mlp.register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1)),
+        second.adapter.register_forward_hook(lambda *a: calls.__setitem__("adapter", calls["adapter"] + 1)),
+    ]
+    first.force_gate, second.force_gate = 0.0, 1.0
+    try:
+        ids, mask = _prompt(batch)
+        out = generate(model, None, ids, mask, max_new_tokens=3)
+    finally:
+        for h in hooks:
+            h.remove()
+        first.force_gate = second.force_gate = None
+    assert not out.run[..., 0].any() and out.run[..., 1].all()
+    assert calls == {"q": 0, "o": 0, "mlp": 0, "adapter": 0}

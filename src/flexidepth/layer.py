@@ -120,9 +120,13 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
             self.self_attn._flexidepth_row_keep = None
 
     # ------------------------------------------------------------------ gate
-    def gate(self, z: torch.Tensor) -> torch.Tensor:
-        """z = N_a(x): [B, T, d] -> g: [B, T] in fp32."""
+    def gate(self, z: torch.Tensor, folded: bool = False) -> torch.Tensor:
+        """z = N_a(x): [B, T, d] -> g: [B, T] in fp32. folded: the router's inference form
+        (routers with `supports_folded`, called through the module so hooks still see the logits;
+        `MLPRouter.folded_logits`: the same value up to fp32 rounding, fewer ops; the fast path uses it)."""
         if self.force_gate is None:
+            if folded and getattr(self.router, "supports_folded", False):
+                return torch.sigmoid(self.router(z, folded=True))
             return torch.sigmoid(self.router(z))
         if callable(self.force_gate):
             return self.force_gate(z, self.layer_index).float()
@@ -164,15 +168,16 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
             h = x + a
             return h + self.mlp(self.post_attention_layernorm(h))
 
-        g = self.gate(z)
+        fast = self._fast_path_applies(attention_mask, position_embeddings) and not collecting_outputs(
+            "attentions", kwargs
+        )
+        g = self.gate(z, folded=fast)
         if self.train_decisions == "sample" and g.requires_grad:
             run = torch.rand_like(g) < g.detach()  # training only: run with probability g
         else:
             run = g > self.tau  # strict: g == tau skips
         self.recorder.record(self.layer_index, g, run)
-        if self._fast_path_applies(attention_mask, position_embeddings) and not collecting_outputs(
-            "attentions", kwargs
-        ):
+        if fast:
             return self._fast_forward(x, z, g, run, attention_mask, cache, position_embeddings)
 
         if not self.kv_for_skipped:

@@ -1,0 +1,219 @@
+"""`python -m src.speed` (src/speed.py) and really pruned static baselines (`prune_layers`)."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from tests.conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ids(batch=2, seq=12, seed=0, vocab=1000):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def test_pruned_model_equals_identity_removal_and_hf_generate(family):
+    """Deleting layers gives the logits and the cached generation of identity-skipping them (remove_layers),
+    with a KV cache that holds only the kept layers; HF generate on the pruned model gives the same tokens."""
+    from transformers import DynamicCache
+
+    from src.baselines.removal import prune_layers, remove_layers
+    from src.flexidepth.generation import generate
+    from src.speed import shared_copy
+
+    base = tiny_model(family, layers=6)
+    removed = [1, 4]
+    pruned = prune_layers(shared_copy(base), removed)
+    identity = remove_layers(copy.deepcopy(base), removed)
+    assert len(pruned.model.layers) == 4 and pruned.config.num_hidden_layers == 4
+    assert base.config.num_hidden_layers == 6 and len(base.model.layers) == 6  # the original is untouched
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == [0, 1, 2, 3]
+    assert pruned.model.layers[0].self_attn.q_proj.weight is base.model.layers[0].self_attn.q_proj.weight
+    ids = _ids()
+    with torch.no_grad():
+        a = pruned(input_ids=ids).logits
+        b = identity(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a, base(input_ids=ids).logits, atol=1e-3)  # removal did change the model
+
+    out_p = generate(pruned, None, ids, max_new_tokens=6, return_logits=True)
+    out_i = generate(identity, None, ids, max_new_tokens=6, return_logits=True)
+    assert torch.equal(out_p.new_tokens, out_i.new_tokens)
+    torch.testing.assert_close(out_p.logits, out_i.logits, atol=1e-4, rtol=1e-4)
+    hf = pruned.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(hf[:, ids.shape[1] :], out_p.new_tokens)
+    cache = DynamicCache(config=pruned.config)
+    with torch.no_grad():
+        pruned(input_ids=ids, cache=cache, use_cache=True)
+    assert len(cache.layers) == 4
+
+
+def test_prune_layers_refuses_bad_indices():
+    from src.baselines.removal import prune_layers
+    from src.flexidepth import FlexiDepthConfig, inject
+
+    with pytest.raises(ValueError, match="out of range"):
+        prune_layers(tiny_model(layers=4), [4])
+    with pytest.raises(ValueError, match="duplicate"):
+        prune_layers(tiny_model(layers=4), [1, 1])
+    with pytest.raises(ValueError, match="all 4"):
+        prune_layers(tiny_model(layers=4), [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="plain model"):
+        prune_layers(inject(tiny_model(layers=4), FlexiDepthConfig()), [0])
+    m = tiny_model(layers=4)
+    assert prune_layers(m, []) is m and len(m.model.layers) == 4
+
+
+def test_interleaved_rotates_and_medians():
+    from src.speed import _median, interleaved
+
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n) or (1.0, 0.5)) for n in "abc"}
+    res = interleaved(fns, rounds=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert res["a"] == {"wall": [1.0] * 3, "cpu": [0.5] * 3}
+    assert _median([3.0, 1.0, 2.0]) == 2.0 and _median([1.0, 2.0]) == 1.5
+
+
+def _speed_cfg(tmp_path, ckpt, extra=()):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "speed",
+            overrides=[
+                "model=tiny_llama",
+                f"ckpt_path={ckpt}",
+                "taus=[0.2,0.5,0.8]",
+                "shortgpt_k=[1,2]",
+                "calibration_texts=2",
+                "prompts=2",
+                "prompt_length=8",
+                "new_tokens=3",
+                "batch=3",
+                "prefill_length=16",
+                "rounds=2",
+                "warmup=1",
+                "heldout=[lee,python_docs]",
+                "ppl_max_tokens=64",
+                "ppl_max_length=32",
+                *extra,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+    return cfg
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    """A FlexiDepth checkpoint on conf/model/tiny_llama.yaml with routers whose gates spread over (0, 1)."""
+    from omegaconf import OmegaConf
+
+    from src.flexidepth import FlexiDepthConfig, flexi_layers, inject, save_flexidepth
+    from src.models.loader import load_base_model
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model_cfg = OmegaConf.to_container(
+            compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
+        )
+    model = inject(load_base_model(model_cfg), FlexiDepthConfig(tau=0.5))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in flexi_layers(model):
+            layer.router.bias.fill_(0.0)
+            torch.nn.init.normal_(layer.router.head.weight, std=2.0)
+    save_flexidepth(model, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_speed_end_to_end(tmp_path, tiny_ckpt):
+    from src.speed import preflight_speed, run_speed
+
+    cfg = _speed_cfg(tmp_path, tiny_ckpt, ["per_set_speed=true"])
+    preflight_speed(cfg)
+    res = run_speed(cfg)
+    out = tmp_path / "out"
+    for name in ("speed.json", "speed.md", "ppl_vs_speedup.png"):
+        assert (out / name).stat().st_size > 0, name
+    systems = res["systems"]
+    assert list(systems) == [
+        "base",
+        "flexidepth@0.2",
+        "flexidepth@0.5",
+        "flexidepth@0.8",
+        "shortgpt_k1",
+        "shortgpt_k2",
+    ]
+    assert res["modes"] == ["decode_b1", "decode_b1@lee", "decode_b1@python_docs", "decode_b3", "prefill"]
+    for label, s in systems.items():
+        for mode in res["modes"]:
+            r = s["speed"][mode]
+            assert len(r["wall_s"]) == 2 and all(w > 0 for w in r["wall_s"])
+            assert math.isfinite(r["speedup_wall"]) and r["speedup_wall"] > 0, (label, mode)
+            assert math.isfinite(r["speedup_cpu"]) and r["tokens_per_s"] > 0
+        for name in ("lee", "python_docs"):
+            assert math.isfinite(s["ppl"][name]["ppl"]) and s["ppl"][name]["ppl"] > 1
+    assert systems["base"]["speed"]["decode_b1"]["speedup_wall"] == 1.0
+    assert systems["base"]["flop_ideal"] == 1.0
+    for k in (1, 2):
+        s = systems[f"shortgpt_k{k}"]
+        assert len(s["removed"]) == k and s["speed"]["layers_skipped_decode"] == k
+        assert s["ppl"]["lee"]["layers_skipped"] == pytest.approx(k)
+        assert s["flop_ideal"] > 1
+    # a higher threshold skips at least as many layers (same router, same text)
+    sk = [systems[f"flexidepth@{t}"]["speed"]["layers_skipped_decode"] for t in ("0.2", "0.5", "0.8")]
+    assert sk == sorted(sk) and sk[-1] > sk[0]
+    assert len(res["equal_speedup"]) == 2 * 2 * 2  # (wall, cpu) x 2 sets x 2 ShortGPT points
+    for r in res["equal_speedup"]:
+        assert r["mode"] == f"decode_b1@{r['set']}"  # each set compared at the speed of its own prompts
+        curve = [
+            systems[f"flexidepth@{t}"]["speed"][r["mode"]][f"speedup_{r['basis']}"]
+            for t in ("0.2", "0.5", "0.8")
+        ]
+        assert r["speedup"] == systems[r["baseline"]]["speed"][r["mode"]][f"speedup_{r['basis']}"]
+        inside = min(curve) <= r["speedup"] <= max(curve)
+        assert (r["flexidepth_ppl"] is not None) == inside
+    saved = json.loads((out / "speed.json").read_text())
+    assert saved["machine"]["threads"] == 1 and "cpu_flags" in saved["machine"]
+    md = (out / "speed.md").read_text()
+    assert "| shortgpt_k2 |" in md and "At equal measured decode speedup" in md
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("taus=[]", "taus"),
+        ("taus=[1.5]", "taus"),
+        ("shortgpt_k=[0]", "shortgpt_k"),
+        ("heldout=[nope]", "heldout"),
+        ("prompts=0", "prompts"),
+        ("per_set_speed=1", "per_set_speed"),
+        ("ckpt_path=/nonexistent/run", "ckpt_path"),
+    ],
+)
+def test_speed_refuses_bad_settings(tmp_path, tiny_ckpt, override, match):
+    from src.speed import preflight_speed
+
+    cfg = _speed_cfg(tmp_path, tiny_ckpt, [override])
+    with pytest.raises(Exception, match=match):
+        preflight_speed(cfg)
+
+
+def test_speed_only_without_perplexity(tmp_path, tiny_ckpt):
+    """ppl_max_tokens=0, batch=0, prefill_length=0: batch-1 decode only; no figure, no ppl sections."""
+    from src.speed import run_speed
+
+    res = run_speed(
+        _speed_cfg(tmp_path, tiny_ckpt, ["ppl_max_tokens=0", "batch=0", "prefill_length=0", "shortgpt_k=[]"])
+    )
+    assert res["modes"] == ["decode_b1"] and res["heldout"] == [] and res["equal_speedup"] == []
+    assert list(res["systems"]) == ["base", "flexidepth@0.2", "flexidepth@0.5", "flexidepth@0.8"]
+    md = (tmp_path / "out" / "speed.md").read_text()
+    assert "Held-out perplexity" not in md and not (tmp_path / "out" / "ppl_vs_speedup.png").exists()
