@@ -15,6 +15,7 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src"
 # the command-line entry points; `python -m src.eval` (src/eval/__main__.py) is `python -m src.evaluate`
 ENTRY_POINTS = {"src.train", "src.compare", "src.evaluate", "src.generate", "src.eval.__main__"}
+ENTRY_POINTS |= {"src.analyze"}
 ALIASES = {("src.eval.__main__", "src.evaluate.main")}  # the one import allowed: an alias of its command
 
 

@@ -457,19 +457,18 @@ def analysis_markdown(a: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def category_figure(a: dict[str, Any], path: str | Path) -> Path:
-    """analysis_categories.png: mean layers used (produced) per category with its 95% interval and n."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def category_figure(a: dict[str, Any]):
+    """Mean layers used (produced view) per category with its 95% interval and token count, as a
+    matplotlib Figure built without pyplot (like src/eval/figures.py); an empty category is marked so."""
+    from matplotlib.figure import Figure
 
     names = list(a["categories"])
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    fig = Figure(figsize=(7.5, 0.42 * len(names) + 1.3))
+    ax = fig.subplots()
     for i, name in enumerate(names):
         s = a["categories"][name]
         if s["mean"] is None:
-            ax.text(0.01, i, "empty (n=0)", transform=ax.get_yaxis_transform(), va="center", color="grey")
+            ax.text(0.02, i, "empty (n=0)", transform=ax.get_yaxis_transform(), va="center", color="grey")
             continue
         lo, hi = s["ci"] or [s["mean"], s["mean"]]
         ax.errorbar(s["mean"], i, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color="C0", capsize=3)
@@ -479,10 +478,14 @@ def category_figure(a: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"Layers used by token category: {a['model']}")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def write_category_figure(a: dict[str, Any], path: str | Path) -> Path:
+    """Save `category_figure` as a PNG, atomically (a temporary file renamed over `path`)."""
     path = Path(path)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    category_figure(a).savefig(tmp, dpi=120)
     tmp.replace(path)
     return path
 
@@ -512,7 +515,7 @@ def write_analysis(eval_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> d
     a["source"] = str(parquet)
     atomic_write_text(eval_dir / "analysis.json", json.dumps(a, indent=2))
     atomic_write_text(eval_dir / "analysis.md", analysis_markdown(a))
-    category_figure(a, eval_dir / "analysis_categories.png")
+    write_category_figure(a, eval_dir / "analysis_categories.png")
     return a
 
 
@@ -531,4 +534,5 @@ __all__ = [
     "token_categories",
     "token_table",
     "write_analysis",
+    "write_category_figure",
 ]
