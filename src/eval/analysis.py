@@ -185,11 +185,11 @@ def token_table(rows: list[dict]) -> dict[str, Any]:
             loss.append(math.nan if r.get("base_loss") is None else float(r["base_loss"]))
             for c in CATEGORIES:
                 member[c].append(c in cats[t])
-    width = max((len(r) for r in runs), default=0)
-    run = np.zeros((len(runs), width), dtype=bool)
-    for i, r in enumerate(runs):
-        if len(r) == width:
-            run[i] = r
+    widths = {len(r) for r in runs}
+    if len(widths) > 1:
+        raise ValueError(f"DepthMap rows have run flags of different lengths {sorted(widths)}")
+    width = widths.pop() if widths else 0
+    run = np.asarray(runs, dtype=bool).reshape(len(runs), width)
     return {
         "example": np.asarray(example, dtype=np.int64),
         "n_examples": len(set(example)),
@@ -361,7 +361,7 @@ def analyze_rows(
         "model": models[0] if models else None,
         "view": "produced: the layers of the forward that predicted each token (module docstring)",
         "n_tokens": int(tab["example"].size),
-        "n_examples": n_ex,
+        "n_examples": int(tab["n_examples"]),
         "n_boot": int(n_boot),
         "seed": int(seed),
         "copy_ngram": COPY_NGRAM,
