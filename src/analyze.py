@@ -39,7 +39,9 @@ def parse_args(argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from .eval.analysis import analysis_markdown, write_analysis
     from .utils.cli import user_errors
+    from .utils.quiet import silence_third_party
 
+    silence_third_party()
     with user_errors():
         opts = parse_args(sys.argv[1:] if argv is None else argv)
         a = write_analysis(opts["eval_dir"], opts.get("n_boot", 1000), opts.get("seed", 0))

@@ -381,6 +381,11 @@ def _f(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (pipes escaped)."""
+    return text.replace("|", "\\|")
+
+
 def _ci_text(ci: list[float] | None, digits: int = 2) -> str:
     return "-" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
@@ -418,7 +423,7 @@ def analysis_markdown(a: dict[str, Any]) -> str:
         empty = " (empty)" if s["n"] == 0 else ""
         lines.append(
             f"| {name}{empty} | {s['n']} | {_f(s['mean'])} | {_ci_text(s['ci'])} | {_f(r['mean'])} | "
-            f"{a['category_definitions'][name]} |"
+            f"{_cell(a['category_definitions'][name])} |"
         )
     lines += ["", "## Differences", "", "| difference | layers | 95% CI |", "|---|---|---|"]
     for name, d in a["differences"].items():
@@ -473,7 +478,7 @@ def category_figure(a: dict[str, Any]):
         lo, hi = s["ci"] or [s["mean"], s["mean"]]
         ax.errorbar(s["mean"], i, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color="C0", capsize=3)
     ax.set_yticks(range(len(names)), [f"{n} (n={a['categories'][n]['n']})" for n in names])
-    ax.invert_yaxis()
+    ax.set_ylim(len(names) - 0.5, -0.5)  # first category on top, room for an empty one's note
     ax.set_xlabel("layers used to produce the token (mean, 95% bootstrap CI over examples)")
     ax.set_title(f"Layers used by token category: {a['model']}")
     ax.grid(axis="x", alpha=0.3)
