@@ -559,8 +559,9 @@ def evaluate(cfg) -> dict[str, Any]:
 
     Writes <paths.output_dir>/results.json, results.md, completions.jsonl, depthmap.parquet (the last
     evaluated system's tokens, with the base model's entropy / loss on them), the figures and the depth
-    analysis (analysis.md / .json / _categories.png, src/eval/analysis.py). Raises FileNotFoundError for a `ckpt_path` without a
-    FlexiDepth folder, ValueError for a bad method config (before the model is loaded).
+    analysis (analysis.md / .json / _categories.png, src/eval/analysis.py). Raises FileNotFoundError for a
+    `ckpt_path` without a FlexiDepth folder, ValueError for a bad method config (before the model is
+    loaded).
     """
     from omegaconf import OmegaConf
 
