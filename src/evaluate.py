@@ -12,8 +12,9 @@ folder is named after the checkpoint (`<run>_<time>`; `base_<time>` or `<method>
 
 Writes outputs/evaluate/runs/<run_name>/: results.json, results.md (per-task table), completions.jsonl,
 depthmap.parquet (per-token layer usage, `src.eval.load_depthmap`), layer_run_fraction.png,
-layer_position_heatmap.png, task_depth.png, depthmap.html (tokens shaded by layers used); with a W&B logger (offline by default) the table, scalars and
-figures are logged too.
+layer_position_heatmap.png, task_depth.png, depthmap.html (tokens shaded by layers used), analysis.md /
+analysis.json / analysis_categories.png (what the router learned, src/eval/analysis.py); with a W&B logger
+(offline by default) the table, scalars and figures are logged too.
 """
 
 from __future__ import annotations

@@ -294,6 +294,13 @@ def test_untrained_method_train_and_eval_end_to_end(name, tmp_path):
         assert res["method"]["removed"] == record["method"]["removed"]  # calibration is deterministic
     assert res["layers"]["base"]["layers_used_scored"] == 4.0
     assert "retention" in res and (tmp_path / "eval" / "results.md").is_file()
+    # the base's entropy is recorded under routing off, except after LaCo's merges (the base is gone)
+    from src.eval import load_depthmap
+
+    entropy = load_depthmap(tmp_path / "eval" / "depthmap.parquet")["base_entropy"]
+    assert all(h is None for h in entropy) if name == "laco" else any(h is not None for h in entropy)
+    analysis = json.loads((tmp_path / "eval" / "analysis.json").read_text())
+    assert (analysis["spearman"]["entropy"]["n"] == 0) == (name == "laco")
 
 
 TRAINED = {

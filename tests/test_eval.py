@@ -102,6 +102,8 @@ def test_depthmap_round_trip(tmp_path):
             "layers_used": 2 + i % 3,
             "gates": [0.25 * (i % 4), 0.5, 0.875],
             "run": [i % 2 == 0, True, False],
+            "base_entropy": None if i == 0 else 0.5 * i,  # exact in float32
+            "base_loss": None if i == 0 else 0.25 * i,
         }
         for i, (task, seg) in enumerate(
             [("copy", "prompt"), ("copy", "generated"), ("addition", "generated")]
@@ -111,6 +113,17 @@ def test_depthmap_round_trip(tmp_path):
     ds = load_depthmap(path)
     assert len(ds) == 3
     assert ds.to_list() == records  # gates are exact in float32 here
+
+    # a file written before base_entropy / base_loss were recorded loads with them null
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "old.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["base_entropy", "base_loss"]), old)
+    rows = load_depthmap(old).to_list()
+    assert [r["base_entropy"] for r in rows] == [None] * 3 and [r["base_loss"] for r in rows] == [None] * 3
+    assert [r["gates"] for r in rows] == [r["gates"] for r in records]
+    with pytest.raises(FileNotFoundError, match="no DepthMap file"):
+        load_depthmap(tmp_path / "missing.parquet")
 
 
 # ---------------------------------------------------------------------------------------- end to end
@@ -191,6 +204,20 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path, capsys):
     row = ds[0]
     assert len(row["gates"]) == 2 and len(row["run"]) == 2
     assert all(u == 2 for u in ds["layers_used"])
+    # the base model's entropy / loss: null at each example's position 0, positive elsewhere
+    for r in ds:
+        if r["position"] == 0:
+            assert r["base_entropy"] is None and r["base_loss"] is None
+        else:
+            assert r["base_entropy"] > 0 and r["base_loss"] > 0
+    # the depth analysis ran at the end: every token used 2 layers, so no correlation can be measured
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["n_examples"] == len(set(ds["example_id"]))
+    assert analysis["categories"]["prompt"]["mean"] == 2.0 and analysis["categories"]["answer"]["n"] > 0
+    assert analysis["categories"]["arithmetic_digit"]["n"] > 0  # addition / add_choice answers
+    assert analysis["spearman"]["entropy"]["rho"] is None and analysis["spearman"]["entropy"]["n"] > 0
+    assert (out / "analysis.md").is_file() and (out / "analysis_categories.png").stat().st_size > 5000
+    assert "categories: " in (out / "depthmap.html").read_text()
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ ENTRY_POINTS = {
     "src.generate",
     "src.export",
     "src.speed",
+    "src.analyze",
     "src.eval.__main__",
 }
 ALIASES = {("src.eval.__main__", "src.evaluate.main")}  # the one import allowed: an alias of its command
@@ -224,6 +225,7 @@ def test_token_records_from_lists_and_tensors():
     assert recs[1] == {
         "model": "sys", "task": "copy", "example_id": "copy-0", "segment": "generated", "position": 5,
         "token_id": 2, "token": "t2", "text": "b", "layers_used": 3, "gates": [0.25], "run": [False],
+        "base_entropy": None, "base_loss": None,  # filled later by add_base_stats (src/eval/uncertainty.py)
     }  # fmt: skip
     plain = token_records(CharTokenizer(), "base", ex, "prompt", [3], [4])
     assert plain[0]["gates"] == [] and plain[0]["run"] == [] and plain[0]["position"] == 0

@@ -76,7 +76,9 @@ def test_depth_analysis_notebook_executes(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) >= 3  # run fraction, layer x position, task depth (+ layers-used distribution)
-    assert len(pngs) == 4
+    assert len(pngs) == 5  # + layers used by token category (src/eval/analysis.py)
+    markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert any("## The paper's claims" in m and "| copied |" in m for m in markdown)
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     frame = next(h for h in html if h.startswith("<div><iframe srcdoc="))
     assert "class=&quot;tok&quot;" in frame and "fd-legend" in frame

@@ -9,6 +9,9 @@ prompt and the correct choice's tokens):
     layers_used  decoder layers this token's forward ran (unrouted layers + routed layers run)
     gates        [R] router gate per routed layer (empty when routing is off)
     run          [R] the layer was run (g > tau)
+    base_entropy the base model's predictive entropy at the distribution that predicted this token,
+                 H(p_base(. | x_<t)) in nats; null at position 0 and when the base is not recoverable (LaCo)
+    base_loss    -log p_base(x_t | x_<t) in nats (same nulls); src/eval/uncertainty.py
 
 Prompt tokens carry the routes of their own prefill position; generated token i carries the routes of the
 forward that produced it (the last prompt token for i = 0, then token i - 1), the paper's "layers used to
@@ -39,6 +42,8 @@ def features():
             "layers_used": Value("int32"),
             "gates": Sequence(Value("float32")),
             "run": Sequence(Value("bool")),
+            "base_entropy": Value("float32"),
+            "base_loss": Value("float32"),
         }
     )
 
@@ -47,7 +52,8 @@ def to_dataset(records: list[dict], layer_indices: list[int] | None = None, num_
     from datasets import Dataset, DatasetInfo
 
     feats = features()
-    columns = {name: [r[name] for r in records] for name in feats}
+    optional = ("base_entropy", "base_loss")  # absent from records made before they were recorded
+    columns = {name: [r.get(name) if name in optional else r[name] for r in records] for name in feats}
     meta = {
         "format": "flexidepth-depthmap",
         "routed_layers": list(layer_indices or []),
@@ -71,10 +77,23 @@ def write_depthmap(
 
 
 def load_depthmap(path: str | Path):
-    """Load a DepthMap parquet file back as a datasets.Dataset (with the DepthMap features)."""
+    """Load a DepthMap parquet file back as a datasets.Dataset (with the DepthMap features). A file written
+    before base_entropy / base_loss were recorded loads with those columns null. Raises FileNotFoundError."""
     from datasets import Dataset
 
-    return Dataset.from_parquet(str(path), features=features())
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no DepthMap file at {path}")
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(str(path)).names
+    missing = [name for name in features() if name not in names]
+    if not missing:
+        return Dataset.from_parquet(str(path), features=features())
+    ds = Dataset.from_parquet(str(path))
+    for name in missing:
+        ds = ds.add_column(name, [None] * len(ds))
+    return ds.cast(features())
 
 
 __all__ = ["features", "load_depthmap", "to_dataset", "write_depthmap"]

@@ -106,12 +106,15 @@ def visible_text(text: str, token: str = "") -> tuple[str, int]:
 
 
 def token_title(record: dict[str, Any], num_layers: int, routed_layers: Sequence[int]) -> str:
-    """Hover text: the token, its segment and position, layers used and one line per routed layer."""
+    """Hover text: the token, its segment and position, layers used, its token categories (when the record
+    has "categories") and one line per routed layer."""
     lines = [
         f"{record['token']!r} = {record['text']!r}",
         f"{record['segment']} token, position {record['position']}",
         f"layers used {record['layers_used']} / {num_layers}",
     ]
+    if record.get("categories"):  # src/eval/analysis.py's token categories, when computed
+        lines.append("categories: " + ", ".join(record["categories"]))
     gates, run = list(record.get("gates") or []), list(record.get("run") or [])
     if not gates:
         lines.append("routing off: every layer ran")

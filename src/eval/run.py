@@ -202,6 +202,8 @@ def token_records(
                 "layers_used": int(round(float(used[j]))),
                 "gates": [] if gates is None else [float(v) for v in gates[j]],
                 "run": [] if run is None else [bool(v) for v in run[j]],
+                "base_entropy": None,  # filled by src/eval/uncertainty.py's add_base_stats
+                "base_loss": None,
             }
         )
     return out
@@ -556,8 +558,10 @@ def evaluate(cfg) -> dict[str, Any]:
     (`ckpt_path`), or a baseline that needs no training (ShortGPT, LaCo, early exit, random skip).
 
     Writes <paths.output_dir>/results.json, results.md, completions.jsonl, depthmap.parquet (the last
-    evaluated system's tokens) and the figures. Raises FileNotFoundError for a `ckpt_path` without a
-    FlexiDepth folder, ValueError for a bad method config (before the model is loaded).
+    evaluated system's tokens, with the base model's entropy / loss on them), the figures and the depth
+    analysis (analysis.md / .json / _categories.png, src/eval/analysis.py). Raises FileNotFoundError for a
+    `ckpt_path` without a FlexiDepth folder, ValueError for a bad method config (before the model is
+    loaded).
     """
     from omegaconf import OmegaConf
 
@@ -565,9 +569,11 @@ def evaluate(cfg) -> dict[str, Any]:
     from src.methods import build_method, trains
     from src.models.loader import load_base_model
 
+    from .analysis import record_categories, write_analysis
     from .depthmap import write_depthmap
     from .figures import write_figures
     from .report import write_markdown
+    from .uncertainty import add_base_stats
 
     ev = cfg.eval
     method_cfg = (
@@ -606,6 +612,16 @@ def evaluate(cfg) -> dict[str, Any]:
 
     systems = [(None, apply)] if method_applies(cfg, ckpt) else []
     evaluated = list(evaluate_against_base(model, tokenizer, ev, inputs, systems))
+    depth_records = evaluated[-1].records  # the system's tokens (the base model's when none applies)
+    applied = evaluated[-1].applied
+    log.info("base model's entropy and loss on the %d DepthMap tokens", len(depth_records))
+    add_base_stats(  # the base's distribution on the system's own tokens (its routing off)
+        model,
+        depth_records,
+        int(ev.batch_size),
+        pad_token_id(tokenizer),
+        method=None if applied is None else applied.name,
+    )
     del model
 
     results: dict[str, Any] = {
@@ -631,14 +647,17 @@ def evaluate(cfg) -> dict[str, Any]:
             results["routed_layers"] = res.routed_layers
             results["retention"] = res.retention
             results["flops"] = res.flops
-    depth_records = evaluated[-1].records  # the system's tokens (the base model's when none applies)
     atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2, sort_keys=True))
     with (output_dir / "completions.jsonl").open("w") as f:
         for row in all_rows:
             f.write(json.dumps(row) + "\n")
     write_markdown(results, output_dir / "results.md")
     write_depthmap(depth_records, output_dir / "depthmap.parquet", results["routed_layers"], num_layers)
+    record_categories(depth_records)  # token categories (src/eval/analysis.py): the HTML's hover shows them
     figures = write_figures(results, depth_records, output_dir)
+    log.info("depth analysis (what the router learned): %s", output_dir / "analysis.md")
+    write_analysis(output_dir)
+    figures.append(output_dir / "analysis_categories.png")
     results["figures"] = [str(p) for p in figures]
     return results
 

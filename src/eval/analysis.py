@@ -1,0 +1,543 @@
+"""What the router learned: layers used by token category and against the base model's uncertainty, with
+bootstrap intervals, from an evaluation's `depthmap.parquet` (src/eval/depthmap.py).
+
+    python -m src.analyze eval_dir=outputs/evaluate/runs/<run>      (src.eval runs it at its end)
+
+writes <eval_dir>/analysis.json, analysis.md and analysis_categories.png (`write_analysis`).
+
+**Which forward a token is charged to.** The paper counts the layers used *to generate* a token: for token
+x_t that is the forward at position t - 1 (the one whose output distribution predicted x_t). A generated
+DepthMap row already carries that forward's routes; a prompt or choice row carries the routes of its own
+position (the forward that predicts x_{t+1}), so for those the analysis takes the routes of the row at
+position t - 1 of the same example. Tokens at position 0 (nothing produced them) are left out. The base
+model's entropy / loss of a row are those of the same producing forward (src/eval/uncertainty.py). The
+"recorded" view (each row's own routes, what depthmap.html shades) is reported beside it in analysis.json.
+
+**Intervals.** Tokens of one example are not independent, so every interval is a 95% percentile bootstrap
+over *examples* (resampling whole examples with replacement, `n_boot` times, numpy seed `seed`): category
+means, differences of two categories (paired: the same resamples), Spearman correlations and entropy deciles.
+
+Categories are `CATEGORIES` (below), computed by `token_categories` from the tokens and their segments only,
+never from the routes, so they apply to any checkpoint; the base model's distribution enters through the
+entropy deciles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from src.utils.errors import UserError
+from src.utils.files import atomic_write_text
+
+
+class AnalysisInputError(UserError, ValueError):
+    """A bad `eval_dir` / option of the analysis (the message names the key and the file)."""
+
+
+COPY_NGRAM = 3  # a copied token completes a repeat of this many tokens (itself and the COPY_NGRAM - 1 before)
+# prompts that pose an arithmetic question: "Compute: 12 + 7 =", "What is 12 × 7?"
+ARITHMETIC_PROMPT = re.compile(r"\d+\s*[-+*/x×]\s*\d+\s*[=?]")
+# the most frequent English function words (closed-class words: articles, prepositions, pronouns, auxiliaries)
+FUNCTION_WORDS = frozenset(
+    "the a an of to in on at for with by from as and or but if that this these those it its is are was were "
+    "be been has have had do does did not he she they we you i his her their our him them which who what "
+    "will would can could there than so".split()
+)
+# end-of-turn / end-of-text special tokens of the supported families' chat templates
+END_OF_TURN = frozenset(
+    {"<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<|end|>", "<end_of_turn>"}
+)
+
+CATEGORIES: dict[str, str] = {
+    "copied": f"completes a {COPY_NGRAM}-token n-gram (itself and the {COPY_NGRAM - 1} tokens before it) that "
+    "already occurred earlier in its example (prompt + answer)",
+    "novel": f"not copied, at a position >= {COPY_NGRAM - 1} (where a repeat could be detected)",
+    "prompt": "a token of the prompt",
+    "answer": "a token of the answer: generated, or of the scored (correct) choice",
+    "arithmetic_digit": "an answer token made of digits only, in an example whose prompt poses an arithmetic "
+    "question (`ARITHMETIC_PROMPT`: 'a + b =', 'a x b?', ...)",
+    "arithmetic_context": "every other token of those arithmetic examples (their prompt, the answer's non-digits)",
+    "punctuation": "a token made of punctuation only (Unicode category P*; surrounding spaces ignored)",
+    "function_word": "a whole word in `FUNCTION_WORDS` (the, of, and, is, ...; case-insensitive)",
+    "word_start": "an alphabetic token that starts a word (after a space, a non-letter, or at position 0)",
+    "word_continuation": "an alphabetic token that continues a word (no leading space, after a letter)",
+    "end_of_turn": f"an end-of-turn / end-of-text special token ({', '.join(sorted(END_OF_TURN))})",
+}
+# (a, b, expected sign of mean(a) - mean(b) under the paper's findings)
+DIFFERENCES: tuple[tuple[str, str], ...] = (
+    ("copied", "novel"),
+    ("arithmetic_digit", "arithmetic_context"),
+    ("answer", "prompt"),
+    ("word_continuation", "word_start"),
+    ("function_word", "word_start"),
+)
+
+
+# ---------------------------------------------------------------------------------------- categories
+def _alpha(text: str) -> bool:
+    core = text.strip()
+    return bool(core) and core.replace("'", "").isalpha()
+
+
+def _punct(text: str) -> bool:
+    core = text.strip()
+    return bool(core) and all(unicodedata.category(ch).startswith("P") for ch in core)
+
+
+def token_categories(
+    ids: Sequence[int], tokens: Sequence[str], texts: Sequence[str], segments: Sequence[str]
+) -> list[set[str]]:
+    """The `CATEGORIES` of every token of one example (its tokens in position order, prompt then answer).
+
+    Args:
+        ids: token ids; tokens: the tokenizer's token strings (special tokens are recognised by these);
+        texts: each token decoded alone; segments: "prompt", "generated" or "choice" per token.
+    Returns:
+        One set of category names per token (a token can be in several, or none).
+    """
+    n = len(ids)
+    if not (len(tokens) == len(texts) == len(segments) == n):
+        raise ValueError("token_categories: ids, tokens, texts and segments must have the same length")
+    prompt_text = "".join(t for t, s in zip(texts, segments, strict=True) if s == "prompt")
+    arithmetic = bool(ARITHMETIC_PROMPT.search(prompt_text))
+    seen: set[tuple[int, ...]] = set()
+    out: list[set[str]] = []
+    starts = []
+    for t in range(n):
+        text, cats = texts[t], set()
+        prev = texts[t - 1] if t > 0 else ""
+        if t >= COPY_NGRAM - 1:
+            gram = tuple(int(i) for i in ids[t - COPY_NGRAM + 1 : t + 1])
+            cats.add("copied" if gram in seen else "novel")
+            seen.add(gram)
+        cats.add("prompt" if segments[t] == "prompt" else "answer")
+        digits = segments[t] != "prompt" and text.strip().isdigit()
+        if arithmetic:
+            cats.add("arithmetic_digit" if digits else "arithmetic_context")
+        if _punct(text):
+            cats.add("punctuation")
+        if _alpha(text):
+            continues = not text[:1].isspace() and bool(prev) and prev[-1:].isalpha()
+            cats.add("word_continuation" if continues else "word_start")
+        if tokens[t] in END_OF_TURN:
+            cats.add("end_of_turn")
+        starts.append(_alpha(text) and "word_start" in cats)
+        out.append(cats)
+    for t in range(n):  # a whole function word: starts a word and the next token does not continue it
+        if starts[t] and texts[t].strip().lower() in FUNCTION_WORDS:
+            nxt = texts[t + 1] if t + 1 < n else " "
+            if nxt[:1].isspace() or not _alpha(nxt):
+                out[t].add("function_word")
+    return out
+
+
+def _examples(rows: list[dict]) -> list[list[dict]]:
+    from .uncertainty import example_sequences
+
+    return list(example_sequences(rows).values())
+
+
+def record_categories(records: list[dict]) -> None:
+    """Set every DepthMap record's "categories" (a sorted list of `CATEGORIES` names) in place (the HTML
+    depth map shows them on hover)."""
+    for recs in _examples(list(records)):
+        cats = token_categories(
+            [r["token_id"] for r in recs],
+            [r["token"] for r in recs],
+            [r["text"] for r in recs],
+            [r["segment"] for r in recs],
+        )
+        for r, c in zip(recs, cats, strict=True):
+            r["categories"] = sorted(c)
+
+
+# ---------------------------------------------------------------------------------------- token table
+def token_table(rows: list[dict]) -> dict[str, Any]:
+    """Per analysed token (position >= 1): example index, layers used by its producing forward ("produced")
+    and by its own row ("recorded"), the producing forward's run flags, base entropy / loss (NaN when null)
+    and category membership. Returns numpy arrays: example [N] int, produced [N], recorded [N],
+    run [N, R] bool, entropy [N], loss [N], member {category: [N] bool}."""
+    example, produced, recorded, runs, entropy, loss = [], [], [], [], [], []
+    member: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
+    for e, recs in enumerate(_examples(rows)):
+        cats = token_categories(
+            [r["token_id"] for r in recs],
+            [r["token"] for r in recs],
+            [r["text"] for r in recs],
+            [r["segment"] for r in recs],
+        )
+        for t in range(1, len(recs)):
+            r = recs[t]
+            src = r if r["segment"] == "generated" else recs[t - 1]
+            example.append(e)
+            produced.append(float(src["layers_used"]))
+            recorded.append(float(r["layers_used"]))
+            runs.append([bool(v) for v in src["run"] or []])
+            entropy.append(math.nan if r.get("base_entropy") is None else float(r["base_entropy"]))
+            loss.append(math.nan if r.get("base_loss") is None else float(r["base_loss"]))
+            for c in CATEGORIES:
+                member[c].append(c in cats[t])
+    widths = {len(r) for r in runs}
+    if len(widths) > 1:
+        raise ValueError(f"DepthMap rows have run flags of different lengths {sorted(widths)}")
+    width = widths.pop() if widths else 0
+    run = np.asarray(runs, dtype=bool).reshape(len(runs), width)
+    return {
+        "example": np.asarray(example, dtype=np.int64),
+        "n_examples": len(set(example)),
+        "produced": np.asarray(produced, dtype=float),
+        "recorded": np.asarray(recorded, dtype=float),
+        "run": run,
+        "entropy": np.asarray(entropy, dtype=float),
+        "loss": np.asarray(loss, dtype=float),
+        "member": {c: np.asarray(v, dtype=bool) for c, v in member.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------- statistics
+def _ci(samples: np.ndarray) -> list[float] | None:
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return None
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
+
+
+def _weights(n_examples: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n_examples] multiplicities of a bootstrap over examples."""
+    rng = np.random.default_rng(seed)
+    if n_examples == 0:
+        return np.zeros((n_boot, 0))
+    return rng.multinomial(n_examples, np.full(n_examples, 1.0 / n_examples), size=n_boot).astype(float)
+
+
+def group_means(
+    values: np.ndarray, example: np.ndarray, groups: dict[str, np.ndarray], weights: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Mean of `values` over each group's tokens, with its example-bootstrap 95% interval.
+
+    Returns {group: {"n": tokens, "mean": float | None, "ci": [lo, hi] | None, "_boot": [B] array}}; an empty
+    group has n 0, mean None and ci None (never 0)."""
+    n_ex = weights.shape[1]
+    out = {}
+    for name, mask in groups.items():
+        n = int(mask.sum())
+        if n == 0:
+            out[name] = {"n": 0, "mean": None, "ci": None, "_boot": np.full(weights.shape[0], np.nan)}
+            continue
+        sums = np.bincount(example[mask], weights=values[mask], minlength=n_ex)
+        counts = np.bincount(example[mask], minlength=n_ex).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            boot = (weights @ sums) / (weights @ counts)
+        out[name] = {"n": n, "mean": float(values[mask].mean()), "ci": _ci(boot), "_boot": boot}
+    return out
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant or n < 3."""
+    from scipy.stats import rankdata
+
+    if x.size < 3:
+        return None
+    rx, ry = rankdata(x), rankdata(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def spearman_boot(
+    layers: np.ndarray, other: np.ndarray, example: np.ndarray, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Spearman(layers, other) over tokens where `other` is finite, with an example-bootstrap 95% interval."""
+    keep = np.isfinite(other)
+    layers, other, example = layers[keep], other[keep], example[keep]
+    rho = spearman(layers, other)
+    out: dict[str, Any] = {"n": int(keep.sum()), "rho": rho, "ci": None}
+    if rho is None:
+        return out
+    ids = np.unique(example)
+    index = {e: np.flatnonzero(example == e) for e in ids}
+    rng = np.random.default_rng(seed + 1)
+    boot = []
+    for _ in range(n_boot):
+        pick = np.concatenate([index[e] for e in rng.choice(ids, size=ids.size, replace=True)])
+        r = spearman(layers[pick], other[pick])
+        boot.append(np.nan if r is None else r)
+    out["ci"] = _ci(np.asarray(boot))
+    return out
+
+
+def _public(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {k: {kk: vv for kk, vv in v.items() if kk != "_boot"} for k, v in stats.items()}
+
+
+def _verdict(diff: dict[str, Any], expected_sign: int) -> str:
+    """'holds' (interval excludes 0 on the expected side), 'reversed' (excludes 0 on the other side),
+    'not shown' (interval contains 0) or 'untestable' (a side is empty / constant)."""
+    ci = diff.get("ci")
+    if ci is None:
+        return "untestable"
+    if (ci[0] > 0 and expected_sign > 0) or (ci[1] < 0 and expected_sign < 0):
+        return "holds"
+    if ci[0] > 0 or ci[1] < 0:
+        return "reversed"
+    return "not shown"
+
+
+def analyze_rows(
+    rows: list[dict], routed_layers: Sequence[int] | None = None, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """The analysis of DepthMap rows (one model's; see the module docstring). Returns the analysis.json dict:
+    categories (produced view) and recorded_categories, differences, spearman (entropy, loss), entropy
+    deciles, run_fraction per routed layer and category, and the paper's three claims with a verdict."""
+    models = sorted({str(r["model"]) for r in rows})
+    if len(models) > 1:
+        raise ValueError(f"the DepthMap holds several models {models}: analyse one at a time")
+    tab = token_table(rows)
+    n_ex = int(tab["example"].max()) + 1 if tab["example"].size else 0
+    weights = _weights(n_ex, n_boot, seed)
+    member = tab["member"]
+    produced = group_means(tab["produced"], tab["example"], member, weights)
+    recorded = group_means(tab["recorded"], tab["example"], member, weights)
+    diffs = {}
+    for a, b in DIFFERENCES:
+        ma, mb = produced[a]["mean"], produced[b]["mean"]
+        mean = None if ma is None or mb is None else ma - mb
+        diffs[f"{a} - {b}"] = {
+            "mean": mean,
+            "ci": None if mean is None else _ci(produced[a]["_boot"] - produced[b]["_boot"]),
+        }
+    rho = {
+        key: spearman_boot(tab["produced"], tab[key], tab["example"], n_boot, seed)
+        for key in ("entropy", "loss")
+    }
+    finite = np.isfinite(tab["entropy"])
+    deciles: list[dict[str, Any]] = []
+    if finite.any():
+        edges = np.quantile(tab["entropy"][finite], np.linspace(0, 1, 11))
+        bins = np.clip(np.searchsorted(edges, tab["entropy"], side="right") - 1, 0, 9)
+        groups = {str(d): finite & (bins == d) for d in range(10)}
+        stats = group_means(tab["produced"], tab["example"], groups, weights)
+        for d in range(10):
+            s = stats[str(d)]
+            deciles.append(
+                {"decile": d + 1, "entropy": [float(edges[d]), float(edges[d + 1])], **_public({"x": s})["x"]}
+            )
+    width = tab["run"].shape[1]
+    layer_ids = list(routed_layers) if routed_layers and len(routed_layers) == width else list(range(width))
+    run_fraction = {
+        c: (tab["run"][m].mean(0).round(4).tolist() if m.any() and width else None) for c, m in member.items()
+    }
+    claims = {
+        "copied_fewer_layers": {
+            "claim": "copied tokens use fewer layers than novel ones",
+            "difference": "copied - novel",
+            **diffs["copied - novel"],
+            "verdict": _verdict(diffs["copied - novel"], -1),
+        },
+        "arithmetic_more_layers": {
+            "claim": "arithmetic answer digits use more layers than the text around them",
+            "difference": "arithmetic_digit - arithmetic_context",
+            **diffs["arithmetic_digit - arithmetic_context"],
+            "verdict": _verdict(diffs["arithmetic_digit - arithmetic_context"], +1),
+        },
+        "layers_rise_with_uncertainty": {
+            "claim": "layers used rise with the base model's uncertainty (Spearman with its entropy)",
+            "rho_entropy": rho["entropy"]["rho"],
+            "ci": rho["entropy"]["ci"],
+            "rho_loss": rho["loss"]["rho"],
+            "ci_loss": rho["loss"]["ci"],
+            "verdict": _verdict({"ci": rho["entropy"]["ci"]}, +1),
+        },
+    }
+    return {
+        "model": models[0] if models else None,
+        "view": "produced: the layers of the forward that predicted each token (module docstring)",
+        "n_tokens": int(tab["example"].size),
+        "n_examples": int(tab["n_examples"]),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+        "copy_ngram": COPY_NGRAM,
+        "category_definitions": dict(CATEGORIES),
+        "categories": _public(produced),
+        "recorded_categories": _public(recorded),
+        "differences": diffs,
+        "spearman": rho,
+        "entropy_deciles": deciles,
+        "run_fraction": {"routed_layers": layer_ids, "by_category": run_fraction},
+        "claims": claims,
+    }
+
+
+# ---------------------------------------------------------------------------------------- rendering
+def _f(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (pipes escaped)."""
+    return text.replace("|", "\\|")
+
+
+def _ci_text(ci: list[float] | None, digits: int = 2) -> str:
+    return "-" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def analysis_markdown(a: dict[str, Any]) -> str:
+    """analysis.md: the claims, categories, differences, correlations, entropy deciles, run fractions."""
+    lines = [
+        f"# What the router learned ({a['model']})",
+        "",
+        f"{a['n_tokens']} tokens of {a['n_examples']} examples; layers used to *produce* each token (the "
+        f"forward that predicted it); 95% intervals: bootstrap over examples ({a['n_boot']} resamples).",
+        "",
+        "## The paper's claims",
+        "",
+        "| claim | measured | 95% CI | verdict |",
+        "|---|---|---|---|",
+    ]
+    for c in a["claims"].values():
+        if "rho_entropy" in c:
+            measured = f"Spearman rho {_f(c['rho_entropy'], 3)} (vs base loss {_f(c['rho_loss'], 3)})"
+            ci = _ci_text(c["ci"], 3)
+        else:
+            measured = f"{c['difference']} = {_f(c['mean'])} layers"
+            ci = _ci_text(c["ci"])
+        lines.append(f"| {c['claim']} | {measured} | {ci} | {c['verdict']} |")
+    lines += [
+        "",
+        "## Layers used by token category",
+        "",
+        "| category | tokens | layers used (produced) | 95% CI | recorded view | definition |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in a["categories"].items():
+        r = a["recorded_categories"][name]
+        empty = " (empty)" if s["n"] == 0 else ""
+        lines.append(
+            f"| {name}{empty} | {s['n']} | {_f(s['mean'])} | {_ci_text(s['ci'])} | {_f(r['mean'])} | "
+            f"{_cell(a['category_definitions'][name])} |"
+        )
+    lines += ["", "## Differences", "", "| difference | layers | 95% CI |", "|---|---|---|"]
+    for name, d in a["differences"].items():
+        lines.append(f"| {name} | {_f(d['mean'])} | {_ci_text(d['ci'])} |")
+    lines += [
+        "",
+        "## Layers used vs the base model's uncertainty",
+        "",
+        "| base | tokens | Spearman rho | 95% CI |",
+    ]
+    lines.append("|---|---|---|---|")
+    for key, s in a["spearman"].items():
+        lines.append(f"| {key} | {s['n']} | {_f(s['rho'], 3)} | {_ci_text(s['ci'], 3)} |")
+    lines += [
+        "",
+        "| entropy decile | entropy (nats) | tokens | layers used | 95% CI |",
+        "|---|---|---|---|---|",
+    ]
+    for d in a["entropy_deciles"]:
+        lines.append(
+            f"| {d['decile']} | {d['entropy'][0]:.2f}-{d['entropy'][1]:.2f} | {d['n']} | {_f(d['mean'])} | "
+            f"{_ci_text(d['ci'])} |"
+        )
+    rf = a["run_fraction"]
+    if rf["routed_layers"]:
+        lines += [
+            "",
+            "## Run fraction per routed layer",
+            "",
+            "| category | " + " | ".join(f"L{i}" for i in rf["routed_layers"]) + " |",
+            "|---|" + "---|" * len(rf["routed_layers"]),
+        ]
+        for name, fr in rf["by_category"].items():
+            cells = ["-"] * len(rf["routed_layers"]) if fr is None else [f"{v:.2f}" for v in fr]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def category_figure(a: dict[str, Any]):
+    """Mean layers used (produced view) per category with its 95% interval and token count, as a
+    matplotlib Figure built without pyplot (like src/eval/figures.py); an empty category is marked so."""
+    from matplotlib.figure import Figure
+
+    names = list(a["categories"])
+    fig = Figure(figsize=(7.5, 0.42 * len(names) + 1.3))
+    ax = fig.subplots()
+    for i, name in enumerate(names):
+        s = a["categories"][name]
+        if s["mean"] is None:
+            ax.text(0.02, i, "empty (n=0)", transform=ax.get_yaxis_transform(), va="center", color="grey")
+            continue
+        lo, hi = s["ci"] or [s["mean"], s["mean"]]
+        ax.errorbar(s["mean"], i, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color="C0", capsize=3)
+    ax.set_yticks(range(len(names)), [f"{n} (n={a['categories'][n]['n']})" for n in names])
+    ax.set_ylim(len(names) - 0.5, -0.5)  # first category on top, room for an empty one's note
+    ax.set_xlabel("layers used to produce the token (mean, 95% bootstrap CI over examples)")
+    ax.set_title(f"Layers used by token category: {a['model']}")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_category_figure(a: dict[str, Any], path: str | Path) -> Path:
+    """Save `category_figure` as a PNG, atomically (a temporary file renamed over `path`)."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    category_figure(a).savefig(tmp, dpi=120)
+    tmp.replace(path)
+    return path
+
+
+def write_analysis(eval_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Analyse <eval_dir>/depthmap.parquet; write analysis.json, analysis.md, analysis_categories.png.
+
+    Routed layer indices come from <eval_dir>/results.json when present. Raises `AnalysisInputError` naming
+    the missing folder / file, or for n_boot < 1, before anything is read."""
+    from .depthmap import load_depthmap
+
+    eval_dir = Path(eval_dir)
+    if not eval_dir.is_dir():
+        raise AnalysisInputError(f"eval_dir={eval_dir}: no such folder")
+    parquet = eval_dir / "depthmap.parquet"
+    if not parquet.is_file():
+        raise AnalysisInputError(
+            f"eval_dir={eval_dir}: no depthmap.parquet (write one with python -m src.eval)"
+        )
+    if isinstance(n_boot, bool) or int(n_boot) < 1:
+        raise AnalysisInputError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    routed = None
+    results = eval_dir / "results.json"
+    if results.is_file():
+        routed = json.loads(results.read_text()).get("routed_layers")
+    a = analyze_rows(load_depthmap(parquet).to_list(), routed, int(n_boot), int(seed))
+    a["source"] = str(parquet)
+    atomic_write_text(eval_dir / "analysis.json", json.dumps(a, indent=2))
+    atomic_write_text(eval_dir / "analysis.md", analysis_markdown(a))
+    write_category_figure(a, eval_dir / "analysis_categories.png")
+    return a
+
+
+__all__ = [
+    "AnalysisInputError",
+    "CATEGORIES",
+    "COPY_NGRAM",
+    "DIFFERENCES",
+    "analysis_markdown",
+    "analyze_rows",
+    "category_figure",
+    "group_means",
+    "record_categories",
+    "spearman",
+    "spearman_boot",
+    "token_categories",
+    "token_table",
+    "write_analysis",
+    "write_category_figure",
+]
