@@ -151,6 +151,24 @@ def check_against_original(model, tokenizer, got: dict, ids, mask, tol: float) -
 
 # ---------------------------------------------------------------------------------------------- families
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def original_and_isolated(model_cfg, out, tmp_path):
+    """The trained model of `tmp_path/run`, its tokenizer, the prompt batch, and what the export at `out` gives
+    for that batch in an isolated interpreter (`load_isolated`)."""
+    model = trained_model(model_cfg, tmp_path / "run" / "flexidepth")
+    tokenizer = load_tokenizer(model_cfg)
+    ids, mask = prompt_batch(tokenizer)
+    request = {
+        "ids": ids.tolist(),
+        "mask": mask.tolist(),
+        "n": NEW_TOKENS,
+        "tau": OVERRIDE_TAU,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+        "text": PROMPTS[0],
+    }
+    return model, tokenizer, ids, mask, load_isolated(out, tmp_path, request)
+
+
 def test_export_loads_without_the_repository_and_matches_the_trained_model(family, tmp_path):
     model_cfg = trained_checkpoint(f"tiny_{family}", tmp_path / "run" / "flexidepth")
     out = tmp_path / "export"
@@ -181,19 +199,7 @@ def test_export_loads_without_the_repository_and_matches_the_trained_model(famil
         routing["router_width"] == 4 and routing["adapter_width"] == 8 and routing["gate_mode"] == "released"
     )
 
-    model = trained_model(model_cfg, tmp_path / "run" / "flexidepth")
-    tokenizer = load_tokenizer(model_cfg)
-    ids, mask = prompt_batch(tokenizer)
-    request = {
-        "ids": ids.tolist(),
-        "mask": mask.tolist(),
-        "n": NEW_TOKENS,
-        "tau": OVERRIDE_TAU,
-        "eos": tokenizer.eos_token_id,
-        "pad": tokenizer.pad_token_id,
-        "text": PROMPTS[0],
-    }
-    got = load_isolated(out, tmp_path, request)
+    model, tokenizer, ids, mask, got = original_and_isolated(model_cfg, out, tmp_path)
     assert not any(str(Path(ex.__file__).resolve().parents[1]) == p for p in got["sys_path"])
     assert got["without_trust"].startswith("ValueError") and "custom code" in got["without_trust"]
     assert got["encoded"] == tokenizer(PROMPTS[0])["input_ids"]
@@ -534,19 +540,7 @@ def test_embedded_smollm2_export_matches_in_isolated_process(tmp_path):
     model_cfg = trained_checkpoint("smollm2_135m", tmp_path / "run" / "flexidepth")
     out = tmp_path / "export"
     ex.run(compose_export(["model=smollm2_135m", f"ckpt_path={tmp_path / 'run'}", f"out_dir={out}"]))
-    model = trained_model(model_cfg, tmp_path / "run" / "flexidepth")
-    tokenizer = load_tokenizer(model_cfg)
-    ids, mask = prompt_batch(tokenizer)
-    request = {
-        "ids": ids.tolist(),
-        "mask": mask.tolist(),
-        "n": NEW_TOKENS,
-        "tau": OVERRIDE_TAU,
-        "eos": tokenizer.eos_token_id,
-        "pad": tokenizer.pad_token_id,
-        "text": PROMPTS[0],
-    }
-    got = load_isolated(out, tmp_path, request)
+    model, tokenizer, ids, mask, got = original_and_isolated(model_cfg, out, tmp_path)
     tol = 1e-4 if model.dtype == torch.float32 else 2e-2
     check_against_original(model, tokenizer, got, ids, mask, tol=tol)
 
