@@ -36,7 +36,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .utils.cli import entry_point
+from .utils.cli import user_errors
 from .utils.errors import UserError
 
 MODELING_SOURCE = Path(__file__).resolve().parent / "export_modeling" / "modeling_flexidepth.py"
@@ -536,10 +536,6 @@ def run(cfg: DictConfig) -> Path:
 
     from . import preflight as pf
     from .config_check import validate_groups
-    from .flexidepth.checkpoint import load_flexidepth
-    from .models.embedded import resolve_model_path
-    from .models.loader import load_base_model
-    from .models.tokenizer import load_tokenizer
 
     args = check_export_args(cfg)  # hub offline, keys, out_dir: before anything else
     folder = pf.resolve_flexidepth_folder(args["ckpt_path"], "ckpt_path")
@@ -551,7 +547,17 @@ def run(cfg: DictConfig) -> Path:
         problems += pf.flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
     pf.raise_if(problems, "export")
 
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return _build_and_write(cfg, args, folder, model_cfg)
+
+
+def _build_and_write(cfg: DictConfig, args: dict, folder: Path, model_cfg: dict) -> Path:
+    """`run` after its checks (under `torch.no_grad()`): load, write the temporary sibling, verify, rename."""
+    from .flexidepth.checkpoint import load_flexidepth
+    from .models.embedded import resolve_model_path
+    from .models.loader import load_base_model
+    from .models.tokenizer import load_tokenizer
+
     model = load_base_model(model_cfg).eval()
     tokenizer = load_tokenizer(model_cfg)
     load_flexidepth(model, folder)
@@ -612,9 +618,9 @@ def replace_folder(new: Path, target: Path) -> None:
 @hydra.main(
     version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="export"
 )
-@entry_point
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with user_errors():  # the export writes only out_dir, through a temporary sibling: nothing to clean up
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,11 @@ def smollm2_dir():
     from src.models.embedded import ensure_converted
 
     return ensure_converted("bfloat16")
+
+
+@pytest.fixture(autouse=True)
+def _autograd_mode_is_left_as_found():
+    """A command or helper that switches autograd off globally (torch.set_grad_enabled(False)) silently moves
+    every later caller in the process onto the inference path; fail the test that did it."""
+    yield
+    assert torch.is_grad_enabled(), "this test left autograd switched off globally (use torch.no_grad() blocks)"
