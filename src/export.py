@@ -138,6 +138,13 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise ExportError(
             f"out_dir={str(out_dir)!r} already holds an export; pass overwrite=true to replace it"
         )
+    listed = set(json.loads((out_dir / "config.json").read_text())["flexidepth"].get("files") or [])
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in listed)
+    if foreign:  # overwrite replaces the whole folder: only when everything in it was written by the export
+        raise ExportError(
+            f"out_dir={str(out_dir)!r} holds files the export did not write ({', '.join(foreign[:8])}); "
+            "move them away or choose another folder, nothing was changed"
+        )
 
 
 def check_checkpoint(folder: Path) -> dict:
@@ -240,7 +247,12 @@ def write_export(
     (folder / "README.md").write_text(card)
     for name, source in (extra or {}).items():
         shutil.copyfile(source, folder / name)
-    return sorted(p.name for p in folder.iterdir() if p.is_file())
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    # the export's own file list: `overwrite=true` replaces a folder only if it holds nothing else
+    config = json.loads((folder / "config.json").read_text())
+    config["flexidepth"]["files"] = files
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return files
 
 
 def load_modeling(folder: Path):

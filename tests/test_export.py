@@ -399,6 +399,14 @@ def test_out_dir_rules_and_failure_leaves_nothing(tmp_path, monkeypatch):
         ex.run(compose_export([*base, f"out_dir={out}"]))
     ex.run(compose_export([*base, f"out_dir={out}", "overwrite=true"]))
     assert (out / "config.json").read_text() == first
+    listed = json.loads(first)["flexidepth"]["files"]
+    assert listed == sorted(p.name for p in out.iterdir()) and "config.json" in listed
+    # a file the export did not write: overwrite refuses, and everything stays as it was
+    (out / "my_eval.txt").write_text("mine")
+    with pytest.raises(ex.ExportError, match="holds files the export did not write \\(my_eval.txt\\)"):
+        ex.run(compose_export([*base, f"out_dir={out}", "overwrite=true"]))
+    assert (out / "my_eval.txt").read_text() == "mine" and (out / "config.json").read_text() == first
+    (out / "my_eval.txt").unlink()
 
     def broken(*args, **kwargs):
         raise ex.ExportError("verification failed (test)")
