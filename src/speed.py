@@ -559,12 +559,12 @@ def plot_speed(results: dict, path: str | Path) -> Path:
     axes[0][0].set_ylabel("held-out perplexity")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from .utils.files import atomic_save_figure
+
+    try:
+        return atomic_save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ command

@@ -487,12 +487,10 @@ def category_figure(a: dict[str, Any]):
 
 
 def write_category_figure(a: dict[str, Any], path: str | Path) -> Path:
-    """Save `category_figure` as a PNG, atomically (a temporary file renamed over `path`)."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    category_figure(a).savefig(tmp, dpi=120)
-    tmp.replace(path)
-    return path
+    """Save `category_figure` as a PNG, atomically (`utils.files.atomic_save_figure`)."""
+    from ..utils.files import atomic_save_figure
+
+    return atomic_save_figure(category_figure(a), path, dpi=120)
 
 
 def write_analysis(eval_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..utils.files import atomic_save_figure
 from .html import write_depthmap_html
 
 # At most this many examples per task go into depthmap.html (the eval default is 8 per task).
@@ -23,8 +24,7 @@ HTML_MAX_EXAMPLES = 16
 def _save(fig: Figure | None, path: Path) -> Path | None:
     if fig is None:
         return None
-    fig.savefig(path, dpi=110)
-    return path
+    return atomic_save_figure(fig, path, dpi=110)
 
 
 def run_fraction_figure(results: dict[str, Any], records: list[dict]) -> Figure | None:

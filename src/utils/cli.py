@@ -130,7 +130,10 @@ def entry_point(task: Callable[..., Any]) -> Callable[..., Any]:
                 if snapshot is not None:
                     removed = remove_created(snapshot)
                     if removed:  # not logged: the log file was just cut back to its earlier size
-                        print(f"(removed what the failed command created: {', '.join(removed)})", file=sys.stderr)
+                        print(
+                            f"(removed what the failed command created: {', '.join(removed)})",
+                            file=sys.stderr,
+                        )
                 raise
 
     return wrapper

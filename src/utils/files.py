@@ -78,6 +78,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as a PNG at `path` atomically (see module docstring); returns the path."""
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+    return Path(path)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (best effort; some filesystems refuse O_RDONLY on directories)."""
     with contextlib.suppress(OSError):
