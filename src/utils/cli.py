@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -29,7 +28,6 @@ from typing import Any
 
 from .errors import UserError
 
-log = logging.getLogger(__name__)
 TRACEBACK_ENV = "FLEXIDEPTH_TRACEBACK"
 EXIT_USER_ERROR = 2
 STATUS_FILE = "status.json"  # a sweep point's outcome when it failed (src/sweep_summary.py reads it)

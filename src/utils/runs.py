@@ -3,8 +3,11 @@
 A training run folder (`outputs/train/runs/<run_name>/`) guarantees:
 - **one owner**: `.run.lock` is held (an `flock`) by the process training in it and names that process (host,
   pid, start time, command); a second start fails at once naming the holder. The lock dies with its process.
-- **one run**: a fresh start (`resume=false`) into a folder that already holds a run's files refuses, unless
-  `overwrite=true` (the old contents are deleted) -- or pick another `run_name`.
+- **one run**: a fresh start (`resume=false`) into a folder that already holds files refuses, unless
+  `overwrite=true`, which deletes only what a run writes (`RUN_PRODUCTS`), only in a folder started as a run
+  (`replace_run`), and only after every check of the new start passed -- or pick another `run_name`.
+- **safe names**: `run_name` is one folder name (`check_run_name`); a failed command deletes only what it
+  created (`snapshot_folder` before Hydra, `remove_created` after the failure).
 - **history**: `history/config-000.yaml` is the config of the first start and is never overwritten; every
   later start adds `config-<n>.yaml` and a line in `history/events.jsonl` (time, host, pid, command, the
   changes against the previous start), with a copy of Hydra's `.hydra/` as `hydra-<n>/`. A refused start
@@ -12,8 +15,8 @@ A training run folder (`outputs/train/runs/<run_name>/`) guarantees:
 - **checked resume**: the keys that define the trained modules (base model, method, routed layers, router and
   adapter kinds and widths: `MODEL_DEFINING`) must equal those stored in the checkpoint, else resume refuses
   naming the keys; everything else (steps, lr, alpha, tau, ...) may change and is printed as a diff.
-- **intact checkpoints**: checkpoints are written atomically (`atomic_checkpoint_io`); resume verifies the file
-  it loads and falls back to the newest intact checkpoint, saying so.
+- **intact checkpoints**: checkpoints are written atomically (`atomic_checkpoint_io`); resume verifies every
+  checkpoint and takes the intact one with the most progress, saying which and why (`find_resume_checkpoint`).
 """
 
 from __future__ import annotations
