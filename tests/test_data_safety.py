@@ -340,10 +340,12 @@ def test_every_float_of_every_schema_refuses_nan():
     from src.config_check import ConfigError, validate_groups
     from src.schemas import SCHEMAS
 
+    checked = set()
     for group, schema in SCHEMAS.items():
         for f in dataclasses.fields(schema):
             if "float" not in str(f.type) or "list" in str(f.type) or "dict" in str(f.type):
                 continue
+            checked.add(f"{group}.{f.name}")
             override = f"{group}.{f.name}=nan"
             cfg = (
                 compose_tiny("evaluate", [override])
@@ -352,6 +354,15 @@ def test_every_float_of_every_schema_refuses_nan():
             )
             with pytest.raises(ConfigError, match=rf"{group}\.{f.name}=nan"):
                 validate_groups(cfg)
+    # not vacuous: the walk reached the float settings of every group that has them
+    assert {
+        "skip.tau",
+        "loss.alpha",
+        "loss.temperature",
+        "optim.lr",
+        "data.val_fraction",
+        "eval.tau",
+    } <= checked
 
 
 @pytest.mark.parametrize(
