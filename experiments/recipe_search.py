@@ -104,20 +104,21 @@ def measure_checkpoint(entry: dict, ckpt: Path, args, train_s: float | None, met
     """Own-threshold and threshold-curve numbers of one exported FlexiDepth folder on the held-out sets."""
     import torch
 
-    from src.baselines import apply_method
-    from src.baselines.methods import calibration_batches, tau_for_k
     from src.eval.curves import measure, tau_curve
+    from src.flexidepth.calibrate import tau_for_k
+    from src.methods import build_method
+    from src.methods.base import calibration_batches
     from src.models.tokenizer import pad_token_id
 
     model_cfg, tok, model = load(args.device, args.dtype)
-    apply_method(model, {"name": "flexidepth"}, ckpt=ckpt)
+    build_method({"name": "flexidepth"}).apply(model, ckpt=ckpt)
     sets = held_sets(tok, args.max_tokens)
     pad = pad_token_id(tok)
     own = measure(model, sets, batch_size=16, pad_id=pad)
     device = next(model.parameters()).device
     cal = [
         (i.to(device), m.to(device))
-        for i, m in calibration_batches(tok, {"calibration": {"texts": CALIBRATION_TEXTS}})
+        for i, m in calibration_batches(tok, {"texts": CALIBRATION_TEXTS})
     ]
     taus = sorted({0.5, *(round(tau_for_k(model, cal, k), 6) for k in CURVE_K)})
     curve = tau_curve(model, sets, taus, batch_size=16, pad_id=pad)
@@ -190,8 +191,8 @@ def cmd_measure(args) -> None:
 def cmd_baselines(args) -> None:
     import copy
 
-    from src.baselines import apply_method
     from src.eval.curves import measure
+    from src.methods import build_method
     from src.models.tokenizer import pad_token_id
 
     model_cfg, tok, base = load(args.device, args.dtype)
@@ -204,7 +205,7 @@ def cmd_baselines(args) -> None:
             method = {"name": name, "k": k, "k32": None}
             if name == "random_skip":
                 method.update(match_rates=False, seed=0)
-            applied = apply_method(model, method, tokenizer=tok)
+            applied = build_method(method).apply(model, tokenizer=tok)
             results[f"{name}_k{k}"] = {
                 "k": k,
                 "removed": applied.removed,

@@ -5,7 +5,8 @@ model, in one command:
     python -m src.compare k32=[4] baselines=[shortgpt,early_exit] '~trained' random_matched_to=[] eval.n_per_task=2
     bash experiments/baselines_smollm2.sh                   # trains the learned systems first
 
-Every system is built from a fresh copy of the base model by `src.baselines.apply_method` and evaluated by
+Every system is built from a fresh copy of the base model by its method from the registry
+(`src.methods.build_method(...).apply`) and evaluated by
 the loop `src.eval` uses (`src.eval.run.evaluate_against_base`: held-out perplexity, the task suite, layers
 used; the base model once, every system scored against it). Writes <output_dir>/compare.json and compare.md
 (tables: main, ablation, per-task layers used; `src.eval.report`), and logs the tables to W&B.
@@ -21,9 +22,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .flexidepth.files import atomic_write_text
 from .utils.cli import entry_point
 from .utils.errors import PreflightError
-from .utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
     reported and left out, checkpoints of another base model refused before anything is evaluated. Method
     configs are conf/method/<name>.yaml composed by Hydra (`src.methods.compose_method`, the app's search
     path) plus `method_overrides`, validated by the method's own schema (MethodConfigError names the key)."""
-    from .baselines import resolve_k
     from .flexidepth.checkpoint import read_checkpoint_config, resolve_checkpoint
     from .methods import build_method, compose_method
+    from .methods.removal import resolve_k
 
     num_layers = model_config.num_hidden_layers
 
@@ -66,7 +67,7 @@ def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
                 )
         systems.append({"label": label, "method": None, "ckpt": ckpt, "table": entry.get("table", "main")})
         for k32 in entry.get("match_k32") or []:  # the same router, its threshold set to skip k layers
-            k = resolve_k({"k32": k32}, num_layers)
+            k = resolve_k(None, k32, num_layers)
             systems.append(
                 {
                     "label": f"{label}@k{k}",
@@ -81,7 +82,7 @@ def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
         for name in cfg.baselines:
             method = {**composed[str(name)], "k": None, "k32": k32}
             build_method(method)
-            k = resolve_k(method, num_layers)
+            k = resolve_k(method.get("k"), method.get("k32"), num_layers)
             systems.append({"label": f"{name}_k{k}", "method": method, "ckpt": None, "table": "main"})
     for label in cfg.get("random_matched_to") or []:
         ckpt = ckpt_of(label) if label in trained else None
@@ -101,11 +102,12 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
     (`src.eval.report.compare_markdown`) into `paths.output_dir` and returns the results."""
     import torch
 
-    from .baselines import apply_method, checkpoint_method
-    from .baselines.methods import calibration_batches, tau_for_k
     from .eval.report import compare_markdown
     from .eval.run import eval_inputs, evaluate_against_base
     from .flexidepth import set_tau
+    from .flexidepth.calibrate import tau_for_k
+    from .methods import build_method, checkpoint_method
+    from .methods.base import calibration_batches
     from .models.loader import load_base_model
     from .models.tokenizer import load_tokenizer
     from .utils.hardware import resolve_device
@@ -130,12 +132,10 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
     def builder(system: dict):
         def apply(model):
             method = system["method"] or {"name": checkpoint_method(system["ckpt"])}
-            applied = apply_method(model, method, tokenizer=tokenizer, ckpt=system["ckpt"], skip=skip)
+            applied = build_method(method).apply(model, tokenizer=tokenizer, ckpt=system["ckpt"], skip=skip)
             model.to(device)
             if system.get("k") is not None:  # threshold matched to k on calibration text (training side)
-                tau = tau_for_k(
-                    model, calibration_batches(tokenizer, {"calibration": {"texts": 16}}), system["k"]
-                )
+                tau = tau_for_k(model, calibration_batches(tokenizer, {"texts": 16}), system["k"])
                 set_tau(model, tau)
                 applied.k, applied.details["tau"] = system["k"], tau
                 log.info("compare: %s threshold %.4f for k=%s", system["label"], tau, system["k"])
@@ -184,10 +184,11 @@ def run_curves(cfg: DictConfig) -> dict[str, Any]:
 
     import torch
 
-    from .baselines import apply_method
-    from .baselines.methods import calibration_batches, checkpoint_method, tau_for_k
     from .data.mixture import check_heldout
     from .eval import curves as C
+    from .flexidepth.calibrate import tau_for_k
+    from .methods import build_method, checkpoint_method
+    from .methods.base import calibration_batches
     from .models.loader import load_base_model
     from .models.tokenizer import load_tokenizer, pad_token_id
     from .utils.hardware import resolve_device
@@ -213,8 +214,8 @@ def run_curves(cfg: DictConfig) -> dict[str, Any]:
     curves, points = {}, {}
     for system in systems:
         model = copy.deepcopy(base)
-        apply_method(model, {"name": "flexidepth"}, ckpt=system["ckpt"])
-        cal = calibration_batches(tokenizer, {"calibration": {"texts": int(cc.calibration_texts)}})
+        build_method({"name": "flexidepth"}).apply(model, ckpt=system["ckpt"])
+        cal = calibration_batches(tokenizer, {"texts": int(cc.calibration_texts)})
         own = float(model.flexidepth.config.tau)
         taus = sorted({own, *(round(tau_for_k(model, cal, float(k)), 6) for k in cc.curve_k)})
         curves[system["label"]] = C.tau_curve(model, sets, taus, bs, pad)
@@ -225,7 +226,7 @@ def run_curves(cfg: DictConfig) -> dict[str, Any]:
         for k in cc.k:
             method = {"name": name, "k": int(k), "k32": None}  # random_skip: uniform rate (no checkpoint)
             model = copy.deepcopy(base)
-            applied = apply_method(model, method, tokenizer=tokenizer, skip=skip)
+            applied = build_method(method).apply(model, tokenizer=tokenizer, skip=skip)
             label = f"{name}_k{int(k)}"
             points[label] = {
                 "k": float(k),

@@ -66,11 +66,11 @@ def check_cli_args(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     """Load the model (and checkpoint), generate from `cfg.prompt` while printing to `file` (stdout)."""
-    from .baselines import apply_method, checkpoint_method
     from .eval.streamer import LayerStreamer
     from .flexidepth import set_tau
     from .flexidepth.checkpoint import resolve_checkpoint
     from .flexidepth.generation import generate
+    from .methods import build_method, checkpoint_method
     from .models.loader import load_base_model
     from .models.tokenizer import chat_prompt, load_tokenizer
     from .utils.hardware import resolve_device
@@ -85,7 +85,7 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
     routed: list[int] = []
     if ckpt is not None:
-        apply_method(model, {"name": checkpoint_method(ckpt)}, ckpt=ckpt)  # flexidepth or mindskip
+        build_method({"name": checkpoint_method(ckpt)}).apply(model, ckpt=ckpt)  # flexidepth or mindskip
         routed = list(model.flexidepth.layer_indices)
         if params["tau"] is not None:
             set_tau(model, params["tau"])

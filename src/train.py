@@ -26,11 +26,12 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from .config_check import validate
+from .config_check import ConfigError, validate
+from .flexidepth.files import atomic_write_text
+from .methods import build_method
 from .released_recipe import report_alpha
 from .utils.cli import entry_point
 from .utils.errors import RunFolderError
-from .utils.files import atomic_write_text
 from .utils.launch import cluster_plugins, is_rank_zero, one_job_per_sweep_point
 from .utils.loggers import build_loggers, finish_wandb
 from .utils.quiet import silence_third_party
@@ -78,6 +79,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     errors, printed without a traceback by the CLI) naming the key, file or holder.
     """
     validate(cfg)  # before anything heavy is loaded
+    method = build_method(cfg.get("method") or {"name": "flexidepth"})
+    if not method.trains:
+        raise ConfigError(
+            f"method={method.name} has nothing to train: evaluate it with `python -m src.eval "
+            f"method={method.name}` or src.compare (its `baselines` list)"
+        )
     preflight_train(cfg)
     report_alpha(cfg)  # released_stage* experiments: which alpha (face value or reproducing) is used
     note = alpha_override_note(cfg, _command_line_overrides())
@@ -89,13 +96,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from .data.datamodule import SFTDataModule
     from .flexidepth import load_flexidepth
     from .lit.module import FlexiDepthModule
-    from .methods import build_method
     from .models.loader import tokenizer_path
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    method = build_method(cfg.get("method") or {"name": "flexidepth"})  # validated by `validate` already
-    if not method.trains:
-        return apply_untrained(cfg)
     output_dir = Path(cfg.paths.output_dir)
     with open_run(cfg, output_dir) as start:
         # everything that can still refuse the start comes before `start.commit()`: data files and their
@@ -434,48 +437,6 @@ def loss_config(cfg: DictConfig) -> dict[str, Any]:
         log.warning("skip.alpha is deprecated: use loss.alpha (taking loss.alpha=%s)", legacy)
         loss["alpha"] = float(legacy)
     return loss
-
-
-def apply_untrained(cfg: DictConfig) -> dict[str, Any]:
-    """Methods without training (`Method.trains` false: shortgpt, laco, early_exit, random_skip): src.train
-    only calibrates them: apply the method once (its calibration included) and record what it chose in
-    <output_dir>/method.json; evaluation (src.eval / src.compare) re-applies it."""
-    from .baselines import apply_method
-    from .models.loader import load_base_model
-    from .models.tokenizer import load_tokenizer
-
-    name = str(cfg.method.name)
-    print(
-        f"method={name} has nothing to train: src.train only calibrates it and records the layers it chooses "
-        f"(method.json); evaluate it with `python -m src.eval method={name}` or src.compare",
-        flush=True,
-    )
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model = load_base_model(model_cfg).eval()
-    applied = apply_method(
-        model,
-        OmegaConf.to_container(cfg.method, resolve=True),
-        tokenizer=load_tokenizer(model_cfg),
-        ckpt=cfg.get("init_from"),
-        skip=OmegaConf.to_container(cfg.skip, resolve=True),
-    )
-    record = {
-        "method": applied.to_dict(),
-        "model": str(cfg.model.name_or_path),
-        "run_name": str(cfg.run_name),
-    }
-    atomic_write_text(output_dir / "method.json", json.dumps(record, indent=2, sort_keys=True))
-    log.info(
-        "method=%s has no training; applied once (%s), recorded in %s. Evaluate it with "
-        "`python -m src.eval method=%s ...`",
-        applied.name,
-        applied.label,
-        output_dir / "method.json",
-        applied.name,
-    )
-    return {}
 
 
 def write_metrics(

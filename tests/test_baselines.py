@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 
-from src.baselines import MethodConfigError, apply_method, method_macs, resolve_k, validate_method
-from src.baselines.mindskip import MindSkipLayer, inject_mindskip
-from src.baselines.random_skip import RandomGate, uniform_run_rates
-from src.baselines.removal import early_exit_layers, remove_layers
 from src.flexidepth import FlexiDepthConfig, flexi_layers, parameter_counts, routed_forward
 from src.flexidepth.flops import layer_macs, model_macs_per_token
 from src.flexidepth.generation import generate
+from src.methods import MethodConfigError, build_method, method_macs
+from src.methods.early_exit import early_exit_layers
+from src.methods.mindskip import MindSkipLayer, inject_mindskip
+from src.methods.random_skip import RandomGate, uniform_run_rates
+from src.methods.removal import remove_layers, resolve_k
 from tests.conftest import tiny_model
 from tests.helpers.configs import compose_tiny
 
@@ -29,31 +30,31 @@ def _logits(model, ids, mask=None):
 
 # ---------------------------------------------------------------------------------------- k matching
 def test_k_is_scaled_from_32_layers():
-    assert resolve_k({"k32": 4}, 32) == 4 and resolve_k({"k32": 8}, 32) == 8
-    assert resolve_k({"k32": 4}, 30) == 4 and resolve_k({"k32": 8}, 30) == 8  # SmolLM2: 3.75 -> 4, 7.5 -> 8
-    assert resolve_k({"k32": 8}, 40) == 10 and resolve_k({"k32": 4}, 4) == 1
-    assert resolve_k({"k": 3, "k32": 8}, 30) == 3  # an explicit k wins
-    assert resolve_k({}, 30) is None
+    assert resolve_k(None, 4, 32) == 4 and resolve_k(None, 8, 32) == 8
+    assert resolve_k(None, 4, 30) == 4 and resolve_k(None, 8, 30) == 8  # SmolLM2: 3.75 -> 4, 7.5 -> 8
+    assert resolve_k(None, 8, 40) == 10 and resolve_k(None, 4, 4) == 1
+    assert resolve_k(3, 8, 30) == 3  # an explicit k wins
+    assert resolve_k(None, None, 30) is None
 
 
 def test_method_config_errors_name_the_key():
     with pytest.raises(MethodConfigError, match="method.name='nope'"):
-        validate_method({"name": "nope"})
+        build_method({"name": "nope"})
     with pytest.raises(MethodConfigError, match="method.kk"):
-        validate_method({"name": "shortgpt", "k32": 4, "kk": 1})
+        build_method({"name": "shortgpt", "k32": 4, "kk": 1})
     with pytest.raises(MethodConfigError, match="method.k must be"):
-        validate_method({"name": "early_exit", "k": -1})
+        build_method({"name": "early_exit", "k": -1})
     with pytest.raises(MethodConfigError, match="needs method.k"):
-        validate_method({"name": "laco"})
+        build_method({"name": "laco"})
     with pytest.raises(MethodConfigError, match="method.merge_size"):
-        validate_method({"name": "laco", "k": 2, "merge_size": 1})
+        build_method({"name": "laco", "k": 2, "merge_size": 1})
     with pytest.raises(MethodConfigError, match="method.calibration.txts"):
-        validate_method({"name": "shortgpt", "k": 2, "calibration": {"txts": 3}})
+        build_method({"name": "shortgpt", "k": 2, "calibration": {"txts": 3}})
     model = tiny_model()
     with pytest.raises(MethodConfigError, match="pass ckpt_path"):
-        apply_method(model, {"name": "flexidepth"})
+        build_method({"name": "flexidepth"}).apply(model)
     with pytest.raises(MethodConfigError, match="ckpt_path is not used by method=early_exit"):
-        apply_method(model, {"name": "early_exit", "k": 1}, ckpt="/x")
+        build_method({"name": "early_exit", "k": 1}).apply(model, ckpt="/x")
     assert not hasattr(model, "flexidepth")  # nothing touched on error
 
 
@@ -62,7 +63,7 @@ def test_early_exit_at_the_last_layer_is_the_base_model():
     model = tiny_model(layers=4)
     ids = _ids()
     base = _logits(model, ids)
-    applied = apply_method(model, {"name": "early_exit", "k": 0})
+    applied = build_method({"name": "early_exit", "k": 0}).apply(model)
     assert applied.removed == [] and not hasattr(model, "flexidepth")
     torch.testing.assert_close(_logits(model, ids), base, rtol=0, atol=0)
 
@@ -73,7 +74,7 @@ def test_early_exit_equals_final_norm_and_head_on_an_intermediate_state():
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # [emb, after layer 0, ...]
         expected = model.lm_head(model.model.norm(hidden[3]))  # exit after 3 layers = L - k with k = 2
-    applied = apply_method(model, {"name": "early_exit", "k": 2})
+    applied = build_method({"name": "early_exit", "k": 2}).apply(model)
     assert applied.removed == [3, 4] and applied.label == "early_exit_k2"
     torch.testing.assert_close(_logits(model, ids), expected, rtol=1e-5, atol=1e-5)
     out = routed_forward(model, ids)
@@ -104,7 +105,7 @@ def test_removed_layers_are_identity_in_cached_generation_too():
 # ---------------------------------------------------------------------------------------- random skip
 def test_random_skip_realises_its_rate_and_is_seeded():
     model = tiny_model(layers=6)
-    applied = apply_method(model, {"name": "random_skip", "k": 1.5, "seed": 3}, skip={"layers": "2:6"})
+    applied = build_method({"name": "random_skip", "k": 1.5, "seed": 3}).apply(model, skip={"layers": "2:6"})
     assert applied.k == pytest.approx(1.5)
     assert applied.details["run_rates"] == {i: pytest.approx(1 - 1.5 / 4) for i in range(2, 6)}
     ids = _ids(batch=8, seq=256)
@@ -118,7 +119,7 @@ def test_random_skip_realises_its_rate_and_is_seeded():
     )
     # same seed: same decisions
     other = tiny_model(layers=6)
-    apply_method(other, {"name": "random_skip", "k": 1.5, "seed": 3}, skip={"layers": "2:6"})
+    build_method({"name": "random_skip", "k": 1.5, "seed": 3}).apply(other, skip={"layers": "2:6"})
     assert torch.equal(routed_forward(other, ids).routes.run, out.routes.run)
     with pytest.raises(ValueError, match="run rates"):
         RandomGate({2: 1.5})
@@ -127,8 +128,8 @@ def test_random_skip_realises_its_rate_and_is_seeded():
 
 
 def test_random_skip_with_checkpoint_matches_its_measured_rates(tmp_path, monkeypatch):
-    from src.baselines.methods import measured_run_rates
     from src.flexidepth import inject, save_flexidepth
+    from src.methods.random_skip import measured_run_rates
 
     trained = tiny_model(layers=4)
     inject(trained, FlexiDepthConfig(tau=0.5))
@@ -146,8 +147,8 @@ def test_random_skip_with_checkpoint_matches_its_measured_rates(tmp_path, monkey
     from src.methods import random_skip
 
     monkeypatch.setattr(random_skip, "calibration_batches", lambda tok, calibration: batches)
-    applied = apply_method(
-        model, {"name": "random_skip", "seed": 1}, tokenizer=object(), ckpt=tmp_path / "ckpt"
+    applied = build_method({"name": "random_skip", "seed": 1}).apply(
+        model, tokenizer=object(), ckpt=tmp_path / "ckpt"
     )
     assert applied.label == "random_skip_matched"
     assert applied.details["run_rates"] == pytest.approx(target)
@@ -229,7 +230,7 @@ def test_mindskip_router_learns_from_the_skip_loss():
 
 # ---------------------------------------------------------------------------------------- FLOPs
 def test_method_macs_per_method():
-    from src.baselines.methods import AppliedMethod
+    from src.methods import AppliedMethod
     from tests.conftest import llama3_8b_config
 
     cfg = llama3_8b_config()
@@ -274,16 +275,12 @@ UNTRAINED = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(UNTRAINED))
-def test_untrained_method_train_and_eval_end_to_end(name, tmp_path):
+def test_untrained_method_eval_end_to_end(name, tmp_path):
     from src.evaluate import run
-    from src.train import train
-    from tests.test_train import compose_cfg
 
     overrides = UNTRAINED[name]
-    assert train(compose_cfg(["debug=tiny", "logger=none", *overrides], tmp_path / "train")) == {}
-    record = json.loads((tmp_path / "train" / "method.json").read_text())
-    assert record["method"]["name"] == name
     res = run(_eval_cfg(overrides, tmp_path / "eval"))
+    again = run(_eval_cfg(overrides, tmp_path / "again"))
     label = res["system"]
     assert set(res["tasks"]) == {"base", label} and label.startswith(name)
     skipped = res["layers"][label]["layers_skipped_scored"]
@@ -291,7 +288,7 @@ def test_untrained_method_train_and_eval_end_to_end(name, tmp_path):
         assert 0.0 <= skipped <= 2.0
     else:
         assert skipped == pytest.approx(1.0) and len(res["method"]["removed"]) == 1
-        assert res["method"]["removed"] == record["method"]["removed"]  # calibration is deterministic
+        assert res["method"]["removed"] == again["method"]["removed"]  # calibration is deterministic
     assert res["layers"]["base"]["layers_used_scored"] == 4.0
     assert "retention" in res and (tmp_path / "eval" / "results.md").is_file()
     # the base's entropy is recorded under routing off, except after LaCo's merges (the base is gone)
@@ -335,8 +332,8 @@ def test_trained_method_and_ablation_train_and_eval_end_to_end(name, tmp_path):
 
 
 def test_tau_for_k_sets_the_threshold_that_skips_k_layers():
-    from src.baselines.methods import tau_for_k
     from src.flexidepth import inject, set_tau
+    from src.flexidepth.calibrate import tau_for_k
 
     model = tiny_model(layers=6)
     inject(model, FlexiDepthConfig(layers="2:6"))
@@ -353,7 +350,7 @@ def test_tau_for_k_sets_the_threshold_that_skips_k_layers():
     assert tau_for_k(model, batches, 0) == 0.0 and tau_for_k(model, batches, 4) == 1.0
 
 
-def test_mindskip_checkpoint_round_trip_goes_through_apply_method(tmp_path):
+def test_mindskip_checkpoint_round_trip_goes_through_the_registry(tmp_path):
     from src.flexidepth import load_flexidepth, save_flexidepth
 
     trained = tiny_model(layers=4)
@@ -365,7 +362,7 @@ def test_mindskip_checkpoint_round_trip_goes_through_apply_method(tmp_path):
     with pytest.raises(ValueError, match="method=mindskip checkpoint"):
         load_flexidepth(tiny_model(layers=4), tmp_path / "ms")  # would build FlexiDepth layers otherwise
     model = tiny_model(layers=4)
-    applied = apply_method(model, {"name": "mindskip"}, ckpt=tmp_path / "ms")
+    applied = build_method({"name": "mindskip"}).apply(model, ckpt=tmp_path / "ms")
     assert applied.label == "mindskip" and all(isinstance(m, MindSkipLayer) for m in flexi_layers(model))
     ids = _ids()
     torch.testing.assert_close(routed_forward(model, ids).logits, routed_forward(trained, ids).logits)

@@ -6,13 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.baselines.laco import identity_layers, laco_prune, rdsc_merge_
-from src.baselines.shortgpt import (
-    block_influence,
-    calibration_batches,
-    calibration_texts,
-    shortgpt_layers,
-)
+from src.methods.base import calibration_texts, text_batches
+from src.methods.laco import identity_layers, laco_prune, rdsc_merge_
+from src.methods.shortgpt import block_influence, shortgpt_layers
 from tests.conftest import tiny_model
 
 
@@ -125,7 +121,7 @@ class CharTokenizer:
 def test_calibration_batches_right_pad_truncate_and_group():
     tok = CharTokenizer()
     texts = ["abc", "", "hello world", "x", "   ", "longer text here", "z"]
-    batches = list(calibration_batches(tok, texts, max_length=8, batch_size=2))
+    batches = list(text_batches(tok, texts, max_length=8, batch_size=2))
     # empty/blank texts dropped: abc, hello world, x, longer text here, z -> batches of 2, 2, 1
     assert [tuple(ids.shape) for ids, _ in batches] == [(2, 8), (2, 8), (1, 2)]
     ids, mask = batches[0]
@@ -134,7 +130,7 @@ def test_calibration_batches_right_pad_truncate_and_group():
     assert ids[0, 4:].tolist() == [1] * 4  # pad id falls back to eos
     assert ids[1].tolist() == tok("hello world")["input_ids"][:8]
     assert ids.dtype == torch.long and mask.dtype == torch.long
-    limited = list(calibration_batches(tok, texts, max_length=8, batch_size=4, max_texts=3))
+    limited = list(text_batches(tok, texts, max_length=8, batch_size=4, max_texts=3))
     assert [int(m.sum()) for _, m in limited] == [4 + 8 + 2]
 
 
@@ -147,7 +143,7 @@ def test_calibration_texts_are_training_side_and_tokenise(smollm2_dir):
     assert texts == lee_articles()[:5]
     assert not set(texts) & set(lee_heldout_articles())
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    batches = list(calibration_batches(tok, texts, max_length=32, batch_size=2))
+    batches = list(text_batches(tok, texts, max_length=32, batch_size=2))
     assert [ids.shape[0] for ids, _ in batches] == [2, 2, 1]
     for ids, mask in batches:
         assert ids.shape[1] <= 32

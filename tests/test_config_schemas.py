@@ -126,18 +126,19 @@ def test_every_group_option_and_experiment_composes_and_validates():
                 validate_groups(cfg)
 
 
-def test_train_refuses_untrained_methods_clearly_or_only_calibrates(capsys, tmp_path):
-    """`src.train method=shortgpt` says in one line that it only calibrates (and where to evaluate)."""
-    from src.train import apply_untrained
+def test_train_refuses_untrained_methods_clearly(tmp_path):
+    """`src.train method=early_exit` refuses in one line naming where to evaluate it, before any model or
+    run folder exists."""
+    from src.config_check import ConfigError
+    from src.train import train
 
-    cfg = compose_tiny("train", ["method=early_exit", "method.k=1"], tmp_path)
+    cfg = compose_tiny("train", ["method=early_exit", "method.k=1"], tmp_path / "run")
     with open_dict(cfg):
         cfg.run_name = "x"
-    apply_untrained(cfg)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("method=early_exit has nothing to train: src.train only calibrates it")
-    assert "src.eval" in out[0] and "src.compare" in out[0]
-    assert (tmp_path / "method.json").is_file()
+    with pytest.raises(ConfigError, match="method=early_exit has nothing to train") as err:
+        train(cfg)
+    assert "src.eval" in str(err.value) and "src.compare" in str(err.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_tau_has_one_owner():

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from src.baselines.mindskip import inject_mindskip
 from src.flexidepth import FlexiDepthConfig, forced_gates, inject, set_routing
 from src.flexidepth.generation import set_fast_path
+from src.methods.mindskip import inject_mindskip
 from tests.conftest import tiny_model
 
 LAYERS = 4
@@ -130,7 +130,7 @@ def test_mindskip_hidden_states_and_attentions(family):
 def test_removed_layers_keep_the_contract(fast):
     """Static removal (ShortGPT / LaCo / early exit) goes through the same injection: L + 1 hidden states,
     L attention maps, the removed layer's entry equals its input and its attention map is all zeros."""
-    from src.baselines.removal import remove_layers
+    from src.methods.removal import remove_layers
 
     base = tiny_model("qwen2", layers=LAYERS, attn="eager")
     model = remove_layers(copy.deepcopy(base), [1])

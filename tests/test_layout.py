@@ -234,7 +234,6 @@ def test_token_records_from_lists_and_tensors():
 # ---------------------------------------------------------------------------------------- the loop
 def test_evaluate_against_base_runs_base_once_then_each_system(monkeypatch):
     """Base first (once), each system on a fresh model, retention and MACs against the base's scores."""
-    import src.baselines
     import src.eval.run as R
 
     calls = []
@@ -253,7 +252,7 @@ def test_evaluate_against_base_runs_base_once_then_each_system(monkeypatch):
         return summary, [{"label": label}], [{"model": label}]
 
     monkeypatch.setattr(R, "evaluate_system", fake_system)
-    monkeypatch.setattr(src.baselines, "method_macs", lambda config, applied, skipped: {"skipped": skipped})
+    monkeypatch.setattr(R, "method_macs", lambda config, applied, skipped: {"skipped": skipped})
     models = iter(["fresh1", "fresh2"])
 
     def apply_as(name):
@@ -280,7 +279,6 @@ def test_evaluate_against_base_runs_base_once_then_each_system(monkeypatch):
 
 
 def test_evaluate_against_base_applies_in_place_without_fresh_model(monkeypatch):
-    import src.baselines
     import src.eval.run as R
 
     seen = []
@@ -291,7 +289,7 @@ def test_evaluate_against_base_applies_in_place_without_fresh_model(monkeypatch)
         return summary, [], []
 
     monkeypatch.setattr(R, "evaluate_system", fake_system)
-    monkeypatch.setattr(src.baselines, "method_macs", lambda config, applied, skipped: skipped)
+    monkeypatch.setattr(R, "method_macs", lambda config, applied, skipped: skipped)
 
     def apply(model):
         model.name = "changed"

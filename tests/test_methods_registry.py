@@ -93,10 +93,9 @@ TOY_METHOD = '''
 """Toy plug-in method: skip every other routed layer (as static removal)."""
 from dataclasses import dataclass
 
-from src.baselines.removal import remove_layers
 from src.flexidepth import FlexiDepthConfig
 from src.methods import AppliedMethod, Method
-from src.methods._static import RemovalMethod
+from src.methods.removal import RemovalMethod, remove_layers
 
 
 @dataclass
@@ -131,11 +130,10 @@ def toy_method(tmp_path, monkeypatch):
 
 
 def test_a_toy_method_is_one_file_and_one_yaml(toy_method, tmp_path):
-    from src.baselines import method_macs
     from src.config_check import validate_groups
     from src.eval.run import method_applies
     from src.flexidepth import flexi_layers
-    from src.methods import compose_method
+    from src.methods import compose_method, method_macs
     from src.models.loader import load_base_model
 
     cfg = compose_tiny("evaluate", [f"hydra.searchpath=[{toy_method}]", "method=skip_alternate"])

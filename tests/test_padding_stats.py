@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from src.baselines.mindskip import inject_mindskip
 from src.flexidepth import FlexiDepthConfig, flexi_layers, routed_forward
 from src.flexidepth.generation import generate
+from src.methods.mindskip import inject_mindskip
 from tests.conftest import tiny_model
 
 LENGTHS = (9, 3, 6)  # real tokens per prompt; batched prompts are padded to 9

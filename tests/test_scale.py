@@ -275,8 +275,8 @@ def test_convert_plain_lightning_checkpoint(tmp_path):
 def test_convert_keeps_the_method_of_the_run(tmp_path):
     """A MindSkip run converted from its Lightning checkpoint loads back as MindSkip (with its own gates),
     not as per-token FlexiDepth: the export records `method` and the layers are built through the registry."""
-    from src.baselines import checkpoint_method
     from src.convert import convert
+    from src.methods import checkpoint_method
     from src.train import train
 
     train(

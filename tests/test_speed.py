@@ -25,8 +25,8 @@ def test_pruned_model_equals_identity_removal_and_hf_generate(family):
     with a KV cache that holds only the kept layers; HF generate on the pruned model gives the same tokens."""
     from transformers import DynamicCache
 
-    from src.baselines.removal import prune_layers, remove_layers
     from src.flexidepth.generation import generate
+    from src.methods.removal import prune_layers, remove_layers
     from src.speed import shared_copy
 
     base = tiny_model(family, layers=6)
@@ -57,8 +57,8 @@ def test_pruned_model_equals_identity_removal_and_hf_generate(family):
 
 
 def test_prune_layers_refuses_bad_indices():
-    from src.baselines.removal import prune_layers
     from src.flexidepth import FlexiDepthConfig, inject
+    from src.methods.removal import prune_layers
 
     with pytest.raises(ValueError, match="out of range"):
         prune_layers(tiny_model(layers=4), [4])

@@ -1,5 +1,5 @@
 """Evaluation of a base model and the system a method builds on it (a FlexiDepth / MindSkip checkpoint or an
-untrained baseline, src/baselines/): held-out perplexity, the task suite, lm-eval tasks, retention, analytic
+untrained baseline, src/methods/): held-out perplexity, the task suite, lm-eval tasks, retention, analytic
 FLOPs, a DepthMap and figures. `evaluate(cfg)` is what `python -m src.evaluate` runs.
 
 The evaluation loop is `evaluate_against_base`, shared with `python -m src.compare`: the base model is
@@ -23,10 +23,11 @@ import torch
 from src.data.batching import pad_batch
 from src.flexidepth import is_injected, routed_forward, routing_active, set_tau
 from src.flexidepth.checkpoint import resolve_checkpoint
+from src.flexidepth.files import atomic_write_text
 from src.flexidepth.generation import generate
 from src.flexidepth.routes import lm_loss_sum
+from src.methods import method_macs
 from src.models.tokenizer import chat_prompt, load_tokenizer, pad_token_id
-from src.utils.files import atomic_write_text
 from src.utils.hardware import resolve_device
 
 from .choice_tasks import (
@@ -461,7 +462,7 @@ class SystemResult:
     """One system of `evaluate_against_base`: what `evaluate_system` measured plus its standing against the
     base model.
 
-    label: "base" or the system's label. applied: the method's AppliedMethod (src/baselines; None for the
+    label: "base" or the system's label. applied: the method's AppliedMethod (src/methods/; None for the
     base). summary / rows / records: `evaluate_system`'s. retention: `system_retention` against the base
     (None for the base). flops: {"scored": MACs report, "generated": MACs report when tokens were generated}
     ({} for the base). routed_layers: decoder-layer indices holding FlexiDepth layers ([] when not injected).
@@ -509,8 +510,6 @@ def evaluate_against_base(
     Yields:
         A `SystemResult` for the base model, then one per system, as each finishes.
     """
-    from src.baselines import method_macs
-
     chunks, examples, harness_tasks, include = inputs
 
     def measured(label: str) -> tuple[dict, list[dict], list[dict]]:
@@ -553,7 +552,7 @@ def method_applies(cfg, ckpt: Path | None) -> bool:
 def evaluate(cfg) -> dict[str, Any]:
     """Run the evaluation described by an `evaluate` config; writes and returns the results.
 
-    The base model is evaluated first, then the method (conf/method/, src/baselines/) is applied to the same
+    The base model is evaluated first, then the method (conf/method/, src/methods/) is applied to the same
     model in place and evaluated (`evaluate_against_base`): a FlexiDepth or MindSkip checkpoint
     (`ckpt_path`), or a baseline that needs no training (ShortGPT, LaCo, early exit, random skip).
 
@@ -565,8 +564,7 @@ def evaluate(cfg) -> dict[str, Any]:
     """
     from omegaconf import OmegaConf
 
-    from src.baselines import apply_method, checkpoint_method
-    from src.methods import build_method, trains
+    from src.methods import build_method, checkpoint_method, trains
     from src.models.loader import load_base_model
 
     from .analysis import record_categories, write_analysis
@@ -598,9 +596,8 @@ def evaluate(cfg) -> dict[str, Any]:
     inputs = eval_inputs(tokenizer, ev, output_dir)
 
     def apply(model):
-        applied = apply_method(
+        applied = build_method(method_cfg).apply(
             model,
-            method_cfg,
             tokenizer=tokenizer,
             ckpt=ckpt,
             skip=OmegaConf.to_container(cfg.skip, resolve=True) if cfg.get("skip") else None,

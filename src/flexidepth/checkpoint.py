@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .config import FlexiDepthConfig
+from .files import atomic_write_bytes
 from .inject import flexidepth_state_dict, inject, is_injected
 
 WEIGHTS = "flexidepth.safetensors"
@@ -29,14 +30,6 @@ FORMAT_VERSION = 1
 class CheckpointError(ValueError):
     """A checkpoint file is missing, damaged (truncated, not the expected format) or holds NaN/inf weights;
     the message names the file."""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file in `path`'s folder, then rename it over `path` (0644 under umask 022):
-    a reader never sees a partial file (src/utils/files.py)."""
-    from ..utils.files import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -85,11 +78,11 @@ def save_flexidepth(model, folder: str | Path, extra: dict | None = None) -> Pat
         "base_model": base_identity(model),
         **(extra or {}),
     }
-    _write_atomic(
+    atomic_write_bytes(
         folder / WEIGHTS,
         save(tensors, metadata={"format": "flexidepth", "gate_mode": state.config.gate_mode}),
     )
-    _write_atomic(folder / CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(folder / CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
     return folder
 
 
@@ -148,10 +141,10 @@ def load_flexidepth(model, folder: str | Path):
             )
     if not is_injected(model):
         method = meta.get("method", "flexidepth")
-        if method != "flexidepth":  # another routed-layer class (e.g. mindskip): built by src.baselines
+        if method != "flexidepth":  # another routed-layer class (e.g. mindskip): built by src.methods
             raise CheckpointError(
                 f"{folder / CONFIG}: a method={method} checkpoint; load it with "
-                "src.baselines.apply_method(model, {'name': '" + method + "'}, ckpt=folder)"
+                "src.methods.build_method({'name': '" + method + "'}).apply(model, ckpt=folder)"
             )
         inject(model, stored)
     elif model.flexidepth.config.gate_mode != stored.gate_mode:
@@ -335,8 +328,8 @@ def export_released(model, folder: str | Path, dtype: torch.dtype | None = None)
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / RELEASED_WEIGHTS, save(tensors, metadata={"format": RELEASED_FORMAT}))
-    _write_atomic(folder / RELEASED_CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(folder / RELEASED_WEIGHTS, save(tensors, metadata={"format": RELEASED_FORMAT}))
+    atomic_write_bytes(folder / RELEASED_CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
     return folder
 
 

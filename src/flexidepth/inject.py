@@ -81,7 +81,7 @@ def inject(
     """Wrap the routed layers of `model` with FlexiDepth layers and freeze everything else.
 
     Config errors and unsupported architectures are raised before any module is touched.
-    `layer_cls` lets a variant (e.g. the MindSkip baseline, src/baselines/mindskip.py) reuse the same
+    `layer_cls` lets a variant (e.g. the MindSkip baseline, src/methods/mindskip.py) reuse the same
     wiring with another routed-layer class. Returns the same model object.
     """
     if cfg is None:

@@ -309,14 +309,14 @@ class FlexiDepthModule(L.LightningModule):
     @torch.no_grad()
     def calibrate_tau(self, batches) -> float | None:
         """With a layers-skipped target and `loss.calibrate_tau`: set tau to the threshold at which the model
-        skips the target on `batches` (the k/R gate quantile, `src.baselines.methods.tau_for_k`); returns it.
+        skips the target on `batches` (the k/R gate quantile, `src.flexidepth.calibrate.tau_for_k`); returns it.
 
         batches: iterable of dicts with input_ids / attention_mask [B, T] (the validation loader)."""
         c = self.loss_cfg
         if c.target_layers_skipped is None or not c.calibrate_tau:
             return None
-        from ..baselines.methods import tau_for_k
         from ..flexidepth import set_tau
+        from ..flexidepth.calibrate import tau_for_k
 
         pairs = [(b["input_ids"].to(self.device), b["attention_mask"].to(self.device)) for b in batches]
         if not pairs:

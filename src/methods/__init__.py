@@ -5,14 +5,24 @@
     method = build_method(cfg.method)           # validated; MethodConfigError names the bad method.<key>
     method.trains                               # trained by src.train?
     applied = method.apply(model, tokenizer=tok, ckpt=folder, skip=skip_cfg)
-    method.macs(model.config, applied, layers_skipped)
+    method_macs(model.config, applied, layers_skipped)   # by the cost model of applied.name
+    checkpoint_method(folder)                   # the method a trained checkpoint was trained with
 
 Adding a method: one file here (a `Method` dataclass) + one `conf/method/<name>.yaml`; see README
 "Adding a method".
 """
 
 from .base import AppliedMethod, Calibration, Method, MethodConfigError
-from .registry import build_method, compose_method, method_class, method_names, register, trains
+from .flexidepth import checkpoint_method
+from .registry import (
+    build_method,
+    compose_method,
+    method_class,
+    method_macs,
+    method_names,
+    register,
+    trains,
+)
 
 __all__ = [
     "AppliedMethod",
@@ -20,8 +30,10 @@ __all__ = [
     "Method",
     "MethodConfigError",
     "build_method",
+    "checkpoint_method",
     "compose_method",
     "method_class",
+    "method_macs",
     "method_names",
     "register",
     "trains",

@@ -14,14 +14,18 @@ Subclasses register themselves under their `name` default (see `registry.py`); n
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..flexidepth import FlexiDepthConfig
 from ..flexidepth.flops import model_macs_per_token
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids [B, T], attention_mask [B, T])
 
 
 class MethodConfigError(ValueError):
@@ -163,20 +167,69 @@ def calibration_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Calibration text (the training-side Lee corpus, never the held-out articles), tokenised:
     [(input_ids [B, T], attention_mask [B, T])]."""
-    from ..baselines.shortgpt import calibration_batches as batches
-    from ..data.corpora import lee_articles
-
     if isinstance(calibration, dict) or calibration is None:
         calibration = Calibration(**(calibration or {}))
     return list(
-        batches(
+        text_batches(
             tokenizer,
-            lee_articles(),
+            calibration_texts(),
             max_length=int(calibration.max_length),
             batch_size=int(calibration.batch_size),
             max_texts=int(calibration.texts),
         )
     )
+
+
+def calibration_texts(max_texts: int | None = None) -> list[str]:
+    """Training-side calibration text: the Lee background articles (disjoint from the held-out set)."""
+    from ..data.corpora import lee_articles
+
+    texts = lee_articles()
+    return texts if max_texts is None else texts[:max_texts]
+
+
+def text_batches(
+    tokenizer,
+    texts: list[str],
+    max_length: int = 256,
+    batch_size: int = 4,
+    max_texts: int | None = None,
+) -> Iterator[Batch]:
+    """Tokenise texts (truncated to ``max_length`` tokens) into right-padded ``(input_ids, attention_mask)``.
+
+    Texts are kept in order and grouped ``batch_size`` at a time; empty texts (or texts that tokenise to
+    nothing) are dropped. Padding uses the tokenizer's pad id, else its eos id, else 0; the mask is what
+    marks pads, so the id only has to be a valid token. Tensors are int64 on the CPU.
+    """
+    if max_length < 1 or batch_size < 1:
+        raise ValueError(f"max_length and batch_size must be >= 1, got {max_length}, {batch_size}")
+    texts = [t for t in texts if t and t.strip()]
+    if max_texts is not None:
+        texts = texts[:max_texts]
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    for start in range(0, len(texts), batch_size):
+        rows = [
+            list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])[:max_length]
+            for text in texts[start : start + batch_size]
+        ]
+        rows = [r for r in rows if r]
+        if not rows:
+            continue
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, : len(row)] = 1
+        yield input_ids, attention_mask
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack of a *ForCausalLM (``model.model``): running it skips the LM head."""
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def jsonable(obj):

@@ -1,12 +1,19 @@
-"""early_exit: LayerSkip-style exit without training; the last k layers are removed (src/baselines/removal.py)."""
+"""early_exit: LayerSkip-style exit without training; the last k layers are removed
+(`remove_layers`, src/methods/removal.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..baselines.removal import early_exit_layers, remove_layers
-from ._static import RemovalMethod
 from .base import AppliedMethod
+from .removal import RemovalMethod, remove_layers
+
+
+def early_exit_layers(num_layers: int, k: int) -> list[int]:
+    """Early exit after layer L - k: the last k layers are removed (final norm and LM head stay)."""
+    if not 0 <= k < num_layers:
+        raise ValueError(f"early exit needs 0 <= k < {num_layers}, got k={k}")
+    return list(range(num_layers - k, num_layers))
 
 
 @dataclass

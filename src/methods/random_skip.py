@@ -1,6 +1,14 @@
-"""random_skip: random per-token skips over the routed layers, the control for the learned router
-(src/baselines/random_skip.py). Uniform rate k / R, or a FlexiDepth checkpoint's measured per-layer rates
-(with its adapters as the skip path)."""
+"""random_skip: random per-token skipping, the control that shows what a learned router adds.
+
+Each routed layer l skips a token with probability 1 - p_l, independently per token, with p_l either one
+uniform rate (k skipped layers out of R routed: p = 1 - k / R) or matched to a trained FlexiDepth model's
+measured per-layer run fractions. The random decision replaces the router's gate: g = 1 (run, the plain
+layer) or g = 0 (skip: y = x + Adapter(N_f(x)) with the checkpoint's adapter, or y = x without one).
+Draws come from a seeded torch.Generator, so a run is reproducible.
+
+`RandomSkip` (method=random_skip) draws at a uniform rate k / R, or at a FlexiDepth checkpoint's measured
+per-layer rates (`measured_run_rates`, with its adapters as the skip path).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,42 @@ from dataclasses import dataclass, field
 import torch
 
 from ..flexidepth import FlexiDepthConfig, flexi_layers, inject, load_flexidepth, routed_forward
-from ._static import check_counts, resolve_k
 from .base import AppliedMethod, Calibration, Method, MethodConfigError, calibration_batches
 from .flexidepth import checkpoint_method
+from .removal import check_counts, resolve_k
+
+
+class RandomGate:
+    """A `force_gate` callable: (z [B, T, d], layer_index) -> g in {0, 1} [B, T] with P(g = 1) = rate."""
+
+    def __init__(self, run_rates: dict[int, float], seed: int = 0):
+        bad = {i: r for i, r in run_rates.items() if not 0.0 <= r <= 1.0}
+        if bad:
+            raise ValueError(f"run rates must be in [0, 1], got {bad}")
+        self.run_rates = {int(i): float(r) for i, r in run_rates.items()}
+        self.seed = int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def __call__(self, z: torch.Tensor, layer_index: int) -> torch.Tensor:
+        rate = self.run_rates[layer_index]
+        u = torch.rand(z.shape[:2], generator=self._generator(z.device), device=z.device)
+        return (u < rate).float()
+
+
+def uniform_run_rates(layer_indices: list[int], k: float) -> dict[int, float]:
+    """Every routed layer runs with probability 1 - k / R, so k of R layers are skipped on average."""
+    routed = len(layer_indices)
+    if not 0 <= k <= routed:
+        raise ValueError(f"random skip of k={k} layers needs 0 <= k <= {routed} routed layers")
+    return {i: 1.0 - k / routed for i in layer_indices}
 
 
 @torch.no_grad()
@@ -41,8 +82,6 @@ class RandomSkip(Method):
         check_counts(self)
 
     def apply(self, model, *, tokenizer=None, ckpt=None, skip=None) -> AppliedMethod:
-        from ..baselines.random_skip import RandomGate, uniform_run_rates
-
         k = resolve_k(self.k, self.k32, model.config.num_hidden_layers)
         if ckpt is not None:
             if checkpoint_method(ckpt) != "flexidepth":

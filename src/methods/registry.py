@@ -79,6 +79,12 @@ def trains(name: str) -> bool:
     return bool(method_class(name).trains)
 
 
+def method_macs(config, applied, layers_skipped: float) -> dict[str, float]:
+    """MACs per token of an applied system vs its base model (`Method.macs`), by the cost model of the method
+    that built it (`applied.name`): static removal, routed layers, MindSkip's attention-only skip."""
+    return method_class(applied.name)().macs(config, applied, layers_skipped)
+
+
 def compose_method(
     name: str, overrides: dict[str, Any] | None = None, searchpath: list[str] | None = None
 ) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from .files import atomic_write_text
+from ..flexidepth.files import atomic_write_text
 from .launch import is_rank_zero, sweep_group
 
 

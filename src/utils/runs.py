@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..flexidepth.files import atomic_open, atomic_write_bytes, atomic_write_text
 from .errors import RunFolderError
-from .files import atomic_open, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Static layer removal shared by ShortGPT, LaCo and early exit: the chosen decoder layers become identity
+"""Static layer removal shared by ShortGPT, LaCo and early exit (`RemovalMethod`, their base class): the chosen decoder layers become identity
 blocks for every token.
 
 Removal reuses the FlexiDepth wiring instead of deleting modules: the layers are injected with an identity
@@ -6,7 +6,7 @@ skip path (`adapter: none`) and their gate is pinned to 0, so every token skips 
 model's state_dict keys, the KV-cache layout and the route statistics (layers used per token) are then the
 same as for every other method in the comparison, and `routed_forward` / `generate` work unchanged.
 The (unused) linear router of a removed layer is never called; FLOPs of a removed layer count as zero
-(`src/methods/_static.py: RemovalMethod.cost`).
+(`RemovalMethod.cost` below).
 
 For wall-clock timing that wiring is not what a deployment runs (the identity layers still compute K/V
 and call a router), so `prune_layers` deletes the layers instead (used by `python -m src.speed`); both give
@@ -15,10 +15,15 @@ the same logits (tests/test_speed.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from torch import nn
 
 from ..flexidepth import FlexiDepthConfig, flexi_layers, inject
+from ..flexidepth.flops import layer_macs, model_macs_per_token
 from ..flexidepth.inject import decoder_layers
+from .base import AppliedMethod, Method, MethodConfigError
 
 
 def removal_config(indices: list[int]) -> FlexiDepthConfig:
@@ -89,11 +94,48 @@ def prune_layers(model: nn.Module, indices: list[int]) -> nn.Module:
     return model
 
 
-def early_exit_layers(num_layers: int, k: int) -> list[int]:
-    """Early exit after layer L - k: the last k layers are removed (final norm and LM head stay)."""
-    if not 0 <= k < num_layers:
-        raise ValueError(f"early exit needs 0 <= k < {num_layers}, got k={k}")
-    return list(range(num_layers - k, num_layers))
+def resolve_k(k: float | None, k32: float | None, num_layers: int) -> int | float | None:
+    """`k` (layers), else the 32-layer count `k32` scaled to `num_layers` (at least 1); None when both unset.
+    A whole k is returned as int (fractional k: random skip's average only)."""
+    if k is not None:
+        k = float(k)
+        return int(k) if k.is_integer() else k
+    if k32 is not None:
+        return max(1, round(float(k32) * num_layers / 32))
+    return None
 
 
-__all__ = ["early_exit_layers", "prune_layers", "remove_layers", "removal_config"]
+def check_counts(method: Any) -> None:
+    """method.k / method.k32: numbers >= 0 (MethodConfigError naming the key)."""
+    for key in ("k", "k32"):
+        v = getattr(method, key)
+        if v is not None and v < 0:
+            raise MethodConfigError(f"method.{key} must be a number >= 0, got {v!r}")
+
+
+@dataclass
+class RemovalMethod(Method):
+    """k layers become identity blocks for every token; a removed layer costs nothing."""
+
+    k: float | None = None  # layers removed; None: k32 scaled to the model's depth
+    k32: float | None = None  # the paper's count for a 32-layer model
+
+    def validate(self) -> None:
+        check_counts(self)
+        if self.k is not None and not float(self.k).is_integer():
+            raise MethodConfigError(
+                f"method.k must be a whole number of layers for method={self.name}, got {self.k!r}"
+            )
+        if self.k is None and self.k32 is None:
+            raise MethodConfigError(f"method={self.name} needs method.k or method.k32")
+
+    def resolve_k(self, num_layers: int) -> int:
+        return int(resolve_k(self.k, self.k32, num_layers))
+
+    def removed(self, label_k: int, removed: list[int], details: dict | None = None) -> AppliedMethod:
+        return AppliedMethod(
+            self.name, f"{self.name}_k{label_k}", label_k, list(removed), details=details or {}
+        )
+
+    def cost(self, config, applied: AppliedMethod, layers_skipped: float) -> float:
+        return model_macs_per_token(config) - layers_skipped * layer_macs(config).full

@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees either the previous file or the complete new one, never a partial one.
+"""Atomic file writes (the method core's checkpoint I/O and every framework output): a reader sees either the previous file or the complete new one, never a partial one.
 
 Every file a later step reads (checkpoints, exports, metrics, results) goes through here. The data is written
 to a temporary file in the *same directory* (so the final rename never crosses a filesystem), flushed and
