@@ -50,7 +50,7 @@ test-fast: install ## unit tests only (skips tests marked slow)
 test-full: install ## everything, including GPU-marked tests where a GPU exists
 	$(PY) -m pytest -q -rs
 
-train: install ## train on the embedded model (override with ARGS="skip.alpha=0.01 ...")
+train: install ## train on the embedded model (override with ARGS="loss.alpha=0.01 ...")
 	$(PY) -m src.train $(ARGS)
 
 sweep: install ## run a sweep file locally: make sweep SWEEP=alpha|tau|adapter_rank|grid ARGS="..."

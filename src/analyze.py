@@ -37,7 +37,8 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .eval.analysis import analysis_markdown, write_analysis
+    from .eval.analysis import write_analysis
+    from .render.analysis import analysis_markdown
     from .utils.cli import user_errors
     from .utils.quiet import silence_third_party
 

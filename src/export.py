@@ -36,8 +36,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .config import register
 from .utils.cli import user_errors
 from .utils.errors import UserError
+
+register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 MODELING_SOURCE = Path(__file__).resolve().parent / "export_modeling" / "modeling_flexidepth.py"
 MODELING_FILE = "modeling_flexidepth.py"
@@ -546,18 +549,13 @@ def run(cfg: DictConfig) -> Path:
     """Check everything, load, write to a temporary sibling, verify, rename into place, upload if asked."""
     import torch
 
-    from . import preflight as pf
-    from .config_check import validate_groups
+    from .config.preflight import preflight, resolve_flexidepth_folder
 
     args = check_export_args(cfg)  # hub offline, keys, out_dir: before anything else
-    folder = pf.resolve_flexidepth_folder(args["ckpt_path"], "ckpt_path")
+    folder = resolve_flexidepth_folder(args["ckpt_path"], "ckpt_path")
     check_checkpoint(folder)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    validate_groups(cfg)
-    problems = pf.model_access_problems(model_cfg)
-    if not problems:
-        problems += pf.flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
-    pf.raise_if(problems, "export")
+    preflight(cfg, "export")  # the config groups, hub access, the checkpoint against the base model
 
     with torch.no_grad():
         return _build_and_write(cfg, args, folder, model_cfg)

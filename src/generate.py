@@ -18,10 +18,13 @@ from typing import TextIO
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config_check import ConfigError
+from .config import preflight, register
 from .flexidepth.config import FlexiDepthConfigError, check_tau
 from .flexidepth.generation import GenerationOutput, check_generation_args
 from .utils.cli import user_errors
+from .utils.errors import ConfigError
+
+register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 
 def check_cli_args(cfg: DictConfig) -> dict:
@@ -66,19 +69,19 @@ def check_cli_args(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     """Load the model (and checkpoint), generate from `cfg.prompt` while printing to `file` (stdout)."""
-    from .eval.streamer import LayerStreamer
     from .flexidepth import set_tau
     from .flexidepth.checkpoint import resolve_checkpoint
     from .flexidepth.generation import generate
     from .methods import build_method, checkpoint_method
     from .models.loader import load_base_model
     from .models.tokenizer import chat_prompt, load_tokenizer
+    from .render.streamer import LayerStreamer
     from .utils.hardware import resolve_device
 
     file = file if file is not None else sys.stdout
     params = check_cli_args(cfg)  # before any model work
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    preflight_generate(cfg, model_cfg)
+    preflight(cfg, "generate")
     device = resolve_device(str(cfg.get("device", "auto")))
     model = load_base_model(model_cfg).eval()
     tokenizer = load_tokenizer(model_cfg)
@@ -120,23 +123,6 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
         pad_token_id=tokenizer.pad_token_id,
         streamer=streamer,
     )
-
-
-def preflight_generate(cfg: DictConfig, model_cfg: dict) -> None:
-    """The config groups (`config_check.validate_groups`), device, hub access and the checkpoint (trained on this base model, finite weights), before any model
-    load; raises PreflightError listing every problem (src/preflight.py)."""
-    from . import preflight as pf
-    from .config_check import validate_groups
-
-    validate_groups(cfg)  # the model group (and any group we own the config has), naming the key
-    device = str(cfg.get("device", "auto"))
-    problems = pf.accelerator_problems("cuda" if device.startswith("cuda") else device, "device")
-    problems += pf.model_access_problems(model_cfg)
-    if cfg.get("ckpt_path") not in (None, "", "null"):
-        folder = pf.resolve_flexidepth_folder(cfg.ckpt_path, "ckpt_path")
-        if not problems:
-            problems += pf.flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
-    pf.raise_if(problems, "generate")
 
 
 @hydra.main(

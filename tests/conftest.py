@@ -26,7 +26,10 @@ os.environ.setdefault(
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from src.config import register  # noqa: E402
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+register()  # resolvers + typed schemas for the configs tests compose (the entry points do it at import)
 
 FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -96,4 +99,6 @@ def _autograd_mode_is_left_as_found():
     """A command or helper that switches autograd off globally (torch.set_grad_enabled(False)) silently moves
     every later caller in the process onto the inference path; fail the test that did it."""
     yield
-    assert torch.is_grad_enabled(), "this test left autograd switched off globally (use torch.no_grad() blocks)"
+    assert torch.is_grad_enabled(), (
+        "this test left autograd switched off globally (use torch.no_grad() blocks)"
+    )

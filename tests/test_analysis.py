@@ -302,7 +302,7 @@ def test_write_analysis_files_and_command(tmp_path, capsys):
 
 
 def test_html_hover_shows_categories():
-    from src.eval.html import token_title
+    from src.render.html import token_title
 
     rec = {"token": "Ġthe", "text": " the", "segment": "prompt", "position": 3, "layers_used": 3}
     assert "categories" not in token_title(rec, NUM_LAYERS, ROUTED)

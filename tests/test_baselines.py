@@ -276,7 +276,7 @@ UNTRAINED = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(UNTRAINED))
 def test_untrained_method_eval_end_to_end(name, tmp_path):
-    from src.evaluate import run
+    from src.eval.__main__ import run
 
     overrides = UNTRAINED[name]
     res = run(_eval_cfg(overrides, tmp_path / "eval"))
@@ -313,7 +313,7 @@ TRAINED = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(TRAINED))
 def test_trained_method_and_ablation_train_and_eval_end_to_end(name, tmp_path):
-    from src.evaluate import run
+    from src.eval.__main__ import run
     from src.flexidepth.checkpoint import read_checkpoint_config
     from src.train import train
     from tests.test_train import compose_cfg

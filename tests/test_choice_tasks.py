@@ -1,4 +1,4 @@
-"""Multiple-choice tasks (src/eval/choice_tasks.py): deterministic examples from held-out text only, exact
+"""Multiple-choice tasks (src/tasks/choice.py): deterministic examples from held-out text only, exact
 log-likelihood scoring on a tiny random model (a direct log-softmax sum, unchanged by batching / padding),
 layers used under routing, the confidence intervals (Wilson, bootstrap, paired retention bootstrap) on
 constructed inputs, and the real base model above chance on every default task (slow)."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.eval.choice_tasks import (
+from src.tasks.choice import (
     CHOICE_TASKS,
     N_CHOICES,
     NULL_PROMPT,
@@ -19,7 +19,7 @@ from src.eval.choice_tasks import (
     make_choice_examples,
     pick,
 )
-from src.eval.tasks import bootstrap_mean_interval, retention, score_interval, wilson_interval
+from src.tasks.generation import bootstrap_mean_interval, retention, score_interval, wilson_interval
 
 TINY_LLAMA = {
     "name_or_path": "tiny-random-llama",
@@ -146,7 +146,7 @@ def test_pick_takes_the_first_maximum():
 
 
 def test_layers_used_are_recorded_for_a_routed_model():
-    from src.eval.run import run_choice_suite, summarize_tasks
+    from src.eval.suite import run_choice_suite, summarize_tasks
     from src.flexidepth import set_tau
     from src.models.tokenizer import load_tokenizer
     from tests.test_streamer import mixed_tiny_llama
@@ -244,7 +244,7 @@ def test_embedded_base_is_above_chance_on_every_default_task(smollm2_dir):
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from src.eval.run import run_choice_suite, summarize_tasks
+    from src.eval.suite import run_choice_suite, summarize_tasks
     from tests.helpers.configs import CONF
 
     tasks = list(OmegaConf.load(f"{CONF}/eval/default.yaml").tasks)

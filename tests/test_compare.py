@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_compare_end_to_end(tmp_path):
-    from src.compare import log_compare, run_compare
+    from src.compare import log_compare
+    from src.eval.compare import run_compare
     from src.train import train
     from tests.test_train import compose_cfg
 
@@ -81,7 +82,7 @@ def test_compare_end_to_end(tmp_path):
 
 @pytest.mark.parametrize(
     ("module", "key"),
-    [("src.compare", "curves:"), ("src.train", "loss:"), ("src.evaluate", "eval:"), ("src.speed", "taus:")],
+    [("src.compare", "curves:"), ("src.train", "loss:"), ("src.eval", "eval:"), ("src.speed", "taus:")],
 )
 def test_entry_points_are_hydra_commands(module, key):
     """`python -m <entry point> --cfg job` composes its primary config (the Hydra decorator sits on main)."""
@@ -97,9 +98,9 @@ def test_entry_points_are_hydra_commands(module, key):
 
 def test_compare_preflight_accepts_untrained_baselines_only():
     """`'~trained'` (the README's untrained-baselines command) removes the node: preflight must not crash."""
-    from src.compare import preflight_compare
+    from src.config import preflight
     from tests.helpers.configs import compose_tiny
 
     cfg = compose_tiny("compare", ["~trained", "random_matched_to=[]"])
     assert cfg.get("trained") is None
-    preflight_compare(cfg)  # raised "Input cfg is not an OmegaConf config object" before
+    preflight(cfg, "compare")  # raised "Input cfg is not an OmegaConf config object" before

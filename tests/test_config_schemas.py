@@ -8,8 +8,9 @@ import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
-from src.config_check import ConfigError, validate_groups
-from src.schemas import SCHEMAS
+from src.config.checks import validate_groups
+from src.config.schemas import SCHEMAS
+from src.utils.errors import ConfigError
 from tests.helpers.configs import compose_tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -101,16 +102,22 @@ def test_a_typo_inside_a_group_yaml_is_refused(tmp_path):
     assert "router_reduktion" in f"{err.value} {err.value.__cause__}"
 
 
-def test_skip_alpha_alias_still_composes_and_maps_to_loss_alpha(caplog):
+def test_skip_alpha_alias_still_composes_and_maps_to_loss_alpha():
+    """The design-card command's `skip.alpha=0.01` composes and is translated once, at src.train's boundary,
+    into loss.alpha (one-line note); past it nothing reads skip.alpha, and the module refuses one set."""
+    from src.config.checks import translate_skip_alpha
+    from src.lit.module import FlexiDepthModule
     from src.train import loss_config
 
     cfg = compose_tiny("train", ["model=llama3_8b", "skip.alpha=0.01"])
     assert cfg.skip.alpha == 0.01 and cfg.model.name_or_path
     validate_groups(cfg)
-    with caplog.at_level("WARNING"):
-        assert loss_config(cfg)["alpha"] == 0.01
-    notes = [r.getMessage() for r in caplog.records if "skip.alpha is deprecated" in r.getMessage()]
-    assert len(notes) == 1 and "\n" not in notes[0]
+    note = translate_skip_alpha(cfg)
+    assert note == "skip.alpha is deprecated: loss.alpha is the key (taking loss.alpha=0.01)"
+    assert loss_config(cfg)["alpha"] == 0.01 and cfg.skip.alpha is None
+    assert translate_skip_alpha(cfg) is None  # translated: nothing left to note
+    with pytest.raises(ValueError, match="translated into loss.alpha"):
+        FlexiDepthModule(model={"name_or_path": "unused"}, skip={"alpha": 0.01}, optim={})
 
 
 def test_every_group_option_and_experiment_composes_and_validates():
@@ -129,8 +136,8 @@ def test_every_group_option_and_experiment_composes_and_validates():
 def test_train_refuses_untrained_methods_clearly(tmp_path):
     """`src.train method=early_exit` refuses in one line naming where to evaluate it, before any model or
     run folder exists."""
-    from src.config_check import ConfigError
     from src.train import train
+    from src.utils.errors import ConfigError
 
     cfg = compose_tiny("train", ["method=early_exit", "method.k=1"], tmp_path / "run")
     with open_dict(cfg):

@@ -337,8 +337,9 @@ def test_every_float_of_every_schema_refuses_nan():
     """The kind: every float setting of the typed groups, not a list of cases."""
     import dataclasses
 
-    from src.config_check import ConfigError, validate_groups
-    from src.schemas import SCHEMAS
+    from src.config.checks import validate_groups
+    from src.config.schemas import SCHEMAS
+    from src.utils.errors import ConfigError
 
     checked = set()
     for group, schema in SCHEMAS.items():

@@ -1,12 +1,12 @@
 """Evaluation: task suite (deterministic, exact scoring), retention arithmetic, DepthMap round trip, and an
-end-to-end `src.evaluate` run of a freshly trained tiny checkpoint."""
+end-to-end `src.eval` run of a freshly trained tiny checkpoint."""
 
 import json
 
 import pytest
 
 from src.eval.depthmap import load_depthmap, write_depthmap
-from src.eval.tasks import (
+from src.tasks.generation import (
     TASKS,
     last_integer,
     make_task_examples,
@@ -148,7 +148,7 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path, capsys):
         tmp_path / "eval",
     )
     out = tmp_path / "eval"
-    from src.evaluate import run
+    from src.eval.__main__ import run
 
     run(cfg)
     printed = capsys.readouterr().out.splitlines()  # the main table and the folder are printed (issue 13)
@@ -224,8 +224,8 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path, capsys):
 def test_evaluate_with_lm_eval_tasks_and_a_baseline(tmp_path):
     """eval.tasks mixes the built-in suite with lm-eval tasks (the project's offline ones); retention spans
     both; an early-exit baseline uses 3 of 4 layers on every lm-eval token."""
-    from src.eval.report import scalar_metrics
-    from src.evaluate import run
+    from src.eval.__main__ import run
+    from src.render.report import scalar_metrics
 
     cfg = compose_tiny(
         "evaluate",

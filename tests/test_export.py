@@ -562,7 +562,7 @@ def test_lm_eval_hf_model_on_the_export_scores_like_the_flexidepth_wrapper(tmp_p
     from lm_eval.models.huggingface import HFLM
 
     from src.eval.harness import FlexiDepthLM, _task_manager, run_harness
-    from src.eval.lm_tasks import LOCAL_TASKS, write_local_tasks
+    from src.tasks.lm_tasks import LOCAL_TASKS, write_local_tasks
 
     model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt")
     model = trained_model(model_cfg, tmp_path / "ckpt")

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
 from src.eval.harness import FlexiDepthLM, run_harness
-from src.eval.lm_tasks import (
+from src.flexidepth import flexi_layers, inject, routed_forward, set_routing
+from src.flexidepth.config import FlexiDepthConfig
+from src.tasks.lm_tasks import (
     GEN_TASK,
     LOCAL_GROUP,
     LOCAL_TAG,
@@ -19,8 +21,6 @@ from src.eval.lm_tasks import (
     mc_docs,
     write_local_tasks,
 )
-from src.flexidepth import flexi_layers, inject, routed_forward, set_routing
-from src.flexidepth.config import FlexiDepthConfig
 from tests.conftest import tiny_config
 
 NUM_LAYERS = 4

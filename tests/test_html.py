@@ -1,4 +1,4 @@
-"""The HTML depth map (src/eval/html.py): escaping and structure in Python, then the page rendered by headless
+"""The HTML depth map (src/render/html.py): escaping and structure in Python, then the page rendered by headless
 Chromium (token count, computed colours, hover text, legend, no external resources)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.eval.html import (
+from src.render.html import (
     css_rgb,
     depthmap_html,
     layer_colour,
@@ -257,9 +257,9 @@ def test_page_in_chromium(browser, tmp_path):
 
 def test_page_from_a_tiny_model_run_suite(browser, tmp_path):
     """Records from `run_suite` on the tiny injected model (mixed routing): the page shows each of them."""
-    from src.eval.run import run_suite
-    from src.eval.tasks import make_task_examples
+    from src.eval.suite import run_suite
     from src.models.tokenizer import load_tokenizer
+    from src.tasks.generation import make_task_examples
     from tests.test_streamer import TINY_LLAMA, mixed_tiny_llama
 
     threads = torch.get_num_threads()
@@ -314,7 +314,7 @@ def test_log_results_logs_png_as_image_and_html_as_html(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     import src.utils.loggers
-    from src.evaluate import log_results
+    from src.eval.__main__ import log_results
 
     png = tmp_path / "task_depth.png"
     Figure(figsize=(1, 1)).savefig(png)

@@ -213,7 +213,7 @@ class CharTokenizer:
 
 
 def test_token_records_from_lists_and_tensors():
-    from src.eval.run import token_records
+    from src.eval.suite import token_records
 
     ex = SimpleNamespace(task="copy", uid="copy-0")
     recs = token_records(
@@ -329,7 +329,7 @@ def compare_results() -> dict:
 
 
 def test_compare_markdown_tables():
-    from src.eval.report import compare_markdown
+    from src.render.report import compare_markdown
 
     md = compare_markdown(compare_results())
     assert md.startswith("# Comparison on `m` (30 layers)\n")
@@ -340,7 +340,7 @@ def test_compare_markdown_tables():
 
 
 def test_compare_scalars_and_table():
-    from src.eval.report import compare_scalars, compare_table
+    from src.render.report import compare_scalars, compare_table
 
     res = compare_results()
     scalars = compare_scalars(res)

@@ -50,7 +50,8 @@ def test_each_method_validates_its_own_options(options, message):
 
 
 def test_early_exit_with_merge_size_is_refused_by_every_entry_point_check():
-    from src.config_check import ConfigError, validate_groups
+    from src.config.checks import validate_groups
+    from src.utils.errors import ConfigError
 
     cfg = compose_tiny("evaluate", ["method=early_exit", "+method.merge_size=4"])
     with pytest.raises(ConfigError, match=r"method\.merge_size"):
@@ -130,7 +131,7 @@ def toy_method(tmp_path, monkeypatch):
 
 
 def test_a_toy_method_is_one_file_and_one_yaml(toy_method, tmp_path):
-    from src.config_check import validate_groups
+    from src.config.checks import validate_groups
     from src.eval.run import method_applies
     from src.flexidepth import flexi_layers
     from src.methods import compose_method, method_macs
@@ -165,8 +166,8 @@ def test_a_toy_method_is_one_file_and_one_yaml(toy_method, tmp_path):
 def test_evaluation_folder_names_follow_the_registry():
     """Without a checkpoint, a trained method evaluates the base model (folder `base_*`); an untrained one is
     named after itself. Decided by each method's `trains`, not by a list of names."""
+    from src.config.resolvers import checkpoint_run_name
     from src.methods import method_names, trains
-    from src.utils.naming import checkpoint_run_name
 
     names = method_names()
     assert {"flexidepth", "mindskip", "shortgpt", "laco"} <= set(names)

@@ -99,7 +99,7 @@ def test_compare_curves_on_a_tiny_model(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from src.compare import run_curves
+    from src.eval.compare import run_curves
     from src.train import train
     from tests.test_compare import ROOT
     from tests.test_train import compose_cfg

@@ -17,8 +17,8 @@ NOTEBOOK = ROOT / "notebooks" / "depth_analysis.ipynb"
 
 
 def tiny_results(tmp_path: Path) -> Path:
-    """`src.evaluate` of the mixed-routing tiny checkpoint (tests/test_streamer.py), 1 example per task."""
-    from src.evaluate import run
+    """`src.eval` of the mixed-routing tiny checkpoint (tests/test_streamer.py), 1 example per task."""
+    from src.eval.__main__ import run
     from src.flexidepth import save_flexidepth
     from tests.test_streamer import mixed_tiny_llama
 

@@ -142,10 +142,15 @@ def test_router_and_adapter_learning_rates_and_skip_alpha_alias(tmp_path):
     cfg = compose_cfg(["debug=tiny", "optim.router_lr=1e-2", "optim.adapter_lr=5e-4", "skip.alpha=0.07"])
     from omegaconf import OmegaConf
 
+    from src.config.checks import translate_skip_alpha
     from src.train import loss_config
 
+    assert (
+        translate_skip_alpha(cfg)
+        == "skip.alpha is deprecated: loss.alpha is the key (taking loss.alpha=0.07)"
+    )
     loss = loss_config(cfg)
-    assert loss["alpha"] == 0.07  # the deprecated alias still works
+    assert loss["alpha"] == 0.07 and cfg.skip.alpha is None  # the deprecated alias, translated once
     module = FlexiDepthModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         skip=OmegaConf.to_container(cfg.skip, resolve=True),

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from src.config_check import validate
+from src.config.checks import translate_skip_alpha, validate
+from src.config.released import describe_alpha, released_alpha
 from src.flexidepth import (
     FlexiDepthConfig,
     export_released,
@@ -22,7 +23,6 @@ from src.flexidepth import (
     routed_forward,
 )
 from src.flexidepth.checkpoint import RELEASED_CONFIG, RELEASED_WEIGHTS, released_state_dict
-from src.released_recipe import describe_alpha, released_alpha
 from tests.conftest import tiny_model
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -118,6 +118,7 @@ def test_released_alpha_relation_and_report(capsys):
     # overriding the alpha directly would make the printed relation wrong: refused, naming both keys
     for override in ("loss.alpha=0.5", "skip.alpha=0.5"):  # skip.alpha: the deprecated alias
         clash = compose_train(["experiment=released_stage1_llama3_8b", override])
+        translate_skip_alpha(clash)  # what src.train does first
         with pytest.raises(ValueError, match=r"loss\.alpha=0\.5 but released_alpha\.use=reproduce"):
             describe_alpha(clash)
     assert describe_alpha(compose_train([])) is None  # other runs print nothing

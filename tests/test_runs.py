@@ -250,7 +250,7 @@ def _eval_cfg(tmp_path, overrides):
 
 
 def test_eval_refuses_before_loading_anything(tmp_path, no_model_load):
-    from src.evaluate import run
+    from src.eval.__main__ import run
 
     llama = _tiny_export(tmp_path / "llama_fd")
     cases = [
@@ -272,7 +272,7 @@ def test_eval_refuses_before_loading_anything(tmp_path, no_model_load):
 
 @pytest.mark.slow
 def test_eval_refuses_unknown_task_names_before_loading(tmp_path, no_model_load):
-    from src.evaluate import run
+    from src.eval.__main__ import run
 
     with pytest.raises(PreflightError, match=r"eval\.tasks: unknown task\(s\) \['no_such_task'\]"):
         run(_eval_cfg(tmp_path, ["eval.tasks=[copy,no_such_task]"]))
@@ -284,7 +284,7 @@ def test_nan_weights_are_refused_everywhere(tmp_path, no_model_load):
     key = "model.layers.3.adapter.down_proj.weight"
     folder = _tiny_export(tmp_path / "nan_fd", poison=key)
     with pytest.raises(PreflightError, match=rf"ckpt_path: {folder / WEIGHTS}: tensor {key} holds NaN/inf"):
-        from src.evaluate import run
+        from src.eval.__main__ import run
 
         run(_eval_cfg(tmp_path, [f"ckpt_path={folder}"]))
     with pytest.raises(PreflightError, match=rf"{key} holds NaN/inf"):
@@ -349,8 +349,8 @@ def test_missing_local_model_path_is_not_called_a_repo_id(no_model_load, tmp_pat
 
 
 def test_user_errors_print_one_message_and_library_errors_keep_traceback(monkeypatch, capsys):
-    from src.config_check import ConfigError
     from src.utils.cli import user_errors
+    from src.utils.errors import ConfigError
 
     monkeypatch.delenv("FLEXIDEPTH_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as exit_info:
@@ -486,7 +486,7 @@ def test_sweep_summary_lists_a_damaged_metrics_file_by_name(tmp_path):
 
 
 def test_compare_refuses_foreign_and_nan_checkpoints_before_loading(tmp_path, no_model_load):
-    from src.compare import preflight_compare
+    from src.config import preflight
 
     qwen = _tiny_export(tmp_path / "runs" / "qwen_fd", "tiny_qwen2")
     nan = _tiny_export(tmp_path / "runs" / "nan_fd", poison="model.layers.2.router.head.weight")
@@ -504,10 +504,10 @@ def test_compare_refuses_foreign_and_nan_checkpoints_before_loading(tmp_path, no
         ],
     )
     with pytest.raises(PreflightError, match=r"eval\.tau must be null or a number in \[0, 1\], got -1"):
-        preflight_compare(cfg)
+        preflight(cfg, "compare")
     cfg.eval.tau = None
     with pytest.raises(PreflightError) as err:
-        preflight_compare(cfg)
+        preflight(cfg, "compare")
     msg = str(err.value)
     assert "trained.other.ckpt: " in msg and "model_type='qwen2' (this model: 'llama')" in msg
     assert (

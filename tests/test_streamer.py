@@ -14,10 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.eval.streamer import LayerStreamer
 from src.flexidepth import FlexiDepthConfig, flexi_layers, inject, save_flexidepth
 from src.flexidepth.generation import generate
 from src.models.tokenizer import chat_prompt, load_tokenizer
+from src.render.streamer import LayerStreamer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LLAMA = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "tiny_llama.yaml"), resolve=True)
@@ -223,7 +223,7 @@ def test_layer_streamer_pieces_newlines_and_split_characters():
 
 
 def test_layer_streamer_colour_output():
-    from src.eval.html import layer_colour
+    from src.render.html import layer_colour
 
     buf = io.StringIO()
     s = LayerStreamer(CharTokenizer(), num_layers=8, file=buf, color=True, min_layers=4)

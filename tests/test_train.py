@@ -10,7 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from src.config_check import ConfigError, validate
+from src.config.checks import validate
+from src.utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -139,7 +140,7 @@ def test_gradients_do_not_depend_on_accumulation_split(smollm2_dir):
     from src.data.datamodule import SFTDataModule
     from src.lit.module import FlexiDepthModule
 
-    cfg = compose_cfg(["model=tiny_llama", "skip.alpha=0.05"])
+    cfg = compose_cfg(["model=tiny_llama"])
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
 
     def grads(micro, accumulate):
@@ -154,7 +155,10 @@ def test_gradients_do_not_depend_on_accumulation_split(smollm2_dir):
         )
         data.setup("fit")
         module = FlexiDepthModule(
-            model=model_cfg, skip=OmegaConf.to_container(cfg.skip, resolve=True), optim=cfg.optim
+            model=model_cfg,
+            skip=OmegaConf.to_container(cfg.skip, resolve=True),
+            optim=cfg.optim,
+            loss={"alpha": 0.05},
         )
         with torch.no_grad():  # non-zero adapters so every parameter has a gradient
             for n, p in module.model.named_parameters():

@@ -25,7 +25,7 @@ from src.data.mixture import OUT_OF_DOMAIN, heldout_texts
 def heldout_sets(tokenizer, names: list[str], max_length: int = 256, max_tokens: int | None = 8192) -> dict:
     """Token windows per held-out set: non-overlapping windows of <= `max_length` tokens per document, the
     documents taken in order until `max_tokens` tokens (None: all). Returns {name: list of id lists}."""
-    from src.eval.run import heldout_chunks
+    from src.eval.suite import heldout_chunks
 
     out = {}
     for name in names:
@@ -54,7 +54,7 @@ def measure(model, sets: dict, batch_size: int = 8, pad_id: int = 0, num_layers:
     Returns:
         {name: {"ppl", "nll", "tokens", "layers_used", "layers_skipped"}}, layers_skipped = L - layers used.
     """
-    from src.eval.run import perplexity
+    from src.eval.suite import perplexity
 
     depth = num_layers or model.config.num_hidden_layers
     out = {}

@@ -73,7 +73,7 @@ from src.flexidepth.inject import routing_active
 from src.flexidepth.routes import routed_forward
 from src.models.tokenizer import pad_token_id as tokenizer_pad_id
 
-from .lm_tasks import LOCAL_GROUP, LOCAL_TASKS, write_local_tasks
+from ..tasks.lm_tasks import LOCAL_GROUP, LOCAL_TASKS, write_local_tasks
 
 log = logging.getLogger(__name__)
 

@@ -85,10 +85,3 @@ def project_q_rows(
         q = attn.q_norm(q)
     cos, sin = cos_rows.unsqueeze(1), sin_rows.unsqueeze(1)
     return q * cos + rotate_half(q) * sin
-
-
-def attention_layout(attn) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head_dim) of an attention module."""
-    n_kv = attn.k_proj.out_features // attn.head_dim
-    n_q = attn.q_proj.out_features // attn.head_dim
-    return n_q, n_kv, attn.head_dim

@@ -81,9 +81,13 @@ class FlexiDepthModule(L.LightningModule):
         self.save_hyperparameters(logger=False, ignore=["inject_fn"])
         skip = dict(skip)
         loss = dict(loss or {})
-        legacy_alpha = skip.pop("alpha", None)
-        if legacy_alpha is not None:
-            loss["alpha"] = float(legacy_alpha)
+        if (
+            skip.pop("alpha", None) is not None
+        ):  # the skip node's schema-only alias key: null past the boundary
+            raise ValueError(
+                "skip.alpha is translated into loss.alpha at the command's boundary "
+                "(src.config.checks.translate_skip_alpha); pass loss.alpha"
+            )
         self.loss_cfg = LossConfig.from_dict(loss)
         self.alpha_schedule = AlphaSchedule(self.loss_cfg)
         self.flexi_cfg = FlexiDepthConfig.from_dict(skip)

@@ -12,7 +12,8 @@ Adding a method: one file here (a `Method` dataclass) + one `conf/method/<name>.
 "Adding a method".
 """
 
-from .base import AppliedMethod, Calibration, Method, MethodConfigError
+from ..utils.errors import MethodConfigError
+from .base import AppliedMethod, Calibration, Method, register
 from .flexidepth import checkpoint_method
 from .registry import (
     build_method,
@@ -20,7 +21,6 @@ from .registry import (
     method_class,
     method_macs,
     method_names,
-    register,
     trains,
 )
 

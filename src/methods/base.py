@@ -24,12 +24,21 @@ from torch import nn
 
 from ..flexidepth import FlexiDepthConfig
 from ..flexidepth.flops import model_macs_per_token
+from ..utils.errors import MethodConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids [B, T], attention_mask [B, T])
 
+_REGISTRY: dict[str, type] = {}  # name -> Method subclass; looked up through registry.py
 
-class MethodConfigError(ValueError):
-    """A `method` config is wrong (unknown name or key, wrong type or value); the message names the key."""
+
+def register(name: str, cls: type) -> None:
+    """Record `cls` under `name` (called by Method.__init_subclass__; the last definition wins)."""
+    _REGISTRY[name] = cls
+
+
+def registered() -> dict[str, type]:
+    """The registered classes by name (the live mapping, in registration order)."""
+    return _REGISTRY
 
 
 @dataclass
@@ -78,8 +87,6 @@ class Method:
         super().__init_subclass__(**kwargs)
         name = cls.__dict__.get("name")
         if isinstance(name, str) and name:
-            from .registry import register
-
             register(name, cls)
 
     # ------------------------------------------------------------------ options
@@ -112,10 +119,6 @@ class Method:
 
     def validate(self) -> None:
         """Value checks; raise MethodConfigError naming `method.<key>`. Default: nothing to check."""
-
-    def options(self) -> dict[str, Any]:
-        """The options as a plain dict (the YAML keys, `_target_` left out)."""
-        return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ the system
     def inject(self, model, flexi_cfg: FlexiDepthConfig):

@@ -15,33 +15,24 @@ through its config: `conf/method/<name>.yaml` (or any folder on Hydra's search p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .base import Method
-
-_REGISTRY: dict[str, type] = {}
-
-
-def register(name: str, cls: type) -> None:
-    """Record `cls` under `name` (called by Method.__init_subclass__; the last definition wins)."""
-    _REGISTRY[name] = cls
+from ..utils.errors import MethodConfigError
+from .base import Method, registered
 
 
 def method_names() -> list[str]:
     """Every registered method name, the built-in ones first (file name order)."""
     _builtins()
-    return list(_REGISTRY)
+    return list(registered())
 
 
 def method_class(name: str) -> type[Method]:
     """The class registered under `name`; MethodConfigError listing the known names otherwise."""
-    from .base import MethodConfigError
-
     _builtins()
-    if name not in _REGISTRY:
-        raise MethodConfigError(f"method.name={name!r} is not one of {list(_REGISTRY)}")
-    return _REGISTRY[name]
+    if name not in registered():
+        raise MethodConfigError(f"method.name={name!r} is not one of {list(registered())}")
+    return registered()[name]
 
 
 def build_method(node: Any) -> Method:
@@ -51,8 +42,6 @@ def build_method(node: Any) -> Method:
     `name` (default flexidepth, checkpoints before the method group). Raises MethodConfigError naming
     `method.<key>` for an unknown name or key, a wrong type or value."""
     from omegaconf import DictConfig, OmegaConf
-
-    from .base import MethodConfigError
 
     _builtins()
     if isinstance(node, DictConfig):
@@ -120,8 +109,6 @@ def compose_method(
             with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
                 node = load()
     except Exception as err:  # MissingConfigException and friends
-        from .base import MethodConfigError
-
         raise MethodConfigError(f"no method config method/{name} on the config search path ({err})") from None
     node.update(overrides or {})
     return node

@@ -56,7 +56,7 @@ def load_base_model(model_cfg: dict[str, Any]):
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
         except OSError as err:  # not found / no access / no network: say which repo and what to do
-            from ..preflight import model_load_error
+            from .hub import model_load_error
 
             raise model_load_error(model_cfg, err) from err
     _check_arch(model, model_cfg)

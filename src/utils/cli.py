@@ -39,14 +39,7 @@ def is_user_error(err: BaseException) -> bool:
     from ..flexidepth.config import FlexiDepthConfigError
     from ..flexidepth.families import UnsupportedArchitectureError
 
-    if isinstance(err, (UserError, CheckpointError, FlexiDepthConfigError, UnsupportedArchitectureError)):
-        return True
-    try:
-        from ..config_check import ConfigError
-        from ..methods import MethodConfigError
-    except ImportError:  # pragma: no cover - partial installs
-        return False
-    return isinstance(err, (ConfigError, MethodConfigError))
+    return isinstance(err, (UserError, CheckpointError, FlexiDepthConfigError, UnsupportedArchitectureError))
 
 
 def _traceback_wanted() -> bool:

@@ -12,6 +12,15 @@ class UserError(Exception):
     """Base class of errors whose message tells the user what to change (key, file, command)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value is wrong; the message names the key (src/config/checks.py, the entry points)."""
+
+
+class MethodConfigError(UserError, ValueError):
+    """A `method` config is wrong (unknown name or key, wrong type or value); the message names the key
+    (src/methods/)."""
+
+
 class RunFolderError(UserError, RuntimeError):
     """A run folder cannot be used as requested (in use, already holds a run, resume conflicts)."""
 

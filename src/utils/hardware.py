@@ -45,11 +45,3 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def register_resolvers() -> None:
-    """`${auto_dtype:cpu}` and `${auto_precision:gpu}` in configs."""
-    from omegaconf import OmegaConf
-
-    OmegaConf.register_new_resolver("auto_dtype", auto_dtype, replace=True)
-    OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)

@@ -6,7 +6,7 @@
 
 With one prompt the text is printed live; with a batch each row is buffered and printed at `end()` (rows
 would interleave otherwise). With `color=True` (default: when the output is a terminal and NO_COLOR is
-unset) each piece gets the depth map's background colour (`src.eval.html.layer_colour`) and a dim count.
+unset) each piece gets the depth map's background colour (`src.render.html.layer_colour`) and a dim count.
 
 Text is decoded incrementally from all of a row's tokens, so multi-token characters (UTF-8 pieces) and
 tokenizers that merge spaces come out right: a piece is printed once its text is stable (it does not end

@@ -84,7 +84,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Tasks",
         "",
-        "Multiple-choice tasks: accuracy of the highest-scoring of 4 choices (src/eval/choice_tasks.py); "
+        "Multiple-choice tasks: accuracy of the highest-scoring of 4 choices (src/tasks/choice.py); "
         "generation tasks: greedy generation scored by the task's metric. 95% CI: Wilson for 0/1 scores, "
         "bootstrap over examples otherwise; score / base: paired bootstrap over the same example ids.",
         "",

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from src.data.synthetic import split_sentences
 
-from .tasks import draw_per_task
+from .generation import draw_per_task
 
 CHOICE_TASKS = ("next_sentence", "cloze", "add_choice", "mul_choice", "copy_choice")
 N_CHOICES = 4

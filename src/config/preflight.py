@@ -1,6 +1,8 @@
 """Checks of everything an entry point can check cheaply, before a model is loaded or an output is written.
 
-`src.config_check.validate` checks config *values*; this module checks what they point at: the hardware
+    preflight(cfg, "evaluate")   # every entry point, first: the config (checks.py), then what it points at
+
+`src.config.checks` checks config *values*; this module checks what they point at: the hardware
 (`trainer.accelerator=gpu` needs a CUDA GPU), hub access (a model or dataset that is neither a local path nor
 in the local cache while the hub is offline), checkpoints (readable, trained on this base model, finite
 weights) and evaluation settings (task names, `eval.tau`, `eval.device`). All problems found are reported
@@ -9,82 +11,31 @@ together in one `PreflightError`; each names the key (and file) and what to do.
 
 from __future__ import annotations
 
-import os
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .utils.errors import PreflightError
+from omegaconf import DictConfig, OmegaConf
+
+from ..models.hub import (
+    datasets_offline,
+    hub_access_message,
+    hub_cache,
+    hub_model_cached,
+    hub_offline,
+    looks_like_path,
+)
+from ..utils.errors import PreflightError
 
 ARCH_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size")
-_TRUE = ("1", "true", "yes", "on")
 
 
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set (the Makefile sets both by default)."""
-    return any(os.environ.get(k, "").lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def datasets_offline() -> bool:
-    return hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in _TRUE
-
-
-def looks_like_path(name: str) -> bool:
-    """A local path rather than a hub id: absolute, ./ ../ ~ prefixed, or more than one '/' (hub ids have one)."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/")
-
-
-def _hub_cache() -> Path:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return Path(HF_HUB_CACHE)
-
-
-def hub_model_cached(repo: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, "config.json")
-    return isinstance(found, str)
-
-
-def hub_access_message(
-    key: str, repo: str, kind: str = "model", gpu_recipe: bool = False, error: BaseException | None = None
-) -> str:
-    """What to do when hub repository `repo` (set by `key`) cannot be reached: offline and not cached, or
-    (with `error`) the download failed."""
-    repo_type = "datasets/" if kind == "dataset" else ""
-    if error is None:
-        first = (
-            f"{key}={repo!r} is a Hugging Face hub {kind} that is not in the local cache ({_hub_cache()}), and "
-            "the hub is offline (HF_HUB_OFFLINE=1: the Makefile and the test setup turn offline mode on by "
-            "default)."
-        )
-    else:
-        first = (
-            f"{key}={repo!r}: the Hugging Face hub {kind} could not be loaded ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}). Offline mode (HF_HUB_OFFLINE=1) is the "
-            "Makefile's default; without network access only cached repositories load."
-        )
-    lines = [
-        first,
-        f"  To fetch it: it may be gated -- accept its licence on https://huggingface.co/{repo_type}{repo}, "
-        "log in (`huggingface-cli login` or HF_TOKEN=...), then run with HF_HUB_OFFLINE=0 "
-        "HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0 (or download it once with `huggingface-cli download "
-        f"{'--repo-type dataset ' if kind == 'dataset' else ''}{repo}`).",
-    ]
-    if gpu_recipe:
-        lines.append(
-            "  This model's recipe (conf/recipe/_gpu.yaml) trains on a GPU; on a CPU-only machine use the "
-            "embedded default (no model=) or a tiny model (debug=tiny)."
-        )
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- model
 def model_access_problems(model_cfg: dict[str, Any], gpu_recipe: bool = False) -> list[str]:
     """Problems reaching `model.name_or_path` (and `model.tokenizer`) without loading anything."""
     if model_cfg.get("random_init"):
         return []
-    from .models.embedded import EMBEDDED_NAME
+    from ..models.embedded import EMBEDDED_NAME
 
     problems = []
     for key in ("name_or_path", "tokenizer"):
@@ -103,15 +54,6 @@ def model_access_problems(model_cfg: dict[str, Any], gpu_recipe: bool = False) -
     return problems
 
 
-def model_load_error(model_cfg: dict[str, Any], err: BaseException) -> PreflightError:
-    """The user error for a failed `from_pretrained` of `model.name_or_path` (a path or a hub repository)."""
-    name = str(model_cfg.get("name_or_path"))
-    path = Path(name).expanduser()
-    if looks_like_path(name) or path.exists():
-        return PreflightError(f"model.name_or_path={name!r}: cannot load a model from {path} ({err})")
-    return PreflightError(hub_access_message("model.name_or_path", name, "model", error=err))
-
-
 def model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """model_type, num_hidden_layers, hidden_size, intermediate_size of the configured base model, from
     `model.arch` or the model's config.json (no weights are read)."""
@@ -120,7 +62,7 @@ def model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
         return {k: arch[k] for k in ARCH_KEYS}
     from transformers import AutoConfig
 
-    from .models.embedded import resolve_model_path
+    from ..models.embedded import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(model_cfg["name_or_path"]))
     return {k: getattr(config, k) for k in ARCH_KEYS}
@@ -129,7 +71,7 @@ def model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- checkpoints
 def flexidepth_checkpoint_problems(folder: Path, key: str, model_cfg: dict[str, Any] | None) -> list[str]:
     """A FlexiDepth checkpoint folder: its config readable, trained on this base model, weights finite."""
-    from .flexidepth.checkpoint import CONFIG, WEIGHTS, CheckpointError, check_finite, read_checkpoint_config
+    from ..flexidepth.checkpoint import CONFIG, WEIGHTS, CheckpointError, check_finite, read_checkpoint_config
 
     try:
         meta = read_checkpoint_config(folder)
@@ -155,7 +97,7 @@ def flexidepth_checkpoint_problems(folder: Path, key: str, model_cfg: dict[str, 
 
 def resolve_flexidepth_folder(path: str | Path, key: str) -> Path:
     """A FlexiDepth folder (holding flexidepth_config.json), or a run folder holding `flexidepth/`."""
-    from .flexidepth.checkpoint import CONFIG, checkpoint_folder
+    from ..flexidepth.checkpoint import CONFIG, checkpoint_folder
 
     p = Path(str(path)).expanduser()
     found = checkpoint_folder(p)
@@ -205,7 +147,7 @@ def data_access_problems(data_cfg: dict[str, Any]) -> list[str]:
 
 def hub_dataset_cached(repo: str) -> bool:
     """In the hub cache or in `datasets`' own cache (what `load_dataset` can use offline)."""
-    if (_hub_cache() / f"datasets--{repo.replace('/', '--')}").is_dir():
+    if (hub_cache() / f"datasets--{repo.replace('/', '--')}").is_dir():
         return True
     try:
         from datasets import config as ds_config
@@ -220,7 +162,7 @@ def hub_dataset_cached(repo: str) -> bool:
 def eval_problems(ev: dict[str, Any]) -> list[str]:
     """eval.tau, eval.device, eval.tasks (built-in, the project's lm-eval tasks or lm-eval's own)."""
     problems = []
-    from .flexidepth.config import FlexiDepthConfigError, check_tau
+    from ..flexidepth.config import FlexiDepthConfigError, check_tau
 
     try:
         check_tau(ev.get("tau"), "eval.tau", allow_none=True)
@@ -243,9 +185,9 @@ def eval_problems(ev: dict[str, Any]) -> list[str]:
 
 def unknown_task_problems(tasks: list[str], include_path: str | None = None) -> list[str]:
     """Names in `tasks` that are neither built-in, nor the project's lm-eval tasks, nor known to lm-eval."""
-    from .eval.choice_tasks import CHOICE_TASKS
-    from .eval.lm_tasks import LOCAL_GROUP, LOCAL_TAG, LOCAL_TASKS
-    from .eval.tasks import TASKS
+    from ..tasks.choice import CHOICE_TASKS
+    from ..tasks.generation import TASKS
+    from ..tasks.lm_tasks import LOCAL_GROUP, LOCAL_TAG, LOCAL_TASKS
 
     TASKS = (*TASKS, *CHOICE_TASKS)  # the built-in suite: generation and multiple-choice tasks
 
@@ -268,3 +210,139 @@ def unknown_task_problems(tasks: list[str], include_path: str | None = None) -> 
 def raise_if(problems: list[str], what: str) -> None:
     if problems:
         raise PreflightError(f"{what} refused before loading anything:\n- " + "\n- ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------- per command
+COMMANDS = ("train", "evaluate", "compare", "generate", "export", "speed")
+
+
+def preflight(cfg: DictConfig, command: str, settings: Callable[[DictConfig], Any] | None = None) -> Any:
+    """The one check of every entry point, before any model load or output: the config first (`validate`
+    for train, `validate_groups` otherwise; ConfigError naming the key), then `settings(cfg)` (the command's
+    own keys, when given; its result is returned), then what the config points at (the command's device,
+    hub access to the model and data, the checkpoints it names, eval settings), all problems reported
+    together in one PreflightError.
+
+    command: one of COMMANDS; it decides which keys point at what (`trainer.accelerator` / `eval.device` /
+    `device`; `init_from` + `resume` / `ckpt_path` / `trained.<label>.ckpt`)."""
+    from .checks import validate, validate_groups
+
+    if command not in COMMANDS:
+        raise ValueError(f"preflight: unknown command {command!r}; known: {COMMANDS}")
+    if command == "train":
+        validate(cfg)
+        train_method_check(cfg)
+    else:
+        validate_groups(cfg)
+    result = settings(cfg) if settings is not None else None
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    problems: list[str] = []
+    if command == "train":
+        accel = str(cfg.trainer.get("accelerator", "cpu"))
+        gpu_recipe = accel in ("gpu", "cuda")
+        problems += accelerator_problems(accel, "trainer.accelerator", recipe_hint=gpu_recipe)
+        problems += model_access_problems(model_cfg, gpu_recipe=gpu_recipe)
+        problems += data_access_problems(OmegaConf.to_container(cfg.data, resolve=True))
+        if cfg.get("init_from") and not problems:
+            problems += flexidepth_checkpoint_problems(Path(str(cfg.init_from)), "init_from", model_cfg)
+        problems += budget_problems(cfg, model_cfg)
+        problems += resume_problems(cfg.get("resume"))
+    elif command in ("evaluate", "compare"):
+        problems += eval_problems(OmegaConf.to_container(cfg.eval, resolve=True))
+        problems += model_access_problems(model_cfg)
+    else:  # generate, export, speed: a `device` key (export: none, the CPU)
+        if command != "export":
+            device = str(cfg.get("device", "auto" if command == "generate" else "cpu"))
+            problems += accelerator_problems("cuda" if device.startswith("cuda") else device, "device")
+        problems += model_access_problems(model_cfg)
+    if command == "compare":
+        problems += trained_checkpoint_problems(cfg, model_cfg, problems)
+    elif command != "train":
+        problems += ckpt_path_problems(cfg, model_cfg, problems, required=command in ("export", "speed"))
+    raise_if(problems, command)
+    return result
+
+
+def train_method_check(cfg: DictConfig) -> None:
+    """src.train trains routed methods only; an untrained one (shortgpt, ...) is refused naming where it is
+    evaluated (ConfigError)."""
+    from ..methods import build_method
+    from ..utils.errors import ConfigError
+
+    method = build_method(cfg.get("method") or {"name": "flexidepth"})
+    if not method.trains:
+        raise ConfigError(
+            f"method={method.name} has nothing to train: evaluate it with `python -m src.eval "
+            f"method={method.name}` or src.compare (its `baselines` list)"
+        )
+
+
+def ckpt_path_problems(cfg: DictConfig, model_cfg: dict, problems: list[str], required: bool) -> list[str]:
+    """`ckpt_path`: a FlexiDepth folder or a run folder holding one; checked against the base model when
+    nothing before it failed (its identity needs the model's config). Unset: fine unless `required`."""
+    if cfg.get("ckpt_path") in (None, "", "null"):
+        return (
+            ["ckpt_path is required: a FlexiDepth folder or a run folder holding flexidepth/"]
+            if required
+            else []
+        )
+    try:
+        folder = resolve_flexidepth_folder(cfg.ckpt_path, "ckpt_path")
+    except PreflightError as err:
+        if not required:
+            raise
+        return [str(err)]
+    return [] if problems else flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
+
+
+def trained_checkpoint_problems(cfg: DictConfig, model_cfg: dict, problems: list[str]) -> list[str]:
+    """src.compare's `trained.<label>.ckpt`: every existing one trained on this base model with finite
+    weights (a missing checkpoint is reported and left out by the planner, not refused)."""
+    node = cfg.get("trained")  # None after '~trained' (untrained baselines only)
+    trained = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    found = []
+    for label, entry in ({} if problems else trained).items():
+        try:
+            folder = resolve_flexidepth_folder(entry["ckpt"], f"trained.{label}.ckpt")
+        except PreflightError:
+            continue
+        found += flexidepth_checkpoint_problems(folder, f"trained.{label}.ckpt", model_cfg)
+    return found
+
+
+def resume_problems(resume: Any) -> list[str]:
+    """`resume=<file>`: the checkpoint file loads (a damaged one is named)."""
+    if resume in (None, False, "auto"):
+        return []
+    from ..utils.runs import CheckpointDamaged, verify_checkpoint
+
+    try:
+        verify_checkpoint(str(resume))
+    except CheckpointDamaged as err:
+        return [f"resume: {err}"]
+    return []
+
+
+def budget_problems(cfg: DictConfig, model_cfg: dict[str, Any]) -> list[str]:
+    """`loss.target_layers_skipped` against the number of routed layers, when the base model's depth can be read
+    without loading weights (`model.arch`, or a local or embedded model folder's config.json); otherwise the
+    module checks it after the model load, still before the run folder is changed."""
+    target = cfg.loss.get("target_layers_skipped") if cfg.get("loss") is not None else None
+    if target is None:
+        return []
+    depth = (model_cfg.get("arch") or {}).get("num_hidden_layers")
+    if depth is None:
+        from ..models.embedded import EMBEDDED_NAME, converted_dir
+
+        name = str(model_cfg.get("name_or_path"))
+        config_file = (converted_dir("bfloat16") if name == EMBEDDED_NAME else Path(name)) / "config.json"
+        if config_file.is_file():
+            depth = json.loads(config_file.read_text()).get("num_hidden_layers")
+    if not isinstance(depth, int):
+        return []
+    from .checks import skip_config
+
+    routed = len(skip_config(OmegaConf.to_container(cfg.skip, resolve=True)).routed_layers(depth))
+    if float(target) > routed:
+        return [f"loss.target_layers_skipped={target} exceeds the {routed} routed layers of this model"]
+    return []

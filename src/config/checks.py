@@ -1,6 +1,6 @@
 """Validation of a composed run config, before any model or dataset is loaded.
 
-Types and unknown keys of the groups we own are the schemas' job (src/schemas.py: Hydra refuses them while
+Types and unknown keys of the groups we own are the schemas' job (src/config/schemas.py: Hydra refuses them while
 composing); this module holds the value checks that read better as code, naming the key, and re-runs the
 schemas for keys Hydra let through (`+skip.foo=1` appends even to a typed node) or configs built in code.
 
@@ -17,9 +17,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .flexidepth import FlexiDepthConfig
-from .flexidepth.config import FlexiDepthConfigError
-from .utils.errors import UserError
+from ..flexidepth import FlexiDepthConfig
+from ..flexidepth.config import FlexiDepthConfigError
+from ..utils.errors import ConfigError, MethodConfigError
+from . import schemas
 
 TOP_KEYS = {
     "task_name",
@@ -49,10 +50,6 @@ MODEL_KEYS = {"name_or_path", "tokenizer", "dtype", "attn_implementation", "rand
 OPTIM_KEYS = {"lr", "betas", "weight_decay", "warmup_ratio", "min_lr_ratio", "router_lr", "adapter_lr"}
 
 
-class ConfigError(UserError, ValueError):
-    """A config value is wrong; the message names the key."""
-
-
 def _unknown(section: str, given: set[str], known: set[str]) -> None:
     bad = sorted(given - known)
     if bad:
@@ -61,13 +58,33 @@ def _unknown(section: str, given: set[str], known: set[str]) -> None:
         )
 
 
-def skip_config(skip: dict[str, Any]) -> tuple[FlexiDepthConfig, float | None]:
-    """The FlexiDepthConfig of a `skip` node and its deprecated `alpha` alias (None when unset)."""
-    skip = dict(skip)
-    alpha = skip.pop("alpha", None)
+def skip_alpha(skip: dict[str, Any]) -> float | None:
+    """The deprecated `skip.alpha` of a `skip` node (None when unset); ConfigError unless a number >= 0."""
+    alpha = skip.get("alpha")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0):
         raise ConfigError(f"skip.alpha must be a number >= 0, got {alpha!r}")
-    return FlexiDepthConfig.from_dict(skip), None if alpha is None else float(alpha)
+    return None if alpha is None else float(alpha)
+
+
+def skip_config(skip: dict[str, Any]) -> FlexiDepthConfig:
+    """The FlexiDepthConfig of a `skip` node (its schema-only `alpha` key checked by `skip_alpha`, not part
+    of it). Raises ConfigError / FlexiDepthConfigError naming the key."""
+    skip_alpha(skip)
+    return FlexiDepthConfig.from_dict({k: v for k, v in skip.items() if k != "alpha"})
+
+
+def translate_skip_alpha(cfg: DictConfig) -> str | None:
+    """The one translation of the deprecated alias: `skip.alpha=v` becomes `loss.alpha=v` and `skip.alpha`
+    is set back to null, in `cfg`, so everything after the command's boundary (src.train calls this first)
+    reads `loss.alpha` only. Returns the one-line note to print, None when the alias is unset."""
+    alpha = (
+        skip_alpha(OmegaConf.to_container(cfg.skip, resolve=True)) if cfg.get("skip") is not None else None
+    )
+    if alpha is None:
+        return None
+    cfg.loss.alpha = alpha
+    cfg.skip.alpha = None
+    return f"skip.alpha is deprecated: loss.alpha is the key (taking loss.alpha={alpha:g})"
 
 
 def non_finite_keys(node: Any, prefix: str = "") -> list[str]:
@@ -102,14 +119,12 @@ def check_finite(cfg: DictConfig) -> None:
 def validate_groups(cfg: DictConfig) -> None:
     """Schemas and value checks of every group `cfg` has (model, skip, loss, optim, data, eval, method), and
     finiteness of every number in `cfg` (`check_finite`). Raises ConfigError naming the first bad key."""
-    from . import schemas
-
     check_finite(cfg)
     schemas.check(cfg)
     if cfg.get("model") is not None:
         _check_model(OmegaConf.to_container(cfg.model, resolve=True))
     if cfg.get("method") is not None:
-        from .methods import MethodConfigError, build_method
+        from ..methods import build_method
 
         try:
             build_method(cfg.method)
@@ -117,7 +132,7 @@ def validate_groups(cfg: DictConfig) -> None:
             raise ConfigError(str(err)) from err
     if cfg.get("skip") is not None:
         try:
-            flexi, _ = skip_config(OmegaConf.to_container(cfg.skip, resolve=True))
+            flexi = skip_config(OmegaConf.to_container(cfg.skip, resolve=True))
             arch = (OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else {}).get(
                 "arch"
             ) or {}
@@ -126,7 +141,7 @@ def validate_groups(cfg: DictConfig) -> None:
         except FlexiDepthConfigError as err:
             raise ConfigError(str(err)) from err
     if cfg.get("loss") is not None:
-        from .lit.objectives import LossConfig, LossConfigError
+        from ..lit.objectives import LossConfig, LossConfigError
 
         try:
             LossConfig.from_dict(OmegaConf.to_container(cfg.loss, resolve=True))

@@ -5,15 +5,15 @@ first in its defaults list, e.g. `- schema/skip@skip: base`, so the group's YAML
 override are merged onto a typed node: an unknown key (`skip.foo=1`, or a typo inside a YAML file) or a
 wrong type (`skip.tau=abc`) is rejected by Hydra while composing, naming the key (`full_key: skip.foo`),
 before anything is loaded. Value checks (ranges, choices, cross-key rules) stay in code where they read
-better: `src/config_check.py`, run by every entry point (`validate_groups`).
+better: `src/config/checks.py`, run by every entry point (`validate_groups`).
 
 | group  | schema (one place per group)                                   | values checked by                    |
 |--------|----------------------------------------------------------------|--------------------------------------|
 | skip   | `SkipSchema` = FlexiDepthConfig (src/flexidepth/config.py) + alpha | FlexiDepthConfig.validate           |
 | loss   | `LossConfig` (src/lit/objectives.py): add a loss key there + in conf/loss/default.yaml | LossConfig.validate |
-| optim  | `OptimSchema` (here)                                           | config_check.validate (train)        |
+| optim  | `OptimSchema` (here)                                           | checks.validate (train)              |
 | data   | `DataSchema` (here; the keyword arguments of SFTDataModule)    | src/data/datamodule.py               |
-| eval   | `EvalSchema` (here; the `eval` block of evaluate / compare)    | src/preflight.py eval_problems       |
+| eval   | `EvalSchema` (here; the `eval` block of evaluate / compare)    | preflight.py eval_problems           |
 | method | each method's own dataclass (src/methods/<name>.py), via `src.methods.build_method` | Method.validate |
 
 The method group is not merged onto one schema (every method has its own options); `build_method` checks it
@@ -27,8 +27,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .flexidepth.config import FlexiDepthConfig
-from .lit.objectives import LossConfig
+from ..flexidepth.config import FlexiDepthConfig
+from ..lit.objectives import LossConfig
+from ..utils.errors import ConfigError
 
 
 @dataclass
@@ -119,7 +120,7 @@ SCHEMAS: dict[str, type] = {
 
 
 def register() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent; called when `src` is imported)."""
+    """Store every schema in Hydra's ConfigStore (idempotent; `src.config.register`, called by the entry points)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
@@ -131,8 +132,6 @@ def check(cfg: DictConfig) -> None:
     """Merge every present group of `cfg` onto its schema (for configs not composed by Hydra, e.g. built
     in code or read from an old run's config.yaml). Raises ConfigError naming `<group>.<key>`."""
     from omegaconf.errors import OmegaConfBaseException
-
-    from .config_check import ConfigError
 
     for group, schema in SCHEMAS.items():
         node = cfg.get(group) if isinstance(cfg, DictConfig) else None

@@ -52,7 +52,7 @@ def describe_alpha(cfg) -> str | None:
     """One line saying which alpha a run with a ``released_alpha`` block uses, or None without one.
 
     Raises:
-        ValueError: If ``loss.alpha`` (or the deprecated ``skip.alpha``) does not equal the value the ``released_alpha`` block selects (the block
+        ValueError: If ``loss.alpha`` (a ``skip.alpha`` given is already translated into it) does not equal the value the ``released_alpha`` block selects (the block
             would then be misleading, e.g. after a command-line ``loss.alpha=...`` override).
     """
     node = cfg.get(KEY)
@@ -60,8 +60,7 @@ def describe_alpha(cfg) -> str | None:
         return None
     face, processes, use = float(node.face_value), int(node.processes), str(node.use)
     chosen = released_alpha(face, processes, use)
-    legacy = cfg.skip.get("alpha") if cfg.get("skip") is not None else None
-    alpha = float(legacy if legacy is not None else cfg.loss.alpha)
+    alpha = float(cfg.loss.alpha)
     if abs(alpha - chosen) > 1e-12 * max(1.0, abs(chosen)):
         raise ValueError(
             f"loss.alpha={alpha:g} but {KEY}.use={use} selects {chosen:g}; set {KEY}.use (or "
@@ -87,10 +86,3 @@ def report_alpha(cfg) -> str | None:
     if line is not None:
         print(line, flush=True)
     return line
-
-
-def register_resolver() -> None:
-    """Register ``${released_alpha:face_value,processes,use}`` with OmegaConf."""
-    from omegaconf import OmegaConf
-
-    OmegaConf.register_new_resolver(KEY, released_alpha, replace=True)

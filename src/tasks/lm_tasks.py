@@ -11,7 +11,7 @@ it as `include_path` to `lm_eval.tasks.TaskManager` (or `src.eval.harness.run_ha
 and the group ``flexidepth_local`` of both (no aggregate metric: the two metrics differ); both tasks also
 carry the tag ``flexidepth_tasks``.
 
-Questions and answers come from `src.eval.tasks.make_task_examples` (arithmetic and repeat tasks over the Lee
+Questions and answers come from `src.tasks.generation.make_task_examples` (arithmetic and repeat tasks over the Lee
 held-out articles), so they are deterministic for a seed. Each task has a ``test`` split (evaluated) and a
 ``train`` split (few-shot examples, drawn with a different seed). The configs use ``dataset_path: json`` with
 absolute ``data_files`` paths, which `datasets` loads without any network access. No ``num_fewshot`` is set
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from src.eval.tasks import make_task_examples
+from src.tasks.generation import make_task_examples
 
 MC_TASK = "flexidepth_mc"
 GEN_TASK = "flexidepth_gen"

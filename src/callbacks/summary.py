@@ -1,0 +1,103 @@
+"""The end of a training run: metrics.json and the closing lines (where the run is, what it reached, how to
+evaluate it), written by `RunSummary` when fit ends, after the export callback (on_train_end) has measured
+the exported model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from ..flexidepth.files import atomic_write_text
+
+
+class RunSummary(L.Callback):
+    """At the end of fit: `metrics` (the final callback metrics, with the export's re-measured val/* numbers
+    when it calibrated tau), written to <output_dir>/metrics.json with `knobs` and printed as the closing
+    summary (rank zero).
+
+    knobs: {"skip": the skip node, "loss": the loss node, "model": model.name_or_path, "run_name": ...};
+    model_arg: the model= option of the command (repeated in the summary's evaluate line)."""
+
+    def __init__(self, output_dir: str | Path, knobs: dict[str, Any], model_arg: str | None = None):
+        self.output_dir = Path(output_dir)
+        self.knobs = knobs
+        self.model_arg = model_arg
+        self.metrics: dict[str, float] = {}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        # a tau calibrated at export: the val/* numbers of the exported model replace those at the training tau
+        export = next((cb for cb in trainer.callbacks if type(cb).__name__ == "ExportFlexiDepth"), None)
+        metrics.update(getattr(export, "metrics", None) or {})
+        self.metrics = metrics
+        if trainer.is_global_zero:
+            write_metrics(
+                self.output_dir, metrics, trainer.global_step, self.knobs, tau=pl_module.flexi_cfg.tau
+            )
+            print(closing_summary(self.output_dir, metrics, trainer, pl_module, self.model_arg), flush=True)
+
+
+def write_metrics(
+    output_dir: Path,
+    metrics: dict[str, float],
+    global_step: int,
+    knobs: dict[str, Any],
+    tau: float | None = None,
+) -> Path:
+    """<output_dir>/metrics.json: final metrics plus the knobs a sweep summary needs (src/sweep_summary.py).
+    `tau` is the exported model's threshold (it differs from skip.tau when the export calibrated it); the
+    metrics must have been measured at it."""
+    skip = dict(knobs["skip"])
+    if tau is not None:
+        skip["tau"] = float(tau)
+    record = {
+        "metrics": metrics,
+        "global_step": int(global_step),
+        "skip": {k: skip.get(k) for k in ("tau", "adapter_rank", "adapter_reduction", "router")},
+        "loss": knobs["loss"],
+        "model": str(knobs["model"]),
+        "run_name": str(knobs["run_name"]),
+    }
+    return atomic_write_text(output_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True))
+
+
+def closing_summary(
+    output_dir: Path, metrics: dict[str, float], trainer, module, model_arg: str | None
+) -> str:
+    """The lines printed at the end of a run: where it is, what it reached, how to evaluate it (`model_arg`:
+    the model= option the command chose, repeated in the evaluate line)."""
+    routed = len(module.model.flexidepth.layer_indices)
+    counts = module.parameter_counts()
+    lines = [
+        f"run finished: {output_dir}",
+        f"  steps: {trainer.global_step} optimizer steps; trained {counts['trainable']:,} router/adapter "
+        f"parameters of {counts['total']:,}",
+    ]
+    if "val/ppl" in metrics:
+        base = metrics.get("val/base_ppl")
+        lines.append(
+            f"  val ppl {metrics['val/ppl']:.3f}" + (f" (base model {base:.3f})" if base is not None else "")
+        )
+        if "val/layers_skipped_mean" in metrics:
+            calibrated = metrics.get("val/tau")
+            lines.append(
+                f"  layers skipped {metrics['val/layers_skipped_mean']:.2f} of {routed} routed "
+                f"(skip rate {100 * metrics.get('val/skip_rate', 0.0):.1f}%)"
+                + (f" at the export's calibrated tau {calibrated:.4f}" if calibrated is not None else "")
+            )
+    else:
+        lines.append("  no validation ran (trainer.limit_val_batches=0 or no validation data)")
+    export = next((cb.dirpath for cb in trainer.callbacks if type(cb).__name__ == "ExportFlexiDepth"), None)
+    if export is not None and (Path(export) / "flexidepth_config.json").is_file():
+        lines.append(f"  export: {export}")
+        lines.append(
+            f"  evaluate: python -m src.eval ckpt_path={output_dir}"
+            + (f" model={model_arg}" if model_arg else "")
+        )
+    best = next((cb for cb in trainer.callbacks if getattr(cb, "monitor", None) == "val/ppl"), None)
+    if best is not None and getattr(best, "best_model_path", ""):
+        lines.append(f"  best checkpoint: {best.best_model_path}")
+    return "\n".join(lines)
