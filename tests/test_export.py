@@ -29,6 +29,7 @@ from src.flexidepth.generation import generate
 from src.flexidepth.routes import routed_forward
 from src.models.loader import load_base_model
 from src.models.tokenizer import load_tokenizer
+from src.render.model_card import model_card, run_folder_of
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 SITE_PACKAGES = str(Path(torch.__file__).resolve().parents[1])
@@ -214,7 +215,7 @@ def test_generation_record_and_tau_setter_in_process(tmp_path):
     model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt")
     model = trained_model(model_cfg, tmp_path / "ckpt")
     tokenizer = load_tokenizer(model_cfg)
-    card = ex.model_card(ex.routing_block(model), 4, None)
+    card = model_card(ex.routing_block(model), 4, None)
     ex.write_export(model, tokenizer, tmp_path / "out", card)
     module = ex.load_modeling(tmp_path / "out")
     loaded = module.FlexiDepthForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
@@ -515,7 +516,7 @@ def test_model_card_from_the_run_files(tmp_path):
         "# Held-out curves\n\n| set | k | ppl |\n|---|---|---|\n| lee | 2 | 3.4 |\n"
     )
     (tmp_path / "ppl_vs_skipped.png").write_bytes(b"\x89PNG fake")
-    card = ex.model_card(
+    card = model_card(
         ROUTING, 30, run, compare, license_name="apache-2.0", base_model="HuggingFaceTB/SmolLM2-135M-Instruct"
     )
     assert "### Held-out curves" in card and "| lee | 2 | 3.4 |" in card
@@ -536,7 +537,7 @@ def test_model_card_from_the_run_files(tmp_path):
 
 
 def test_model_card_omits_what_the_run_does_not_have(tmp_path):
-    card = ex.model_card(ROUTING, 30, None)
+    card = model_card(ROUTING, 30, None)
     assert "## Training" not in card and "## Results" not in card
     assert "perplexity" not in card and "retention" not in card and "license:" not in card
     assert "base_model:" not in card
@@ -561,7 +562,8 @@ def test_lm_eval_hf_model_on_the_export_scores_like_the_flexidepth_wrapper(tmp_p
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from src.eval.harness import FlexiDepthLM, _task_manager, run_harness
+    from src.eval.harness import FlexiDepthLM
+    from src.eval.harness_run import _task_manager, run_harness
     from src.tasks.lm_tasks import LOCAL_TASKS, write_local_tasks
 
     model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt")
@@ -671,7 +673,7 @@ def test_model_card_reads_the_run_history_without_hydra_folder(tmp_path):
     (run / "history" / "config-000.yaml").write_text("seed: 1\ndata:\n  source: builtin\n")
     (run / "history" / "config-001.yaml").write_text("seed: 2\ndata:\n  source: mixture\n")
     (run / "history" / "hydra-001" / "overrides.yaml").write_text("- seed=2\n")
-    assert ex.run_folder_of(run / "flexidepth") == run
-    card = ex.model_card(ROUTING, 30, run)
+    assert run_folder_of(run / "flexidepth") == run
+    card = model_card(ROUTING, 30, run)
     assert "| seed | 2 |" in card and "| data source | mixture |" in card
     assert "python -m src.train seed=2" in card and "| seed | 1 |" not in card

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
-from src.eval.harness import FlexiDepthLM, run_harness
+from src.eval.harness import FlexiDepthLM
+from src.eval.harness_run import run_harness
 from src.flexidepth import flexi_layers, inject, routed_forward, set_routing
 from src.flexidepth.config import FlexiDepthConfig
 from src.tasks.lm_tasks import (

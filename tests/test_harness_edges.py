@@ -159,7 +159,7 @@ def test_constructor_refuses_degenerate_settings(tokenizer, model, kwargs, name)
 def test_run_harness_passes_max_gen_toks_zero(tokenizer, model, monkeypatch):
     import lm_eval
 
-    from src.eval import harness
+    from src.eval import harness_run as harness
 
     seen = {}
 

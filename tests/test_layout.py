@@ -1,11 +1,22 @@
-"""The framework's layout rules and the shared helpers that replaced copies: padding, the pad policy, chat
-prompts, checkpoint resolution, device choice, DepthMap records and the evaluation loop (base once, then
-each system, scored against the base)."""
+"""The framework's layout rules (docs/design-notes.md, "Layers"), checked on the source with `ast`, and the
+shared helpers that replaced copies: padding, the pad policy, chat prompts, checkpoint resolution, device
+choice, DepthMap records and the evaluation loop (base once, then each system, scored against the base).
+
+Layout rules: no import cycles between modules of src/ (imports inside function bodies count too, so a lazy
+import cannot hide a cycle; imports under `if TYPE_CHECKING:` do not run and do not count); no import upward
+between the layers of `LAYERS`; src/flexidepth/ imports nothing else from src/, and importing it loads no
+Hydra; src/export_modeling/ imports nothing from src/ (it ships alone with an export, trust_remote_code);
+no private name crosses modules; entry points do not import each other; no file over `MAX_FILE_LINES`
+(src/export_modeling/modeling_flexidepth.py is exempt: it must be one self-contained file); no package over
+`MAX_PACKAGE_SHARE` of src/'s lines; the issue's entry points within `MAX_ENTRY_LINES`.
+"""
 
 from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,18 +24,38 @@ import pytest
 import torch
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-# the command-line entry points; `python -m src.eval` (src/eval/__main__.py) is `python -m src.evaluate`
+# the command-line entry points: the top layer; they import nothing from each other
 ENTRY_POINTS = {
     "src.train",
+    "src.eval.__main__",  # python -m src.eval
     "src.compare",
-    "src.evaluate",
     "src.generate",
+    "src.convert",
     "src.export",
     "src.speed",
     "src.analyze",
-    "src.eval.__main__",
+    "src.sweep_summary",
+    "src.memory_planner",
 }
-ALIASES = {("src.eval.__main__", "src.evaluate.main")}  # the one import allowed: an alias of its command
+# bottom to top: a module may import from its own layer and the layers below it, never from above
+LAYERS = [
+    {"flexidepth", "export_modeling"},  # the method core; the export's self-contained modeling file
+    {"utils"},  # errors, hardware, launch, loggers, run folders, CLI
+    {"render"},  # draws plain results (dicts, records)
+    {"models"},  # loading base models and tokenizers, hub access
+    {"data"},  # corpora, synthetic data, the DataModule
+    {"tasks"},  # task definitions and scoring
+    {"methods"},  # one file per compared system, the registry
+    {"lit", "callbacks"},  # training: the LightningModule, objectives, callbacks
+    {"eval"},  # measuring: the evaluation loop, suites, curves, analysis, lm-eval
+    {"config"},  # schemas, value checks, preflight, resolvers: the entry points' boundary
+]
+ENTRY_LAYER = len(LAYERS)
+MAX_FILE_LINES = 500
+EXEMPT_FILES = {"export_modeling/modeling_flexidepth.py"}  # self-contained for trust_remote_code
+MAX_PACKAGE_SHARE = 0.20
+MAX_ENTRY_LINES = 200
+LIMITED_ENTRY_POINTS = {"src.train", "src.eval.__main__", "src.compare", "src.generate", "src.convert"}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -32,24 +63,122 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path, root: Path) -> list[tuple[str, list[str], int]]:
+def imports(path: Path, root: Path, lazy: bool = True) -> list[tuple[str, list[str], int]]:
     """(absolute module, imported names, line) of every import in a file under `root` (relative imports
-    resolved)."""
+    resolved); `lazy=False` leaves out imports inside function bodies. Imports under `if TYPE_CHECKING:` are
+    left out (they never run)."""
     this = module_name(path, root)
     package = this if path.name == "__init__.py" else this.rpartition(".")[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            out.append((target, [a.name for a in node.names], node.lineno))
-        elif isinstance(node, ast.Import):
-            out += [(a.name, [], node.lineno) for a in node.names]
+
+    def visit(nodes, in_function: bool) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse, in_function)
+                continue
+            if isinstance(node, ast.ImportFrom) and (lazy or not in_function):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                out.append((target, [a.name for a in node.names], node.lineno))
+            elif isinstance(node, ast.Import) and (lazy or not in_function):
+                out.extend((a.name, [], node.lineno) for a in node.names)
+            func = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            for child in ast.iter_child_nodes(node):
+                visit([child], in_function or func)
+
+    visit(ast.parse(path.read_text(), str(path)).body, False)
     return out
+
+
+def modules(root: Path = SRC) -> dict[str, Path]:
+    return {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
+
+
+def import_graph(root: Path = SRC) -> dict[str, set[str]]:
+    """module -> the modules of src/ it imports (`from pkg import mod` counts as importing `pkg.mod`)."""
+    mods = modules(root)
+    graph = {}
+    for name, path in mods.items():
+        targets = set()
+        for target, names, _ in imports(path, root):
+            hits = [f"{target}.{n}" for n in names if f"{target}.{n}" in mods]
+            if hits:
+                targets.update(hits)
+            elif target in mods:
+                targets.add(target)
+        graph[name] = targets - {name}
+    return graph
+
+
+def import_cycles(root: Path = SRC) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): every import cycle of src/."""
+    graph = import_graph(root)
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return cycles
+
+
+def layer_of(module: str, root: Path = SRC) -> int:
+    """The index in LAYERS of a module of src/ (entry points and top-level modules: the top layer)."""
+    parts = module.split(".")
+    if module in ENTRY_POINTS or len(parts) < 2 or not (root / parts[1]).is_dir():
+        return ENTRY_LAYER
+    for i, layer in enumerate(LAYERS):
+        if parts[1] in layer:
+            return i
+    raise AssertionError(f"{module}: package src/{parts[1]}/ is in no layer of LAYERS (tests/test_layout.py)")
+
+
+def upward_imports(root: Path = SRC) -> list[str]:
+    """'a -> b' for every import of a module from a higher layer (the package root `src` itself excluded)."""
+    graph = import_graph(root)
+    return [
+        f"{a} -> {b}"
+        for a in sorted(graph)
+        for b in sorted(graph[a])
+        if b != "src" and layer_of(b, root) > layer_of(a, root)
+    ]
+
+
+def imports_outside(package: str, root: Path = SRC) -> list[str]:
+    """Imports of other src/ modules by the modules of `package` (e.g. "flexidepth")."""
+    graph = import_graph(root)
+    prefix = f"src.{package}"
+    return [
+        f"{a} -> {b}"
+        for a in sorted(graph)
+        if a == prefix or a.startswith(prefix + ".")
+        for b in sorted(graph[a])
+        if not (b == prefix or b.startswith(prefix + "."))
+    ]
 
 
 def private_imports(root: Path = SRC) -> list[str]:
@@ -74,14 +203,52 @@ def entry_point_imports(root: Path = SRC) -> list[str]:
         if this not in ENTRY_POINTS:
             continue
         for target, names, line in imports(path, root):
-            if target not in ENTRY_POINTS - {this}:
-                names_ok = [n for n in names if f"{target}.{n}" in ENTRY_POINTS - {this}]
-                bad += [f"{path.relative_to(root.parent)}:{line}: imports {target}.{n}" for n in names_ok]
-                continue
-            if all((this, f"{target}.{n}") in ALIASES for n in names) and names:
-                continue
-            bad.append(f"{path.relative_to(root.parent)}:{line}: imports {target}")
+            if target in ENTRY_POINTS - {this}:
+                bad.append(f"{path.relative_to(root.parent)}:{line}: imports {target}")
+            else:
+                others = [n for n in names if f"{target}.{n}" in ENTRY_POINTS - {this}]
+                bad += [f"{path.relative_to(root.parent)}:{line}: imports {target}.{n}" for n in others]
     return bad
+
+
+def line_counts(root: Path = SRC) -> dict[str, int]:
+    return {str(p.relative_to(root)): len(p.read_text().splitlines()) for p in sorted(root.rglob("*.py"))}
+
+
+def package_shares(root: Path = SRC) -> dict[str, float]:
+    """Each package's (sub-folder of src/) share of all lines of src/; top-level modules count one by one."""
+    counts = line_counts(root)
+    total = sum(counts.values())
+    shares: dict[str, float] = {}
+    for rel, n in counts.items():
+        key = rel.split("/")[0]
+        shares[key] = shares.get(key, 0.0) + n / total
+    return shares
+
+
+# ---------------------------------------------------------------------------------------- the rules
+def test_no_import_cycles():
+    assert import_cycles() == []
+
+
+def test_no_upward_imports_between_layers():
+    assert upward_imports() == []
+
+
+def test_every_package_has_a_layer():
+    packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert packages == set().union(*LAYERS)
+
+
+def test_the_method_core_imports_nothing_else_from_src():
+    assert imports_outside("flexidepth") == []
+    assert imports_outside("export_modeling") == []
+
+
+def test_importing_the_method_core_loads_no_hydra():
+    code = "import src.flexidepth, sys; assert 'hydra' not in sys.modules, sorted(m for m in sys.modules if 'hydra' in m)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=SRC.parent, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_no_private_name_is_imported_across_modules():
@@ -92,25 +259,57 @@ def test_no_entry_point_imports_another():
     assert entry_point_imports() == []
 
 
+def test_file_sizes():
+    big = {rel: n for rel, n in line_counts().items() if n > MAX_FILE_LINES and rel not in EXEMPT_FILES}
+    assert big == {}
+
+
+def test_no_package_holds_a_fifth_of_src():
+    shares = package_shares()
+    assert max(shares.values()) < MAX_PACKAGE_SHARE, sorted(shares.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_entry_points_are_short():
+    counts = line_counts()
+    long = {}
+    for name in LIMITED_ENTRY_POINTS:
+        rel = name.removeprefix("src.").replace(".", "/") + ".py"
+        if counts[rel] > MAX_ENTRY_LINES:
+            long[rel] = counts[rel]
+    assert long == {}
+
+
 def test_the_import_scans_catch_what_they_forbid(tmp_path):
-    """The scans can fail: a planted private import across modules and entry points importing each other
-    are found; a module's own private names and the src.eval alias are not."""
+    """The scans can fail: a planted cycle (through a lazy import), an upward import, a core module that
+    imports the framework, a private import across modules and entry points importing each other are
+    found; a module's own private names and a TYPE_CHECKING import are not."""
     root = tmp_path / "src"
-    (root / "eval").mkdir(parents=True)
-    for init in (root / "__init__.py", root / "eval" / "__init__.py"):
-        init.write_text("")
+    for pkg in ("eval", "flexidepth", "utils"):
+        (root / pkg).mkdir(parents=True)
+        (root / pkg / "__init__.py").write_text("")
+    (root / "__init__.py").write_text("")
     (root / "eval" / "run.py").write_text("from ..utils import loggers\nfrom .tasks import _Pool\n")
-    (root / "eval" / "__main__.py").write_text("from ..evaluate import main\n")
+    (root / "eval" / "tasks.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .run import X\n_Pool = 1\n"
+    )
+    (root / "eval" / "__main__.py").write_text("from .run import main\n")
+    (root / "utils" / "loggers.py").write_text("def log():\n    from ..eval import run\n")
+    (root / "flexidepth" / "core.py").write_text("from ..utils import loggers\n")
     (root / "compare.py").write_text(
         "from .train import build\nfrom .compare import _own\nfrom . import generate\n"
     )
-    (root / "evaluate.py").write_text("import src.train\n")
+    (root / "generate.py").write_text("import src.train\n")
+    (root / "train.py").write_text("")
     assert private_imports(root) == ["src/eval/run.py:2: src.eval.tasks._Pool"]
     assert entry_point_imports(root) == [
         "src/compare.py:1: imports src.train",
         "src/compare.py:3: imports src.generate",
-        "src/evaluate.py:1: imports src.train",
+        "src/generate.py:1: imports src.train",
     ]
+    assert import_cycles(root) == [["src.eval.run", "src.utils.loggers"]]
+    assert upward_imports(root) == ["src.flexidepth.core -> src.utils.loggers", "src.utils.loggers -> src.eval.run"]
+    assert imports_outside("flexidepth", root) == ["src.flexidepth.core -> src.utils.loggers"]
+    assert layer_of("src.eval.__main__", root) == ENTRY_LAYER and layer_of("src.compare", root) == ENTRY_LAYER
 
 
 # ---------------------------------------------------------------------------------------- padding

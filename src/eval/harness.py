@@ -1,14 +1,15 @@
 """lm-evaluation-harness integration: run a (FlexiDepth-injected or plain) HF causal LM on lm_eval tasks and
 record how many layers it used, per task.
 
-    from src.eval.harness import run_harness
+    from src.eval.harness_run import run_harness                                    # the run: harness_run.py
     out = run_harness(model, tokenizer, ["hellaswag", "winogrande"], num_fewshot=5)   # hub data: internet
     out["hellaswag"]["score"], out["hellaswag"]["layers_used_mean"]
 
     include = write_local_tasks(tmp)                                                # offline, project data
     out = run_harness(model, tokenizer, ["flexidepth_mc", "flexidepth_gen"], include_path=include, limit=8)
 
-The model wrapper, `FlexiDepthLM` (registered in lm_eval as ``"flexidepth"``), implements lm_eval's three
+The model wrapper, `FlexiDepthLM` (registered in lm_eval as ``"flexidepth"`` by `harness_run.register`, when
+a run starts), implements lm_eval's three
 request types:
 - ``loglikelihood``: left-padded batched forwards (longest first; LM head only over the continuation
   positions); sum of the continuation tokens' log-softmax and whether greedy decoding would produce them.
@@ -57,8 +58,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,64 +67,14 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 
 from src.data.batching import pad_batch
-from src.flexidepth.generation import check_generation_args, generate
+from src.flexidepth.generation import generate
 from src.flexidepth.inject import routing_active
 from src.flexidepth.routes import routed_forward
 from src.models.tokenizer import pad_token_id as tokenizer_pad_id
 
-from ..tasks.lm_tasks import LOCAL_GROUP, LOCAL_TASKS, write_local_tasks
+from .lm_requests import REQUEST_TYPES, RouteStats, generation_settings
 
 log = logging.getLogger(__name__)
-
-REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
-
-# The metric reported as "score" ("metric,filter" as in lm_eval's results). The paper's tasks:
-PRIMARY_METRICS = {
-    "mmlu": "acc,none",  # 4-way multiple choice, group accuracy weighted by subject size
-    "hellaswag": "acc_norm,none",  # length-normalised accuracy, the usual HellaSwag number
-    "winogrande": "acc,none",
-    "gsm8k": "exact_match,strict-match",  # the "#### <answer>" the few-shot examples teach
-    "humaneval": "pass@1,create_test",
-    "coqa": "f1,none",  # CoQA's official metric (em is reported under "metrics" too)
-}
-# Otherwise by output type (first filter that has it): these are fractions in [0, 1]. Tasks of other types
-# (loglikelihood_rolling perplexities) fall back to their first metric, which need not lie in [0, 1].
-DEFAULT_METRIC_BY_OUTPUT = {
-    "multiple_choice": "acc",
-    "loglikelihood": "acc",
-    "generate_until": "exact_match",
-}
-
-
-# ---------------------------------------------------------------------------------------- statistics
-@dataclass
-class RouteStats:
-    """Token counts and summed layers used for one task and request type."""
-
-    requests: int = 0
-    tokens: int = 0  # positions processed by the model
-    layers_sum: float = 0.0  # sum over those positions of layers used
-    output_tokens: int = 0  # scored continuation tokens / generated tokens
-    output_layers_sum: float = 0.0  # sum of layers used by the forwards that predicted them
-
-    def __iadd__(self, other: RouteStats) -> RouteStats:
-        self.requests += other.requests
-        self.tokens += other.tokens
-        self.layers_sum += other.layers_sum
-        self.output_tokens += other.output_tokens
-        self.output_layers_sum += other.output_layers_sum
-        return self
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "tokens": self.tokens,
-            "layers_used_mean": self.layers_sum / self.tokens if self.tokens else None,
-            "output_tokens": self.output_tokens,
-            "layers_used_output_mean": (
-                self.output_layers_sum / self.output_tokens if self.output_tokens else None
-            ),
-        }
 
 
 # ---------------------------------------------------------------------------------------- the LM
@@ -453,58 +402,9 @@ class FlexiDepthLM(TemplateLM):
         return ids if ids else [self.prefix_token_id]
 
     def _gen_settings(self, gen_kwargs: dict | None, where: str = "generate_until request") -> dict[str, Any]:
-        """Generation settings of a request; ValueError naming `where` and the key for a value we cannot honour.
-
-        Returns {"until": [str], "max_gen_toks": int, "do_sample": bool, "temperature": float, "top_p": float}.
-        """
-        if gen_kwargs is not None and not isinstance(gen_kwargs, dict):
-            raise ValueError(f"{where}: generation kwargs must be a dict, got {gen_kwargs!r}")
-        kwargs = dict(gen_kwargs or {})
-        until = kwargs.pop("until", None)
-        if until is None:
-            until = []
-        elif isinstance(until, str):
-            until = [until]
-        elif isinstance(until, list | tuple) and all(isinstance(u, str) for u in until):
-            until = list(until)
-        else:
-            raise ValueError(f"{where}: until must be a string or a list of strings, got {until!r}")
+        """Generation settings of a request (`generation_settings`, lm_requests.py); ValueError naming `where`."""
         eos_text = self.tokenizer.decode([self.eot_token_id]) if self.eot_token_id is not None else None
-        if eos_text and eos_text not in until:
-            until.append(eos_text)
-        max_gen = self.max_gen_toks
-        for key in ("max_completion_tokens", "max_tokens", "max_new_tokens", "max_gen_toks"):  # last wins
-            value = kwargs.pop(key, None)
-            if value is not None:
-                max_gen = value
-        if isinstance(max_gen, bool) or not isinstance(max_gen, int) or max_gen < 0:
-            raise ValueError(f"{where}: max_gen_toks must be an integer >= 0, got {max_gen!r}")
-        temperature = kwargs.pop("temperature", None)
-        temperature = 0.0 if temperature is None else temperature
-        do_sample = kwargs.pop("do_sample", None)
-        if do_sample is None:
-            do_sample = isinstance(temperature, int | float) and temperature > 0
-        top_p = kwargs.pop("top_p", None)
-        top_p = 1.0 if top_p is None else top_p
-        neutral = {"top_k": (None, 0), "num_beams": (None, 1), "repetition_penalty": (None, 1.0)}
-        bad = {k: v for k, v in kwargs.items() if k not in neutral or v not in neutral[k]}
-        if bad:
-            raise ValueError(
-                f"{where}: generation kwargs {bad} are not supported by this model (it honours until, "
-                "max_gen_toks, do_sample, temperature, top_p)"
-            )
-        try:
-            check_generation_args(max_gen, do_sample, temperature, top_p)
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from error
-        temperature = float(temperature)
-        return {
-            "until": [s for s in until if s],
-            "max_gen_toks": int(max_gen),
-            "do_sample": bool(do_sample) and temperature > 0,  # temperature 0 is greedy
-            "temperature": temperature if do_sample and temperature > 0 else 1.0,
-            "top_p": float(top_p),
-        }
+        return generation_settings(gen_kwargs, eos_text, self.max_gen_toks, where)
 
     def _generate_batch(self, prompts: list[list[int]], reqs: list[Instance], settings: dict) -> list[str]:
         if settings["max_gen_toks"] <= 0:
@@ -563,181 +463,4 @@ class FlexiDepthLM(TemplateLM):
         return text[: min(cuts)], lo
 
 
-def _register() -> None:
-    """Register FlexiDepthLM as lm_eval model "flexidepth" (skipped when the name is already taken).
-
-    lm_eval's built-in model names are registered first: `get_model` only loads them lazily while the
-    registry is empty, which our entry would otherwise prevent.
-    """
-    import lm_eval.models  # noqa: F401  (registers the built-in placeholders)
-    from lm_eval.api.registry import model_registry
-
-    if "flexidepth" not in model_registry:
-        model_registry.register("flexidepth")(FlexiDepthLM)
-
-
-_register()
-
-
-# ---------------------------------------------------------------------------------------- the run
-def _task_manager(tasks: list[str], include_path: str | Path | None, include_defaults: bool | None):
-    """A TaskManager; with include_defaults=None, lm_eval's own ~15 s task index is only built when needed."""
-    from lm_eval.tasks import TaskManager
-
-    if include_defaults is None:
-        if include_path is not None:
-            local = TaskManager(include_path=str(include_path), include_defaults=False)
-            if all(t in local.all_tasks for t in tasks):
-                return local
-        include_defaults = True
-    return TaskManager(
-        include_path=str(include_path) if include_path is not None else None,
-        include_defaults=include_defaults,
-    )
-
-
-def _leaves(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
-    if name not in group_subtasks:
-        return [name]
-    return [leaf for child in group_subtasks[name] for leaf in _leaves(child, group_subtasks)]
-
-
-def _pick_metric(
-    name: str, values: dict[str, Any], output_type: str | None, metric: str | None
-) -> str | None:
-    """The "metric,filter" key reported as score (`PRIMARY_METRICS`, else by output type); None if none."""
-    keys = [k for k in values if "," in k and "_stderr" not in k and isinstance(values[k], (int, float))]
-    wanted = metric or PRIMARY_METRICS.get(name)
-    if wanted is not None:
-        if wanted in keys:
-            return wanted
-        base = wanted.split(",")[0]
-        return next((k for k in keys if k.split(",")[0] == base), None)
-    base = DEFAULT_METRIC_BY_OUTPUT.get(output_type or "")
-    match = next((k for k in keys if k.split(",")[0] == base), None)
-    return match or (keys[0] if keys else None)
-
-
-def run_harness(
-    model,
-    tokenizer,
-    tasks: list[str],
-    *,
-    num_fewshot: int | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
-    include_path: str | Path | None = None,
-    max_gen_toks: int | None = None,
-    seed: int = 1234,
-    max_length: int | None = None,
-    device: str | None = None,
-    include_defaults: bool | None = None,
-    metrics: dict[str, str] | None = None,
-    apply_chat_template: bool = False,
-    confirm_run_unsafe_code: bool = False,
-    bootstrap_iters: int = 100000,
-) -> dict[str, dict]:
-    """Evaluate `model` on lm_eval `tasks` in one `simple_evaluate` call; per task, score and route stats.
-
-    Args:
-        model / tokenizer: a HF causal LM (FlexiDepth-injected or not; routing as currently set) and its tokenizer.
-        tasks: lm_eval task or group names (``mmlu``, ``hellaswag``, ``winogrande``, ``gsm8k``,
-            ``humaneval``, ``coqa``; ``flexidepth_mc``/``flexidepth_gen`` from `write_local_tasks`).
-        num_fewshot: few-shot examples (None: each task's default; lm_eval keeps a config value of 0).
-        limit: at most this many docs per (leaf) task.
-        batch_size / max_length / device: passed to `FlexiDepthLM`.
-        include_path: extra task folder (e.g. `write_local_tasks(...)`).
-        max_gen_toks: overrides every generation task's max_gen_toks.
-        seed: python / numpy / torch / few-shot sampling seeds (and the generation sampling seed).
-        include_defaults: index lm_eval's built-in tasks; None = only when `tasks` are not all found in
-            `include_path` (building that index takes ~15 s).
-        metrics: {task: "metric,filter"} to override the reported score (`PRIMARY_METRICS`, else acc for
-            multiple choice and exact_match for generation).
-        apply_chat_template: wrap prompts in the tokenizer's chat template (lm_eval's option).
-        confirm_run_unsafe_code: needed for tasks that execute model code (HumanEval).
-        bootstrap_iters: lm_eval's stderr setting: mean metrics get the analytic stderr whenever it is
-            > 0, other aggregations a bootstrap of this many resamples; 0 skips every stderr.
-
-    Returns:
-        {task: {"score", "score_stderr" (None when not computed), "metric", "metrics" (every metric), "n" (docs evaluated),
-        "n_total" (docs in the split), "output_type", "num_fewshot", "layers_used_mean", "tokens",
-        "output_tokens", "layers_used_output_mean", "num_layers", "by_request_type": {type: stats}}};
-        a group also holds "subtasks": {leaf: the same keys}. "score" is the chosen metric's value: a
-        fraction in [0, 1] for accuracy / exact match / pass@1 / F1 metrics.
-    """
-    from lm_eval import simple_evaluate
-
-    lm = FlexiDepthLM(
-        model, tokenizer, batch_size=batch_size, max_length=max_length, device=device, seed=seed
-    )
-    manager = _task_manager(list(tasks), include_path, include_defaults)
-    results = simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        gen_kwargs=None if max_gen_toks is None else {"max_gen_toks": int(max_gen_toks)},
-        task_manager=manager,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-        bootstrap_iters=bootstrap_iters,
-        log_samples=False,
-        apply_chat_template=apply_chat_template,
-        confirm_run_unsafe_code=confirm_run_unsafe_code,
-    )
-    group_subtasks = dict(results.get("group_subtasks", {}))
-    for name in tasks:  # a tag is no group in the results: its members are its leaves
-        index_entry = manager.task_index.get(name)
-        if name not in group_subtasks and index_entry is not None and index_entry.kind.name == "TAG":
-            group_subtasks[name] = sorted(index_entry.tags)
-    all_values = {**results.get("results", {}), **results.get("groups", {})}
-
-    def entry(name: str) -> dict[str, Any]:
-        leaves = _leaves(name, group_subtasks)
-        values = all_values.get(name, {})
-        configs = [results.get("configs", {}).get(leaf, {}) for leaf in leaves]
-        output_type = configs[0].get("output_type") if configs else None
-        key = _pick_metric(name, values, output_type, (metrics or {}).get(name))
-        samples = [results.get("n-samples", {}).get(leaf, {}) for leaf in leaves]
-        stats = lm.task_stats(leaves)
-        by_type: dict[str, RouteStats] = {}
-        for leaf in leaves:
-            for reqtype, leaf_stats in lm.stats.get(leaf, {}).items():
-                total = by_type.setdefault(reqtype, RouteStats())
-                total += leaf_stats
-        stderr = values.get(key.replace(",", "_stderr,", 1)) if key is not None else None
-        return {
-            "score": float(values[key]) if key is not None else None,
-            "score_stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-            "metric": key,
-            "metrics": {k: float(v) for k, v in values.items() if "," in k and isinstance(v, (int, float))},
-            "n": sum(int(s.get("effective", 0)) for s in samples),
-            "n_total": sum(int(s.get("original", 0)) for s in samples),
-            "output_type": output_type,
-            "num_fewshot": results.get("n-shot", {}).get(leaves[0]),
-            "num_layers": lm.num_layers,
-            **stats.summary(),
-            "by_request_type": {t: s.summary() for t, s in by_type.items()},
-        }
-
-    out = {}
-    for name in tasks:
-        out[name] = entry(name)
-        if name in group_subtasks:
-            out[name]["subtasks"] = {leaf: entry(leaf) for leaf in _leaves(name, group_subtasks)}
-    return out
-
-
-__all__ = [
-    "DEFAULT_METRIC_BY_OUTPUT",
-    "FlexiDepthLM",
-    "LOCAL_GROUP",
-    "LOCAL_TASKS",
-    "PRIMARY_METRICS",
-    "REQUEST_TYPES",
-    "RouteStats",
-    "run_harness",
-    "write_local_tasks",
-]
+__all__ = ["FlexiDepthLM", "REQUEST_TYPES", "RouteStats"]

@@ -134,7 +134,7 @@ def evaluate_system(
         },
     }
     if harness_tasks:
-        from .harness import run_harness
+        from .harness_run import run_harness
 
         h = ev.get("harness") or {}
         log.info("%s: lm-eval tasks %s", label, list(harness_tasks))

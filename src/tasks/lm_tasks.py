@@ -1,7 +1,7 @@
 """Local lm-evaluation-harness tasks built from the project's own offline generators (no hub data).
 
 `write_local_tasks(folder)` writes two task configs and their JSONL data into `folder` and returns it; pass
-it as `include_path` to `lm_eval.tasks.TaskManager` (or `src.eval.harness.run_harness`):
+it as `include_path` to `lm_eval.tasks.TaskManager` (or `src.eval.harness_run.run_harness`):
 
 | task | output_type | docs | metric |
 |---|---|---|---|
