@@ -1,4 +1,4 @@
-"""Typed config schemas (src/schemas.py): unknown keys and wrong types are refused, naming the key, in every
+"""Typed config schemas (src/config/schemas.py): unknown keys and wrong types are refused, naming the key, in every
 entry point's config, before any model load; tau has one owner."""
 
 from pathlib import Path

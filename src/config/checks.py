@@ -42,7 +42,7 @@ TOP_KEYS = {
     "paths",
     "tags",
     "optimized_metric",  # objective returned to Hydra sweepers (default val/ppl)
-    "released_alpha",  # released_stage* experiments: src/released_recipe.py
+    "released_alpha",  # released_stage* experiments: src/config/released.py
     "skip_estimator",  # a model recipe's default skip.gate_mode / skip.train_decisions (conf/skip/flexidepth.yaml)
     "hydra",
 }
