@@ -30,8 +30,10 @@ with `per_set_speed=true` batch-1 decode is also timed on each held-out set's ow
 continuations are not the text the perplexity scores (a small model's greedy text repeats itself, and the
 router treats repeated tokens differently), so with `text_decode=true` (the default) each set's own text is
 also decoded teacher-forced, one token per step with the KV cache (`text_b1@<set>`): the same per-token work
-as generation, on exactly the tokens whose perplexity is reported; the comparison at equal speedup is given
-on both bases.
+as generation, on the set's own text (the last `new_tokens` of the first windows of `prompt_length` +
+`new_tokens` tokens of its documents; the perplexity scores `ppl_max_length`-token windows of the same
+documents, so the contexts, and with them the routes, differ: compare the layers skipped of both). The
+comparison at equal speedup is given on both bases.
 
 Writes <output_dir>/speed.json, speed.md and ppl_vs_speedup.png (one panel per held-out set).
 """
@@ -558,7 +560,7 @@ def speed_markdown(results: dict) -> str:
         f"{st['prefill_length']} tokens; {st['rounds']} interleaved rounds after {st['warmup']} warm-up, "
         "medians. Speedup = base seconds / system seconds (wall; CPU in brackets). `decode_b1@<set>`: greedy "
         "continuations of that set's prompts; `text_b1@<set>`: that set's own text decoded teacher-forced, one "
-        "token per step (the tokens its perplexity scores).",
+        "token per step (held-out text, not a model's own continuation).",
         "",
     ]
     head = ["system", "layers skipped / gen. token", "FLOP-ideal"]
@@ -586,7 +588,7 @@ def speed_markdown(results: dict) -> str:
         "",
         "FlexiDepth's ppl interpolated (log-linear) along its (measured speedup, ppl) curve at each baseline's "
         "measured speedup, by wall time and by CPU time; '-' = outside the speedups its taus reached. Basis "
-        "`set's text`: speed and ppl on the same tokens; `own prompts`: speed on greedy continuations.",
+        "`set's text`: speed on the set's own text; `own prompts`: speed on greedy continuations.",
         "",
         "| held-out set | checkpoint | baseline | basis | speedup | baseline ppl | FlexiDepth ppl | FlexiDepth better |",
         "|---|---|---|---|---|---|---|---|",
@@ -623,8 +625,8 @@ def ideal_markdown(results: dict) -> list[str]:
 
 
 def basis_cell(row: dict) -> str:
-    """`wall` / `cpu`, plus `, set's text` (teacher-forced decode of the set's text: the tokens the ppl
-    scores) or `, own prompts` (greedy continuations of the set's prompts) when timed per set."""
+    """`wall` / `cpu`, plus `, set's text` (teacher-forced decode of the set's own text) or `, own prompts`
+    (greedy continuations of the set's prompts) when timed per set."""
     mode = row.get("mode", "")
     own = ", set's text" if mode.startswith("text_b1@") else (", own prompts" if "@" in mode else "")
     return f"{row.get('basis', 'wall')}{own}"
