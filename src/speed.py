@@ -16,7 +16,8 @@ process CPU time (CPU time excludes what other processes on a shared machine too
   decode at batch 1 (each prompt alone) and at `batch` rows (prompts cycled): only the decode steps are
       timed (the prefill before them is not); tokens/s = rows * new_tokens / seconds;
   prefill at batch 1 over `prefill_length` tokens: tokens/s = prefill_length / seconds.
-Ratios are base seconds / system seconds from the same rounds. FLOP-ideal = base MACs / system MACs per
+Ratios are base seconds / system seconds from the same rounds; our loop itself is timed against HF
+`generate` on the base model (`loop_vs_hf`), so each ratio can also be read against HF's loop. FLOP-ideal = base MACs / system MACs per
 token (src/flexidepth/flops.py; a deleted layer costs 0, FlexiDepth counts K/V, router and adapter of a
 skipped layer) at the layers the system skipped on the timed generated tokens.
 
@@ -462,6 +463,52 @@ def measure_speed(
     return out
 
 
+def loop_vs_hf(
+    model, prompts: list[list[int]], new_tokens: int, rounds: int, warmup: int
+) -> dict[str, float]:
+    """Our generation loop (`flexidepth.generation.generate`, the loop every speedup above is measured in)
+    against HF `model.generate` on the same base model: greedy, batch 1, each prompt generating exactly
+    `new_tokens` tokens, prefill included in both; interleaved rounds, medians of wall seconds.
+
+    Returns {"ours_s", "hf_s", "hf_over_ours"} (hf_over_ours > 1: our loop is faster than HF's), so a
+    speedup over our base loop can be read against HF `generate` as speedup * hf_over_ours."""
+    from .flexidepth.generation import generate
+
+    device = next(model.parameters()).device
+    ids_list = [torch.tensor([p], device=device) for p in prompts]
+    pad = model.generation_config.pad_token_id
+    pad = 0 if pad is None else pad
+
+    def timed(call):
+        def fn():
+            c0, t0 = time.process_time(), time.perf_counter()
+            with torch.inference_mode():
+                for ids in ids_list:
+                    call(ids)
+            return time.perf_counter() - t0, time.process_time() - c0
+
+        return fn
+
+    fns = {
+        "ours": timed(
+            lambda ids: generate(model, None, ids, torch.ones_like(ids), max_new_tokens=new_tokens)
+        ),
+        "hf": timed(
+            lambda ids: model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        ),
+    }
+    res = interleaved(fns, rounds, warmup)
+    ours, hf = _median(res["ours"]["wall"]), _median(res["hf"]["wall"])
+    return {"ours_s": ours, "hf_s": hf, "hf_over_ours": hf / ours if ours > 0 else float("nan")}
+
+
 def flop_ideal(config, system: System, layers_skipped: float) -> float:
     """Base MACs / system MACs per token (lm_head included; flops.py)."""
     from .flexidepth.flops import layer_macs, model_macs_per_token
@@ -573,6 +620,14 @@ def speed_markdown(results: dict) -> str:
             r = s["speed"][mode]
             cells += [f"{r['tokens_per_s']:.1f}", f"{r['speedup_wall']:.3f} ({r['speedup_cpu']:.3f})"]
         lines.append("| " + " | ".join(cells) + " |")
+    ref = results.get("loop_vs_hf")
+    if ref:
+        lines += [
+            "",
+            f"Our loop against HF `generate` on the base model (batch 1, prefill included): {ref['ours_s']:.3f} s vs "
+            f"{ref['hf_s']:.3f} s, HF / ours = {ref['hf_over_ours']:.3f}; a speedup above times this is the "
+            "speedup over HF `generate`.",
+        ]
     lines += ["", *ideal_markdown(results)]
     sets = results["heldout"]
     if not sets:  # ppl_max_tokens=0: speed only
@@ -740,6 +795,8 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
         length = s.prompt_length + s.new_tokens
         texts = {n: heldout_prompts(tokenizer, [n], s.prompts, length) for n in s.heldout}
     speed = measure_speed(systems, prompts, prefill, s, per_set, texts)
+    log.info("speed: timing our loop against HF generate on the base model")
+    reference = loop_vs_hf(base, prompts, s.new_tokens, s.rounds, s.warmup)
 
     ppl: dict[str, dict] = {}
     if s.ppl_max_tokens != 0:
@@ -761,6 +818,7 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
         "settings": {**s.__dict__},
         "heldout": s.heldout if ppl else [],
         "modes": [m for m in speed[systems[0].label] if not m.startswith("layers_skipped")],
+        "loop_vs_hf": reference,
         "systems": {},
     }
     for sys_ in systems:

@@ -192,6 +192,9 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
         assert r["speedup"] == systems[r["baseline"]]["speed"][r["mode"]][f"speedup_{r['basis']}"]
         inside = min(curve) <= r["speedup"] <= max(curve)
         assert (r["flexidepth_ppl"] is not None) == inside
+    ref = res["loop_vs_hf"]  # our loop vs HF generate on the base model, both timed
+    assert ref["ours_s"] > 0 and ref["hf_s"] > 0
+    assert ref["hf_over_ours"] == pytest.approx(ref["hf_s"] / ref["ours_s"])
     saved = json.loads((out / "speed.json").read_text())
     assert saved["machine"]["threads"] == 1 and "cpu_flags" in saved["machine"]
     for label, s in systems.items():  # FLOP-ideal per batch-1 mode at that mode's layers skipped
@@ -202,6 +205,7 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
     md = (out / "speed.md").read_text()
     assert "| shortgpt_k2 |" in md and "At equal measured decode speedup" in md
     assert "set's text" in md and "own prompts" in md and "against its FLOP-ideal" in md
+    assert "HF / ours" in md
 
 
 @pytest.mark.parametrize(
