@@ -169,6 +169,13 @@ def test_fast_path_unpadded_prompt_without_mask_uses_sdpa_causal_flag(family):
         if value == 1.0:  # every layer, routed ones included, attended with the causal flag and no mask
             assert flags == [True] * model.config.num_hidden_layers, flags
         flags.clear()
+        with forced_gates(model, value) if value is not None else contextlib.nullcontext():
+            ours = generate(model, None, ids, None, max_new_tokens=N_NEW)
+            with torch.no_grad():
+                hf = model.generate(
+                    input_ids=ids, max_new_tokens=N_NEW, do_sample=False, pad_token_id=0, eos_token_id=None
+                )
+        assert torch.equal(hf, ours.sequences)  # and HF's own loop over the same fast path agrees
 
 
 def test_fast_path_eager_attention_and_sliding_window():
