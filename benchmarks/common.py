@@ -65,7 +65,8 @@ def _fmt(value) -> str:
 
 
 def random_llama(args):
-    """A random fp32 Llama of the benchmark's --hidden/--inter/--layers/--heads/--kv-heads/--vocab sizes."""
+    """A random Llama of the benchmark's --hidden/--inter/--layers/--heads/--kv-heads/--vocab sizes, in
+    --dtype (fp32 | bf16; fp32 when the script has no such option)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(
@@ -80,4 +81,6 @@ def random_llama(args):
     )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[getattr(args, "dtype", "fp32")]
+    with torch.device(getattr(args, "device", "cpu")):  # built where it runs (an 8B shape on a GPU)
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()

@@ -1,5 +1,6 @@
 """Fast inference path and cached generation: equivalence with the masked (training) path, every family."""
 
+import contextlib
 import copy
 
 import pytest
@@ -132,6 +133,49 @@ def test_fast_path_all_run_and_all_skip():
     for value in (1.0, 0.0):
         with forced_gates(model, value):
             _assert_same(_forward(model, ids, mask, True), _forward(model, ids, mask, False), mask.bool())
+
+
+def test_fast_path_unpadded_prompt_without_mask_uses_sdpa_causal_flag(family):
+    """A prompt with no padding and no attention mask (what HF passes the layers for SDPA): where every row
+    runs, the fast path attends with SDPA's is_causal flag instead of building a mask; same logits and routes
+    as the masked path, with all rows running, none, and mixed."""
+    model = _mixed_model(family)
+    ids = torch.randint(1, 1000, (1, 11), generator=torch.Generator().manual_seed(5))
+    flags = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        flags.append(bool(kwargs.get("is_causal", False)))
+        return real_sdpa(*args, **kwargs)
+
+    def run(fast):
+        set_fast_path(model, fast)
+        try:
+            with torch.no_grad():
+                return routed_forward(model, ids)
+        finally:
+            set_fast_path(model, None)
+
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    for value in (1.0, 0.0, None):
+        with forced_gates(model, value) if value is not None else contextlib.nullcontext():
+            ref = run(False)
+            torch.nn.functional.scaled_dot_product_attention = spy
+            try:
+                fast = run(True)
+            finally:
+                torch.nn.functional.scaled_dot_product_attention = real_sdpa
+        _assert_same(fast, ref, valid)
+        if value == 1.0:  # every layer, routed ones included, attended with the causal flag and no mask
+            assert flags == [True] * model.config.num_hidden_layers, flags
+        flags.clear()
+        with forced_gates(model, value) if value is not None else contextlib.nullcontext():
+            ours = generate(model, None, ids, None, max_new_tokens=N_NEW)
+            with torch.no_grad():
+                hf = model.generate(
+                    input_ids=ids, max_new_tokens=N_NEW, do_sample=False, pad_token_id=0, eos_token_id=None
+                )
+        assert torch.equal(hf, ours.sequences)  # and HF's own loop over the same fast path agrees
 
 
 def test_fast_path_eager_attention_and_sliding_window():

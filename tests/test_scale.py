@@ -238,6 +238,12 @@ def test_lightning_deepspeed_zero2_fit_on_gpu(tmp_path):
             "trainer=deepspeed_zero2",
             "trainer.devices=1",
             "trainer.precision=bf16-mixed",
+            # a GPU machine without the embedded model: the tokenizer carried by benchmarks/gpu_check.sh
+            *(
+                [f"model.tokenizer={os.environ['FLEXIDEPTH_GPU_TOKENIZER']}"]
+                if os.environ.get("FLEXIDEPTH_GPU_TOKENIZER")
+                else []
+            ),
         ],
         tmp_path,
     )

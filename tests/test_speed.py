@@ -151,7 +151,15 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
         "shortgpt_k1",
         "shortgpt_k2",
     ]
-    assert res["modes"] == ["decode_b1", "decode_b1@lee", "decode_b1@python_docs", "decode_b3", "prefill"]
+    assert res["modes"] == [
+        "decode_b1",
+        "decode_b1@lee",
+        "decode_b1@python_docs",
+        "text_b1@lee",
+        "text_b1@python_docs",
+        "decode_b3",
+        "prefill",
+    ]
     for label, s in systems.items():
         for mode in res["modes"]:
             r = s["speed"][mode]
@@ -170,9 +178,13 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
     # a higher threshold skips at least as many layers (same router, same text)
     sk = [systems[f"flexidepth@{t}"]["speed"]["layers_skipped_decode"] for t in ("0.2", "0.5", "0.8")]
     assert sk == sorted(sk) and sk[-1] > sk[0]
-    assert len(res["equal_speedup"]) == 2 * 2 * 2  # (wall, cpu) x 2 sets x 2 ShortGPT points
+    # (text, greedy) x (wall, cpu) x 2 sets x 2 ShortGPT points
+    assert len(res["equal_speedup"]) == 2 * 2 * 2 * 2
+    assert {r["mode"] for r in res["equal_speedup"]} == {
+        f"{m}@{n}" for m in ("text_b1", "decode_b1") for n in ("lee", "python_docs")
+    }
     for r in res["equal_speedup"]:
-        assert r["mode"] == f"decode_b1@{r['set']}"  # each set compared at the speed of its own prompts
+        assert r["mode"].endswith(f"@{r['set']}")  # each set compared at the speed measured on its own tokens
         curve = [
             systems[f"flexidepth@{t}"]["speed"][r["mode"]][f"speedup_{r['basis']}"]
             for t in ("0.2", "0.5", "0.8")
@@ -180,10 +192,20 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
         assert r["speedup"] == systems[r["baseline"]]["speed"][r["mode"]][f"speedup_{r['basis']}"]
         inside = min(curve) <= r["speedup"] <= max(curve)
         assert (r["flexidepth_ppl"] is not None) == inside
+    ref = res["loop_vs_hf"]  # our loop vs HF generate on the base model, both timed
+    assert ref["ours_s"] > 0 and ref["hf_s"] > 0
+    assert ref["hf_over_ours"] == pytest.approx(ref["hf_s"] / ref["ours_s"])
     saved = json.loads((out / "speed.json").read_text())
     assert saved["machine"]["threads"] == 1 and "cpu_flags" in saved["machine"]
+    for label, s in systems.items():  # FLOP-ideal per batch-1 mode at that mode's layers skipped
+        assert set(s["flop_ideal_by_mode"]) == {m for m in res["modes"] if "_b1" in m}
+        if s["kind"] == "flexidepth":
+            for mode, v in s["speed"]["layers_skipped"].items():
+                assert (s["flop_ideal_by_mode"][mode] > 1.0) == (v > 0)
     md = (out / "speed.md").read_text()
     assert "| shortgpt_k2 |" in md and "At equal measured decode speedup" in md
+    assert "set's text" in md and "own prompts" in md and "against its FLOP-ideal" in md
+    assert "HF / ours" in md
 
 
 @pytest.mark.parametrize(
@@ -195,6 +217,7 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
         ("heldout=[nope]", "heldout"),
         ("prompts=0", "prompts"),
         ("per_set_speed=1", "per_set_speed"),
+        ("text_decode=yes", "text_decode"),
         ("ckpt_path=/nonexistent/run", "ckpt_path"),
     ],
 )
@@ -213,7 +236,90 @@ def test_speed_only_without_perplexity(tmp_path, tiny_ckpt):
     res = run_speed(
         _speed_cfg(tmp_path, tiny_ckpt, ["ppl_max_tokens=0", "batch=0", "prefill_length=0", "shortgpt_k=[]"])
     )
-    assert res["modes"] == ["decode_b1"] and res["heldout"] == [] and res["equal_speedup"] == []
+    assert res["modes"] == ["decode_b1", "text_b1@lee", "text_b1@python_docs"]
+    assert res["heldout"] == [] and res["equal_speedup"] == []
     assert list(res["systems"]) == ["base", "flexidepth@0.2", "flexidepth@0.5", "flexidepth@0.8"]
     md = (tmp_path / "out" / "speed.md").read_text()
     assert "Held-out perplexity" not in md and not (tmp_path / "out" / "ppl_vs_speedup.png").exists()
+
+
+def test_text_decode_routes_equal_full_forward(tiny_ckpt):
+    """Teacher-forced decode (`decode_timed(forced=...)`) makes the same routing decisions, token for token,
+    as one full forward over the same text: its speed is measured on the tokens the perplexity scores."""
+    from omegaconf import OmegaConf
+
+    from src.flexidepth import load_flexidepth, set_tau
+    from src.models.loader import load_base_model
+    from src.speed import decode_timed
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model_cfg = OmegaConf.to_container(
+            compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
+        )
+    model = load_base_model(model_cfg).eval()
+    load_flexidepth(model, tiny_ckpt)
+    set_tau(model, 0.5)
+    torch.manual_seed(3)
+    text = torch.randint(0, model.config.vocab_size, (2, 14))
+    prompt, forced = text[:, :8], text[:, 8:]
+    routes: list[torch.Tensor] = []
+    wall, cpu = decode_timed(model, prompt, 6, routes, forced)
+    assert wall > 0 and cpu >= 0 and len(routes) == 6
+    stepwise = torch.stack(routes, dim=1)  # [B, 6, R]
+    with torch.inference_mode():
+        model.flexidepth.recorder.clear()
+        model(input_ids=text)
+        full = model.flexidepth.recorder.stacked()[1][:, 8:]  # the decisions for the forced tokens
+    assert stepwise.shape == full.shape
+    assert torch.equal(stepwise, full)
+    assert 0 < int((~full).sum()) < full.numel()  # the routers both run and skip here: a real comparison
+    with pytest.raises(ValueError, match="forced"):
+        decode_timed(model, prompt, 5, None, forced)
+
+
+def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
+    """more_ckpts: each checkpoint gets its own tau curve, equal-speed rows and label (its run folder);
+    base and ShortGPT are timed once. A repeated label or a missing folder is refused before any work."""
+    import shutil
+
+    from src.speed import preflight_speed, run_speed
+
+    other = tmp_path / "budget_run" / "flexidepth"
+    shutil.copytree(tiny_ckpt, other)
+    extra = [
+        f"more_ckpts=[{tmp_path / 'budget_run'}]",
+        "taus=[0.2,0.8]",
+        "shortgpt_k=[1]",
+        "batch=0",
+        "prefill_length=0",
+        "heldout=[lee]",
+        "rounds=1",
+        "warmup=0",
+    ]
+    cfg = _speed_cfg(tmp_path, tiny_ckpt, extra)
+    preflight_speed(cfg)
+    res = run_speed(cfg)
+    assert list(res["systems"]) == [
+        "base",
+        "flexidepth@0.2",
+        "flexidepth@0.8",
+        "budget_run@0.2",
+        "budget_run@0.8",
+        "shortgpt_k1",
+    ]
+    assert res["ckpts"] == {"flexidepth": str(tiny_ckpt), "budget_run": str(other)}
+    assert res["systems"]["budget_run@0.8"]["ckpt"] == "budget_run"
+    # same weights: same routes, so the same layers skipped on every batch-1 mode
+    a, b = res["systems"]["flexidepth@0.8"], res["systems"]["budget_run@0.8"]
+    assert a["speed"]["layers_skipped"] == b["speed"]["layers_skipped"]
+    assert a["ppl"]["lee"]["ppl"] == pytest.approx(b["ppl"]["lee"]["ppl"], rel=1e-6)
+    rows = res["equal_speedup"]
+    assert {r["checkpoint"] for r in rows} == {"flexidepth", "budget_run"}
+    assert len(rows) == 2 * 2 * 2  # checkpoints x (text, greedy) x (wall, cpu); 1 set, 1 baseline
+    assert "budget_run" in (tmp_path / "out" / "speed.md").read_text()
+    for bad, match in (
+        (f"more_ckpts=[{tmp_path / 'budget_run'},{other}]", "unique"),
+        ("more_ckpts=[/nonexistent/x]", "more_ckpts"),
+    ):
+        with pytest.raises(Exception, match=match):
+            preflight_speed(_speed_cfg(tmp_path, tiny_ckpt, [bad]))

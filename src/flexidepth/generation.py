@@ -41,6 +41,28 @@ def set_fast_path(model, enabled: bool | None) -> None:
         layer.fast_path = enabled
 
 
+def compile_branches(model, **compile_kwargs) -> int:
+    """torch.compile, in place, the branch functions of every decoder layer: the FFN (`mlp`) of each layer,
+    routed or not, and the adapter of each routed layer. These are the parts of a layer without
+    data-dependent control flow (the run/skip decision and the gathers stay eager). `nn.Module.compile`
+    keeps parameters and state_dict keys unchanged. Compile the base model you compare against the same
+    way, or a ratio measures the compiler, not the skipping.
+
+    compile_kwargs go to `torch.compile` (e.g. dynamic=True, mode="max-autotune-no-cudagraphs").
+    Returns the number of modules compiled. The first calls are slow (compilation); time after a warm-up.
+    """
+    from .inject import decoder_layers
+
+    n = 0
+    for layer in decoder_layers(model):
+        for name in ("mlp", "adapter"):
+            module = getattr(layer, name, None)
+            if module is not None:
+                module.compile(**compile_kwargs)
+                n += 1
+    return n
+
+
 @dataclass
 class GenerationOutput:
     sequences: torch.Tensor  # [B, P + n] prompt (as given, left padded) + new tokens

@@ -293,11 +293,20 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
             return False  # flash / flex kernels take other mask formats: use the masked path
         return attention_mask is None or isinstance(attention_mask, torch.Tensor)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
-        """q: [b, H, m, hd]; keys/values: [b, H_kv, S, hd] -> [b, m, H*hd]. GQA handled by SDPA."""
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, is_causal: bool = False
+    ) -> torch.Tensor:
+        """q: [b, H, m, hd]; keys/values: [b, H_kv, S, hd] -> [b, m, H*hd]. GQA handled by SDPA.
+        is_causal (mask None, m == S): SDPA's own causal masking, as the base model's attention does."""
         attn = self.self_attn
         o = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=attn.scaling,
+            enable_gqa=q.shape[1] != keys.shape[1],
         )
         return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
@@ -423,12 +432,15 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         bsz, seq, dim = x.shape
         q = project_q_rows(self.family, attn, z.reshape(bsz * seq, dim), _rows(cos, bsz), _rows(sin, bsz))
         q = q.view(bsz, seq, q.shape[1], q.shape[2]).transpose(1, 2)
+        causal = False
         if attention_mask is not None:  # the model's own mask, rows already in order
             mask = attention_mask[..., : keys.shape[-2]]
+        elif past == 0 and seq > 1:  # a prompt without padding: SDPA's causal flag, no mask tensor built
+            mask, causal = None, True
         else:
             t_pos = torch.arange(seq, device=x.device).expand(bsz, seq)
             mask = self._gather_mask(None, None, t_pos, past, keys.shape[-2], bsz, seq)
-        h = x + attn.o_proj(self._attend(q, keys, values, mask))
+        h = x + attn.o_proj(self._attend(q, keys, values, mask, is_causal=causal))
         return h + w_run * self.mlp(self.post_attention_layernorm(h))
 
     @staticmethod
