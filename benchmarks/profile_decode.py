@@ -17,8 +17,8 @@ import copy
 import common  # noqa: F401  (sys.path, offline env)
 import torch
 
+from src.eval.speed_timing import decode_timed
 from src.flexidepth import FlexiDepthConfig, inject, set_tau
-from src.speed import decode_timed
 
 
 def main(argv=None):
@@ -43,9 +43,9 @@ def main(argv=None):
     ).eval()
     flexi = copy.deepcopy(base)
     if args.ckpt:
-        from src.baselines import apply_method
+        from src.methods import build_method
 
-        apply_method(flexi, {"name": "flexidepth"}, ckpt=args.ckpt)
+        build_method({"name": "flexidepth"}).apply(flexi, ckpt=args.ckpt)
     else:
         torch.manual_seed(0)
         inject(flexi, FlexiDepthConfig(init="released"))

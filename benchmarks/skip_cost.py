@@ -23,9 +23,10 @@ import common  # noqa: F401  (sys.path, offline env)
 import torch
 
 import src.flexidepth.layer as layer_module
-from src.baselines.removal import prune_layers
+from src.eval.speed import shared_copy
+from src.eval.speed_timing import _median, decode_timed, interleaved
 from src.flexidepth import forced_gates, load_flexidepth
-from src.speed import _median, decode_timed, interleaved, shared_copy
+from src.methods.removal import prune_layers
 
 
 def main(argv=None):

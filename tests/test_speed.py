@@ -25,9 +25,9 @@ def test_pruned_model_equals_identity_removal_and_hf_generate(family):
     with a KV cache that holds only the kept layers; HF generate on the pruned model gives the same tokens."""
     from transformers import DynamicCache
 
+    from src.eval.speed import shared_copy
     from src.flexidepth.generation import generate
     from src.methods.removal import prune_layers, remove_layers
-    from src.speed import shared_copy
 
     base = tiny_model(family, layers=6)
     removed = [1, 4]
@@ -73,7 +73,7 @@ def test_prune_layers_refuses_bad_indices():
 
 
 def test_interleaved_rotates_and_medians():
-    from src.speed import _median, interleaved
+    from src.eval.speed_timing import _median, interleaved
 
     calls = []
     fns = {n: (lambda n=n: calls.append(n) or (1.0, 0.5)) for n in "abc"}
@@ -134,10 +134,11 @@ def tiny_ckpt(tmp_path):
 
 
 def test_speed_end_to_end(tmp_path, tiny_ckpt):
-    from src.speed import preflight_speed, run_speed
+    from src.config import preflight
+    from src.eval.speed import run_speed, speed_settings
 
     cfg = _speed_cfg(tmp_path, tiny_ckpt, ["per_set_speed=true"])
-    preflight_speed(cfg)
+    preflight(cfg, "speed", settings=speed_settings)
     res = run_speed(cfg)
     out = tmp_path / "out"
     for name in ("speed.json", "speed.md", "ppl_vs_speedup.png"):
@@ -222,16 +223,17 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
     ],
 )
 def test_speed_refuses_bad_settings(tmp_path, tiny_ckpt, override, match):
-    from src.speed import preflight_speed
+    from src.config import preflight
+    from src.eval.speed import speed_settings
 
     cfg = _speed_cfg(tmp_path, tiny_ckpt, [override])
     with pytest.raises(Exception, match=match):
-        preflight_speed(cfg)
+        preflight(cfg, "speed", settings=speed_settings)
 
 
 def test_speed_only_without_perplexity(tmp_path, tiny_ckpt):
     """ppl_max_tokens=0, batch=0, prefill_length=0: batch-1 decode only; no figure, no ppl sections."""
-    from src.speed import run_speed
+    from src.eval.speed import run_speed
 
     res = run_speed(
         _speed_cfg(tmp_path, tiny_ckpt, ["ppl_max_tokens=0", "batch=0", "prefill_length=0", "shortgpt_k=[]"])
@@ -248,9 +250,9 @@ def test_text_decode_routes_equal_full_forward(tiny_ckpt):
     as one full forward over the same text: its speed is measured on the tokens the perplexity scores."""
     from omegaconf import OmegaConf
 
+    from src.eval.speed_timing import decode_timed
     from src.flexidepth import load_flexidepth, set_tau
     from src.models.loader import load_base_model
-    from src.speed import decode_timed
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         model_cfg = OmegaConf.to_container(
@@ -282,7 +284,8 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
     base and ShortGPT are timed once. A repeated label or a missing folder is refused before any work."""
     import shutil
 
-    from src.speed import preflight_speed, run_speed
+    from src.config import preflight
+    from src.eval.speed import run_speed, speed_settings
 
     other = tmp_path / "budget_run" / "flexidepth"
     shutil.copytree(tiny_ckpt, other)
@@ -297,7 +300,7 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
         "warmup=0",
     ]
     cfg = _speed_cfg(tmp_path, tiny_ckpt, extra)
-    preflight_speed(cfg)
+    preflight(cfg, "speed", settings=speed_settings)
     res = run_speed(cfg)
     assert list(res["systems"]) == [
         "base",
@@ -322,4 +325,4 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
         ("more_ckpts=[/nonexistent/x]", "more_ckpts"),
     ):
         with pytest.raises(Exception, match=match):
-            preflight_speed(_speed_cfg(tmp_path, tiny_ckpt, [bad]))
+            preflight(_speed_cfg(tmp_path, tiny_ckpt, [bad]), "speed", settings=speed_settings)

@@ -259,6 +259,8 @@ def preflight(cfg: DictConfig, command: str, settings: Callable[[DictConfig], An
         problems += trained_checkpoint_problems(cfg, model_cfg, problems)
     elif command != "train":
         problems += ckpt_path_problems(cfg, model_cfg, problems, required=command in ("export", "speed"))
+    if command == "speed":
+        problems += more_ckpts_problems(cfg, model_cfg, problems)
     raise_if(problems, command)
     return result
 
@@ -293,6 +295,33 @@ def ckpt_path_problems(cfg: DictConfig, model_cfg: dict, problems: list[str], re
             raise
         return [str(err)]
     return [] if problems else flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
+
+
+def more_ckpts_problems(cfg: DictConfig, model_cfg: dict, problems: list[str]) -> list[str]:
+    """src.speed's `more_ckpts`: a list of checkpoint folders, each trained on this base model with finite
+    weights; with `ckpt_path`, every checkpoint gets its own label (src/eval/speed.py `checkpoint_labels`)."""
+    more = cfg.get("more_ckpts") or []
+    found: list[str] = []
+    if isinstance(more, str) or not all(isinstance(p, str) and p for p in more):
+        found.append(f"more_ckpts must be a list of checkpoint paths, got {more!r}")
+        more = []
+    folders = []
+    for i, path in enumerate(more):
+        try:
+            folder = resolve_flexidepth_folder(path, f"more_ckpts[{i}]")
+        except PreflightError as err:
+            found.append(str(err))
+        else:
+            folders.append(folder)
+            found += flexidepth_checkpoint_problems(folder, f"more_ckpts[{i}]", model_cfg)
+    if cfg.get("ckpt_path") not in (None, "", "null") and not (problems or found):
+        from ..eval.speed import checkpoint_labels
+
+        try:
+            checkpoint_labels([Path(str(cfg.ckpt_path)), *folders])
+        except ValueError as err:
+            found.append(str(err))
+    return found
 
 
 def trained_checkpoint_problems(cfg: DictConfig, model_cfg: dict, problems: list[str]) -> list[str]:

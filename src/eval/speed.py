@@ -1,0 +1,332 @@
+"""`python -m src.speed` measured (the command is src/speed.py; its module docstring says what is timed):
+the settings (`speed_settings`), the systems built from one base model (`build_systems`: the base, each
+checkpoint at every tau, ShortGPT with its layers deleted), the comparison at equal measured speedup
+(`equal_speedup`) and the whole run (`run_speed`: speed.json, speed.md, ppl_vs_speedup.png). Timing is
+speed_timing.py's, drawing src/render/speed.py's."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..flexidepth.files import atomic_write_text
+from ..render.speed import plot_speed, set_mode, speed_markdown
+from .speed_timing import flop_ideal, heldout_prompts, loop_vs_hf, machine_record, measure_speed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpeedSettings:
+    """The keys of conf/speed.yaml that shape the measurement (checked by `speed_settings`)."""
+
+    taus: list[float]
+    shortgpt_k: list[int]
+    prompts: int = 2
+    prompt_length: int = 32
+    new_tokens: int = 24
+    batch: int = 8
+    prefill_length: int = 256
+    rounds: int = 3
+    warmup: int = 1
+    threads: int = 1
+    heldout: list[str] = field(default_factory=lambda: ["lee"])
+    ppl_max_tokens: int | None = 2048
+    ppl_max_length: int = 256
+    ppl_batch_size: int = 8
+    calibration_texts: int = 32
+    per_set_speed: bool = False
+    text_decode: bool = True
+
+
+def speed_settings(cfg: DictConfig) -> SpeedSettings:
+    """conf/speed.yaml's measurement keys, checked; ValueError naming the key otherwise (before any model
+    work). taus: numbers in [0, 1]; shortgpt_k: whole numbers >= 1; counts >= 1 (batch, ppl_max_tokens:
+    0 / null switch that part off); heldout: known held-out set names."""
+    from ..data.mixture import check_heldout
+
+    def whole(key: str, low: int, allow_none: bool = False) -> int | None:
+        v = cfg.get(key)
+        if v is None and allow_none:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {v!r}")
+        return int(v)
+
+    taus = cfg.get("taus")
+    if taus is None or isinstance(taus, (str, int, float)) or len(taus) == 0:
+        raise ValueError(f"taus must be a non-empty list of thresholds in [0, 1], got {taus!r}")
+    for t in taus:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+            raise ValueError(f"taus: every threshold must be a number in [0, 1], got {t!r}")
+    ks = cfg.get("shortgpt_k") or []
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"shortgpt_k: every k must be an integer >= 1, got {k!r}")
+    heldout = check_heldout(list(cfg.get("heldout") or []), "heldout")
+    if not heldout:
+        raise ValueError("heldout must name at least one held-out set (prompts come from them)")
+    return SpeedSettings(
+        taus=sorted({float(t) for t in taus}),
+        shortgpt_k=sorted({int(k) for k in ks}),
+        prompts=whole("prompts", 1),
+        prompt_length=whole("prompt_length", 1),
+        new_tokens=whole("new_tokens", 1),
+        batch=whole("batch", 0),
+        prefill_length=whole("prefill_length", 0),
+        rounds=whole("rounds", 1),
+        warmup=whole("warmup", 0),
+        threads=whole("threads", 1),
+        heldout=heldout,
+        ppl_max_tokens=whole("ppl_max_tokens", 0, allow_none=True),
+        ppl_max_length=whole("ppl_max_length", 2),
+        ppl_batch_size=whole("ppl_batch_size", 1),
+        calibration_texts=whole("calibration_texts", 1),
+        per_set_speed=_flag(cfg, "per_set_speed"),
+        text_decode=_flag(cfg, "text_decode"),
+    )
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    v = cfg.get(key, False)
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} must be true or false, got {v!r}")
+    return v
+
+
+@dataclass
+class System:
+    """One timed system: `model` (shared by the FlexiDepth taus), its threshold (None: not routed), the
+    layers it deletes (static baselines)."""
+
+    label: str
+    kind: str  # base | flexidepth | shortgpt
+    model: Any
+    tau: float | None = None
+    k: int | None = None
+    removed: list[int] = field(default_factory=list)
+    ckpt: str | None = None  # FlexiDepth systems: the label of their checkpoint (one curve per checkpoint)
+
+    def prepare(self) -> None:
+        if self.tau is not None:
+            from ..flexidepth import set_tau
+
+            set_tau(self.model, self.tau)
+
+
+def shared_copy(model):
+    """A deep copy of `model` whose parameters and buffers are the original's tensors (no memory copied):
+    module structure and config are new, so layers can be deleted or wrapped without touching `model`."""
+    memo = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def checkpoint_labels(paths: list[Path]) -> list[str]:
+    """Labels of the timed checkpoints: `flexidepth` for the first (ckpt_path), the run folder's name for
+    the others (more_ckpts; `<run>/flexidepth` -> `<run>`). ValueError naming more_ckpts on a repeat."""
+    labels = ["flexidepth"]
+    for path in paths[1:]:
+        path = Path(path)
+        labels.append(path.parent.name if path.name == "flexidepth" else path.name)
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"more_ckpts: checkpoint labels must be unique (run folder names), repeated: {dup}")
+    return labels
+
+
+def build_systems(base, ckpts, taus, shortgpt_k, tokenizer, calibration_texts: int) -> list[System]:
+    """base, <label>@tau for each (label, checkpoint folder) of `ckpts` and each tau (one injected copy per
+    checkpoint), shortgpt_k<k> (pruned copies; Block Influence measured once on the base model's
+    training-side calibration text)."""
+    from ..methods import build_method, checkpoint_method
+    from ..methods.base import calibration_batches
+    from ..methods.removal import prune_layers
+    from ..methods.shortgpt import block_influence, shortgpt_layers
+
+    systems = [System("base", "base", base)]
+    for name, ckpt in ckpts:
+        method = checkpoint_method(ckpt)
+        if method != "flexidepth":
+            raise ValueError(
+                f"ckpt_path: {ckpt} holds a {method!r} checkpoint; src.speed times FlexiDepth ones"
+            )
+        flexi = shared_copy(base)
+        build_method({"name": "flexidepth"}).apply(flexi, ckpt=ckpt)
+        flexi.eval()
+        systems += [System(f"{name}@{t:g}", "flexidepth", flexi, tau=float(t), ckpt=name) for t in taus]
+    if shortgpt_k:
+        bi = block_influence(base, calibration_batches(tokenizer, {"texts": calibration_texts}))
+        for k in shortgpt_k:
+            removed = shortgpt_layers(bi, k)
+            systems.append(
+                System(
+                    f"shortgpt_k{k}",
+                    "shortgpt",
+                    prune_layers(shared_copy(base), removed),
+                    k=k,
+                    removed=removed,
+                )
+            )
+    return systems
+
+
+def equal_speedup(results: dict, mode: str = "decode_b1", basis: str = "wall") -> list[dict]:
+    """Per held-out set and ShortGPT point: its ppl and FlexiDepth's ppl interpolated (log-linear) along the
+    curve of (measured `mode` speedup by `basis` wall | cpu time, ppl) at the same speedup; None outside the
+    curve's measured range. The curve's points are taken in speedup order (`curves.interpolate`), so on a
+    noisy machine neighbouring taus may swap: read it with the speed table."""
+    from .curves import interpolate
+
+    if basis not in ("wall", "cpu"):
+        raise ValueError(f"basis must be 'wall' or 'cpu', got {basis!r}")
+    key = f"speedup_{basis}"
+    rows = []
+    systems = results["systems"]
+    for ckpt in results.get("ckpts", {"flexidepth": None}):
+        flexi = [
+            s for s in systems.values() if s["kind"] == "flexidepth" and s.get("ckpt", "flexidepth") == ckpt
+        ]
+        rows += _equal_rows(results, flexi, ckpt, mode, basis, key, interpolate)
+    return rows
+
+
+def _equal_rows(results, flexi, ckpt, mode, basis, key, interpolate) -> list[dict]:
+    """`equal_speedup`'s rows for one checkpoint's curve (`flexi`: its systems in tau order)."""
+    rows = []
+    systems = results["systems"]
+    for name in results["heldout"]:
+        m = set_mode(results, mode, name)
+        if m not in results["modes"]:
+            continue
+        curve = [(s["speed"][m][key], s["ppl"][name]["ppl"]) for s in flexi]
+        for label, s in systems.items():
+            if s["kind"] != "shortgpt":
+                continue
+            x = s["speed"][m][key]
+            f = interpolate(curve, x)
+            rows.append(
+                {
+                    "set": name,
+                    "checkpoint": ckpt,
+                    "baseline": label,
+                    "basis": basis,
+                    "mode": m,
+                    "speedup": x,
+                    "baseline_ppl": s["ppl"][name]["ppl"],
+                    "flexidepth_ppl": f,
+                    "flexidepth_wins": None if f is None else f < s["ppl"][name]["ppl"],
+                }
+            )
+    return rows
+
+
+def run_speed(cfg: DictConfig) -> dict[str, Any]:
+    """The whole measurement (module docstring); returns the results written to speed.json."""
+    from ..flexidepth.checkpoint import resolve_checkpoint
+    from ..models.loader import load_base_model
+    from ..models.tokenizer import load_tokenizer, pad_token_id
+    from ..utils.hardware import resolve_device
+    from . import curves as C
+
+    s = speed_settings(cfg)
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
+    if ckpt is None:
+        raise ValueError("ckpt_path is required: a FlexiDepth folder or a run folder holding flexidepth/")
+    paths = [ckpt] + [resolve_checkpoint(p) for p in (cfg.get("more_ckpts") or [])]
+    ckpts = list(zip(checkpoint_labels(paths), paths, strict=True))
+    torch.set_num_threads(s.threads)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    device = resolve_device(str(cfg.get("device", "cpu")))
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model_cfg)
+    prompts = heldout_prompts(tokenizer, s.heldout, s.prompts, s.prompt_length)
+    prefill = heldout_prompts(tokenizer, s.heldout, 1, s.prefill_length)[0] if s.prefill_length else None
+    torch.manual_seed(0)
+    base = load_base_model(model_cfg).eval().to(device)
+    base_config = copy.deepcopy(base.config)
+    num_layers = base_config.num_hidden_layers
+    bad = [k for k in s.shortgpt_k if k >= num_layers]
+    if bad:
+        raise ValueError(f"shortgpt_k {bad}: a {num_layers}-layer model keeps at least one layer")
+    systems = build_systems(base, ckpts, s.taus, s.shortgpt_k, tokenizer, s.calibration_texts)
+    for sys_ in systems:
+        sys_.model.to(device)
+    per_set = None
+    if s.per_set_speed:
+        per_set = {n: heldout_prompts(tokenizer, [n], s.prompts, s.prompt_length) for n in s.heldout}
+    texts = None
+    if s.text_decode:
+        length = s.prompt_length + s.new_tokens
+        texts = {n: heldout_prompts(tokenizer, [n], s.prompts, length) for n in s.heldout}
+    speed = measure_speed(systems, prompts, prefill, s, per_set, texts)
+    log.info("speed: timing our loop against HF generate on the base model")
+    reference = loop_vs_hf(base, prompts, s.new_tokens, s.rounds, s.warmup)
+
+    ppl: dict[str, dict] = {}
+    if s.ppl_max_tokens != 0:
+        sets = C.heldout_sets(tokenizer, s.heldout, s.ppl_max_length, s.ppl_max_tokens)
+        pad = pad_token_id(tokenizer)
+        for sys_ in systems:
+            sys_.prepare()
+            ppl[sys_.label] = C.measure(sys_.model, sets, s.ppl_batch_size, pad, num_layers=num_layers)
+            log.info(
+                "speed: %s ppl %s", sys_.label, {n: round(v["ppl"], 2) for n, v in ppl[sys_.label].items()}
+            )
+
+    results: dict[str, Any] = {
+        "model": str(model_cfg.get("name_or_path")),
+        "ckpt": str(ckpt),
+        "ckpts": {name: str(path) for name, path in ckpts},
+        "num_layers": num_layers,
+        "machine": machine_record(next(base.parameters()).dtype),
+        "settings": {**s.__dict__},
+        "heldout": s.heldout if ppl else [],
+        "modes": [m for m in speed[systems[0].label] if not m.startswith("layers_skipped")],
+        "loop_vs_hf": reference,
+        "systems": {},
+    }
+    for sys_ in systems:
+        sk = speed[sys_.label]["layers_skipped"]
+        ideal = {mode: flop_ideal(base_config, sys_, v) for mode, v in sk.items()}
+        results["systems"][sys_.label] = {
+            "kind": sys_.kind,
+            "ckpt": sys_.ckpt,
+            "tau": sys_.tau,
+            "k": sys_.k,
+            "removed": sys_.removed,
+            "flop_ideal": ideal["decode_b1"],
+            "flop_ideal_by_mode": ideal,
+            "speed": speed[sys_.label],
+            "ppl": ppl.get(sys_.label, {}),
+        }
+    results["equal_speedup"] = []
+    if ppl:
+        for mode in ("text_b1", "decode_b1") if texts else ("decode_b1",):
+            for basis in ("wall", "cpu"):
+                results["equal_speedup"] += equal_speedup(results, mode, basis)
+    atomic_write_text(output_dir / "speed.json", json.dumps(_finite(results), indent=2, sort_keys=True))
+    atomic_write_text(output_dir / "speed.md", speed_markdown(results))
+    if ppl:
+        plot_speed(results, output_dir / "ppl_vs_speedup.png")
+    return results
+
+
+def _finite(obj):
+    """JSON-safe copy: non-finite floats become None (json.dumps would write NaN / Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,190 @@
+"""`python -m src.speed`'s results drawn: speed.md (`speed_markdown`, `ideal_markdown`) and
+ppl_vs_speedup.png (`plot_speed`: held-out perplexity against measured speedup, a panel per held-out set and
+speed basis), from the dict src/eval/speed.py measures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def set_mode(results: dict, mode: str, name: str) -> str:
+    """`<mode>@<name>` when the run timed held-out set `name` in that mode (decode_b1: per_set_speed, its own
+    prompts; text_b1: text_decode, its own text), else `mode`."""
+    return f"{mode}@{name}" if f"{mode}@{name}" in results.get("modes", []) else mode
+
+
+def speed_markdown(results: dict) -> str:
+    """speed.md: the machine, the speed table (per system: layers skipped on generated tokens, tokens/s
+    and speedups per mode, FLOP-ideal), held-out ppl per set and the comparison at equal measured speedup."""
+    m = results["machine"]
+    st = results["settings"]
+    modes = results["modes"]
+    flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "none of the listed"
+    lines = [
+        f"# Measured speed of `{results['ckpt']}` on `{results['model']}` ({results['num_layers']} layers)",
+        "",
+        *(
+            [
+                "Checkpoints (one tau curve each): "
+                + "; ".join(f"`{n}` = `{p}`" for n, p in results["ckpts"].items())
+                + ".",
+                "",
+            ]
+            if len(results.get("ckpts", {})) > 1
+            else []
+        ),
+        f"Machine: {m['cpu_model']} ({m['logical_cpus']} logical CPUs; flags: {flags}); {m['threads']} "
+        f"thread(s), {m['dtype']}, torch {m['torch']}, transformers {m['transformers']}; 1-min load "
+        f"{m['load_avg_1min']}. Ratios are only comparable on like hardware; on a shared machine compare the "
+        "CPU-time ratios too.",
+        "",
+        f"{st['prompts']} held-out prompts of {st['prompt_length']} tokens, {st['new_tokens']} new tokens "
+        f"(greedy; decode steps timed, not the prefill), batch {st['batch']}, prefill of "
+        f"{st['prefill_length']} tokens; {st['rounds']} interleaved rounds after {st['warmup']} warm-up, "
+        "medians. Speedup = base seconds / system seconds (wall; CPU in brackets). `decode_b1@<set>`: greedy "
+        "continuations of that set's prompts; `text_b1@<set>`: that set's own text decoded teacher-forced, one "
+        "token per step (held-out text, not a model's own continuation).",
+        "",
+    ]
+    head = ["system", "layers skipped / gen. token", "FLOP-ideal"]
+    for mode in modes:
+        head += [f"{mode} tok/s", f"{mode} speedup"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, s in results["systems"].items():
+        cells = [label, f"{s['speed']['layers_skipped_decode']:.2f}", f"{s['flop_ideal']:.3f}"]
+        for mode in modes:
+            r = s["speed"][mode]
+            cells += [f"{r['tokens_per_s']:.1f}", f"{r['speedup_wall']:.3f} ({r['speedup_cpu']:.3f})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    ref = results.get("loop_vs_hf")
+    if ref:
+        lines += [
+            "",
+            f"Our loop against HF `generate` on the base model (batch 1, prefill included): {ref['ours_s']:.3f} s vs "
+            f"{ref['hf_s']:.3f} s, HF / ours = {ref['hf_over_ours']:.3f}; a speedup above times this is the "
+            "speedup over HF `generate`.",
+        ]
+    lines += ["", *ideal_markdown(results)]
+    sets = results["heldout"]
+    if not sets:  # ppl_max_tokens=0: speed only
+        return "\n".join(lines) + "\n"
+    lines += ["", "## Held-out perplexity (layers skipped on the set / ppl)", ""]
+    lines += ["| system | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
+    for label, s in results["systems"].items():
+        cells = [f"{s['ppl'][n]['layers_skipped']:.2f} / {s['ppl'][n]['ppl']:.2f}" for n in sets]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## At equal measured decode speedup (batch 1)",
+        "",
+        "FlexiDepth's ppl interpolated (log-linear) along its (measured speedup, ppl) curve at each baseline's "
+        "measured speedup, by wall time and by CPU time; '-' = outside the speedups its taus reached. Basis "
+        "`set's text`: speed on the set's own text; `own prompts`: speed on greedy continuations.",
+        "",
+        "| held-out set | checkpoint | baseline | basis | speedup | baseline ppl | FlexiDepth ppl | FlexiDepth better |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["equal_speedup"]:
+        f = "-" if r["flexidepth_ppl"] is None else f"{r['flexidepth_ppl']:.2f}"
+        win = "-" if r["flexidepth_wins"] is None else ("yes" if r["flexidepth_wins"] else "no")
+        lines.append(
+            f"| {r['set']} | {r.get('checkpoint', 'flexidepth')} | {r['baseline']} | {basis_cell(r)} | {r['speedup']:.3f} | "
+            f"{r['baseline_ppl']:.2f} | {f} | {win} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def ideal_markdown(results: dict) -> list[str]:
+    """Per system and batch-1 mode: routed layers skipped per decoded token, FLOP-ideal speedup at that
+    depth, measured speedup (wall) and measured / ideal (issue 23's T1 reads this table)."""
+    modes = [m for m in results["modes"] if m.startswith(("decode_b1", "text_b1"))]
+    lines = [
+        "## Batch-1 speedup against its FLOP-ideal (layers skipped per decoded token: measured / ideal)",
+        "",
+        "| system | " + " | ".join(modes) + " |",
+        "|" + "---|" * (len(modes) + 1),
+    ]
+    for label, s in results["systems"].items():
+        cells = []
+        for mode in modes:
+            sk = s["speed"].get("layers_skipped", {}).get(mode, s["speed"]["layers_skipped_decode"])
+            ideal = s.get("flop_ideal_by_mode", {}).get(mode, s["flop_ideal"])
+            got = s["speed"][mode]["speedup_wall"]
+            cells.append(f"{sk:.2f}: {got:.3f} / {ideal:.3f} = {got / ideal:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def basis_cell(row: dict) -> str:
+    """`wall` / `cpu`, plus `, set's text` (teacher-forced decode of the set's own text) or `, own prompts`
+    (greedy continuations of the set's prompts) when timed per set."""
+    mode = row.get("mode", "")
+    own = ", set's text" if mode.startswith("text_b1@") else (", own prompts" if "@" in mode else "")
+    return f"{row.get('basis', 'wall')}{own}"
+
+
+def plot_speed(results: dict, path: str | Path) -> Path:
+    """Held-out ppl vs measured batch-1 decode speedup, one panel per set: FlexiDepth's tau curve (line, in
+    tau order), the base at 1.0 and the static baselines as points. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = results["heldout"]
+    systems = results["systems"]
+    bases = [
+        b for b in ("text_b1", "decode_b1") if any(set_mode(results, b, n) in results["modes"] for n in names)
+    ]
+    titles = {"text_b1": "speed on the set's text (teacher-forced)", "decode_b1": "speed on greedy decoding"}
+    fig, axes = plt.subplots(
+        len(bases), len(names), figsize=(4.2 * len(names), 3.6 * len(bases)), squeeze=False
+    )
+    for row, basis in enumerate(bases):
+        for ax, name in zip(axes[row], names, strict=True):
+            m = set_mode(results, basis, name)
+            if m not in results["modes"]:
+                ax.set_visible(False)
+                continue
+            _panel(ax, systems, m, name, f"{name}: {titles[basis]}")
+        axes[row][0].set_ylabel("held-out perplexity")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    from ..flexidepth.files import atomic_save_figure
+
+    try:
+        return atomic_save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def _panel(ax, systems: dict, m: str, name: str, title: str) -> None:
+    """One panel of `plot_speed`: ppl on set `name` against the speedup measured in mode `m`."""
+    ckpts = list(
+        dict.fromkeys(s.get("ckpt") or "flexidepth" for s in systems.values() if s["kind"] == "flexidepth")
+    )
+    for ckpt in ckpts:
+        flexi = [
+            s
+            for s in systems.values()
+            if s["kind"] == "flexidepth" and (s.get("ckpt") or "flexidepth") == ckpt
+        ]
+        xs = [s["speed"][m]["speedup_wall"] for s in flexi]
+        ys = [s["ppl"][name]["ppl"] for s in flexi]
+        label = "FlexiDepth (tau curve)" if len(ckpts) == 1 else f"{ckpt} (tau curve)"
+        ax.plot(xs, ys, "-o", ms=3, label=label)
+        for s, x, y in zip(flexi, xs, ys, strict=True):
+            ax.annotate(f"{s['tau']:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    for kind, marker in (("base", "*"), ("shortgpt", "s")):
+        pts = [
+            (s["speed"][m]["speedup_wall"], s["ppl"][name]["ppl"])
+            for s in systems.values()
+            if s["kind"] == kind
+        ]
+        if pts:
+            label = kind if kind == "base" else "ShortGPT (pruned)"
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=40, label=label, zorder=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("measured decode speedup vs base (batch 1)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
