@@ -307,7 +307,10 @@ def test_the_import_scans_catch_what_they_forbid(tmp_path):
         "src/generate.py:1: imports src.train",
     ]
     assert import_cycles(root) == [["src.eval.run", "src.utils.loggers"]]
-    assert upward_imports(root) == ["src.flexidepth.core -> src.utils.loggers", "src.utils.loggers -> src.eval.run"]
+    assert upward_imports(root) == [
+        "src.flexidepth.core -> src.utils.loggers",
+        "src.utils.loggers -> src.eval.run",
+    ]
     assert imports_outside("flexidepth", root) == ["src.flexidepth.core -> src.utils.loggers"]
     assert layer_of("src.eval.__main__", root) == ENTRY_LAYER and layer_of("src.compare", root) == ENTRY_LAYER
 

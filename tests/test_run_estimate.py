@@ -39,7 +39,9 @@ def test_estimate_skips_warmup_and_times_the_next_steps(monkeypatch):
     assert cb.estimate == {"seconds_per_step": 5.0, "steps_left": 297, "seconds_left": 1485.0}
     line = out.getvalue()
     assert line.count("\n") == 1 and "5.00 s per optimizer step (steps 2-3" in line
-    assert "~24 min 45 s for the 297 steps left" in line and "float32 on cpu" in line and "native bf16" in line
+    assert (
+        "~24 min 45 s for the 297 steps left" in line and "float32 on cpu" in line and "native bf16" in line
+    )
 
 
 def test_resumed_run_and_no_step_limit(monkeypatch):
