@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 
-import common  # noqa: F401  (sys.path, offline env)
+import common  # sys.path, offline env; med()
 import torch
 
 import src.flexidepth.layer as layer_module
 from src.eval.speed import shared_copy
-from src.eval.speed_timing import _median, decode_timed, interleaved
+from src.eval.speed_timing import decode_timed, interleaved
 from src.flexidepth import forced_gates, load_flexidepth
 from src.methods.removal import prune_layers
 
@@ -79,7 +79,7 @@ def main(argv=None):
         "all_skip_no_kv": variant(flexi, 0.0, no_kv=True),
     }
     res = interleaved(fns, args.rounds, 1)
-    ms = {k: _median(v["cpu"]) / args.new * 1000 for k, v in res.items()}
+    ms = {k: common.med(v["cpu"]) / args.new * 1000 for k, v in res.items()}
     n = len(routed)
     full = (ms["base"] - ms["pruned_routed"]) / n
     skip = (ms["all_skip"] - ms["pruned_routed"]) / n

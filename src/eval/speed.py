@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..flexidepth.files import atomic_write_text
 from ..render.speed import plot_speed, set_mode, speed_markdown
+from .curves import interpolate
 from .speed_timing import flop_ideal, heldout_prompts, loop_vs_hf, machine_record, measure_speed
 
 log = logging.getLogger(__name__)
@@ -184,22 +185,18 @@ def equal_speedup(results: dict, mode: str = "decode_b1", basis: str = "wall") -
     curve of (measured `mode` speedup by `basis` wall | cpu time, ppl) at the same speedup; None outside the
     curve's measured range. The curve's points are taken in speedup order (`curves.interpolate`), so on a
     noisy machine neighbouring taus may swap: read it with the speed table."""
-    from .curves import interpolate
-
     if basis not in ("wall", "cpu"):
         raise ValueError(f"basis must be 'wall' or 'cpu', got {basis!r}")
     key = f"speedup_{basis}"
     rows = []
     systems = results["systems"]
-    for ckpt in results.get("ckpts", {"flexidepth": None}):
-        flexi = [
-            s for s in systems.values() if s["kind"] == "flexidepth" and s.get("ckpt", "flexidepth") == ckpt
-        ]
-        rows += _equal_rows(results, flexi, ckpt, mode, basis, key, interpolate)
+    for ckpt in results["ckpts"]:
+        flexi = [s for s in systems.values() if s["kind"] == "flexidepth" and s["ckpt"] == ckpt]
+        rows += _equal_rows(results, flexi, ckpt, mode, basis, key)
     return rows
 
 
-def _equal_rows(results, flexi, ckpt, mode, basis, key, interpolate) -> list[dict]:
+def _equal_rows(results, flexi, ckpt, mode, basis, key) -> list[dict]:
     """`equal_speedup`'s rows for one checkpoint's curve (`flexi`: its systems in tau order)."""
     rows = []
     systems = results["systems"]
@@ -304,8 +301,7 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
             "tau": sys_.tau,
             "k": sys_.k,
             "removed": sys_.removed,
-            "flop_ideal": ideal["decode_b1"],
-            "flop_ideal_by_mode": ideal,
+            "flop_ideal": ideal,
             "speed": speed[sys_.label],
             "ppl": ppl.get(sys_.label, {}),
         }

@@ -176,7 +176,7 @@ def measure_speed(
     (texts: windows of prompt_length + new_tokens tokens of that set, the last new_tokens decoded
     teacher-forced), decode_b<batch> (batch > 1), prefill (prefill_length > 0), each holding the wall/CPU
     seconds per round, their medians and tokens/s; plus per system `layers_skipped` {batch-1 mode: routed
-    layers skipped per decoded token} and layers_skipped_decode (= layers_skipped["decode_b1"])."""
+    layers skipped per decoded token}."""
     device = next(systems[0].model.parameters()).device
     one = [torch.tensor([p], device=device) for p in prompts]
     modes: dict[str, tuple[int, Any]] = {}  # mode -> (tokens per call, fn(system))
@@ -235,7 +235,7 @@ def measure_speed(
                 skipped[mode] = float((~run).sum(-1).float().mean())
             else:
                 skipped[mode] = float(sys_.k or 0)
-        out[sys_.label] = {"layers_skipped": skipped, "layers_skipped_decode": skipped["decode_b1"]}
+        out[sys_.label] = {"layers_skipped": skipped}
     for mode, (tokens, fn) in modes.items():
         fns = {sys_.label: (lambda sys_=sys_: fn(sys_)) for sys_ in systems}
         log.info("speed: timing %s (%d systems x %d rounds)", mode, len(fns), s.rounds)

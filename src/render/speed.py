@@ -30,7 +30,7 @@ def speed_markdown(results: dict) -> str:
                 + ".",
                 "",
             ]
-            if len(results.get("ckpts", {})) > 1
+            if len(results["ckpts"]) > 1
             else []
         ),
         f"Machine: {m['cpu_model']} ({m['logical_cpus']} logical CPUs; flags: {flags}); {m['threads']} "
@@ -51,7 +51,11 @@ def speed_markdown(results: dict) -> str:
         head += [f"{mode} tok/s", f"{mode} speedup"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, s in results["systems"].items():
-        cells = [label, f"{s['speed']['layers_skipped_decode']:.2f}", f"{s['flop_ideal']:.3f}"]
+        cells = [
+            label,
+            f"{s['speed']['layers_skipped']['decode_b1']:.2f}",
+            f"{s['flop_ideal']['decode_b1']:.3f}",
+        ]
         for mode in modes:
             r = s["speed"][mode]
             cells += [f"{r['tokens_per_s']:.1f}", f"{r['speedup_wall']:.3f} ({r['speedup_cpu']:.3f})"]
@@ -107,8 +111,7 @@ def ideal_markdown(results: dict) -> list[str]:
     for label, s in results["systems"].items():
         cells = []
         for mode in modes:
-            sk = s["speed"].get("layers_skipped", {}).get(mode, s["speed"]["layers_skipped_decode"])
-            ideal = s.get("flop_ideal_by_mode", {}).get(mode, s["flop_ideal"])
+            sk, ideal = s["speed"]["layers_skipped"][mode], s["flop_ideal"][mode]
             got = s["speed"][mode]["speedup_wall"]
             cells.append(f"{sk:.2f}: {got:.3f} / {ideal:.3f} = {got / ideal:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -160,15 +163,9 @@ def plot_speed(results: dict, path: str | Path) -> Path:
 
 def _panel(ax, systems: dict, m: str, name: str, title: str) -> None:
     """One panel of `plot_speed`: ppl on set `name` against the speedup measured in mode `m`."""
-    ckpts = list(
-        dict.fromkeys(s.get("ckpt") or "flexidepth" for s in systems.values() if s["kind"] == "flexidepth")
-    )
+    ckpts = list(dict.fromkeys(s["ckpt"] for s in systems.values() if s["kind"] == "flexidepth"))
     for ckpt in ckpts:
-        flexi = [
-            s
-            for s in systems.values()
-            if s["kind"] == "flexidepth" and (s.get("ckpt") or "flexidepth") == ckpt
-        ]
+        flexi = [s for s in systems.values() if s["kind"] == "flexidepth" and s["ckpt"] == ckpt]
         xs = [s["speed"][m]["speedup_wall"] for s in flexi]
         ys = [s["ppl"][name]["ppl"] for s in flexi]
         label = "FlexiDepth (tau curve)" if len(ckpts) == 1 else f"{ckpt} (tau curve)"
