@@ -194,6 +194,7 @@ def routing_block(model, base_name: str | None = None) -> dict[str, Any]:
         "adapter_width": fc.adapter_width(mc.intermediate_size) if fc.adapter == "swiglu" else 0,
         "param_dtype": fc.param_dtype,
         "kv_for_skipped": True,
+        "always_skip": [int(i) for i in fc.always_skip],
     }
 
 

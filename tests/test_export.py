@@ -631,6 +631,7 @@ def test_lm_eval_hf_model_on_the_export_scores_like_the_flexidepth_wrapper(tmp_p
         {"router": "linear", "adapter": "none", "gate_mode": "ste"},
         {"param_dtype": "bfloat16", "router_bias": False, "gate_mode": "difference", "layers": [1, 3]},
         {"adapter_rank": 12, "tau": 0.45},
+        {"always_skip": [3], "gate_mode": "difference"},
     ],
 )
 def test_router_adapter_variants_round_trip(skip, tmp_path):
@@ -664,6 +665,9 @@ def test_router_adapter_variants_round_trip(skip, tmp_path):
     assert torch.equal(loaded.flexidepth_routes.run[real], tf.routes.run[real])
     assert 0.0 < tf.routes.run[real].float().mean() < 1.0
     torch.testing.assert_close(got[real], tf.logits.float()[real], atol=1e-4, rtol=1e-4)
+    if skip.get("always_skip"):  # the always-skipped layer (the last routed one here) never runs
+        assert loaded.config.flexidepth["always_skip"] == skip["always_skip"]
+        assert not loaded.flexidepth_routes.run[..., -1].any()
 
 
 def test_model_card_reads_the_run_history_without_hydra_folder(tmp_path):

@@ -28,11 +28,13 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def _mixed_model(family, seed=0, layers=4, attn="sdpa", routed="last_half", gate_mode="released"):
+def _mixed_model(
+    family, seed=0, layers=4, attn="sdpa", routed="last_half", gate_mode="released", always_skip=()
+):
     """Injected tiny model whose routers give a mix of run and skip (random heads, no bias)."""
     model = inject(
         tiny_model(family, seed=seed, layers=layers, attn=attn),
-        FlexiDepthConfig(layers=routed, gate_mode=gate_mode),
+        FlexiDepthConfig(layers=routed, gate_mode=gate_mode, always_skip=list(always_skip)),
     )
     g = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
@@ -44,6 +46,8 @@ def _mixed_model(family, seed=0, layers=4, attn="sdpa", routed="last_half", gate
     # centre each router's logits on a calibration batch (layer by layer) so that about half the tokens run
     ids = torch.randint(1, 1000, (4, 12), generator=g)
     for layer in flexi_layers(model):
+        if layer.always_skip:
+            continue
         logits = []
         hook = layer.router.register_forward_hook(lambda mod, args, out: logits.append(out))
         with torch.no_grad():

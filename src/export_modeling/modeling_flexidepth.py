@@ -17,7 +17,8 @@ which computes, per token, g = sigmoid(router(N_a(x))) and run = g > tau (strict
           attention output, no FFN;   y = x + w_skip * Adapter(N_f(x))
 
 with (w_run, w_skip) = (g, 1 - g) for gate_mode "released" and (1, 1) for "ste" / "difference" (their
-training differs, their serving arithmetic is this). Router: enc -> RMSNorm -> tanh -> dec -> head (+ scalar
+training differs, their serving arithmetic is this). A layer in `flexidepth.always_skip` is skipped by every
+token (g = 0): it computes only y = x + Adapter(N_f(x)), without router, attention or K/V. Router: enc -> RMSNorm -> tanh -> dec -> head (+ scalar
 bias), or a linear head; adapter: down(silu(gate(u)) * up(u)) or none (identity skip path).
 
 Real skipping (the fast path) is used whenever autograd is off and the attention implementation is "sdpa" or
@@ -116,6 +117,16 @@ def check_routing(routing, num_layers: int, source: str = "config.json") -> dict
             f"{source}: {ROUTING_KEY}.layers={layers!r} must be distinct layer indices in [0, {num_layers - 1}]"
         )
     out["layers"] = sorted(layers)
+    always = out.get("always_skip", [])  # optional: layers every token skips (no router, attention or K/V)
+    if (
+        not isinstance(always, list)
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i in out["layers"] for i in always)
+        or len(set(always)) != len(always)
+    ):
+        raise FlexiDepthExportError(
+            f"{source}: {ROUTING_KEY}.always_skip={always!r} must be distinct indices of routed layers"
+        )
+    out["always_skip"] = sorted(always)
     for key, allowed in (
         ("gate_mode", ("released", "ste", "difference")),
         ("router", ("mlp", "linear")),
@@ -351,6 +362,11 @@ class FlexiDepthDecoderLayer(nn.Module):
                 cache = kwargs.pop(old)
             kwargs.pop(old, None)
         x = hidden_states
+        if self.layer_index in self.routing["always_skip"]:  # every token skips: g = 0, no attention, no K/V
+            skipped = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+            self._store.gates[self.layer_index] = skipped.float()
+            self._store.run[self.layer_index] = skipped
+            return x if self.adapter is None else x + self.adapter(self.post_attention_layernorm(x))
         z = self.input_layernorm(x)
         g = torch.sigmoid(self.router(z))
         run = g > self.tau  # strict: g == tau skips

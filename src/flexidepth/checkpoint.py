@@ -261,7 +261,7 @@ def check_released_compatible(model) -> None:
     The released layout holds an MLP router without bias and a SwiGLU adapter per routed layer, and its
     serving code scales the FFN by g and the adapter by 1 - g with K/V kept for skipped tokens
     (docs/method.md). So: ``skip.router=mlp``, ``skip.adapter=swiglu``, ``skip.gate_mode=released``,
-    ``skip.kv_for_skipped=true``, and a router bias, if present, equal to 0 in every layer (train with
+    ``skip.kv_for_skipped=true``, ``skip.always_skip=[]``, and a router bias, if present, equal to 0 in every layer (train with
     ``skip.router_bias=false`` to share a model in this layout).
 
     Raises:
@@ -275,6 +275,10 @@ def check_released_compatible(model) -> None:
             )
     if not cfg.kv_for_skipped:
         raise ValueError("skip.kv_for_skipped=false: the released model always keeps K/V of skipped tokens")
+    if cfg.always_skip:
+        raise ValueError(
+            f"skip.always_skip={list(cfg.always_skip)}: the released model routes every routed layer per token"
+        )
     for key, value in flexidepth_state_dict(model).items():
         if key.endswith("router.bias") and bool((value != 0).any()):
             raise ValueError(

@@ -6,7 +6,7 @@ before any weight is loaded or moved.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ROUTERS = ("mlp", "linear")
@@ -66,6 +66,12 @@ class FlexiDepthConfig:
             SparseMixer samples its expert in training; gate_mode="difference" only). With the threshold the
             difference estimator is evaluated at the taken branch only, so gates hover at tau; sampling makes
             the expected gradient weigh both branches (docs/method.md §3.6). Inference always thresholds.
+        always_skip: routed layers that every token skips, by construction (an option on top of the method,
+            docs/method.md §3.10): no router decision, no query, no attention and no K/V (no token ever runs
+            the layer, so its keys and values would never be read); y = x + Adapter(N_f(x)). This is static
+            layer removal whose FFN is replaced by a trained adapter instead of the identity, e.g. at the
+            layers ShortGPT would delete. Indices must be routed layers, and not the first layer of an
+            attention type (`check_always_skip`).
     """
 
     tau: float = 0.5
@@ -82,6 +88,7 @@ class FlexiDepthConfig:
     param_dtype: str = "float32"
     init: str = "near_base"
     train_decisions: str = "threshold"
+    always_skip: list[int] = field(default_factory=list)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -102,6 +109,7 @@ class FlexiDepthConfig:
         out = asdict(self)
         if not isinstance(out["layers"], str):
             out["layers"] = [int(i) for i in out["layers"]]
+        out["always_skip"] = [int(i) for i in out["always_skip"]]
         return out
 
     # ------------------------------------------------------------------ validation
@@ -129,6 +137,15 @@ class FlexiDepthConfig:
             )
         if isinstance(self.layers, str) and self.layers != "last_half":
             _parse_range(self.layers)  # raises with the key name
+        skip = self.always_skip
+        if (
+            isinstance(skip, (str, bytes))
+            or not hasattr(skip, "__iter__")
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in skip)
+        ):
+            raise FlexiDepthConfigError(f"skip.always_skip must be a list of layer indices, got {skip!r}")
+        if len(set(skip)) != len(list(skip)):
+            raise FlexiDepthConfigError(f"skip.always_skip has duplicates: {list(skip)!r}")
 
     def validate_for(self, num_layers: int, hidden_size: int, intermediate_size: int) -> None:
         """Checks against a model's sizes; call before touching weights."""
@@ -142,7 +159,27 @@ class FlexiDepthConfig:
                 f"skip.adapter_reduction={self.adapter_reduction} does not divide "
                 f"intermediate_size={intermediate_size}; set skip.adapter_rank explicitly"
             )
-        self.routed_layers(num_layers)
+        routed = self.routed_layers(num_layers)
+        outside = sorted(set(self.always_skip) - set(routed))
+        if outside:
+            raise FlexiDepthConfigError(
+                f"skip.always_skip has {outside}, which are not routed layers (skip.layers={self.layers!r} "
+                f"routes {_spans(routed)})"
+            )
+
+    def check_always_skip(self, layer_types: list[str] | None, num_layers: int) -> None:
+        """`always_skip` against the model's attention layout: the first layer of each attention type
+        (layer 0 in a model without `layer_types`) must keep its K/V, since transformers reads the KV cache's
+        length and mask sizes from it. FlexiDepthConfigError naming the layer."""
+        types = list(layer_types) if layer_types else ["full_attention"] * num_layers
+        firsts = {types.index(t): t for t in dict.fromkeys(types)}
+        bad = sorted(set(self.always_skip) & set(firsts))
+        if bad:
+            raise FlexiDepthConfigError(
+                f"skip.always_skip cannot hold layer(s) {bad}: the first layer of each attention type "
+                f"({', '.join(f'{i}: {t}' for i, t in sorted(firsts.items()))}) keeps its K/V, because the KV "
+                "cache's length and the attention masks are read from it"
+            )
 
     # ------------------------------------------------------------------ derived sizes
     def routed_layers(self, num_layers: int) -> list[int]:
@@ -198,6 +235,18 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 def _positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise FlexiDepthConfigError(f"skip.{key} must be an integer >= 1, got {value!r}")
+
+
+def _spans(indices: list[int]) -> str:
+    """[15, 16, 17, 20] -> '15-17, 20'."""
+    out, start = [], None
+    for i, v in enumerate(indices):
+        if start is None:
+            start = v
+        if i + 1 == len(indices) or indices[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
 
 
 def _parse_range(text: str) -> tuple[int, int | None]:

@@ -5,6 +5,7 @@ Counted per token and layer, from a HF model config and a FlexiDepthConfig:
     full layer    = q + k + v + o + FFN                       (the base layer)
     routed layer  = full + router                             (a routed token that runs it)
     skipped layer = k + v + router + adapter                  (K/V are still computed and cached)
+    always-skip   = adapter                                   (`always_skip` layers: no token runs them)
 
 Attention scores (q.k and p.v, 2 * H * hd per cached key) are excluded unless `context` is given; RMSNorms,
 RoPE, activations and residual adds are ignored. Llama-3-8B: 218.1M full, 21.5M skipped (9.9%);
@@ -88,7 +89,9 @@ def model_macs_per_token(
     """MACs per token of the whole decoder (+ lm_head).
 
     cfg None: the base model. Otherwise a FlexiDepth model whose token skips `skipped_layers` of its
-    R routed layers on average (the other routed layers run, paying the router too).
+    R routed layers on average (the other routed layers run, paying the router too); the `always_skip`
+    layers are among the skipped ones and cost only their adapter. ValueError: `skipped_layers` outside
+    [len(always_skip), R].
     """
     layers = config.num_hidden_layers
     lm = config.vocab_size * config.hidden_size if include_lm_head else 0
@@ -96,10 +99,20 @@ def model_macs_per_token(
     if cfg is None:
         return layers * lay.full + lm
     routed = len(cfg.routed_layers(layers))
-    if not 0 <= skipped_layers <= routed:
-        raise ValueError(f"skipped_layers must be in [0, {routed}], got {skipped_layers}")
+    static = len(cfg.always_skip)
+    if static - 1e-6 <= skipped_layers < static:  # a mean over tokens, rounded below its exact minimum
+        skipped_layers = float(static)
+    if not static <= skipped_layers <= routed:
+        raise ValueError(f"skipped_layers must be in [{static}, {routed}], got {skipped_layers}")
     run = routed - skipped_layers
-    return (layers - routed) * lay.full + run * lay.routed_run + skipped_layers * lay.skipped + lm
+    routed_skips = skipped_layers - static
+    return (
+        (layers - routed) * lay.full
+        + run * lay.routed_run
+        + routed_skips * lay.skipped
+        + static * lay.adapter
+        + lm
+    )
 
 
 def flop_ideal_speedup(

@@ -93,6 +93,7 @@ def inject(
     if is_injected(model):
         raise ValueError("model already has FlexiDepth layers injected")
     cfg.validate_for(mc.num_hidden_layers, mc.hidden_size, mc.intermediate_size)
+    cfg.check_always_skip(getattr(mc, "layer_types", None), mc.num_hidden_layers)
     indices = cfg.routed_layers(mc.num_hidden_layers)
 
     layers = decoder_layers(model)
@@ -186,9 +187,13 @@ def is_flexidepth_param(name: str) -> bool:
 
 
 def freeze_base(model: nn.Module) -> None:
-    """requires_grad only on router and adapter parameters."""
+    """requires_grad only on router and adapter parameters (not on the routers of `always_skip` layers,
+    which are never called)."""
     for name, param in model.named_parameters():
         param.requires_grad_(is_flexidepth_param(name))
+    for layer in flexi_layers(model):
+        if layer.always_skip:
+            layer.router.requires_grad_(False)
 
 
 def flexidepth_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

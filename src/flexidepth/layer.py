@@ -6,6 +6,10 @@ Per token, g = sigmoid(router(N_a(x))) and the hard decision run = g > tau:
     skip: K/V of the token are still computed and cached; no query, no attention output;
           y = x + (1 - g) * Adapter(N_f(x))
 
+A layer listed in `always_skip` (config.py) is skipped by every token with g = 0 and computes only
+y = x + Adapter(N_f(x)): no router call, no attention and no K/V (no token runs it, so nothing would read
+them), in training and at inference alike.
+
 The training forward below is the sequence form: attention and FFN run on every row and the rows that
 skip are masked out, which equals the per-token definition (a row's query only affects its own output,
 while every row's K/V still serves as keys/values). The layer keeps the base layer's submodules under
@@ -93,6 +97,8 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         self.gate_mode = cfg.gate_mode
         self.train_decisions = cfg.train_decisions
         self.kv_for_skipped = cfg.kv_for_skipped
+        # every token skips this layer (static): no router, attention or K/V; forced gates do not apply
+        self.always_skip = layer_index in cfg.always_skip
         self.recorder = recorder
         self.family = family
         self.routing = True  # False: behave exactly like the base layer (no router, no g scaling)
@@ -155,6 +161,8 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         """hidden_states: [B, T, d] -> [B, T, d]; K/V of every row go to `cache` (unless ablated)."""
         x = hidden_states
+        if self.routing and self.always_skip:
+            return self._static_skip(x)
         z = self.input_layernorm(x)
         attn_kwargs = dict(
             position_ids=position_ids,
@@ -193,6 +201,15 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         if self.adapter is not None:
             y = y + w_skip * self.adapter(u)
         return y
+
+    def _static_skip(self, x: torch.Tensor) -> torch.Tensor:
+        """An `always_skip` layer: g = 0 and run = False for every token (recorded), y = x + Adapter(N_f(x))
+        (the skip branch's weight 1 - g = 1 in every gate mode); x: [B, T, d] -> [B, T, d]."""
+        skipped = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        self.recorder.record(self.layer_index, skipped.float(), skipped)
+        if self.adapter is None:
+            return x
+        return x + self.adapter(self.post_attention_layernorm(x))
 
     def _difference_forward(self, x: torch.Tensor, a: torch.Tensor, g: torch.Tensor, run: torch.Tensor):
         """Training forward of gate_mode="difference": the value of the hard choice, gradient of the mixture.

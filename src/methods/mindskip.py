@@ -87,6 +87,11 @@ def inject_mindskip(model, cfg: FlexiDepthConfig | dict) -> torch.nn.Module:
     cfg = FlexiDepthConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     if cfg.adapter != "none":
         raise ValueError("method=mindskip has no adapter: set skip.adapter=none (conf/skip/mindskip.yaml)")
+    if cfg.always_skip:
+        raise ValueError(
+            f"method=mindskip routes every layer per sequence: skip.always_skip={list(cfg.always_skip)} is a "
+            "FlexiDepth option (set skip.always_skip=[])"
+        )
     return inject(model, cfg, layer_cls=MindSkipLayer)
 
 

@@ -133,6 +133,7 @@ def model_card(
         f"| routed layers | {routed[0]}..{routed[-1]} ({len(routed)} layers) |"
         if routed == list(range(routed[0], routed[-1] + 1))
         else f"| routed layers | {routed} |",
+        f"| always skipped (adapter only, every token) | {routing.get('always_skip') or 'none'} |",
         f"| tau | {routing['tau']} |",
         f"| gate mode | {routing['gate_mode']} |",
         f"| router | {routing['router']} (width {routing['router_width']}, bias {routing['router_bias']}) |",
