@@ -102,3 +102,14 @@ def _autograd_mode_is_left_as_found():
     assert torch.is_grad_enabled(), (
         "this test left autograd switched off globally (use torch.no_grad() blocks)"
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (restored afterwards): tiny models gain nothing
+    from threads, and on a loaded machine two OpenMP threads wait on each other at every op (seconds per
+    test). Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -27,12 +27,7 @@ from tests.test_generation import _forward, _mixed_model, _prompt
 ROUTED, STATIC = "3:6", [4]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(family):

@@ -322,6 +322,30 @@ def test_damaged_export_fails_at_load_naming_the_file(written, tmp_path):
         module.FlexiDepthForCausalLM.from_pretrained(str(bad_cfg))
 
 
+@pytest.mark.parametrize(
+    "always_skip",
+    [[1], [3, 3], [9], "3", [True], [3.0]],
+    ids=["unrouted", "duplicate", "out_of_range", "not_a_list", "bool", "float"],
+)
+def test_damaged_always_skip_fails_at_load_naming_the_key(written, tmp_path, always_skip):
+    """The routed layers are 2 and 3: any other value, a repeat or a non-integer is refused before weights load."""
+    import shutil
+
+    module = ex.load_modeling(written)
+    bad = tmp_path / "bad"
+    shutil.copytree(written, bad)
+    meta = json.loads((bad / "config.json").read_text())
+    assert meta["flexidepth"]["layers"] == [2, 3]
+    meta["flexidepth"]["always_skip"] = always_skip
+    (bad / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(module.FlexiDepthExportError, match=r"config\.json: flexidepth\.always_skip="):
+        module.FlexiDepthForCausalLM.from_pretrained(str(bad))
+    meta["flexidepth"]["always_skip"] = [3]  # the same file with a valid value loads
+    (bad / "config.json").write_text(json.dumps(meta))
+    loaded = module.FlexiDepthForCausalLM.from_pretrained(str(bad))
+    assert loaded.config.flexidepth["always_skip"] == [3]
+
+
 # ---------------------------------------------------------------------------------------------- command
 def test_hub_offline_fails_first_naming_repo_and_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

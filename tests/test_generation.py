@@ -18,14 +18,7 @@ from tests.conftest import tiny_model
 P, N_NEW = 7, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine two OpenMP threads wait on
-    each other at every op (seconds per test). Restored after this module."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mixed_model(

@@ -11,12 +11,7 @@ from tests.test_generation import _mixed_model, _teacher_forced
 WINDOW, N_NEW = 8, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _no_kv_model(attn, kv_for_skipped=False):

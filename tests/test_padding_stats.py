@@ -17,13 +17,7 @@ LENGTHS = (9, 3, 6)  # real tokens per prompt; batched prompts are padded to 9
 N_NEW = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads on a loaded machine (restored after this module)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mindskip(family):

@@ -51,14 +51,7 @@ def mixed_tiny_llama(seed: int = 0):
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A tiny model gains nothing from intra-op threads, and on a loaded machine two threads wait on each
-    other at every op (4 s instead of 0.25 s per generate call here). Restored after this module."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
