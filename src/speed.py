@@ -10,16 +10,19 @@ Systems, all built in one process from one base model (weights shared, not copie
   shortgpt_k<k>     ShortGPT with k layers *deleted* (`prune_layers`: no router, no K/V, no call for them;
                     the KV cache holds only the kept layers): what a user deploying it runs
 
-Timings (one intra-op thread by default), interleaved: every round runs every system once, the order
-rotating per round, after `warmup` untimed runs; the median over `rounds` is reported, by wall time and by
-process CPU time (CPU time excludes what other processes on a shared machine took from us):
-  decode at batch 1 (each prompt alone) and at `batch` rows (prompts cycled): only the decode steps are
-      timed (the prefill before them is not); tokens/s = rows * new_tokens / seconds;
-  prefill at batch 1 over `prefill_length` tokens: tokens/s = prefill_length / seconds.
-Ratios are base seconds / system seconds from the same rounds; our loop itself is timed against HF
-`generate` on the base model (`loop_vs_hf`), so each ratio can also be read against HF's loop. FLOP-ideal = base MACs / system MACs per
-token (src/flexidepth/flops.py; a deleted layer costs 0, FlexiDepth counts K/V, router and adapter of a
-skipped layer) at the layers the system skipped on the timed generated tokens.
+Timings (one intra-op thread by default), after `warmup` untimed rounds, `rounds` timed rounds, by wall time
+and by process CPU time (CPU time excludes what other processes on a shared machine took from us):
+  decode at batch 1 (each prompt alone) and at `batch` rows (prompts cycled), in lockstep: every system
+      decodes the same prompt with its own KV cache and step t of every system runs before step t + 1 of
+      any (order rotating), so a machine whose speed drifts over seconds slows all systems alike; only the
+      decode steps are timed (the prefill before them is not); tokens/s = rows * new_tokens / seconds;
+  prefill at batch 1 over `prefill_length` tokens, interleaved (every system once per round, the order
+      rotating): tokens/s = prefill_length / seconds.
+Ratios are the median over rounds of base seconds / system seconds of the same round (paired); our loop
+itself is timed against HF `generate` on the base model (`loop_vs_hf`), so each ratio can also be read
+against HF's loop. FLOP-ideal = base MACs / system MACs per token (src/flexidepth/flops.py; a deleted
+layer costs 0, FlexiDepth counts K/V, router and adapter of a skipped layer) at the layers the system
+skipped on the timed generated tokens.
 
 Prompts and the prefill text are windows of held-out text (src/data/mixture.py HELDOUT_SETS, never
 trained on). Held-out perplexity per set reuses the curves code of src.compare (src/eval/curves.py).

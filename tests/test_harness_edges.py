@@ -10,7 +10,6 @@ from src.eval.harness import FlexiDepthLM
 from src.flexidepth.generation import generate
 from tests.test_harness import make_model, request
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -83,6 +83,87 @@ def test_interleaved_rotates_and_medians():
     assert _median([3.0, 1.0, 2.0]) == 2.0 and _median([1.0, 2.0]) == 1.5
 
 
+def test_lockstep_alternates_steps_and_sums_per_round():
+    """Step t of every system runs before step t + 1 of any (order rotating with round and step); iterators
+    are made per round and unit; per-round sums; warm-up rounds are not recorded."""
+    from src.eval.speed_timing import lockstep, paired_speedup
+
+    calls, made = [], []
+
+    def unit(name, seconds):
+        def make(u):
+            made.append((name, u))
+            steps = 2 if name == "b" else 3  # systems may have different step counts: b stops early
+
+            def gen():
+                for t in range(steps):
+                    calls.append((name, u, t))
+                    yield seconds, seconds / 2
+
+            return gen()
+
+        return make
+
+    res = lockstep({"a": unit("a", 1.0), "b": unit("b", 0.5)}, n_units=2, rounds=2, warmup=1)
+    assert made == [("a", 0), ("b", 0), ("a", 1), ("b", 1)] * 3
+    first = calls[:5]  # warm-up round 0, unit 0: shift (r + step) % 2 = 0, 1, 0
+    assert first == [("a", 0, 0), ("b", 0, 0), ("b", 0, 1), ("a", 0, 1), ("a", 0, 2)]
+    second_round = calls[10:15]  # round 1 starts with shift 1
+    assert second_round == [("b", 0, 0), ("a", 0, 0), ("a", 0, 1), ("b", 0, 1), ("a", 0, 2)]
+    for r in range(3):  # every system's step t precedes every system's step t + 1 within a unit
+        for u in range(2):
+            seq = [c for c in calls[r * 10 + u * 5 : r * 10 + u * 5 + 5]]
+            steps = [t for _, _, t in seq]
+            assert steps == sorted(steps)
+    assert res["a"] == {"wall": [6.0, 6.0], "cpu": [3.0, 3.0]}  # 2 units x 3 steps x 1.0 s
+    assert res["b"] == {"wall": [2.0, 2.0], "cpu": [1.0, 1.0]}
+    assert paired_speedup([2.0, 4.0, 3.0], [1.0, 1.0, 3.0]) == 2.0  # median of 2, 4, 1
+    with pytest.raises(ValueError):
+        paired_speedup([1.0], [1.0, 2.0])
+
+
+def test_lockstep_decode_of_systems_sharing_a_model_equals_each_alone(tiny_ckpt):
+    """Two taus of one checkpoint (one model; `prepare` sets tau before each step) advanced in lockstep make
+    exactly the routes and tokens each makes when decoded alone: alternation changes timing, not work."""
+    from omegaconf import OmegaConf
+
+    from src.eval.speed_timing import DecodeSteps, decode_timed, lockstep
+    from src.flexidepth import load_flexidepth, set_tau
+    from src.models.loader import load_base_model
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model_cfg = OmegaConf.to_container(
+            compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
+        )
+    model = load_base_model(model_cfg).eval()
+    load_flexidepth(model, tiny_ckpt)
+    torch.manual_seed(5)
+    prompts = [torch.randint(0, model.config.vocab_size, (1, 8)) for _ in range(2)]
+    alone, together = {}, {0.2: [], 0.8: []}
+    for tau in (0.2, 0.8):
+        alone[tau] = []
+        for ids in prompts:
+            set_tau(model, tau)
+            decode_timed(model, ids, 5, alone[tau])
+    made = {}
+
+    def units(tau):
+        def make(u):
+            it = DecodeSteps(model, prompts[u], 5, together[tau], prepare=lambda: set_tau(model, tau))
+            made.setdefault(tau, []).append(it)
+            return it
+
+        return make
+
+    res = lockstep({"lo": units(0.2), "hi": units(0.8)}, n_units=2, rounds=1, warmup=0)
+    assert len(res["lo"]["wall"]) == 1 and res["lo"]["wall"][0] > 0
+    for tau in (0.2, 0.8):
+        assert torch.equal(torch.cat(together[tau]), torch.cat(alone[tau]))
+    lo, hi = torch.cat(alone[0.2]), torch.cat(alone[0.8])
+    assert not torch.equal(lo, hi)  # the two thresholds route differently: the check can fail
+    assert [it.step for it in made[0.2]] == [5, 5]
+
+
 def _speed_cfg(tmp_path, ckpt, extra=()):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(

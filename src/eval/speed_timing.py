@@ -1,6 +1,8 @@
 """What `python -m src.speed` times (src/eval/speed.py builds the systems, src/speed.py is the command): the
-machine record, held-out prompts, decode and prefill timings interleaved over rounds (median, wall and CPU
-time), our loop against HF `generate`, and the FLOP-ideal speedup at the layers a system skipped."""
+machine record, held-out prompts, decode timings in lockstep (every system's decode step t runs before any
+system's step t + 1; `lockstep`) and prefill timings interleaved over rounds, wall and CPU time, speedups as
+the median over rounds of the paired ratio base / system (`paired_speedup`), our loop against HF `generate`,
+and the FLOP-ideal speedup at the layers a system skipped."""
 
 from __future__ import annotations
 
@@ -85,7 +87,68 @@ def _clear_routes(model) -> None:
         state.recorder.clear()
 
 
-@torch.inference_mode()
+class DecodeSteps:
+    """Decode of `new_tokens` tokens, one per step with the KV cache, stepped from outside: construction
+    runs the untimed prefill of `input_ids` [B, P] (no padding), each `next()` runs and times one decode step
+    and returns its (wall seconds, CPU seconds). Steps are greedy (each input is the previous step's
+    argmax) or, with `forced` [B, new_tokens], teacher-forced (step i's input is forced[:, i] at position
+    P + i: the per-token work of decoding that text, so its routes are those of a full forward over
+    input_ids ++ forced).
+
+    `prepare` (untimed) is called before the prefill and before every step: systems that share one model
+    (a checkpoint at several taus) set their threshold there, so steps of different systems may alternate
+    (`lockstep`). When `routes` is a list, each step's routed-layer decisions [B, R] (bool) are appended to
+    it (outside the timed region). Raises ValueError on a `forced` of the wrong shape.
+    """
+
+    def __init__(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        new_tokens: int,
+        routes: list | None = None,
+        forced: torch.Tensor | None = None,
+        prepare=None,
+    ):
+        if forced is not None and tuple(forced.shape) != (input_ids.shape[0], new_tokens):
+            raise ValueError(
+                f"forced: expected shape {(input_ids.shape[0], new_tokens)}, got {tuple(forced.shape)}"
+            )
+        from transformers import DynamicCache
+
+        self.model, self.new_tokens, self.routes, self.forced = model, new_tokens, routes, forced
+        self.prepare = prepare or (lambda: None)
+        self.cache = DynamicCache(config=model.config)
+        self.bsz, self.plen = input_ids.shape
+        self.step = 0
+        self.prepare()
+        _clear_routes(model)
+        with torch.inference_mode():
+            out = model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[float, float]:
+        if self.step == self.new_tokens:
+            raise StopIteration
+        model, step = self.model, self.step
+        nxt = self.nxt if self.forced is None else self.forced[:, step : step + 1]
+        pos = torch.full((self.bsz, 1), self.plen + step, dtype=torch.long, device=nxt.device)
+        self.prepare()
+        with torch.inference_mode():
+            c0, t0 = time.process_time(), time.perf_counter()
+            _clear_routes(model)
+            out = model(input_ids=nxt, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
+            self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if self.routes is not None and getattr(model, "flexidepth", None) is not None:
+                self.routes.append(model.flexidepth.recorder.stacked()[1][:, -1].cpu())
+        self.step += 1
+        return wall, cpu
+
+
 def decode_timed(
     model,
     input_ids: torch.Tensor,
@@ -93,40 +156,10 @@ def decode_timed(
     routes: list | None = None,
     forced: torch.Tensor | None = None,
 ):
-    """Decode of `new_tokens` tokens, one per step with the KV cache, after an untimed prefill of
-    `input_ids` [B, P] (no padding): greedy (each step's input is the previous step's argmax), or, with
-    `forced` [B, new_tokens], teacher-forced (step i's input is forced[:, i] at position P + i: the per-token
-    work of decoding that text, so its routes are those of a full forward over input_ids ++ forced).
-
-    Returns (wall seconds, CPU seconds) of the decode steps only. When `routes` is a list, each step's
-    routed-layer decisions [B, R] (bool) are appended to it (outside the timed region).
-    """
-    if forced is not None and tuple(forced.shape) != (input_ids.shape[0], new_tokens):
-        raise ValueError(
-            f"forced: expected shape {(input_ids.shape[0], new_tokens)}, got {tuple(forced.shape)}"
-        )
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    bsz, plen = input_ids.shape
-    device = input_ids.device
-    _clear_routes(model)
-    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    wall = cpu = 0.0
-    for step in range(new_tokens):
-        if forced is not None:
-            nxt = forced[:, step : step + 1]
-        pos = torch.full((bsz, 1), plen + step, dtype=torch.long, device=device)
-        c0, t0 = time.process_time(), time.perf_counter()
-        _clear_routes(model)
-        out = model(input_ids=nxt, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        wall += time.perf_counter() - t0
-        cpu += time.process_time() - c0
-        if routes is not None and getattr(model, "flexidepth", None) is not None:
-            routes.append(model.flexidepth.recorder.stacked()[1][:, -1].cpu())
-    return wall, cpu
+    """One system's whole decode (`DecodeSteps`, same arguments) run alone. Returns (wall seconds, CPU
+    seconds) of the decode steps only, the prefill excluded."""
+    times = list(DecodeSteps(model, input_ids, new_tokens, routes, forced))
+    return sum(w for w, _ in times), sum(c for _, c in times)
 
 
 @torch.inference_mode()
@@ -157,6 +190,53 @@ def interleaved(fns: dict[str, Any], rounds: int, warmup: int) -> dict[str, dict
     return res
 
 
+def lockstep(
+    units: dict[str, Any], n_units: int, rounds: int, warmup: int
+) -> dict[str, dict[str, list[float]]]:
+    """Decode timings of several systems advanced one step at a time in turn (paired measurement).
+
+    `units[name](u)` returns system `name`'s step iterator for unit u in [0, n_units) (e.g. a `DecodeSteps`
+    over prompt u; each `next()` returns the (wall, cpu) seconds of one step). Per round and unit, every
+    system's iterator is created (untimed prefills), then step t of every system runs before step t + 1 of
+    any, the order of systems rotating with the round and the step. A machine whose speed drifts over
+    seconds (other tenants' memory traffic on a shared host) then slows every system's step t alike, which
+    system-after-system timing (`interleaved`, where two systems' runs lie seconds apart) does not give.
+    `warmup` untimed rounds first. Returns {name: {"wall": [...], "cpu": [...]}}, one sum per round.
+    """
+    names = list(units)
+    res = {n: {"wall": [], "cpu": []} for n in names}
+    for r in range(warmup + rounds):
+        wall = dict.fromkeys(names, 0.0)
+        cpu = dict.fromkeys(names, 0.0)
+        for u in range(n_units):
+            its = {n: units[n](u) for n in names}
+            step = 0
+            while its:
+                shift = (r + step) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    if name not in its:
+                        continue
+                    try:
+                        w, c = next(its[name])
+                    except StopIteration:
+                        del its[name]
+                        continue
+                    wall[name] += w
+                    cpu[name] += c
+                step += 1
+        if r >= warmup:
+            for n in names:
+                res[n]["wall"].append(wall[n])
+                res[n]["cpu"].append(cpu[n])
+    return res
+
+
+def paired_speedup(base: list[float], system: list[float]) -> float:
+    """Median over rounds of base seconds / system seconds of the same round (the pairs `lockstep` and
+    `interleaved` measure together)."""
+    return _median([b / max(t, 1e-12) for b, t in zip(base, system, strict=True)])
+
+
 def _median(xs: list[float]) -> float:
     s = sorted(xs)
     m = len(s) // 2
@@ -171,49 +251,42 @@ def measure_speed(
     per_set: dict[str, list[list[int]]] | None = None,
     texts: dict[str, list[list[int]]] | None = None,
 ):
-    """Interleaved timings of every system (see the module docstring). Returns {label: {mode: {...}}}
+    """Timings of every system (decode modes in `lockstep`, prefill `interleaved`; see the module docstring),
+    `s.rounds` rounds after `s.warmup` untimed ones. Returns {label: {mode: {...}}}
     with modes decode_b1, decode_b1@<set> (per_set: that held-out set's own prompts), text_b1@<set>
     (texts: windows of prompt_length + new_tokens tokens of that set, the last new_tokens decoded
     teacher-forced), decode_b<batch> (batch > 1), prefill (prefill_length > 0), each holding the wall/CPU
-    seconds per round, their medians and tokens/s; plus per system `layers_skipped` {batch-1 mode: routed
-    layers skipped per decoded token}."""
+    seconds per round, their medians, tokens/s and speedup_wall / speedup_cpu (`paired_speedup` against the
+    first system, the base); plus per system `layers_skipped` {batch-1 mode: routed layers skipped per
+    decoded token}."""
     device = next(systems[0].model.parameters()).device
     one = [torch.tensor([p], device=device) for p in prompts]
-    modes: dict[str, tuple[int, Any]] = {}  # mode -> (tokens per call, fn(system))
+    # mode -> (tokens per round, decode units: [(input_ids, forced or None)] or None, call fn(system))
+    modes: dict[str, tuple[int, list | None, Any]] = {}
     batch1_modes: list[str] = []
 
-    def batch1(ids_list, forced_list=None):
-        forced_list = forced_list or [None] * len(ids_list)
+    def add_decode(mode: str, units: list, batch1: bool = True) -> None:
+        modes[mode] = (sum(ids.shape[0] for ids, _ in units) * s.new_tokens, units, None)
+        if batch1:
+            batch1_modes.append(mode)
 
-        def fn(sys_: System, routes=None):
-            sys_.prepare()
-            walls = [
-                decode_timed(sys_.model, ids, s.new_tokens, routes, forced)
-                for ids, forced in zip(ids_list, forced_list, strict=True)
-            ]
-            return sum(w for w, _ in walls), sum(c for _, c in walls)
-
-        return fn
-
-    modes["decode_b1"] = (len(one) * s.new_tokens, batch1(one))
-    batch1_modes.append("decode_b1")
+    add_decode("decode_b1", [(ids, None) for ids in one])
     for name, set_prompts in (per_set or {}).items():
-        ids_list = [torch.tensor([p], device=device) for p in set_prompts]
-        modes[f"decode_b1@{name}"] = (len(ids_list) * s.new_tokens, batch1(ids_list))
-        batch1_modes.append(f"decode_b1@{name}")
+        add_decode(f"decode_b1@{name}", [(torch.tensor([p], device=device), None) for p in set_prompts])
     for name, windows in (texts or {}).items():
-        ids_list = [torch.tensor([w[: s.prompt_length]], device=device) for w in windows]
-        forced = [torch.tensor([w[s.prompt_length :]], device=device) for w in windows]
-        modes[f"text_b1@{name}"] = (len(ids_list) * s.new_tokens, batch1(ids_list, forced))
-        batch1_modes.append(f"text_b1@{name}")
+        add_decode(
+            f"text_b1@{name}",
+            [
+                (
+                    torch.tensor([w[: s.prompt_length]], device=device),
+                    torch.tensor([w[s.prompt_length :]], device=device),
+                )
+                for w in windows
+            ],
+        )
     if s.batch > 1:
         rows = torch.tensor([prompts[i % len(prompts)] for i in range(s.batch)], device=device)
-
-        def decb(sys_: System):
-            sys_.prepare()
-            return decode_timed(sys_.model, rows, s.new_tokens)
-
-        modes[f"decode_b{s.batch}"] = (s.batch * s.new_tokens, decb)
+        add_decode(f"decode_b{s.batch}", [(rows, None)], batch1=False)
     if prefill is not None:
         pre = torch.tensor([prefill], device=device)
 
@@ -221,7 +294,7 @@ def measure_speed(
             sys_.prepare()
             return prefill_timed(sys_.model, pre)
 
-        modes["prefill"] = (len(prefill), pref)
+        modes["prefill"] = (len(prefill), None, pref)
 
     # layers skipped on the decoded tokens (greedy or forced: the same in every round): one untimed pass
     out: dict[str, dict] = {}
@@ -230,16 +303,28 @@ def measure_speed(
         for mode in batch1_modes:
             if sys_.kind == "flexidepth":
                 routes: list[torch.Tensor] = []
-                modes[mode][1](sys_, routes)
+                for ids, forced in modes[mode][1]:
+                    sys_.prepare()
+                    decode_timed(sys_.model, ids, s.new_tokens, routes, forced)
                 run = torch.cat(routes)  # [steps * prompts, R]
                 skipped[mode] = float((~run).sum(-1).float().mean())
             else:
                 skipped[mode] = float(sys_.k or 0)
         out[sys_.label] = {"layers_skipped": skipped}
-    for mode, (tokens, fn) in modes.items():
-        fns = {sys_.label: (lambda sys_=sys_: fn(sys_)) for sys_ in systems}
-        log.info("speed: timing %s (%d systems x %d rounds)", mode, len(fns), s.rounds)
-        res = interleaved(fns, s.rounds, s.warmup)
+    for mode, (tokens, units, call) in modes.items():
+        log.info("speed: timing %s (%d systems x %d rounds)", mode, len(systems), s.rounds)
+        if units is None:  # one call per system and round
+            res = interleaved({x.label: (lambda x=x: call(x)) for x in systems}, s.rounds, s.warmup)
+        else:  # decode: every system's steps alternate with the others' (paired)
+            step_units = {
+                x.label: (
+                    lambda u, x=x, units=units: DecodeSteps(
+                        x.model, units[u][0], s.new_tokens, forced=units[u][1], prepare=x.prepare
+                    )
+                )
+                for x in systems
+            }
+            res = lockstep(step_units, len(units), s.rounds, s.warmup)
         for label, r in res.items():
             wall, cpu = _median(r["wall"]), _median(r["cpu"])
             out[label][mode] = {
@@ -253,8 +338,8 @@ def measure_speed(
     base = out[systems[0].label]
     for label, r in out.items():
         for mode in modes:
-            r[mode]["speedup_wall"] = base[mode]["wall_median_s"] / r[mode]["wall_median_s"]
-            r[mode]["speedup_cpu"] = base[mode]["cpu_median_s"] / max(r[mode]["cpu_median_s"], 1e-12)
+            r[mode]["speedup_wall"] = paired_speedup(base[mode]["wall_s"], r[mode]["wall_s"])
+            r[mode]["speedup_cpu"] = paired_speedup(base[mode]["cpu_s"], r[mode]["cpu_s"])
     return out
 
 

@@ -40,8 +40,10 @@ def speed_markdown(results: dict) -> str:
         "",
         f"{st['prompts']} held-out prompts of {st['prompt_length']} tokens, {st['new_tokens']} new tokens "
         f"(greedy; decode steps timed, not the prefill), batch {st['batch']}, prefill of "
-        f"{st['prefill_length']} tokens; {st['rounds']} interleaved rounds after {st['warmup']} warm-up, "
-        "medians. Speedup = base seconds / system seconds (wall; CPU in brackets). `decode_b1@<set>`: greedy "
+        f"{st['prefill_length']} tokens; {st['rounds']} rounds after {st['warmup']} warm-up (decode in lockstep: "
+        "step t of every system before step t + 1 of any; prefill interleaved). Speedup = median over rounds of "
+        "base seconds / system seconds in the same round (wall; CPU in brackets); tok/s from median seconds. "
+        "`decode_b1@<set>`: greedy "
         "continuations of that set's prompts; `text_b1@<set>`: that set's own text decoded teacher-forced, one "
         "token per step (held-out text, not a model's own continuation).",
         "",
