@@ -301,6 +301,8 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
         ("per_set_speed=1", "per_set_speed"),
         ("text_decode=yes", "text_decode"),
         ("ckpt_path=/nonexistent/run", "ckpt_path"),
+        ("always_run_max_skip=1.0", "always_run_max_skip"),
+        ("always_run_max_skip=true", "always_run_max_skip"),
     ],
 )
 def test_speed_refuses_bad_settings(tmp_path, tiny_ckpt, override, match):
@@ -407,3 +409,49 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
     ):
         with pytest.raises(Exception, match=match):
             preflight(_speed_cfg(tmp_path, tiny_ckpt, [bad]), "speed", settings=speed_settings)
+
+
+def test_speed_times_the_always_run_variant_as_its_own_curve(tmp_path, tiny_ckpt):
+    """always_run_max_skip: each checkpoint is also timed as <label>+ar, at each tau with the routed layers
+    that the calibration text rarely skips set to run without their router (the same layers
+    `rarely_skipped_layers` picks on that text), compared at equal speedup as a curve of its own."""
+    from omegaconf import OmegaConf
+
+    from src.eval.speed import run_speed
+    from src.flexidepth import load_flexidepth, set_tau
+    from src.flexidepth.calibrate import rarely_skipped_layers
+    from src.methods.base import calibration_batches
+    from src.models.loader import load_base_model
+    from src.models.tokenizer import load_tokenizer
+
+    extra = ["taus=[0.2,0.8]", "shortgpt_k=[1]", "batch=0", "prefill_length=0", "heldout=[lee]", "rounds=1"]
+    cfg = _speed_cfg(tmp_path, tiny_ckpt, [*extra, "always_run_max_skip=0.5"])
+    res = run_speed(cfg)
+    systems = res["systems"]
+    assert list(systems) == [
+        "base",
+        "flexidepth@0.2",
+        "flexidepth@0.8",
+        "flexidepth+ar@0.2",
+        "flexidepth+ar@0.8",
+        "shortgpt_k1",
+    ]
+    assert res["ckpts"] == {"flexidepth": str(tiny_ckpt), "flexidepth+ar": str(tiny_ckpt)}
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model = load_base_model(model_cfg).eval()
+    load_flexidepth(model, tiny_ckpt)
+    batches = calibration_batches(load_tokenizer(model_cfg), {"texts": cfg.calibration_texts})
+    picked = {}
+    for tau in (0.2, 0.8):
+        set_tau(model, tau)
+        picked[tau] = rarely_skipped_layers(model, batches, 0.5)
+        assert systems[f"flexidepth+ar@{tau:g}"]["always_run"] == picked[tau]
+        assert systems[f"flexidepth@{tau:g}"]["always_run"] == []
+    assert picked[0.2] and picked[0.2] != picked[0.8]  # the variant differs from the plain curve somewhere
+    ar = systems["flexidepth+ar@0.2"]
+    assert ar["speed"]["layers_skipped"]["decode_b1"] <= len(model.flexidepth.layer_indices) - len(
+        picked[0.2]
+    )
+    assert {r["checkpoint"] for r in res["equal_speedup"]} == {"flexidepth", "flexidepth+ar"}
+    md = (tmp_path / "out" / "speed.md").read_text()
+    assert f"`flexidepth+ar@0.2` {picked[0.2]}" in md

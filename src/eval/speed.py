@@ -46,6 +46,7 @@ class SpeedSettings:
     calibration_texts: int = 32
     per_set_speed: bool = False
     text_decode: bool = True
+    always_run_max_skip: float | None = None
 
 
 def speed_settings(cfg: DictConfig) -> SpeedSettings:
@@ -72,6 +73,9 @@ def speed_settings(cfg: DictConfig) -> SpeedSettings:
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"shortgpt_k: every k must be an integer >= 1, got {k!r}")
+    ar = cfg.get("always_run_max_skip")
+    if ar is not None and (isinstance(ar, bool) or not isinstance(ar, (int, float)) or not 0 <= ar < 1):
+        raise ValueError(f"always_run_max_skip must be null or a skip rate in [0, 1), got {ar!r}")
     heldout = check_heldout(list(cfg.get("heldout") or []), "heldout")
     if not heldout:
         raise ValueError("heldout must name at least one held-out set (prompts come from them)")
@@ -93,6 +97,7 @@ def speed_settings(cfg: DictConfig) -> SpeedSettings:
         calibration_texts=whole("calibration_texts", 1),
         per_set_speed=_flag(cfg, "per_set_speed"),
         text_decode=_flag(cfg, "text_decode"),
+        always_run_max_skip=None if ar is None else float(ar),
     )
 
 
@@ -106,7 +111,8 @@ def _flag(cfg: DictConfig, key: str) -> bool:
 @dataclass
 class System:
     """One timed system: `model` (shared by the FlexiDepth taus), its threshold (None: not routed), the
-    layers it deletes (static baselines)."""
+    routed layers it runs without their router (`set_always_run`), the layers it deletes (static
+    baselines)."""
 
     label: str
     kind: str  # base | flexidepth | shortgpt
@@ -114,13 +120,16 @@ class System:
     tau: float | None = None
     k: int | None = None
     removed: list[int] = field(default_factory=list)
-    ckpt: str | None = None  # FlexiDepth systems: the label of their checkpoint (one curve per checkpoint)
+    ckpt: str | None = None  # FlexiDepth systems: the label of their curve (one per checkpoint and variant)
+    always_run: list[int] = field(default_factory=list)
 
     def prepare(self) -> None:
+        """Set the shared model to this system's tau and always-run layers (FlexiDepth systems only)."""
         if self.tau is not None:
-            from ..flexidepth import set_tau
+            from ..flexidepth import set_always_run, set_tau
 
             set_tau(self.model, self.tau)
+            set_always_run(self.model, self.always_run)
 
 
 def shared_copy(model):
@@ -144,16 +153,25 @@ def checkpoint_labels(paths: list[Path]) -> list[str]:
     return labels
 
 
-def build_systems(base, ckpts, taus, shortgpt_k, tokenizer, calibration_texts: int) -> list[System]:
+def build_systems(
+    base, ckpts, taus, shortgpt_k, tokenizer, calibration_texts: int, always_run_max_skip: float | None = None
+) -> list[System]:
     """base, <label>@tau for each (label, checkpoint folder) of `ckpts` and each tau (one injected copy per
-    checkpoint), shortgpt_k<k> (pruned copies; Block Influence measured once on the base model's
-    training-side calibration text)."""
+    checkpoint), with `always_run_max_skip` also <label>+ar@tau (the same model at each tau with the routed
+    layers that at most that fraction of the calibration tokens skip set to always run; a curve of its own),
+    shortgpt_k<k> (pruned copies). Block Influence and the skip rates are measured on the training-side
+    calibration text (never the held-out sets)."""
+    from ..flexidepth import set_tau
+    from ..flexidepth.calibrate import rarely_skipped_layers
     from ..methods import build_method, checkpoint_method
     from ..methods.base import calibration_batches
     from ..methods.removal import prune_layers
     from ..methods.shortgpt import block_influence, shortgpt_layers
 
     systems = [System("base", "base", base)]
+    calibration = None
+    if shortgpt_k or always_run_max_skip is not None:
+        calibration = calibration_batches(tokenizer, {"texts": calibration_texts})
     for name, ckpt in ckpts:
         method = checkpoint_method(ckpt)
         if method != "flexidepth":
@@ -164,8 +182,24 @@ def build_systems(base, ckpts, taus, shortgpt_k, tokenizer, calibration_texts: i
         build_method({"name": "flexidepth"}).apply(flexi, ckpt=ckpt)
         flexi.eval()
         systems += [System(f"{name}@{t:g}", "flexidepth", flexi, tau=float(t), ckpt=name) for t in taus]
+        if always_run_max_skip is None:
+            continue
+        for t in taus:
+            set_tau(flexi, t)
+            always_run = rarely_skipped_layers(flexi, calibration, always_run_max_skip)
+            log.info("speed: %s at tau %g: always run %s", name, t, always_run)
+            systems.append(
+                System(
+                    f"{name}+ar@{t:g}",
+                    "flexidepth",
+                    flexi,
+                    tau=float(t),
+                    ckpt=f"{name}+ar",
+                    always_run=always_run,
+                )
+            )
     if shortgpt_k:
-        bi = block_influence(base, calibration_batches(tokenizer, {"texts": calibration_texts}))
+        bi = block_influence(base, calibration)
         for k in shortgpt_k:
             removed = shortgpt_layers(bi, k)
             systems.append(
@@ -240,6 +274,9 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("ckpt_path is required: a FlexiDepth folder or a run folder holding flexidepth/")
     paths = [ckpt] + [resolve_checkpoint(p) for p in (cfg.get("more_ckpts") or [])]
     ckpts = list(zip(checkpoint_labels(paths), paths, strict=True))
+    curves = dict(ckpts)
+    if s.always_run_max_skip is not None:
+        curves.update({f"{name}+ar": path for name, path in ckpts})
     torch.set_num_threads(s.threads)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     device = resolve_device(str(cfg.get("device", "cpu")))
@@ -255,7 +292,9 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
     bad = [k for k in s.shortgpt_k if k >= num_layers]
     if bad:
         raise ValueError(f"shortgpt_k {bad}: a {num_layers}-layer model keeps at least one layer")
-    systems = build_systems(base, ckpts, s.taus, s.shortgpt_k, tokenizer, s.calibration_texts)
+    systems = build_systems(
+        base, ckpts, s.taus, s.shortgpt_k, tokenizer, s.calibration_texts, s.always_run_max_skip
+    )
     for sys_ in systems:
         sys_.model.to(device)
     per_set = None
@@ -283,7 +322,7 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "model": str(model_cfg.get("name_or_path")),
         "ckpt": str(ckpt),
-        "ckpts": {name: str(path) for name, path in ckpts},
+        "ckpts": {name: str(path) for name, path in curves.items()},
         "num_layers": num_layers,
         "machine": machine_record(next(base.parameters()).dtype),
         "settings": {**s.__dict__},
@@ -301,6 +340,7 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
             "tau": sys_.tau,
             "k": sys_.k,
             "removed": sys_.removed,
+            "always_run": sys_.always_run,
             "flop_ideal": ideal,
             "speed": speed[sys_.label],
             "ppl": ppl.get(sys_.label, {}),

@@ -396,5 +396,5 @@ def flop_ideal(config, system: System, layers_skipped: float) -> float:
     base = model_macs_per_token(config)
     if system.kind == "flexidepth":
         cfg = system.model.flexidepth.config
-        return base / model_macs_per_token(config, cfg, layers_skipped)
+        return base / model_macs_per_token(config, cfg, layers_skipped, always_run=len(system.always_run))
     return base / (base - layers_skipped * layer_macs(config).full)

@@ -8,6 +8,7 @@ from .checkpoint import export_released, load_flexidepth, load_released, release
 from .config import FlexiDepthConfig, FlexiDepthConfigError
 from .families import FAMILIES, UnsupportedArchitectureError
 from .inject import (
+    always_run_layers,
     flexi_layers,
     flexidepth_state_dict,
     forced_gates,
@@ -16,6 +17,7 @@ from .inject import (
     is_injected,
     parameter_counts,
     routing_active,
+    set_always_run,
     set_routing,
     set_tau,
 )
@@ -28,6 +30,7 @@ __all__ = [
     "RoutedOutput",
     "Routes",
     "UnsupportedArchitectureError",
+    "always_run_layers",
     "export_released",
     "flexi_layers",
     "flexidepth_state_dict",
@@ -43,6 +46,7 @@ __all__ = [
     "routed_forward",
     "routing_active",
     "save_flexidepth",
+    "set_always_run",
     "set_routing",
     "set_tau",
 ]

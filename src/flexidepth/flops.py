@@ -6,6 +6,7 @@ Counted per token and layer, from a HF model config and a FlexiDepthConfig:
     routed layer  = full + router                             (a routed token that runs it)
     skipped layer = k + v + router + adapter                  (K/V are still computed and cached)
     always-skip   = adapter                                   (`always_skip` layers: no token runs them)
+    always-run    = full                                      (`set_always_run` layers: no router call)
 
 Attention scores (q.k and p.v, 2 * H * hd per cached key) are excluded unless `context` is given; RMSNorms,
 RoPE, activations and residual adds are ignored. Llama-3-8B: 218.1M full, 21.5M skipped (9.9%);
@@ -85,13 +86,15 @@ def model_macs_per_token(
     skipped_layers: float = 0.0,
     include_lm_head: bool = True,
     context: int = 0,
+    always_run: int = 0,
 ) -> float:
     """MACs per token of the whole decoder (+ lm_head).
 
     cfg None: the base model. Otherwise a FlexiDepth model whose token skips `skipped_layers` of its
     R routed layers on average (the other routed layers run, paying the router too); the `always_skip`
-    layers are among the skipped ones and cost only their adapter. ValueError: `skipped_layers` outside
-    [len(always_skip), R].
+    layers are among the skipped ones and cost only their adapter; `always_run` of the routed layers run
+    every token without a router call (full cost). ValueError: `skipped_layers` outside
+    [len(always_skip), R - always_run].
     """
     layers = config.num_hidden_layers
     lm = config.vocab_size * config.hidden_size if include_lm_head else 0
@@ -102,12 +105,14 @@ def model_macs_per_token(
     static = len(cfg.always_skip)
     if static - 1e-6 <= skipped_layers < static:  # a mean over tokens, rounded below its exact minimum
         skipped_layers = float(static)
-    if not static <= skipped_layers <= routed:
-        raise ValueError(f"skipped_layers must be in [{static}, {routed}], got {skipped_layers}")
-    run = routed - skipped_layers
+    if not 0 <= always_run <= routed - static:
+        raise ValueError(f"always_run must be in [0, {routed - static}], got {always_run}")
+    if not static <= skipped_layers <= routed - always_run:
+        raise ValueError(f"skipped_layers must be in [{static}, {routed - always_run}], got {skipped_layers}")
+    run = routed - skipped_layers - always_run
     routed_skips = skipped_layers - static
     return (
-        (layers - routed) * lay.full
+        (layers - routed + always_run) * lay.full
         + run * lay.routed_run
         + routed_skips * lay.skipped
         + static * lay.adapter

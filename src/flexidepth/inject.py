@@ -250,6 +250,36 @@ def forced_gates(model: nn.Module, value):
             layer.force_gate = prev
 
 
+def set_always_run(model: nn.Module, layers) -> None:
+    """Make the routed layers `layers` (decoder indices) run every token, and every other routed layer route.
+
+    An always-run layer takes g = 1 without calling its router, so it computes exactly the base layer (the
+    routed layer with its gate forced to 1, in every gate mode) and saves the router's time; routes record
+    it as run with g = 1. An inference option, not stored in checkpoints: it suits layers that the router
+    rarely skips at the chosen tau (`calibrate.rarely_skipped_layers`). `set_always_run(model, [])` undoes it.
+
+    Raises ValueError naming `always_run` for an index that is not a routed layer or is an `always_skip`
+    layer, before any layer is changed.
+    """
+    layers_by_index = {layer.layer_index: layer for layer in flexi_layers(model)}
+    wanted = list(layers)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in wanted):
+        raise ValueError(f"always_run must be a list of layer indices, got {wanted!r}")
+    bad = sorted({i for i in wanted if i not in layers_by_index})
+    if bad:
+        raise ValueError(f"always_run has {bad}, which are not routed layers ({sorted(layers_by_index)})")
+    static = sorted({i for i in wanted if layers_by_index[i].always_skip})
+    if static:
+        raise ValueError(f"always_run has {static}, which are always_skip layers")
+    for index, layer in layers_by_index.items():
+        layer.always_run = index in wanted
+
+
+def always_run_layers(model: nn.Module) -> list[int]:
+    """The routed layers set to run every token (`set_always_run`), in layer order."""
+    return [layer.layer_index for layer in flexi_layers(model) if layer.always_run]
+
+
 def set_tau(model: nn.Module, tau: float) -> None:
     """Change the decision threshold (run iff g > tau) of every routed layer: the one writer of tau.
 

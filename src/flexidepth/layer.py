@@ -8,7 +8,9 @@ Per token, g = sigmoid(router(N_a(x))) and the hard decision run = g > tau:
 
 A layer listed in `always_skip` (config.py) is skipped by every token with g = 0 and computes only
 y = x + Adapter(N_f(x)): no router call, no attention and no K/V (no token runs it, so nothing would read
-them), in training and at inference alike.
+them), in training and at inference alike. Its mirror, a layer set to `always_run` (`set_always_run`, an
+inference option for routed layers the router rarely skips), is run by every token with g = 1 and computes
+exactly the base layer without calling the router.
 
 The training forward below is the sequence form: attention and FFN run on every row and the rows that
 skip are masked out, which equals the per-token definition (a row's query only affects its own output,
@@ -99,6 +101,9 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         self.kv_for_skipped = cfg.kv_for_skipped
         # every token skips this layer (static): no router, attention or K/V; forced gates do not apply
         self.always_skip = layer_index in cfg.always_skip
+        # every token runs this layer (inference option, `set_always_run`): the gate taken as 1 without
+        # calling the router, i.e. exactly the base layer; recorded as run with g = 1
+        self.always_run = False
         self.recorder = recorder
         self.family = family
         self.routing = True  # False: behave exactly like the base layer (no router, no g scaling)
@@ -171,7 +176,10 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        if not self.routing:
+        if self.routing and self.always_run:
+            ran = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            self.recorder.record(self.layer_index, ran.float(), ran)
+        if not self.routing or self.always_run:
             a, _ = self.self_attn(hidden_states=z, attention_mask=attention_mask, **attn_kwargs)
             h = x + a
             return h + self.mlp(self.post_attention_layernorm(h))

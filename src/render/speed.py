@@ -62,6 +62,15 @@ def speed_markdown(results: dict) -> str:
             r = s["speed"][mode]
             cells += [f"{r['tokens_per_s']:.1f}", f"{r['speedup_wall']:.3f} ({r['speedup_cpu']:.3f})"]
         lines.append("| " + " | ".join(cells) + " |")
+    always_run = {label: s["always_run"] for label, s in results["systems"].items() if s.get("always_run")}
+    if always_run:
+        lines += [
+            "",
+            "Routed layers run without their router (`<checkpoint>+ar`: at most "
+            f"{st['always_run_max_skip']:g} of the calibration tokens skip them at that tau): "
+            + "; ".join(f"`{label}` {layers}" for label, layers in always_run.items())
+            + ".",
+        ]
     ref = results.get("loop_vs_hf")
     if ref:
         lines += [
