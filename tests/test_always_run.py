@@ -15,7 +15,7 @@ from src.flexidepth.calibrate import layer_skip_rates, rarely_skipped_layers
 from src.flexidepth.flops import layer_macs, model_macs_per_token
 from src.flexidepth.generation import generate
 from tests.conftest import tiny_config
-from tests.test_generation import _forward, _mixed_model, _prompt
+from tests.test_generation import _forward, _mixed_model, _prompt, hf_greedy
 
 ROUTED, ALWAYS_RUN = "3:6", [3, 5]
 
@@ -79,15 +79,7 @@ def test_always_run_generation_equals_forced_and_hf_generate(family):
     assert torch.equal(ours.sequences, ref.sequences) and torch.equal(ours.run, ref.run)
     torch.testing.assert_close(ours.logits, ref.logits, rtol=1e-4, atol=1e-4)
     assert ours.run[..., [0, 2]].all()
-    with torch.no_grad():
-        hf = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=6,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
+    hf = hf_greedy(model, ids, mask, 6)
     assert torch.equal(hf, ours.sequences)
 
 

@@ -22,7 +22,7 @@ from src.flexidepth import (
 from src.flexidepth.flops import layer_macs, model_macs_per_token
 from src.flexidepth.generation import generate
 from tests.conftest import tiny_config, tiny_model
-from tests.test_generation import _forward, _mixed_model, _prompt
+from tests.test_generation import _forward, _mixed_model, _prompt, hf_greedy
 
 ROUTED, STATIC = "3:6", [4]
 
@@ -71,15 +71,7 @@ def test_always_skip_generation_equals_forced_and_hf_generate(family):
     torch.testing.assert_close(ours.logits, ref.logits, rtol=1e-4, atol=1e-4)
     assert not ours.run[..., 1].any()
     assert torch.equal(ours.layers_used, 3 + ours.run.sum(-1))  # 3 unrouted layers + those run
-    with torch.no_grad():
-        hf = static.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=6,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
+    hf = hf_greedy(static, ids, mask, 6)
     assert torch.equal(hf, ours.sequences)
 
 

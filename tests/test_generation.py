@@ -64,6 +64,19 @@ def _positions(mask):
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+def hf_greedy(model, ids, mask, new_tokens: int) -> torch.Tensor:
+    """HF `generate`, greedy, no EOS stop: [B, P] -> [B, P + new_tokens] (the reference for our loop)."""
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+
+
 def _forward(model, ids, mask, fast):
     set_fast_path(model, fast)
     try:
@@ -263,27 +276,11 @@ def test_hf_generate_equals_ours(family):
     model = _mixed_model(family)
     ids, mask = _prompt(3)
     ours = generate(model, None, ids, mask, max_new_tokens=N_NEW)
-    with torch.no_grad():
-        hf = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=N_NEW,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
+    hf = hf_greedy(model, ids, mask, N_NEW)
     assert torch.equal(hf, ours.sequences)
     # and for the unrouted base model our loop equals HF too
     base = tiny_model(family)
-    with torch.no_grad():
-        hf_base = base.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=N_NEW,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
+    hf_base = hf_greedy(base, ids, mask, N_NEW)
     ours_base = generate(base, None, ids, mask, max_new_tokens=N_NEW)
     assert torch.equal(hf_base, ours_base.sequences) and ours_base.run is None
 
