@@ -14,8 +14,9 @@ Timings (one intra-op thread by default), after `warmup` untimed rounds, `rounds
 and by process CPU time (CPU time excludes what other processes on a shared machine took from us):
   decode at batch 1 (each prompt alone) and at `batch` rows (prompts cycled), in lockstep: every system
       decodes the same prompt with its own KV cache and step t of every system runs before step t + 1 of
-      any (order rotating), so a machine whose speed drifts over seconds slows all systems alike; only the
-      decode steps are timed (the prefill before them is not); tokens/s = rows * new_tokens / seconds;
+      any (a fresh seeded order every step), so a machine whose speed drifts over seconds slows all
+      systems alike; only the decode steps are timed (the prefill before them is not); tokens/s =
+      rows * new_tokens / seconds;
   prefill at batch 1 over `prefill_length` tokens, interleaved (every system once per round, the order
       rotating): tokens/s = prefill_length / seconds.
 Ratios are the median over rounds of base seconds / system seconds of the same round (paired); our loop

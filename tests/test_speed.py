@@ -84,39 +84,52 @@ def test_interleaved_rotates_and_medians():
 
 
 def test_lockstep_alternates_steps_and_sums_per_round():
-    """Step t of every system runs before step t + 1 of any (order rotating with round and step); iterators
-    are made per round and unit; per-round sums; warm-up rounds are not recorded."""
+    """Step t of every system runs before step t + 1 of any, each system once per step, in an order drawn
+    afresh per step (seeded: the same seed gives the same order; no system always follows the same one);
+    iterators are made per round and unit; per-round sums; warm-up rounds are not recorded."""
     from src.eval.speed_timing import lockstep, paired_speedup
 
-    calls, made = [], []
+    names = ["a", "b", "c", "d"]
+    steps_of = {"a": 3, "b": 2, "c": 3, "d": 3}  # systems may have different step counts: b stops early
 
-    def unit(name, seconds):
-        def make(u):
-            made.append((name, u))
-            steps = 2 if name == "b" else 3  # systems may have different step counts: b stops early
+    def run(seed):
+        calls, made = [], []
 
-            def gen():
-                for t in range(steps):
-                    calls.append((name, u, t))
-                    yield seconds, seconds / 2
+        def unit(name):
+            def make(u):
+                made.append((name, u))
 
-            return gen()
+                def gen():
+                    for t in range(steps_of[name]):
+                        calls.append((name, u, t))
+                        yield 1.0 + names.index(name), 0.5
 
-        return make
+                return gen()
 
-    res = lockstep({"a": unit("a", 1.0), "b": unit("b", 0.5)}, n_units=2, rounds=2, warmup=1)
-    assert made == [("a", 0), ("b", 0), ("a", 1), ("b", 1)] * 3
-    first = calls[:5]  # warm-up round 0, unit 0: shift (r + step) % 2 = 0, 1, 0
-    assert first == [("a", 0, 0), ("b", 0, 0), ("b", 0, 1), ("a", 0, 1), ("a", 0, 2)]
-    second_round = calls[10:15]  # round 1 starts with shift 1
-    assert second_round == [("b", 0, 0), ("a", 0, 0), ("a", 0, 1), ("b", 0, 1), ("a", 0, 2)]
-    for r in range(3):  # every system's step t precedes every system's step t + 1 within a unit
-        for u in range(2):
-            seq = [c for c in calls[r * 10 + u * 5 : r * 10 + u * 5 + 5]]
-            steps = [t for _, _, t in seq]
-            assert steps == sorted(steps)
+            return make
+
+        res = lockstep({n: unit(n) for n in names}, n_units=2, rounds=2, warmup=1, seed=seed)
+        return res, calls, made
+
+    res, calls, made = run(seed=0)
+    assert made == [(n, u) for _ in range(3) for u in range(2) for n in names]
+    per_unit = sum(steps_of.values())  # 11 steps per unit
+    assert len(calls) == 3 * 2 * per_unit
+    orders = []
+    for k in range(6):  # (round, unit) blocks
+        block = calls[k * per_unit : (k + 1) * per_unit]
+        steps = [t for _, _, t in block]
+        assert steps == sorted(steps)  # every system's step t before any system's step t + 1
+        for t in range(3):
+            here = [n for n, _, tt in block if tt == t]
+            assert sorted(here) == sorted(n for n in names if steps_of[n] > t)  # each system once per step
+            orders.append(tuple(here))
+    assert len(set(orders)) > 3  # the order changes from step to step
+    followers = {tuple(o[i : i + 2]) for o in orders for i in range(len(o) - 1)}
+    assert ("a", "b") in followers and ("c", "b") in followers  # b follows different systems
+    assert run(seed=0)[1] == calls and run(seed=1)[1] != calls  # seeded
     assert res["a"] == {"wall": [6.0, 6.0], "cpu": [3.0, 3.0]}  # 2 units x 3 steps x 1.0 s
-    assert res["b"] == {"wall": [2.0, 2.0], "cpu": [1.0, 1.0]}
+    assert res["b"] == {"wall": [8.0, 8.0], "cpu": [2.0, 2.0]}  # 2 units x 2 steps x 2.0 s
     assert paired_speedup([2.0, 4.0, 3.0], [1.0, 1.0, 3.0]) == 2.0  # median of 2, 4, 1
     with pytest.raises(ValueError):
         paired_speedup([1.0], [1.0, 2.0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,29 +192,29 @@ def interleaved(fns: dict[str, Any], rounds: int, warmup: int) -> dict[str, dict
 
 
 def lockstep(
-    units: dict[str, Any], n_units: int, rounds: int, warmup: int
+    units: dict[str, Any], n_units: int, rounds: int, warmup: int, seed: int = 0
 ) -> dict[str, dict[str, list[float]]]:
     """Decode timings of several systems advanced one step at a time in turn (paired measurement).
 
     `units[name](u)` returns system `name`'s step iterator for unit u in [0, n_units) (e.g. a `DecodeSteps`
     over prompt u; each `next()` returns the (wall, cpu) seconds of one step). Per round and unit, every
     system's iterator is created (untimed prefills), then step t of every system runs before step t + 1 of
-    any, the order of systems rotating with the round and the step. A machine whose speed drifts over
-    seconds (other tenants' memory traffic on a shared host) then slows every system's step t alike, which
-    system-after-system timing (`interleaved`, where two systems' runs lie seconds apart) does not give.
-    `warmup` untimed rounds first. Returns {name: {"wall": [...], "cpu": [...]}}, one sum per round.
+    any, in an order drawn afresh for every step (seeded: `seed`), so no system always follows the same
+    other one. A machine whose speed drifts over seconds (other tenants' memory traffic on a shared host)
+    then slows every system's step t alike, which system-after-system timing (`interleaved`, where two
+    systems' runs lie seconds apart) does not give. `warmup` untimed rounds first. Returns
+    {name: {"wall": [...], "cpu": [...]}}, one sum per round.
     """
     names = list(units)
     res = {n: {"wall": [], "cpu": []} for n in names}
+    order_rng = random.Random(seed)
     for r in range(warmup + rounds):
         wall = dict.fromkeys(names, 0.0)
         cpu = dict.fromkeys(names, 0.0)
         for u in range(n_units):
             its = {n: units[n](u) for n in names}
-            step = 0
             while its:
-                shift = (r + step) % len(names)
-                for name in names[shift:] + names[:shift]:
+                for name in order_rng.sample(names, len(names)):
                     if name not in its:
                         continue
                     try:
@@ -223,7 +224,6 @@ def lockstep(
                         continue
                     wall[name] += w
                     cpu[name] += c
-                step += 1
         if r >= warmup:
             for n in names:
                 res[n]["wall"].append(wall[n])
