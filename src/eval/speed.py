@@ -169,9 +169,7 @@ def build_systems(
     from ..methods.shortgpt import block_influence, shortgpt_layers
 
     systems = [System("base", "base", base)]
-    calibration = None
-    if shortgpt_k or always_run_max_skip is not None:
-        calibration = calibration_batches(tokenizer, {"texts": calibration_texts})
+    calibration = calibration_batches(tokenizer, {"texts": calibration_texts})  # tokenized once, not run
     for name, ckpt in ckpts:
         method = checkpoint_method(ckpt)
         if method != "flexidepth":
