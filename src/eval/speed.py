@@ -169,7 +169,8 @@ def build_systems(
     from ..methods.shortgpt import block_influence, shortgpt_layers
 
     systems = [System("base", "base", base)]
-    calibration = calibration_batches(tokenizer, {"texts": calibration_texts})  # tokenized once, not run
+    needed = shortgpt_k or always_run_max_skip is not None  # Block Influence / skip rates read it
+    calibration = calibration_batches(tokenizer, {"texts": calibration_texts}) if needed else None
     for name, ckpt in ckpts:
         method = checkpoint_method(ckpt)
         if method != "flexidepth":
@@ -185,7 +186,6 @@ def build_systems(
         for t in taus:
             set_tau(flexi, t)
             always_run = rarely_skipped_layers(flexi, calibration, always_run_max_skip)
-            log.info("speed: %s at tau %g: always run %s", name, t, always_run)
             systems.append(
                 System(
                     f"{name}+ar@{t:g}",

@@ -3,7 +3,7 @@ of layers, and the routed layers it rarely skips at a tau (worth running without
 
 tau = tau_for_k(model, batches, k=4.0)     # batches: [(input_ids [B, T], attention_mask [B, T])]
 set_tau(model, tau)                        # src/flexidepth/inject.py
-set_always_run(model, rarely_skipped_layers(model, batches, max_skip_rate=0.05))
+set_always_run(model, rarely_skipped_layers(model, batches, max_skip_rate=0.1))
 """
 
 from __future__ import annotations
