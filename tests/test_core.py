@@ -360,6 +360,39 @@ def test_checkpoint_round_trip(tmp_path):
         load_flexidepth(tiny_model("qwen3", layers=6), tmp_path / "ckpt")
 
 
+def test_run_folder_loads_like_its_checkpoint_folder(tmp_path):
+    """A training run folder (checkpoint in run/flexidepth/) is accepted wherever a checkpoint folder is:
+    load_flexidepth, read_checkpoint_config and the methods' apply (benchmarks and tools pass run folders)."""
+    from src.flexidepth.checkpoint import read_checkpoint_config
+    from src.methods import build_method
+
+    base = tiny_model("llama")
+    model = inject(copy.deepcopy(base), FlexiDepthConfig(tau=0.3))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2)
+    run = tmp_path / "run"
+    save_flexidepth(model, run / "flexidepth")
+    assert read_checkpoint_config(run) == read_checkpoint_config(run / "flexidepth")
+    ids = _ids()
+    loaded = [load_flexidepth(copy.deepcopy(base), run)]
+    for spec in ({"name": "flexidepth"}, {"name": "random_skip", "match_rates": False, "k": 1}):
+        applied = copy.deepcopy(base)
+        build_method(spec).apply(applied, ckpt=run)
+        loaded.append(applied)
+    want = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for other in loaded:
+        got = {n: p for n, p in other.named_parameters() if n in want}
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            routed_forward(loaded[0], ids).logits, routed_forward(model, ids).logits, rtol=0, atol=0
+        )
+    with pytest.raises(FileNotFoundError, match="not a FlexiDepth checkpoint folder"):
+        read_checkpoint_config(tmp_path)
+
+
 def test_released_key_map_loads_synthetic_checkpoint():
     model = inject(tiny_model("llama"), FlexiDepthConfig())
     d, dr, m = 64, 4, 8

@@ -109,8 +109,9 @@ def resolve_checkpoint(path: str | Path | None) -> Path | None:
 
 
 def read_checkpoint_config(folder: str | Path) -> dict:
-    """The json config of a FlexiDepth checkpoint folder; CheckpointError naming the file if damaged."""
-    path = Path(folder) / CONFIG
+    """The json config of a FlexiDepth checkpoint folder (or of a training run folder: its flexidepth/, as
+    `checkpoint_folder`); FileNotFoundError if neither holds it, CheckpointError naming the file if damaged."""
+    path = (checkpoint_folder(folder) or Path(folder)) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a FlexiDepth checkpoint folder")
     try:
@@ -126,11 +127,13 @@ def read_checkpoint_config(folder: str | Path) -> dict:
 def load_flexidepth(model, folder: str | Path):
     """Load router/adapter weights into `model`, injecting first (with the stored config) if needed.
 
+    `folder`: a FlexiDepth checkpoint folder or a training run folder (its flexidepth/, as `checkpoint_folder`).
+
     Raises if the stored base model or gate mode does not match: serving a checkpoint under another gate
     mode fails silently otherwise (docs/method.md §3.6). CheckpointError (naming the file) if a file is damaged
     or the weights hold NaN/inf.
     """
-    folder = Path(folder)
+    folder = checkpoint_folder(folder) or Path(folder)
     meta = read_checkpoint_config(folder)
     stored = FlexiDepthConfig.from_dict(meta["flexidepth"])
     mine = base_identity(model)
