@@ -415,6 +415,79 @@ def test_folded_router_equals_router_and_follows_weight_changes(dtype):
     assert router(z, folded=True).dtype == torch.float32
 
 
+# ---------------------------------------------------------------------------------------------- skip-path forms
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_equals_each_family_norm_module(family, dtype):
+    """families.rms_norm (one F.rms_norm) = the family's own RMSNorm module, fp32 and bf16, to rounding;
+    a norm of another class is called as is."""
+    from src.flexidepth.families import rms_norm
+
+    norm = tiny_model(family).model.layers[0].post_attention_layernorm.to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, norm.weight.numel()))
+    x = (torch.randn(3, 5, norm.weight.numel()) * 3).to(dtype)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    with torch.inference_mode():
+        got, want = rms_norm(norm, x), norm(x)
+    assert got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got, want, **tol)
+
+    class OtherNorm(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    assert torch.equal(rms_norm(OtherNorm(), x), x * 2)
+
+
+@pytest.mark.parametrize(
+    "adapter_dtype,input_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+)
+def test_adapter_fast_form_equals_module_form(adapter_dtype, input_dtype):
+    from src.flexidepth.modules import SwiGLUAdapter
+
+    torch.manual_seed(0)
+    adapter = SwiGLUAdapter(64, 8)
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    adapter.to(adapter_dtype)
+    u = torch.randn(3, 5, 64).to(input_dtype)
+    with torch.inference_mode():
+        got, want = adapter(u, fast=True), adapter(u)
+    assert got.dtype == want.dtype == input_dtype
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("always_skip", [(), (2,)])
+def test_inference_skip_paths_use_the_fast_adapter_and_training_does_not(always_skip):
+    """Every skip path with autograd off (static layer, batch-1 decode, batched decode, prefill) calls the
+    adapter's fast form; the masked path and any forward with autograd on call the module form."""
+    model = _mixed_model("llama", always_skip=always_skip)
+    seen = []
+    hooks = [
+        layer.adapter.register_forward_hook(
+            lambda mod, args, kwargs, out: seen.append(kwargs.get("fast", False)), with_kwargs=True
+        )
+        for layer in flexi_layers(model)
+    ]
+    try:
+        for batch in (1, 3):
+            ids, mask = _prompt(batch)
+            generate(model, None, ids, mask, max_new_tokens=3)
+        assert seen and all(seen)
+        seen.clear()
+        ids, mask = _prompt(2)
+        _forward(model, ids, mask, False)
+        static = [fast for fast in seen if fast]
+        assert len(static) == len(always_skip) and len(seen) == 2  # the static layer: autograd is off
+        seen.clear()
+        routed_forward(model, ids, attention_mask=mask, position_ids=_positions(mask))
+        assert seen == [False, False]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def test_fast_path_uses_the_folded_router_and_masked_path_does_not(family):
     model = _mixed_model(family)
     seen = []
