@@ -8,16 +8,13 @@ a fresh seeded order per step; process CPU time per decoded token, median over r
   base                 the base model (SmolLM2-135M, the embedded model)
   pruned_routed        the base with every routed layer deleted (`prune_layers`)
   all_run              the checkpoint with every gate forced high: router cost only
-  all_skip             every gate forced low: every routed layer takes the skip path (its inference form:
-                       fused RMSNorm, the adapter's `fast` form)
-  all_skip_module_form the same with the skip path's norm and adapter called as modules (the training-side
-                       form; what the inference form saves)
+  all_skip             every gate forced low: every routed layer takes the skip path
   all_skip_no_kv       all_skip with the K/V projection and rotary of skipped tokens replaced by a cached
                        result (what deferring or dropping their K/V could save at most; not a servable model)
 
 Derived, per routed layer (R of them): full layer F = (base - pruned_routed) / R; router overhead =
-(all_run - base) / R; skipped layer S = (all_skip - pruned_routed) / R, and S in the other two forms. A deleted
-layer saves F; a skipped one saves F - S.
+(all_run - base) / R; skipped layer S = (all_skip - pruned_routed) / R, and S without K/V. A deleted layer saves
+F; a skipped one saves F - S.
 """
 
 from __future__ import annotations
@@ -67,21 +64,14 @@ def main(argv=None):
             kept[key] = real_kv(family, attn, z, cos, sin)
         return kept[key]
 
-    def module_form(layer):
-        return lambda x: layer.adapter(layer.post_attention_layernorm(x))
-
-    def setup(gate=None, no_kv=False, module=False):
-        """Untimed, before every step of a variant: the flexi model's forced gate, skip-path form and
-        K/V projection as this variant needs them (the variants share one model)."""
+    def setup(gate=None, no_kv=False):
+        """Untimed, before every step of a variant: the flexi model's forced gate and K/V projection as
+        this variant needs them (the variants share one model)."""
 
         def prepare():
             layer_module.project_kv = cached_kv if no_kv else real_kv
             for layer in layers:
                 layer.force_gate = gate
-                if module:
-                    layer._adapt = module_form(layer)
-                else:
-                    layer.__dict__.pop("_adapt", None)
 
         return prepare
 
@@ -90,7 +80,6 @@ def main(argv=None):
         "pruned_routed": (pruned, setup()),
         "all_run": (flexi, setup(1.0)),
         "all_skip": (flexi, setup(0.0)),
-        "all_skip_module_form": (flexi, setup(0.0, module=True)),
         "all_skip_no_kv": (flexi, setup(0.0, no_kv=True)),
     }
     units = {
@@ -101,8 +90,6 @@ def main(argv=None):
         res = lockstep(units, len(prompts), args.rounds, warmup=1)
     finally:
         setup()()
-        for layer in layers:
-            layer.force_gate = None
     tokens = args.new * len(prompts)
     ms = {k: common.med(v["cpu"]) / tokens * 1000 for k, v in res.items()}
     n = len(routed)
@@ -118,12 +105,8 @@ def main(argv=None):
     print(f"| full layer F | {full:.3f} | 1.00 |")
     rows = [("router overhead (run path)", ms["all_run"] - ms["base"])]
     rows += [
-        (f"skipped layer S ({label})", ms[key] - ms["pruned_routed"])
-        for label, key in (
-            ("inference form", "all_skip"),
-            ("module form", "all_skip_module_form"),
-            ("inference form, without K/V", "all_skip_no_kv"),
-        )
+        ("skipped layer S", ms["all_skip"] - ms["pruned_routed"]),
+        ("skipped layer without K/V", ms["all_skip_no_kv"] - ms["pruned_routed"]),
     ]
     for label, total in rows:
         print(f"| {label} | {total / n:.3f} | {total / n / full:.2f} |")

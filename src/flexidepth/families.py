@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -72,25 +71,6 @@ def project_kv(family: Family, attn, z: torch.Tensor, cos: torch.Tensor, sin: to
 # mask (True = attend) or None (plain causal), eager an additive float mask. Both already encode padding
 # and any active sliding window (transformers builds the mask per layer type).
 FAST_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-# The RMSNorm classes of the supported families: weight * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(x.dtype)
-RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-
-
-def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` for a family RMSNorm module in one fused `F.rms_norm` (inference skip paths, layer.py).
-
-    x: [..., d] -> [..., d]. The statistic is taken in fp32 and the weight applied after the cast back to
-    x's dtype, as the modules in `RMS_NORM_CLASSES` do, so the value equals theirs up to fp32 rounding
-    (1 op instead of 7 at fp32). Any other norm class is called as is.
-    """
-    if type(norm).__name__ not in RMS_NORM_CLASSES:
-        return norm(x)
-    weight, eps = norm.weight, norm.variance_epsilon
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def project_q_rows(

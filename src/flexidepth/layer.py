@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .families import FAST_ATTN_IMPLEMENTATIONS, Family, project_kv, project_q_rows, rms_norm
+from .families import FAST_ATTN_IMPLEMENTATIONS, Family, project_kv, project_q_rows
 
 GateForce = float | Callable[[torch.Tensor, int], torch.Tensor] | None
 
@@ -217,15 +217,7 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         self.recorder.record(self.layer_index, skipped.float(), skipped)
         if self.adapter is None:
             return x
-        if torch.is_grad_enabled():
-            return x + self.adapter(self.post_attention_layernorm(x))
-        return x + self._adapt(x)
-
-    def _adapt(self, x: torch.Tensor) -> torch.Tensor:
-        """Adapter(N_f(x)) in its inference form (autograd off): the norm as one fused `F.rms_norm`
-        (families.rms_norm) and the adapter's `fast` form; equal to the module calls up to fp32 rounding.
-        x: [..., d] -> [..., d]. The adapter is still called as a module, so its hooks see every call."""
-        return self.adapter(rms_norm(self.post_attention_layernorm, x), fast=True)
+        return x + self.adapter(self.post_attention_layernorm(x))
 
     def _difference_forward(self, x: torch.Tensor, a: torch.Tensor, g: torch.Tensor, run: torch.Tensor):
         """Training forward of gate_mode="difference": the value of the hard choice, gradient of the mixture.
@@ -302,7 +294,7 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
     # Real skipping (docs/method.md §3.5, last bullet). Same numbers as the masked forward above, but:
     #   * K/V (RoPE'd; Qwen3 k_norm) of *every* row are projected once and written to the cache once;
     #   * q_proj, attention scores, o_proj and the FFN run only on the rows with g > tau;
-    #   * the adapter runs only on the skipped rows, in its inference form (`_adapt`).
+    #   * the adapter runs only on the skipped rows.
     # Rows are flattened to [B*T] and gathered with index_select, results written back with index_copy_.
     # The attention of the gathered queries reuses the model's own 4D mask (padding, causality and any
     # active sliding window are already in it), gathered to the running rows; a None mask means plain
@@ -364,7 +356,7 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
                 return h + (g.unsqueeze(-1).to(x.dtype) * ffn if self.gate_mode == "released" else ffn)
             if self.adapter is None:
                 return x
-            ad = self._adapt(x)
+            ad = self.adapter(self.post_attention_layernorm(x))
             return x + ((1.0 - g).unsqueeze(-1).to(x.dtype) * ad if self.gate_mode == "released" else ad)
 
         w_run, w_skip = self.branch_weights(g, run, x.dtype)
@@ -386,7 +378,7 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         xs = x_flat.index_select(0, idx_skip)
         if self.adapter is not None:
             ws = w_skip.reshape(n_rows, 1).index_select(0, idx_skip)
-            xs = xs + ws * self._adapt(xs)
+            xs = xs + ws * self.adapter(self.post_attention_layernorm(xs))
         out.index_copy_(0, idx_skip, xs)
         if n_run == 0:
             return out.view(bsz, seq, dim)
@@ -437,7 +429,9 @@ class FlexiDepthLayer(GradientCheckpointingLayer):
         idx_run, idx_skip = order[:n_run], order[n_run:]
         xs = x_flat.index_select(0, idx_skip)
         if self.adapter is not None:
-            xs = xs + w_skip.reshape(bsz, 1).index_select(0, idx_skip) * self._adapt(xs)
+            xs = xs + w_skip.reshape(bsz, 1).index_select(0, idx_skip) * self.adapter(
+                self.post_attention_layernorm(xs)
+            )
         out.index_copy_(0, idx_skip, xs)
         if n_run == 0:
             return out.view(bsz, 1, dim)
