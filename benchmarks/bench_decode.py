@@ -242,6 +242,8 @@ def main(argv=None):
         "--compile-backend", default="inductor", help="torch.compile backend (eager: tracing only)"
     )
     args = p.parse_args(argv)
+    if args.skip_random and args.smollm2 == "none":
+        p.error("--skip-random with --smollm2 none leaves nothing to measure")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(" ".join(sys.argv), flush=True)

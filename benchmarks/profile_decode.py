@@ -5,8 +5,8 @@ so tokens mix running and skipping; or a trained checkpoint with --ckpt).
     .venv/bin/python benchmarks/profile_decode.py                     # ~1 min on 2 cores
     .venv/bin/python benchmarks/profile_decode.py --ckpt outputs/train/runs/<run> --tau 0.7 --rows 20
 
-Timed region: `--new` decode steps after an untimed prefill of a `--prompt`-token prompt (src/speed.py's
-decode_timed), one thread, fp32.
+Timed region: `--new` decode steps after an untimed prefill of a `--prompt`-token prompt of random token ids
+(`decode_timed`, src/eval/speed_timing.py), one thread, fp32.
 """
 
 from __future__ import annotations

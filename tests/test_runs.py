@@ -260,7 +260,10 @@ def test_eval_refuses_before_loading_anything(tmp_path, no_model_load):
         ),
         ([f"ckpt_path={llama}", "eval.tau=1.5"], r"eval\.tau must be null or a number in \[0, 1\], got 1\.5"),
         ([f"ckpt_path={tmp_path / 'nope'}"], r"ckpt_path='.*nope': no such file or folder"),
-        (["eval.device=cuda"], r"eval\.device=cuda but this machine has no CUDA GPU"),
+        (
+            ["eval.device=cuda"],
+            r"eval\.device=cuda but this machine has no CUDA GPU.*use eval\.device=cpu to run",
+        ),
     ]
     if torch.cuda.is_available():
         cases.pop()
@@ -312,8 +315,9 @@ def test_train_refuses_gpu_offline_hub_and_missing_paths_before_loading(tmp_path
     if not torch.cuda.is_available():
         with pytest.raises(
             PreflightError, match=r"trainer\.accelerator=gpu but this machine has no CUDA GPU"
-        ):
+        ) as err:
             _train(["trainer.accelerator=gpu"], run)
+        assert "use trainer.accelerator=cpu (or trainer=cpu)" in str(err.value)
     with pytest.raises(PreflightError) as err:
         _train(["data.source=allenai/tulu-3-sft-mixture"], run)
     assert "data.source='allenai/tulu-3-sft-mixture' is a Hugging Face hub dataset" in str(err.value)

@@ -316,14 +316,19 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
         ("ckpt_path=/nonexistent/run", "ckpt_path"),
         ("always_run_max_skip=1.0", "always_run_max_skip"),
         ("always_run_max_skip=true", "always_run_max_skip"),
+        ("taus=0.5", "taus"),
+        ("shortgpt_k=[4]", "shortgpt_k: \\[4\\] would delete every layer of a 4-layer model"),
     ],
 )
 def test_speed_refuses_bad_settings(tmp_path, tiny_ckpt, override, match):
+    """Every bad setting is a user error (one message naming the key, no traceback) raised by preflight,
+    before any model is loaded."""
     from src.config import preflight
     from src.eval.speed import speed_settings
+    from src.utils.errors import UserError
 
     cfg = _speed_cfg(tmp_path, tiny_ckpt, [override])
-    with pytest.raises(Exception, match=match):
+    with pytest.raises(UserError, match=match):
         preflight(cfg, "speed", settings=speed_settings)
 
 

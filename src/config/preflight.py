@@ -120,9 +120,10 @@ def accelerator_problems(accelerator: str | None, key: str, recipe_hint: bool = 
         hint = (
             " (conf/recipe/_gpu.yaml sets it for hub models: their recipe needs a GPU)" if recipe_hint else ""
         )
+        group = " (or trainer=cpu)" if key == "trainer.accelerator" else ""  # only src.train has the group
         return [
             f"{key}={accelerator} but this machine has no CUDA GPU (torch.cuda.is_available() is False){hint}; "
-            f"use {key}=cpu (or trainer=cpu) to run on the CPU"
+            f"use {key}=cpu{group} to run on the CPU"
         ]
     return []
 
@@ -261,6 +262,7 @@ def preflight(cfg: DictConfig, command: str, settings: Callable[[DictConfig], An
         problems += ckpt_path_problems(cfg, model_cfg, problems, required=command in ("export", "speed"))
     if command == "speed":
         problems += more_ckpts_problems(cfg, model_cfg, problems)
+        problems += shortgpt_k_problems(cfg, model_cfg, problems)
     raise_if(problems, command)
     return result
 
@@ -295,6 +297,20 @@ def ckpt_path_problems(cfg: DictConfig, model_cfg: dict, problems: list[str], re
             raise
         return [str(err)]
     return [] if problems else flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
+
+
+def shortgpt_k_problems(cfg: DictConfig, model_cfg: dict, problems: list[str]) -> list[str]:
+    """src.speed's `shortgpt_k`: every k below the base model's layer count (a pruned model keeps one layer);
+    checked when the model's config was reachable (nothing before it failed)."""
+    if problems:
+        return []
+    layers = model_identity(model_cfg)["num_hidden_layers"]
+    bad = [k for k in cfg.get("shortgpt_k") or [] if k >= layers]
+    return (
+        [f"shortgpt_k: {bad} would delete every layer of a {layers}-layer model (k <= {layers - 1})"]
+        if bad
+        else []
+    )
 
 
 def more_ckpts_problems(cfg: DictConfig, model_cfg: dict, problems: list[str]) -> list[str]:

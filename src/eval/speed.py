@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..flexidepth.files import atomic_write_text
 from ..render.speed import plot_speed, set_mode, speed_markdown
+from ..utils.errors import ConfigError
 from .curves import interpolate
 from .speed_timing import flop_ideal, heldout_prompts, loop_vs_hf, machine_record, measure_speed
 
@@ -50,8 +51,8 @@ class SpeedSettings:
 
 
 def speed_settings(cfg: DictConfig) -> SpeedSettings:
-    """conf/speed.yaml's measurement keys, checked; ValueError naming the key otherwise (before any model
-    work). taus: numbers in [0, 1]; shortgpt_k: whole numbers >= 1; counts >= 1 (batch, ppl_max_tokens:
+    """conf/speed.yaml's measurement keys, checked; ConfigError naming the key otherwise (before any model
+    work; `shortgpt_k` against the model's depth: preflight). taus: numbers in [0, 1]; shortgpt_k: whole numbers >= 1; counts >= 1 (batch, ppl_max_tokens:
     0 / null switch that part off); heldout: known held-out set names."""
     from ..data.mixture import check_heldout
 
@@ -60,25 +61,25 @@ def speed_settings(cfg: DictConfig) -> SpeedSettings:
         if v is None and allow_none:
             return None
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{key} must be an integer >= {low}, got {v!r}")
+            raise ConfigError(f"{key} must be an integer >= {low}, got {v!r}")
         return int(v)
 
     taus = cfg.get("taus")
     if taus is None or isinstance(taus, (str, int, float)) or len(taus) == 0:
-        raise ValueError(f"taus must be a non-empty list of thresholds in [0, 1], got {taus!r}")
+        raise ConfigError(f"taus must be a non-empty list of thresholds in [0, 1], got {taus!r}")
     for t in taus:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
-            raise ValueError(f"taus: every threshold must be a number in [0, 1], got {t!r}")
+            raise ConfigError(f"taus: every threshold must be a number in [0, 1], got {t!r}")
     ks = cfg.get("shortgpt_k") or []
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"shortgpt_k: every k must be an integer >= 1, got {k!r}")
+            raise ConfigError(f"shortgpt_k: every k must be an integer >= 1, got {k!r}")
     ar = cfg.get("always_run_max_skip")
     if ar is not None and (isinstance(ar, bool) or not isinstance(ar, (int, float)) or not 0 <= ar < 1):
-        raise ValueError(f"always_run_max_skip must be null or a skip rate in [0, 1), got {ar!r}")
+        raise ConfigError(f"always_run_max_skip must be null or a skip rate in [0, 1), got {ar!r}")
     heldout = check_heldout(list(cfg.get("heldout") or []), "heldout")
     if not heldout:
-        raise ValueError("heldout must name at least one held-out set (prompts come from them)")
+        raise ConfigError("heldout must name at least one held-out set (prompts come from them)")
     return SpeedSettings(
         taus=sorted({float(t) for t in taus}),
         shortgpt_k=sorted({int(k) for k in ks}),
@@ -104,7 +105,7 @@ def speed_settings(cfg: DictConfig) -> SpeedSettings:
 def _flag(cfg: DictConfig, key: str) -> bool:
     v = cfg.get(key, False)
     if not isinstance(v, bool):
-        raise ValueError(f"{key} must be true or false, got {v!r}")
+        raise ConfigError(f"{key} must be true or false, got {v!r}")
     return v
 
 
@@ -287,9 +288,6 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
     base = load_base_model(model_cfg).eval().to(device)
     base_config = copy.deepcopy(base.config)
     num_layers = base_config.num_hidden_layers
-    bad = [k for k in s.shortgpt_k if k >= num_layers]
-    if bad:
-        raise ValueError(f"shortgpt_k {bad}: a {num_layers}-layer model keeps at least one layer")
     systems = build_systems(
         base, ckpts, s.taus, s.shortgpt_k, tokenizer, s.calibration_texts, s.always_run_max_skip
     )

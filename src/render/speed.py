@@ -35,7 +35,7 @@ def speed_markdown(results: dict) -> str:
         ),
         f"Machine: {m['cpu_model']} ({m['logical_cpus']} logical CPUs; flags: {flags}); {m['threads']} "
         f"thread(s), {m['dtype']}, torch {m['torch']}, transformers {m['transformers']}; 1-min load "
-        f"{m['load_avg_1min']}. Ratios are only comparable on like hardware; on a shared machine compare the "
+        f"{'unknown' if m['load_avg_1min'] is None else round(m['load_avg_1min'], 2)}. Ratios are only comparable on like hardware; on a shared machine compare the "
         "CPU-time ratios too.",
         "",
         f"{st['prompts']} held-out prompts of {st['prompt_length']} tokens, {st['new_tokens']} new tokens "
