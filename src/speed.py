@@ -29,7 +29,8 @@ Prompts and the prefill text are windows of held-out text (src/data/mixture.py H
 trained on). Held-out perplexity per set reuses the curves code of src.compare (src/eval/curves.py).
 The comparison at equal measured speedup interpolates FlexiDepth's perplexity (log-linear) along its
 curve of (measured batch-1 decode speedup, ppl) at each ShortGPT point's speedup; outside the range its
-taus reach there is no value (never extrapolated). A router skips more on some text than on other text, so
+taus reach there is no value (never extrapolated); a second table lists, per ShortGPT point, the best
+FlexiDepth point measured at least as fast (no interpolation; `faster_and_better`). A router skips more on some text than on other text, so
 with `per_set_speed=true` batch-1 decode is also timed on each held-out set's own prompts
 (`decode_b1@<set>`) and each set is compared at the speedups measured on its own prompts. Greedy
 continuations are not the text the perplexity scores (a small model's greedy text repeats itself, and the

@@ -473,3 +473,41 @@ def test_speed_times_the_always_run_variant_as_its_own_curve(tmp_path, tiny_ckpt
     assert {r["checkpoint"] for r in res["equal_speedup"]} == {"flexidepth", "flexidepth+ar"}
     md = (tmp_path / "out" / "speed.md").read_text()
     assert f"`flexidepth+ar@0.2` {picked[0.2]}" in md
+
+
+def test_faster_and_better_picks_the_best_point_at_least_as_fast():
+    """The best-point table: for each set and ShortGPT point, the lowest-ppl FlexiDepth system among those
+    measured at least as fast (any checkpoint), and the paired rounds it won; '-' when none is that fast."""
+    from src.render.speed import faster_and_better, faster_and_better_markdown
+
+    def system(kind, speedup, wall, ppl):
+        return {
+            "kind": kind,
+            "speed": {"decode_b1": {"speedup_wall": speedup, "wall_s": wall}},
+            "ppl": {"lee": {"ppl": ppl[0]}, "wiki": {"ppl": ppl[1]}},
+        }
+
+    results = {
+        "heldout": ["lee", "wiki"],
+        "systems": {
+            "base": system("base", 1.0, [2.0, 2.0, 2.0], (30.0, 20.0)),
+            "a@0.3": system("flexidepth", 1.05, [1.90, 1.91, 1.89], (35.0, 21.0)),
+            "a@0.7": system("flexidepth", 1.20, [1.60, 1.70, 1.66], (50.0, 40.0)),
+            "b@0.5": system("flexidepth", 1.12, [1.80, 1.76, 1.79], (41.0, 22.0)),
+            "shortgpt_k2": system("shortgpt", 1.10, [1.79, 1.82, 1.81], (45.0, 21.5)),
+            "shortgpt_k6": system("shortgpt", 1.30, [1.50, 1.55, 1.52], (60.0, 30.0)),
+        },
+    }
+    rows = {(r["set"], r["baseline"]): r for r in faster_and_better(results)}
+    lee2, wiki2 = rows["lee", "shortgpt_k2"], rows["wiki", "shortgpt_k2"]
+    assert (lee2["system"], lee2["system_ppl"], lee2["better"]) == ("b@0.5", 41.0, True)
+    assert (lee2["faster_rounds"], lee2["rounds"]) == (2, 3)  # 1.80 > 1.79 loses round 1
+    assert (wiki2["system"], wiki2["system_ppl"], wiki2["better"]) == (
+        "b@0.5",
+        22.0,
+        False,
+    )  # a@0.3 is slower
+    assert rows["lee", "shortgpt_k6"]["system"] is None and rows["wiki", "shortgpt_k6"]["system"] is None
+    md = "\n".join(faster_and_better_markdown(results))
+    assert "| lee | shortgpt_k2 | 1.100 | 45.00 | b@0.5 | 1.120 | 41.00 | yes | 2 of 3 |" in md
+    assert "| wiki | shortgpt_k6 | 1.300 | 30.00 | - | - | - | - | - |" in md

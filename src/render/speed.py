@@ -106,7 +106,65 @@ def speed_markdown(results: dict) -> str:
             f"| {r['set']} | {r.get('checkpoint', 'flexidepth')} | {r['baseline']} | {basis_cell(r)} | {r['speedup']:.3f} | "
             f"{r['baseline_ppl']:.2f} | {f} | {win} |"
         )
+    lines += ["", *faster_and_better_markdown(results)]
     return "\n".join(lines) + "\n"
+
+
+def faster_and_better(results: dict, mode: str = "decode_b1") -> list[dict]:
+    """Per held-out set and ShortGPT point: among the FlexiDepth systems (every checkpoint, variant and tau)
+    measured at least as fast in `mode` (wall time), the one with the lowest ppl on the set, and in how many
+    paired rounds its decode took less time than the baseline's (the same round of the lockstep timing).
+
+    A comparison of measured points, no interpolation: it also answers a baseline that no tau curve passes
+    through. Rows: {set, baseline, speedup, baseline_ppl, system (None: no system that fast), system_speedup,
+    system_ppl, better, faster_rounds, rounds}."""
+    systems = results["systems"]
+    flexi = {label: s for label, s in systems.items() if s["kind"] == "flexidepth" and mode in s["speed"]}
+    rows = []
+    for name in results["heldout"]:
+        for label, b in systems.items():
+            if b["kind"] != "shortgpt" or mode not in b["speed"]:
+                continue
+            x, b_ppl = b["speed"][mode]["speedup_wall"], b["ppl"][name]["ppl"]
+            fast = [
+                (s["ppl"][name]["ppl"], k) for k, s in flexi.items() if s["speed"][mode]["speedup_wall"] >= x
+            ]
+            row = {"set": name, "baseline": label, "speedup": x, "baseline_ppl": b_ppl, "system": None}
+            if fast:
+                ppl, best = min(fast)
+                pairs = list(
+                    zip(b["speed"][mode]["wall_s"], flexi[best]["speed"][mode]["wall_s"], strict=True)
+                )
+                row.update(
+                    system=best, system_speedup=flexi[best]["speed"][mode]["speedup_wall"], system_ppl=ppl
+                )
+                row.update(
+                    better=ppl < b_ppl, faster_rounds=sum(bt > t for bt, t in pairs), rounds=len(pairs)
+                )
+            rows.append(row)
+    return rows
+
+
+def faster_and_better_markdown(results: dict) -> list[str]:
+    lines = [
+        "## Best FlexiDepth point at least as fast as each baseline (batch-1 greedy decoding, wall time)",
+        "",
+        "Measured points only (any checkpoint, variant and tau), no interpolation; `faster in`: paired rounds in "
+        "which the system's decode took less time than the baseline's.",
+        "",
+        "| held-out set | baseline | speedup | baseline ppl | system | its speedup | its ppl | better | faster in |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in faster_and_better(results):
+        head = f"| {r['set']} | {r['baseline']} | {r['speedup']:.3f} | {r['baseline_ppl']:.2f} |"
+        if r["system"] is None:
+            lines.append(head + " - | - | - | - | - |")
+            continue
+        lines.append(
+            head + f" {r['system']} | {r['system_speedup']:.3f} | {r['system_ppl']:.2f} | "
+            f"{'yes' if r['better'] else 'no'} | {r['faster_rounds']} of {r['rounds']} |"
+        )
+    return lines
 
 
 def ideal_markdown(results: dict) -> list[str]:
