@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 from safetensors.torch import load_file
@@ -247,9 +248,19 @@ def test_experiment_runs_fast_dev_run_on_tiny_model(experiment, tmp_path):
     header = (ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text().split("defaults:")[0].lower()
     for field in ("question", "command", "hardware", "paper"):
         assert field in header, f"{experiment}: header lacks {field}"
+    pinned = yaml.safe_load((ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text()).get("skip", {})
+    # Layer indices pinned for the experiment's own model are replaced by the same shape of choice on the tiny
+    # model's 4 layers (layer 2 static; routed 1..3 in a hybrid, nothing else in a static-only preset);
+    # test_hybrid_experiments_fit_smollm2 checks the real ones.
+    tiny_layers = []
+    if pinned.get("always_skip") and pinned.get("layers") == pinned["always_skip"]:
+        tiny_layers = ["skip.layers=[2]", "skip.always_skip=[2]"]
+    elif pinned.get("always_skip"):
+        tiny_layers = ["skip.layers=1:4", "skip.always_skip=[2]", "loss.target_layers_skipped=1.5"]
     cfg = compose_cfg(
         [
             f"experiment={experiment}",
+            *tiny_layers,
             "model=tiny_llama",
             "data=builtin",
             "trainer=cpu",
@@ -269,11 +280,48 @@ def test_experiment_runs_fast_dev_run_on_tiny_model(experiment, tmp_path):
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
+HYBRIDS = [e for e in group_options("experiment") if e.startswith(("smollm2_hybrid", "smollm2_static"))]
+
+
+@pytest.mark.parametrize("experiment", HYBRIDS)
+def test_hybrid_experiments_fit_smollm2(experiment):
+    """The hybrid presets pin layer indices of the embedded SmolLM2-135M (30 layers): they pass the train
+    command's preflight on that model, their static layers are routed layers that may be static, and their
+    budget leaves the default recipe's 2.45 routed skips on top of the static ones (none when every routed
+    layer is static: nothing is left to route)."""
+    from omegaconf import OmegaConf
+
+    from src.config.checks import skip_config
+    from src.config.preflight import preflight
+    from tests.test_train import compose_cfg
+
+    cfg = compose_cfg([f"experiment={experiment}"])
+    preflight(cfg, "train")
+    skip = skip_config(OmegaConf.to_container(cfg.skip, resolve=True))
+    skip.validate_for(num_layers=30, hidden_size=576, intermediate_size=1536)
+    skip.check_always_skip(None, 30)
+    static, routed = set(skip.always_skip), set(skip.routed_layers(30))
+    assert static <= routed and static
+    if static == routed:
+        assert cfg.loss.target_layers_skipped is None and cfg.loss.alpha == 0
+    else:
+        assert float(cfg.loss.target_layers_skipped) == pytest.approx(len(static) + 2.45)
+    assert cfg.run_name == experiment
+
+
 def test_experiment_run_scripts_exist():
-    for name in ("paper_v1_llama3_8b", "released_two_stage_llama3_8b", "smollm2_alpha_sweep"):
+    for name in (
+        "paper_v1_llama3_8b",
+        "released_two_stage_llama3_8b",
+        "smollm2_alpha_sweep",
+        "speed_vs_shortgpt_smollm2",
+    ):
         script = ROOT / "experiments" / f"{name}.sh"
         assert script.is_file() and os.access(script, os.X_OK), script
         res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
     two_stage = (ROOT / "experiments" / "released_two_stage_llama3_8b.sh").read_text()
     assert "released_stage1_llama3_8b" in two_stage and "init_from=" in two_stage
+    speed = (ROOT / "experiments" / "speed_vs_shortgpt_smollm2.sh").read_text()
+    # every preset is trained and timed
+    assert 'experiment="$preset"' in speed and all(h in speed for h in HYBRIDS)
