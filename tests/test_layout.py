@@ -36,6 +36,7 @@ ENTRY_POINTS = {
     "src.analyze",
     "src.sweep_summary",
     "src.memory_planner",
+    "src.study",
 }
 # bottom to top: a module may import from its own layer and the layers below it, never from above
 LAYERS = [
@@ -48,6 +49,7 @@ LAYERS = [
     {"methods"},  # one file per compared system, the registry
     {"lit", "callbacks"},  # training: the LightningModule, objectives, callbacks
     {"eval"},  # measuring: the evaluation loop, suites, curves, analysis, lm-eval
+    {"studies"},  # many trained points x seeds: train, measure, summarise (python -m src.study)
     {"config"},  # schemas, value checks, preflight, resolvers: the entry points' boundary
 ]
 ENTRY_LAYER = len(LAYERS)

@@ -14,6 +14,7 @@ better: `src/config/checks.py`, run by every entry point (`validate_groups`).
 | optim  | `OptimSchema` (here)                                           | checks.validate (train)              |
 | data   | `DataSchema` (here; the keyword arguments of SFTDataModule)    | src/data/datamodule.py               |
 | eval   | `EvalSchema` (here; the `eval` block of evaluate / compare)    | preflight.py eval_problems           |
+| study  | `StudySpec` (src/studies/spec.py)                              | StudySpec.validate (src.study)       |
 | method | each method's own dataclass (src/methods/<name>.py), via `src.methods.build_method` | Method.validate |
 
 The method group is not merged onto one schema (every method has its own options); `build_method` checks it
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..flexidepth.config import FlexiDepthConfig
 from ..lit.objectives import LossConfig
+from ..studies.spec import StudySpec
 from ..utils.errors import ConfigError
 
 
@@ -116,6 +118,7 @@ SCHEMAS: dict[str, type] = {
     "optim": OptimSchema,
     "data": DataSchema,
     "eval": EvalSchema,
+    "study": StudySpec,
 }
 
 

@@ -1,0 +1,101 @@
+"""A study's summary as Markdown and a figure (src/studies/runner.py `summarise` makes the dict)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _mi(cell: dict, digits: int = 1) -> str:
+    """'mean ± half' (no ± for one seed)."""
+    if cell["n"] < 2 or not math.isfinite(cell["half"]):
+        return f"{cell['mean']:.{digits}f}"
+    return f"{cell['mean']:.{digits}f} ± {cell['half']:.{digits}f}"
+
+
+def _change(vs: dict | None) -> str:
+    if not vs:
+        return "-"
+    if vs["n"] < 2:
+        return f"{100 * vs['mean']:+.1f}% (one seed)"
+    return f"{100 * vs['mean']:+.1f}% [{100 * vs['low']:+.1f}, {100 * vs['high']:+.1f}] {vs['verdict']}"
+
+
+def markdown(summary: dict) -> str:
+    """Two tables: held-out ppl and layers skipped per set (mean ± 95% t-interval half-width over seeds, the
+    val metrics), then each row's paired change in held-out ppl against the reference row with its verdict."""
+    sets = summary["heldout"]
+    lines = [
+        f"# Study `{summary['study']}`"
+        + (f": {summary['description']}" if summary.get("description") else ""),
+        "",
+        f"Seeds {', '.join(map(str, summary['seeds']))} (each sets the initialisation and the data draw and "
+        "order); cells are the mean ± the half-width of the 95% Student-t interval across seeds. Held-out "
+        "perplexity is measured at each point's own threshold; layers skipped are measured on that set.",
+        "",
+        "| row | seeds | " + " | ".join(f"{s} ppl / skipped" for s in sets) + " | val ppl | val skipped |",
+        "|" + "---|" * (len(sets) + 4),
+        "| base | - | " + " | ".join(f"{summary['base'][s]:.1f} / 0" for s in sets) + " | - | - |",
+    ]
+    for row in summary["rows"]:
+        if not row["seeds"]:
+            lines.append(f"| {row['row']} | 0 | " + " | ".join("-" for _ in sets) + " | - | - |")
+            continue
+        cells = [f"{_mi(row['sets'][s]['ppl'])} / {_mi(row['sets'][s]['layers_skipped'], 2)}" for s in sets]
+        val = row.get("val", {})
+        vp = _mi(val["val/ppl"]) if "val/ppl" in val else "-"
+        vs = _mi(val["val/layers_skipped_mean"], 2) if "val/layers_skipped_mean" in val else "-"
+        lines.append(f"| {row['row']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {vp} | {vs} |")
+    if summary.get("reference"):
+        lines += [
+            "",
+            f"Held-out perplexity against `{summary['reference']}`, paired by seed: the mean change with its 95% "
+            "interval; 'tie' when the interval contains 0.",
+            "",
+            "| row | " + " | ".join(sets) + " |",
+            "|" + "---|" * (len(sets) + 1),
+        ]
+        for row in summary["rows"]:
+            if row["row"] == summary["reference"] or not row["seeds"]:
+                continue
+            lines.append(
+                f"| {row['row']} | "
+                + " | ".join(_change(row["sets"][s].get("vs_reference")) for s in sets)
+                + " |"
+            )
+    if summary.get("missing"):
+        lines += ["", f"Not measured yet: {', '.join(summary['missing'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: str | Path) -> Path:
+    """Held-out ppl against layers skipped on that set, one panel per set, one marker per row with its 95%
+    intervals on both axes; the base model as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = summary["heldout"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], sets, strict=True):
+        ax.axhline(summary["base"][name], color="grey", lw=0.8, ls="--", label="base")
+        for row in summary["rows"]:
+            if not row["seeds"]:
+                continue
+            ppl, sk = row["sets"][name]["ppl"], row["sets"][name]["layers_skipped"]
+            err = lambda c: 0.0 if not math.isfinite(c["half"]) else c["half"]  # noqa: E731
+            ax.errorbar(sk["mean"], ppl["mean"], xerr=err(sk), yerr=err(ppl), fmt="o", ms=4, capsize=2,
+                        label=f"{row['row']} (n={len(row['seeds'])})")  # fmt: skip
+        ax.set_xlabel("layers skipped (measured on this set)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out perplexity")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(f"study {summary['study']}: mean and 95% interval over seeds", fontsize=9)
+    fig.tight_layout()
+    from ..flexidepth.files import atomic_save_figure
+
+    out = atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,328 @@
+"""Run a study: train every point (a subprocess `python -m src.train`, each an ordinary run folder), measure
+every trained point on held-out text, and summarise rows across seeds.
+
+    study_dir/
+      study.json                     what each point did: trained / failed (+ error, log), seconds
+      logs/<row>__s<seed>.log        the training command's output
+      train/runs/<row>__s<seed>/     the point's run folder (resumable, exportable: src.train's layout)
+      results/base.json              the base model on the held-out sets
+      results/<row>__s<seed>.json    the point on the held-out sets (+ its val metrics from metrics.json)
+      summary.json, summary.md, summary.png
+
+A killed study continues where it stopped: a point whose run folder records a finished run
+(`src.utils.runs.run_finished`) is not trained again, a half-trained point resumes (`resume=auto`), a point
+measured with the same held-out settings is not measured again. A failed point is recorded and the others go on;
+the next start retries it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from ..flexidepth.files import atomic_write_text
+from ..utils.runs import RunHistory, run_finished
+from . import stats
+from .spec import Point, StudySpec, plan_points
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class StudyState:
+    """`<study_dir>/study.json`: {run_name: {"state": "trained" | "failed", "seconds", "error", "log"}},
+    rewritten atomically after every change."""
+
+    def __init__(self, study_dir: Path):
+        self.path = study_dir / "study.json"
+        self.points: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            try:
+                self.points = json.loads(self.path.read_text())["points"]
+            except (ValueError, KeyError, TypeError) as err:
+                from ..utils.errors import UserError
+
+                raise UserError(
+                    f"{self.path} is damaged ({type(err).__name__}: {err}); move it aside"
+                ) from None
+
+    def set(self, run_name: str, **record: Any) -> None:
+        self.points[run_name] = record
+        atomic_write_text(self.path, json.dumps({"points": self.points}, indent=2, sort_keys=True))
+
+    def seconds(self) -> list[float]:
+        """Training times of the points this study trained (for the expected time left)."""
+        return [
+            r["seconds"] for r in self.points.values() if r.get("state") == "trained" and r.get("seconds")
+        ]
+
+
+def run_dir(study_dir: Path, point: Point) -> Path:
+    return study_dir / "train" / "runs" / point.run_name
+
+
+def fmt_duration(seconds: float) -> str:
+    m = int(round(seconds / 60))
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min"
+
+
+def train_points(
+    spec: StudySpec,
+    study_dir: Path,
+    points: list[Point],
+    state: StudyState,
+    on_trained: Callable[[Point], None] | None = None,
+    python: str = sys.executable,
+    say: Callable[[str], None] = print,
+) -> list[Point]:
+    """Train every point whose run folder does not record a finished run, `spec.jobs` at a time; call
+    `on_trained(point)` (in this thread) as each finishes. Returns the points that failed."""
+    todo = [p for p in points if run_finished(run_dir(study_dir, p)) is None]
+    done = len(points) - len(todo)
+    say(
+        f"study {spec.name}: {len(points)} points, {done} trained, {len(todo)} to train ({spec.jobs} at once)"
+    )
+    for p in points:
+        if p not in todo and on_trained is not None:
+            on_trained(p)
+    threads = max(1, (os.cpu_count() or 1) // spec.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    (study_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def train(point: Point) -> tuple[int, float]:
+        log_path = study_dir / "logs" / f"{point.run_name}.log"
+        cmd = [python, "-m", "src.train", *point.train_args(str(study_dir))]
+        start = time.monotonic()
+        with open(log_path, "ab") as out:
+            out.write(f"$ {' '.join(cmd)}\n".encode())
+            out.flush()
+            rc = subprocess.run(
+                cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            ).returncode
+        return rc, time.monotonic() - start
+
+    failed = []
+    with ThreadPoolExecutor(max_workers=spec.jobs) as pool:
+        futures = {pool.submit(train, p): p for p in todo}
+        for n, fut in enumerate(as_completed(futures), 1):
+            point = futures[fut]
+            rc, seconds = fut.result()
+            log_path = study_dir / "logs" / f"{point.run_name}.log"
+            if rc == 0 and run_finished(run_dir(study_dir, point)) is not None:
+                state.set(point.run_name, state="trained", seconds=round(seconds, 1), log=str(log_path))
+                left = len(todo) - n
+                per = sum(state.seconds()) / max(1, len(state.seconds()))
+                eta = f"; about {fmt_duration(per * left / spec.jobs)} left" if left else ""
+                say(f"[{done + n}/{len(points)}] trained {point.run_name} in {fmt_duration(seconds)}{eta}")
+                if on_trained is not None:
+                    on_trained(point)
+            else:
+                error = _last_error(log_path) or f"exit status {rc}"
+                state.set(
+                    point.run_name, state="failed", seconds=round(seconds, 1), error=error, log=str(log_path)
+                )
+                failed.append(point)
+                say(f"[{done + n}/{len(points)}] FAILED {point.run_name}: {error} (log: {log_path})")
+    return failed
+
+
+def _last_error(log_path: Path) -> str | None:
+    """The last `error: ...` line (or the last line) of a training log."""
+    try:
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return None
+    errors = [ln for ln in lines if ln.startswith("error:") or "Error" in ln.split(":", 1)[0]]
+    return (errors or lines or [None])[-1]
+
+
+class HeldoutMeter:
+    """Measures points on the study's held-out sets: the base model loaded once per base (from the run's own
+    config, `history/`), each point's checkpoint applied to a fresh copy by its method (the registry)."""
+
+    def __init__(self, spec: StudySpec, study_dir: Path):
+        self.spec = spec
+        self.results = study_dir / "results"
+        self.settings = {
+            "heldout": list(spec.heldout),
+            "max_tokens": spec.max_tokens,
+            "max_length": spec.max_length,
+            "taus": list(spec.taus),
+        }
+        self._base: dict[str, Any] = {}  # model identity -> (model, tokenizer, sets, pad)
+
+    def result_path(self, point: Point) -> Path:
+        return self.results / f"{point.run_name}.json"
+
+    def is_current(self, path: Path) -> bool:
+        """Whether `path` holds a result measured with the study's held-out settings."""
+        try:
+            return json.loads(path.read_text()).get("settings") == self.settings
+        except (OSError, ValueError):
+            return False
+
+    def _load_base(self, model_cfg: dict) -> tuple:
+        key = json.dumps(model_cfg, sort_keys=True)
+        if key not in self._base:
+            import torch
+
+            from ..eval import curves
+            from ..models.loader import load_base_model
+            from ..models.tokenizer import load_tokenizer, pad_token_id
+
+            torch.manual_seed(0)
+            tokenizer = load_tokenizer(model_cfg)
+            model = load_base_model(model_cfg).eval()
+            sets = curves.heldout_sets(
+                tokenizer, list(self.spec.heldout), self.spec.max_length, self.spec.max_tokens
+            )
+            pad = pad_token_id(tokenizer)
+            self._base[key] = (model, sets, pad)
+            path = self.results / "base.json"
+            if not self.is_current(path):
+                base = curves.measure(model, sets, self.spec.batch_size, pad)
+                record = {"settings": self.settings, "model": model_cfg.get("name_or_path"), "sets": base}
+                atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
+        return self._base[key]
+
+    def measure(self, point: Point, folder: Path) -> dict:
+        """Measure `point` (run folder `folder`) unless a current result exists; returns the result."""
+        path = self.result_path(point)
+        if self.is_current(path):
+            return json.loads(path.read_text())
+        import copy
+
+        from ..eval import curves
+        from ..methods import build_method, checkpoint_method
+
+        config = RunHistory(folder).latest() or {}
+        model, sets, pad = self._load_base(config["model"])
+        routed = copy.deepcopy(model)
+        build_method({"name": checkpoint_method(folder)}).apply(routed, ckpt=str(folder))
+        own = float(routed.flexidepth.config.tau)
+        taus = sorted({own, *self.spec.taus})
+        curve = curves.tau_curve(routed, sets, taus, self.spec.batch_size, pad)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        record = {
+            "settings": self.settings,
+            "row": point.row,
+            "seed": point.seed,
+            "run": str(folder),
+            "tau": own,
+            "sets": next(p["sets"] for p in curve if p["tau"] == own),
+            "curve": curve,
+            "val": {k: v for k, v in metrics["metrics"].items() if k.startswith("val/")},
+            "global_step": metrics.get("global_step"),
+        }
+        self.results.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
+        return record
+
+
+def summarise(spec: StudySpec, results: list[dict], base: dict) -> dict:
+    """Rows across seeds: per held-out set the mean ppl and layers skipped with 95% t-intervals, the val
+    metrics, and (with a reference row) the paired per-seed change in held-out ppl against the reference,
+    as exp(mean log ratio) - 1 with its interval and a verdict (worse / better / tie)."""
+    by_row: dict[str, list[dict]] = {}
+    for r in results:
+        by_row.setdefault(r["row"], []).append(r)
+    ref = {r["seed"]: r for r in by_row.get(spec.reference, [])} if spec.reference else {}
+    rows = []
+    for row in spec.rows:
+        rs = sorted(by_row.get(row, []), key=lambda r: r["seed"])
+        if not rs:
+            rows.append({"row": row, "seeds": [], "sets": {}})
+            continue
+        entry: dict[str, Any] = {"row": row, "seeds": [r["seed"] for r in rs], "sets": {}, "val": {}}
+        for name in spec.heldout:
+            cell = {
+                "ppl": stats.mean_interval([r["sets"][name]["ppl"] for r in rs]).as_dict(),
+                "layers_skipped": stats.mean_interval(
+                    [r["sets"][name]["layers_skipped"] for r in rs]
+                ).as_dict(),
+            }
+            if ref and row != spec.reference:
+                diff = stats.paired_log_ratio(
+                    {r["seed"]: r["sets"][name]["ppl"] for r in rs},
+                    {s: r["sets"][name]["ppl"] for s, r in ref.items()},
+                )
+                cell["vs_reference"] = _relative(diff)
+            entry["sets"][name] = cell
+        for key in ("val/ppl", "val/layers_skipped_mean"):
+            vals = [r["val"][key] for r in rs if key in r["val"]]
+            if len(vals) == len(rs):
+                entry["val"][key] = stats.mean_interval(vals).as_dict()
+        rows.append(entry)
+    return {
+        "study": spec.name,
+        "description": spec.description,
+        "reference": spec.reference,
+        "seeds": list(spec.seeds),
+        "heldout": list(spec.heldout),
+        "base": {n: base["sets"][n]["ppl"] for n in spec.heldout},
+        "rows": rows,
+    }
+
+
+def _relative(diff: stats.Interval | None) -> dict | None:
+    """A paired log-ratio interval as relative changes: exp(mean) - 1 and its bounds, with the verdict."""
+    if diff is None:
+        return None
+    return {
+        "mean": math.exp(diff.mean) - 1,
+        "low": math.exp(diff.low) - 1,
+        "high": math.exp(diff.high) - 1,
+        "n": diff.n,
+        "verdict": stats.verdict(diff),
+    }
+
+
+def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = print) -> dict:
+    """Train, measure and summarise `spec` in `study_dir` (see the module docstring); returns the summary.
+    Writes summary.json / summary.md / summary.png. Raises StudyFailed (a UserError) after the summary
+    when a point failed."""
+    from ..render.study import markdown, plot
+
+    spec.validate()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    state = StudyState(study_dir)
+    points = plan_points(spec)
+    meter = HeldoutMeter(spec, study_dir)
+    measured: list[dict] = []
+
+    def on_trained(point: Point) -> None:
+        folder = run_dir(study_dir, point)
+        fresh = not meter.is_current(meter.result_path(point))
+        measured.append(meter.measure(point, folder))
+        if fresh:
+            say(f"  measured {point.run_name} on {', '.join(spec.heldout)}")
+
+    failed = train_points(spec, study_dir, points, state, on_trained=on_trained, say=say)
+    base = json.loads((study_dir / "results" / "base.json").read_text()) if measured else None
+    summary = summarise(spec, measured, base) if measured else {"study": spec.name, "rows": []}
+    summary["failed"] = [p.run_name for p in failed]
+    summary["missing"] = [
+        p.run_name for p in points if p.run_name not in {f"{r['row']}__s{r['seed']}" for r in measured}
+    ]
+    atomic_write_text(study_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    if measured:
+        atomic_write_text(study_dir / "summary.md", markdown(summary))
+        plot(summary, study_dir / "summary.png")
+    say(f"study {spec.name}: summary in {study_dir / 'summary.md'}")
+    if failed:
+        from ..utils.errors import UserError
+
+        raise UserError(
+            f"{len(failed)} point(s) failed: {', '.join(p.run_name for p in failed)} (logs in {study_dir / 'logs'}); "
+            "run the same command again to retry them"
+        )
+    return summary

@@ -1,0 +1,122 @@
+"""What a study is: `StudySpec`, the typed `study` group (conf/study/<name>.yaml, registered as a Hydra
+structured config), and the planned points (`plan_points`): every row at every seed, as src.train overrides."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..utils.errors import ConfigError
+
+SEED_SEP = "__s"  # run folder name: <row>__s<seed>
+_ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass
+class StudySpec:
+    """The `study` group (conf/study/*.yaml).
+
+    Fields:
+        name: the study's folder name (outputs/study/runs/<name>/ unless run_name says otherwise).
+        description: one line for the summary's title.
+        seeds: every row is trained once per seed; seed s sets `seed=s data.seed=s` (initialisation, data draw
+            and order), so rows are paired by seed (src/studies/stats.py).
+        reference: the row every other row is compared with (paired per seed); None: no comparison column.
+        rows: row name -> src.train overrides of that row (on top of `common`), e.g. `[skip=no_kv]`.
+        common: src.train overrides of every row (e.g. `logger=csv`).
+        heldout: held-out sets each point is measured on (src/data/mixture.py HELDOUT_SETS).
+        max_tokens, max_length: tokens per held-out set, and the window length (src/eval/curves.py).
+        batch_size: evaluation batch size.
+        taus: extra thresholds each point is also measured at (a tau sweep along every checkpoint); the
+            point's own tau is always measured.
+        jobs: training runs at once; each gets cpu_count // jobs threads (OMP_NUM_THREADS).
+    """
+
+    name: str = "study"
+    description: str = ""
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
+    reference: str | None = None
+    rows: dict[str, list[str]] = field(default_factory=dict)
+    common: list[str] = field(default_factory=list)
+    heldout: list[str] = field(default_factory=lambda: ["lee", "shakespeare", "wiki", "python_docs"])
+    max_tokens: int = 8192
+    max_length: int = 256
+    batch_size: int = 8
+    taus: list[float] = field(default_factory=list)
+    jobs: int = 1
+
+    def validate(self) -> StudySpec:
+        """Value checks; raises ConfigError naming `study.<key>` (types are the schema's)."""
+        if not self.rows:
+            raise ConfigError("study.rows is empty: name at least one row (row name -> src.train overrides)")
+        for row, overrides in self.rows.items():
+            if not _ROW_NAME.match(row) or SEED_SEP in row:
+                raise ConfigError(
+                    f"study.rows.{row}: a row name is letters, digits and _ . + - (not starting with one of the "
+                    f"last four) without '{SEED_SEP}'"
+                )
+            for item in overrides:
+                _check_override(item, f"study.rows.{row}")
+        for item in self.common:
+            _check_override(item, "study.common")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"study.seeds must be distinct integers, at least one; got {self.seeds}")
+        if self.reference is not None and self.reference not in self.rows:
+            raise ConfigError(
+                f"study.reference={self.reference!r} is not a row (rows: {', '.join(self.rows)})"
+            )
+        for key in ("max_tokens", "max_length", "batch_size", "jobs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"study.{key} must be >= 1, got {getattr(self, key)}")
+        for tau in self.taus:
+            if not 0.0 <= tau < 1.0:
+                raise ConfigError(f"study.taus: {tau} is not a threshold in [0, 1)")
+        if not self.heldout:
+            raise ConfigError("study.heldout is empty: name at least one held-out set")
+        return self
+
+
+_OWNED = ("run_name", "seed", "data.seed", "paths.log_dir", "resume", "overwrite", "hydra.")
+
+
+def _check_override(item: str, key: str) -> None:
+    """A row/common override must be `key=value` and must not set what the runner sets itself."""
+    name = item.split("=", 1)[0].lstrip("+~")
+    if "=" not in item and not item.startswith("~"):
+        raise ConfigError(f"{key}: {item!r} is not a key=value override")
+    if name in _OWNED[:-1] or name.startswith(_OWNED[-1]):
+        raise ConfigError(f"{key}: {item!r} sets {name}, which the study runner sets for every point")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One training run of a study: `row` at `seed`, in run folder `run_name`."""
+
+    row: str
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.row}{SEED_SEP}{self.seed}"
+
+    def train_args(self, log_dir: str) -> list[str]:
+        """The src.train command-line arguments of this point (runs land in <log_dir>/train/runs/<run_name>)."""
+        return [
+            f"run_name={self.run_name}",
+            f"seed={self.seed}",
+            f"data.seed={self.seed}",
+            f"paths.log_dir={log_dir}",
+            "resume=auto",
+            *self.overrides,
+        ]
+
+
+def plan_points(spec: StudySpec) -> list[Point]:
+    """Every row at every seed, seed-major: all rows at the first seed come first, so a study stopped early
+    has whole seeds (each row comparable with the reference) rather than some rows at every seed."""
+    return [
+        Point(row, int(seed), (*spec.common, *overrides))
+        for seed in spec.seeds
+        for row, overrides in spec.rows.items()
+    ]

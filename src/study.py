@@ -1,0 +1,38 @@
+"""Run a study: every row of conf/study/<name>.yaml at every seed, trained, measured and summarised.
+
+    python -m src.study study=table3                 # Table 3 components on the embedded SmolLM2 (hours)
+    python -m src.study study=table3 study.jobs=2    # two training runs at once, one thread each
+    python -m src.study study=table3 'study.seeds=[42,43]' run_name=table3_2seeds
+
+The study folder is outputs/study/runs/<run_name> (run_name defaults to the study's name); each point is an
+ordinary src.train run folder inside it (train/runs/<row>__s<seed>/: resumable, exportable). Run the same
+command again after a kill: finished points are not retrained, measured points not re-measured. Output:
+summary.md / summary.json / summary.png (mean and 95% interval over seeds per held-out set, the paired change
+against the reference row). src/studies/ has the runner; docs/results.md the studies' results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .config import register
+from .studies.runner import run_study
+from .utils.cli import user_errors
+
+register()  # resolvers and typed schemas (the study group's StudySpec), before Hydra composes the config
+
+
+@hydra.main(
+    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="study"
+)
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        spec = OmegaConf.to_object(cfg.study)
+        run_study(spec.validate(), Path(cfg.paths.output_dir))
+
+
+if __name__ == "__main__":
+    main()

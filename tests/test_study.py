@@ -1,0 +1,198 @@
+"""The study runner (src/studies/, python -m src.study): seed statistics, the spec's checks, the summary's
+values against the points' own result files, and a killed study that continues without retraining."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from src.studies import stats
+from src.studies.runner import summarise
+from src.studies.spec import StudySpec, plan_points
+from src.utils.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def test_mean_interval_is_students_t():
+    iv = stats.mean_interval([1.0, 2.0, 3.0])  # mean 2, s = 1, t_{0.975, 2} = 4.302653
+    assert iv.mean == pytest.approx(2.0)
+    assert iv.half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert iv.n == 3
+    one = stats.mean_interval([5.0])
+    assert one.mean == 5.0 and math.isnan(one.half) and not one.contains(5.0)
+    with pytest.raises(ValueError):
+        stats.mean_interval([1.0, float("nan")])
+    with pytest.raises(ValueError):
+        stats.mean_interval([])
+
+
+def test_paired_difference_uses_common_seeds_and_gives_verdicts():
+    ref = {1: 10.0, 2: 20.0, 3: 30.0}
+    worse = {1: 11.0, 2: 22.0, 3: 33.1, 4: 99.0}  # seed 4 has no reference: left out
+    diff = stats.paired_log_ratio(worse, ref)
+    assert diff.n == 3
+    assert diff.mean == pytest.approx((math.log(1.1) * 2 + math.log(33.1 / 30)) / 3)
+    assert stats.verdict(diff) == "worse"
+    assert stats.verdict(stats.paired_log_ratio({1: 9.0, 2: 18.1, 3: 27.0}, ref)) == "better"
+    assert stats.verdict(stats.paired_log_ratio({1: 11.0, 2: 18.0, 3: 30.5}, ref)) == "tie"
+    assert stats.verdict(stats.paired_log_ratio({1: 11.0}, ref)) == "one seed"
+    assert stats.paired_log_ratio({9: 1.0}, ref) is None
+
+
+# ------------------------------------------------------------------------------------------ the spec
+def test_points_are_seed_major_with_the_runners_own_keys():
+    spec = StudySpec(name="s", seeds=[7, 8], rows={"a": [], "b": ["skip=no_kv"]}, common=["logger=none"])
+    points = plan_points(spec.validate())
+    assert [p.run_name for p in points] == ["a__s7", "b__s7", "a__s8", "b__s8"]
+    assert points[1].train_args("/x") == [
+        "run_name=b__s7", "seed=7", "data.seed=7", "paths.log_dir=/x", "resume=auto", "logger=none", "skip=no_kv",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"rows": {}}, "study.rows"),
+        ({"rows": {"a__s1": []}}, "study.rows.a__s1"),
+        ({"rows": {"a/b": []}}, "study.rows.a/b"),
+        ({"rows": {"a": ["seed=3"]}}, "study.rows.a"),
+        ({"common": ["paths.log_dir=/tmp"]}, "study.common"),
+        ({"common": ["hydra.run.dir=/tmp"]}, "study.common"),
+        ({"rows": {"a": ["noequals"]}}, "study.rows.a"),
+        ({"seeds": [1, 1]}, "study.seeds"),
+        ({"seeds": []}, "study.seeds"),
+        ({"reference": "zzz"}, "study.reference"),
+        ({"max_tokens": 0}, "study.max_tokens"),
+        ({"jobs": 0}, "study.jobs"),
+        ({"taus": [1.5]}, "study.taus"),
+        ({"heldout": []}, "study.heldout"),
+    ],
+)
+def test_bad_specs_are_refused_naming_the_key(change, key):
+    fields = {"name": "s", "rows": {"a": []}, **change}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("/", "/")):
+        StudySpec(**fields).validate()
+
+
+# ------------------------------------------------------------------------------------------ the summary
+def _result(row, seed, ppl, skipped):
+    sets = {n: {"ppl": ppl[i], "layers_skipped": skipped[i]} for i, n in enumerate(("lee", "wiki"))}
+    return {
+        "row": row,
+        "seed": seed,
+        "sets": sets,
+        "val": {"val/ppl": ppl[0] + 1, "val/layers_skipped_mean": 2.0},
+    }
+
+
+def test_summary_means_intervals_and_paired_changes():
+    spec = StudySpec(
+        name="s", seeds=[1, 2, 3], rows={"full": [], "abl": []}, reference="full", heldout=["lee", "wiki"]
+    )
+    results = [
+        _result("full", 1, [10, 20], [2.0, 3.0]),
+        _result("full", 2, [12, 22], [2.2, 3.2]),
+        _result("full", 3, [11, 21], [2.4, 3.4]),
+        _result("abl", 1, [20, 20.5], [2.0, 3.0]),
+        _result("abl", 2, [24, 21.5], [2.0, 3.0]),
+        _result("abl", 3, [22, 21.6], [2.0, 3.0]),
+    ]
+    base = {"sets": {"lee": {"ppl": 9.0}, "wiki": {"ppl": 18.0}}}
+    out = summarise(spec, results, base)
+    full, abl = out["rows"]
+    assert full["sets"]["lee"]["ppl"]["mean"] == pytest.approx(11.0)
+    assert full["sets"]["lee"]["ppl"]["half"] == pytest.approx(stats.mean_interval([10, 12, 11]).half)
+    assert full["sets"]["wiki"]["layers_skipped"]["mean"] == pytest.approx(3.2)
+    assert "vs_reference" not in full["sets"]["lee"]
+    lee = abl["sets"]["lee"]["vs_reference"]
+    assert lee["mean"] == pytest.approx(1.0) and lee["verdict"] == "worse"  # exactly twice the reference
+    assert abl["sets"]["wiki"]["vs_reference"]["verdict"] == "tie"
+    assert abl["val"]["val/ppl"]["mean"] == pytest.approx(23.0)
+    assert out["base"] == {"lee": 9.0, "wiki": 18.0}
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def _tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _study(folder: Path, *extra, wait=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("FLEXIDEPTH_TRACEBACK", None)
+    cmd = [sys.executable, "-m", "src.study", "study=tiny", f"hydra.run.dir={folder}", *extra]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_study_end_to_end_killed_and_continued(tmp_path):
+    folder = tmp_path / "study"
+    # start, and kill the whole study (runner and its training process) once the first point is trained
+    proc = _study(folder, wait=False)
+    state = folder / "study.json"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and '"trained"' in state.read_text():
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = json.loads(state.read_text())["points"]
+    finished = [name for name, rec in first.items() if rec["state"] == "trained"]
+    assert finished == ["full__s1"]
+    runs = folder / "train" / "runs"
+    before = _tree(runs / "full__s1")
+
+    res = _study(folder)  # continues: 3 points left, the finished one untouched
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "4 points, 1 trained, 3 to train" in res.stdout
+    assert _tree(runs / "full__s1") == before
+
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["failed"] == [] and summary["missing"] == []
+    results = {p.stem: json.loads(p.read_text()) for p in (folder / "results").glob("*__s*.json")}
+    assert sorted(results) == ["full__s1", "full__s2", "no_kv__s1", "no_kv__s2"]
+    for row in summary["rows"]:
+        for name in ("lee", "python_docs"):
+            ppl = [results[f"{row['row']}__s{s}"]["sets"][name]["ppl"] for s in (1, 2)]
+            assert row["sets"][name]["ppl"]["mean"] == pytest.approx(sum(ppl) / 2, rel=1e-12)
+            assert row["sets"][name]["ppl"]["half"] == pytest.approx(stats.mean_interval(ppl).half, rel=1e-12)
+        # the point's result file holds what its run folder's metrics.json says
+        for s in (1, 2):
+            metrics = json.loads((runs / f"{row['row']}__s{s}" / "metrics.json").read_text())["metrics"]
+            assert results[f"{row['row']}__s{s}"]["val"]["val/ppl"] == metrics["val/ppl"]
+    no_kv = summary["rows"][1]["sets"]["lee"]["vs_reference"]
+    ratio = [
+        math.log(results[f"no_kv__s{s}"]["sets"]["lee"]["ppl"] / results[f"full__s{s}"]["sets"]["lee"]["ppl"])
+        for s in (1, 2)
+    ]
+    assert no_kv["mean"] == pytest.approx(math.exp(sum(ratio) / 2) - 1, rel=1e-9)
+    assert "| no_kv | 2 |" in (folder / "summary.md").read_text()
+    assert (folder / "summary.png").stat().st_size > 1000
+
+    # a third start trains and measures nothing: every file of the study byte-identical but its summary
+    everything = _tree(folder)
+    res = _study(folder)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "4 points, 4 trained, 0 to train" in res.stdout
+    after = _tree(folder)
+    changed = {k for k in everything if everything[k] != after.get(k)}
+    assert changed <= {"summary.json", "summary.md", "summary.png", "study.log"}, changed
