@@ -57,7 +57,7 @@ def train_cli_failing(args, root: Path, step: int, action: str, hashes: Path) ->
     records the sha256 of every file in checkpoints/ into `hashes` and then does ACTIONS[action]."""
     script = textwrap.dedent(
         f"""
-        import hashlib, json, os, signal, sys
+        import hashlib, json, os, runpy, signal, sys
         from pathlib import Path
         import torch
         from src.lit.module import FlexiDepthModule
@@ -75,9 +75,7 @@ def train_cli_failing(args, root: Path, step: int, action: str, hashes: Path) ->
 
         FlexiDepthModule.on_train_batch_end = at_step
         sys.argv = ["src.train", *{list(args)!r}]
-        from src.train import main
-
-        main()
+        runpy.run_module("src.train", run_name="__main__", alter_sys=True)  # as `python -m src.train`
         """
     )
     return subprocess.run(
