@@ -134,7 +134,10 @@ def test_a_failure_after_the_first_checkpoint_keeps_the_run_and_resume_is_bit_id
     full = json.loads((uninterrupted / "metrics.json").read_text())
     resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["global_step"] == full["global_step"] == 8
-    assert resumed["metrics"] == full["metrics"]
+    timing = ("train/tokens_per_s",)  # wall-clock throughput: the one metric that may differ
+    assert {k: v for k, v in resumed["metrics"].items() if k not in timing} == {
+        k: v for k, v in full["metrics"].items() if k not in timing
+    }
     assert run_finished(run)["global_step"] == 8
 
 
@@ -144,7 +147,9 @@ def test_a_failure_before_the_first_checkpoint_removes_only_its_own_scaffolding(
     run.mkdir(parents=True)
     (run / "notes.txt").write_text("a user's file\n")
     before = tree(run)
-    res = train_cli_failing([*ARGS, "run_name=early"], tmp_path, 1, "sigterm", tmp_path / "h.json")
+    res = train_cli_failing(
+        [*ARGS, "run_name=early", "resume=auto"], tmp_path, 1, "sigterm", tmp_path / "h.json"
+    )
     assert res.returncode == EXIT_SIGTERM, res.stderr[-3000:]  # not 0
     assert "removed what the failed command created" in res.stderr
     assert tree(run) == before  # .hydra, history, lock, log: gone; the user's file: kept
