@@ -35,7 +35,7 @@ ACTIONS = {
     "exception": "raise RuntimeError('simulated crash')",
     "sigterm": "os.kill(os.getpid(), signal.SIGTERM)",  # Lightning stops at the step's end (SIGTERMException)
     "sigint": "os.kill(os.getpid(), signal.SIGINT)",  # Ctrl-C: KeyboardInterrupt, Lightning exits 1 after it
-    "library_error_if_seed_1": "if torch.initial_seed() == 1: raise RuntimeError('simulated library failure')",
+    "library_error_in_point_0": "if HydraConfig.get().job.num == 0: raise RuntimeError('simulated library failure')",
 }
 
 
@@ -60,6 +60,7 @@ def train_cli_failing(args, root: Path, step: int, action: str, hashes: Path) ->
         import hashlib, json, os, runpy, signal, sys
         from pathlib import Path
         import torch
+        from hydra.core.hydra_config import HydraConfig
         from src.lit.module import FlexiDepthModule
 
         original = FlexiDepthModule.on_train_batch_end
@@ -152,7 +153,9 @@ def test_a_failure_before_the_first_checkpoint_removes_only_its_own_scaffolding(
     )
     assert res.returncode == EXIT_SIGTERM, res.stderr[-3000:]  # not 0
     assert "removed what the failed command created" in res.stderr
-    assert tree(run) == before  # .hydra, history, lock, log: gone; the user's file: kept
+    after = tree(run)  # .hydra, history, log: gone; the user's file: kept; the lock file stays (empty)
+    assert {k: v for k, v in after.items() if k != ".run.lock"} == before
+    assert (run / ".run.lock").read_text() == ""
     res = train_cli_failing([*ARGS, "run_name=new"], tmp_path, 1, "exception", tmp_path / "h.json")
     assert res.returncode == 1 and "simulated crash" in res.stderr
     assert not (runs_dir(tmp_path) / "new").exists()
@@ -366,7 +369,7 @@ def test_a_sweep_point_with_a_library_error_reports_every_point_and_exits_non_ze
     sweep = tmp_path / "sweep"
     short = ["debug=tiny", "logger=none", "trainer.max_steps=2", "trainer.limit_val_batches=0"]
     args = ["--multirun", *short, "seed=1,2", f"hydra.sweep.dir={sweep}"]
-    res = train_cli_failing(args, tmp_path, 1, "library_error_if_seed_1", tmp_path / "h.json")
+    res = train_cli_failing(args, tmp_path, 1, "library_error_in_point_0", tmp_path / "h.json")
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" in res.stderr and "RuntimeError: simulated library failure" in res.stderr
     assert "1 sweep point(s) failed" in res.stderr and f"sweep done: {sweep}" in res.stdout
