@@ -4,11 +4,13 @@
     python -m src.train model=llama3_8b trainer=gpu loss.alpha=0.01    # the skip-loss weight (loss group)
     python -m src.train --multirun loss.alpha=1e-3,1e-2
     python -m src.train run_name=myrun resume=auto        # continue a killed run from its own folder
+    python -m src.train run_name=myrun resume=extend trainer.max_steps=600   # train a finished run further
     python -m src.train +sweep=alpha                      # a sweep file (conf/sweep/), summary: src.sweep_summary
 
 Outputs go to `outputs/train/runs/<run_name>/` (config, history/, checkpoints/, flexidepth/, wandb/, layer
 usage, metrics.json). The folder belongs to one run: locked while training, a fresh start into a used folder
-refuses (`resume=auto` continues it, `overwrite=true` replaces it), resume checks the stored config
+refuses (`resume=auto` continues it, `overwrite=true` replaces it), resume checks the stored config, a failure
+after the first checkpoint keeps the folder, and `resume=auto` leaves a finished run as it is
 (src/utils/runs.py; README "Runs and resume").
 """
 
@@ -33,6 +35,7 @@ from .utils.launch import cluster_plugins, is_rank_zero, one_job_per_sweep_point
 from .utils.loggers import build_loggers, finish_wandb
 from .utils.quiet import silence_third_party
 from .utils.run_start import open_run
+from .utils.runs import RunHistory
 
 log = logging.getLogger(__name__)
 register()  # resolvers and typed schemas, before Hydra composes this command's config
@@ -60,8 +63,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Order: the config and what it points at are checked first (`src.config.preflight`: nothing is
     loaded or created before), then the run folder is claimed (`open_run`: lock, fresh/resume decision,
-    history), then the model is built and trained. Raises ConfigError / PreflightError / RunFolderError (user
-    errors, printed without a traceback by the CLI) naming the key, file or holder.
+    history), then the model is built and trained; a fit that completes normally records the run as finished
+    (a `finish` event in history/events.jsonl, `runs.run_finished`). Raises ConfigError / PreflightError /
+    RunFolderError (user errors, printed without a traceback by the CLI) naming the key, file or holder, and
+    `runs.RunFinished` (nothing changed) for `resume=auto` on a finished run.
     """
     alias = translate_skip_alpha(cfg)  # the deprecated skip.alpha becomes loss.alpha, here only
     if alias and is_rank_zero():
@@ -124,6 +129,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         finally:
             finish_wandb()
+        if trainer.is_global_zero and trainer.state.finished:  # completed normally: the run is finished
+            RunHistory(output_dir).finish(trainer.global_step)
     return summary.metrics  # metrics.json and the closing lines: RunSummary (src/callbacks/summary.py)
 
 

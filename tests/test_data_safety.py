@@ -266,7 +266,7 @@ def test_resume_takes_the_checkpoint_with_the_most_progress(tmp_path, caplog):
     step2 = ckpts / "step2.keep"
     shutil.copy(ckpts / "last.ckpt", step2)
     # a changed last-checkpoint key on resume: one last.ckpt, no last-v1.ckpt beside it
-    _train(["resume=auto", "trainer.max_steps=4", "callbacks.last_checkpoint.every_n_train_steps=1"], run)
+    _train(["resume=extend", "trainer.max_steps=4", "callbacks.last_checkpoint.every_n_train_steps=1"], run)
     assert sorted(p.name for p in ckpts.glob("last*.ckpt")) == ["last.ckpt"]
     # a folder as older versions left it: last.ckpt at step 2, last-v1.ckpt at step 4 (written later)
     os.replace(ckpts / "last.ckpt", ckpts / "last-v1.ckpt")
@@ -278,7 +278,7 @@ def test_resume_takes_the_checkpoint_with_the_most_progress(tmp_path, caplog):
         "taking last-v1.ckpt (step 4): the intact checkpoint with the most progress" in n for n in notes
     )
     with caplog.at_level(logging.WARNING, logger="src.train"):
-        _train(["resume=auto", "trainer.max_steps=6"], run)
+        _train(["resume=extend", "trainer.max_steps=6"], run)
     assert "taking last-v1.ckpt (step 4)" in caplog.text
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6
 

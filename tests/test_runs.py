@@ -109,7 +109,7 @@ def test_resume_refuses_model_defining_changes_naming_the_keys(tmp_path, monkeyp
         ("skip.adapter_rank=4", ["skip.adapter_rank: None -> 4"]),
     ):
         with pytest.raises(RunFolderError, match="model-defining settings") as err:
-            _train([override, "resume=auto"], run)
+            _train([override, "resume=extend"], run)
         for key in keys:
             assert key in str(err.value), (override, str(err.value))
     assert len(list((run / "history").glob("config-*.yaml"))) == 1  # refusals leave no history
@@ -119,7 +119,7 @@ def test_resume_prints_changes_and_never_overwrites_the_first_config(tmp_path, c
     run = tmp_path / "run"
     _train([], run)
     with caplog.at_level(logging.WARNING, logger="src.train"):
-        _train(["resume=auto", "trainer.max_steps=3", "loss.alpha=0.05", "optim.lr=0.01"], run)
+        _train(["resume=extend", "trainer.max_steps=3", "loss.alpha=0.05", "optim.lr=0.01"], run)
     assert "loss.alpha: 0.001 -> 0.05" in caplog.text and "trainer.max_steps: 2 -> 3" in caplog.text
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
     first = yaml.safe_load((run / "history" / "config-000.yaml").read_text())
@@ -127,9 +127,9 @@ def test_resume_prints_changes_and_never_overwrites_the_first_config(tmp_path, c
     assert first["loss"]["alpha"] == 0.001 and first["trainer"]["max_steps"] == 2
     assert second["loss"]["alpha"] == 0.05 and second["optim"]["lr"] == 0.01
     events = [json.loads(line) for line in (run / "history" / "events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["start", "resume"]
-    assert events[1]["changes"]["loss.alpha"] == [0.001, 0.05]
-    assert events[1]["changes"]["optim.lr"] == [0.0001, 0.01]
+    assert [e["event"] for e in events] == ["start", "finish", "extend", "finish"]
+    assert events[2]["changes"]["loss.alpha"] == [0.001, 0.05]
+    assert events[2]["changes"]["optim.lr"] == [0.0001, 0.01]
 
 
 def test_resume_that_finds_nothing_says_so(tmp_path, caplog):
@@ -137,7 +137,7 @@ def test_resume_that_finds_nothing_says_so(tmp_path, caplog):
         _train(["resume=auto"], tmp_path / "run")
     assert f"resume=auto: nothing to resume in {tmp_path / 'run'}" in caplog.text
     events = (tmp_path / "run" / "history" / "events.jsonl").read_text().splitlines()
-    assert [json.loads(e)["event"] for e in events] == ["start"]
+    assert [json.loads(e)["event"] for e in events] == ["start", "finish"]
 
 
 # ------------------------------------------------------------------------------------- 2. crash-safe files
@@ -180,7 +180,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
     assert best, "the final validation writes a best checkpoint"
     (run / "checkpoints" / "last.ckpt").write_bytes(b"")  # killed while writing, on another filesystem
     with caplog.at_level(logging.WARNING, logger="src.train"):
-        _train(["resume=auto", "trainer.max_steps=3"], run)
+        _train(["resume=extend", "trainer.max_steps=3"], run)
     assert f"{run / 'checkpoints' / 'last.ckpt'}: empty file" in caplog.text
     assert f"taking {best[-1].name} (step 2): the intact checkpoint with the most progress" in caplog.text
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3

@@ -204,7 +204,7 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
     overrides = ["debug=tiny", "trainer.limit_val_batches=0", "trainer.max_steps=2"]
     train(compose_cfg(overrides, tmp_path))
     first_id = (tmp_path / "wandb_id.txt").read_text().strip()
-    train(compose_cfg([*overrides[:-1], "trainer.max_steps=4", "resume=auto"], tmp_path))
+    train(compose_cfg([*overrides[:-1], "trainer.max_steps=4", "resume=extend"], tmp_path))
     assert (tmp_path / "wandb_id.txt").read_text().strip() == first_id
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # one run id, resumed

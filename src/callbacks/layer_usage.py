@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from ..flexidepth.files import append_text, atomic_save_figure
+
 log = logging.getLogger(__name__)
 
 
@@ -76,9 +78,8 @@ class LayerUsageCallback(L.Callback):
             "run_fraction": fraction.round(6).tolist(),
             "layers_used_counts": {str(usage.min_layers + k): float(c) for k, c in enumerate(used_hist)},
         }
-        with open(self.output_dir / "layer_usage.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        self._heatmap().savefig(self.output_dir / "run_fraction_heatmap.png", dpi=80)
+        append_text(self.output_dir / "layer_usage.jsonl", json.dumps(record) + "\n")  # never through a link
+        atomic_save_figure(self._heatmap(), self.output_dir / "run_fraction_heatmap.png", dpi=80)
 
     def _heatmap(self):
         import matplotlib

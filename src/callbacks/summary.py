@@ -16,7 +16,8 @@ from ..flexidepth.files import atomic_write_text
 class RunSummary(L.Callback):
     """At the end of fit: `metrics` (the final callback metrics, with the export's re-measured val/* numbers
     when it calibrated tau), written to <output_dir>/metrics.json with `knobs` and printed as the closing
-    summary (rank zero).
+    summary (rank zero). A fit that trained and validated nothing (a resume at `trainer.max_steps`) never
+    rewrites metrics.json: `metrics` are then the ones it holds.
 
     knobs: {"skip": the skip node, "loss": the loss node, "model": model.name_or_path, "run_name": ...};
     model_arg: the model= option of the command (repeated in the summary's evaluate line)."""
@@ -29,6 +30,15 @@ class RunSummary(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if not metrics:  # nothing trained or validated (resumed at max_steps): keep metrics.json as it is
+            self.metrics = read_metrics(self.output_dir)
+            if trainer.is_global_zero:
+                print(
+                    f"nothing to train: {self.output_dir} is already at step {trainer.global_step} "
+                    "(trainer.max_steps); metrics.json is left as it was",
+                    flush=True,
+                )
+            return
         # a tau calibrated at export: the val/* numbers of the exported model replace those at the training tau
         export = next((cb for cb in trainer.callbacks if type(cb).__name__ == "ExportFlexiDepth"), None)
         metrics.update(getattr(export, "metrics", None) or {})
@@ -38,6 +48,14 @@ class RunSummary(L.Callback):
                 self.output_dir, metrics, trainer.global_step, self.knobs, tau=pl_module.flexi_cfg.tau
             )
             print(closing_summary(self.output_dir, metrics, trainer, pl_module, self.model_arg), flush=True)
+
+
+def read_metrics(output_dir: Path) -> dict[str, float]:
+    """The metrics of <output_dir>/metrics.json ({} when it is missing or unreadable)."""
+    try:
+        return dict(json.loads((Path(output_dir) / "metrics.json").read_text())["metrics"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def write_metrics(

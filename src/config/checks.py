@@ -181,8 +181,8 @@ def validate(cfg: DictConfig) -> None:
     _unknown("", set(cfg.keys()), TOP_KEYS)
     validate_groups(cfg)
     resume, init_from = cfg.get("resume"), cfg.get("init_from")
-    if resume not in (False, None, "auto") and not Path(str(resume)).is_file():
-        raise ConfigError(f"resume={resume!r}: expected auto, false or an existing .ckpt file")
+    if resume not in (False, None, "auto", "extend") and not Path(str(resume)).is_file():
+        raise ConfigError(f"resume={resume!r}: expected auto, extend, false or an existing .ckpt file")
     if init_from and resume not in (False, None):
         raise ConfigError("init_from (warm start) and resume are mutually exclusive")
     if init_from and not (Path(str(init_from)) / "flexidepth_config.json").is_file():

@@ -357,7 +357,7 @@ def trained_checkpoint_problems(cfg: DictConfig, model_cfg: dict, problems: list
 
 def resume_problems(resume: Any) -> list[str]:
     """`resume=<file>`: the checkpoint file loads (a damaged one is named)."""
-    if resume in (None, False, "auto"):
+    if resume in (None, False, "auto", "extend"):
         return []
     from ..utils.runs import CheckpointDamaged, verify_checkpoint
 

@@ -1,5 +1,9 @@
 """Atomic file writes (the method core's checkpoint I/O and every framework output): a reader sees either the previous file or the complete new one, never a partial one.
 
+No writer here writes through a symbolic link: the atomic rename replaces a link under the target's name with
+the new file (the link's target is left as it was), and `append_text`, the one writer that extends a file in
+place, refuses a link.
+
 Every file a later step reads (checkpoints, exports, metrics, results) goes through here. The data is written
 to a temporary file in the *same directory* (so the final rename never crosses a filesystem), flushed and
 fsynced, given the mode a normally created file would get (0o666 minus the umask, i.e. 0644 by default),
@@ -10,6 +14,7 @@ leaves at most a `.<name>.tmp-*` file behind, which the next successful write of
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -76,6 +81,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_open(path, "w") as handle:
         handle.write(text)
     return Path(path)
+
+
+def append_text(path: str | Path, text: str) -> Path:
+    """Append `text` (utf-8) to `path` in place (created if missing); returns the path. Raises OSError (ELOOP)
+    naming the path when it is a symbolic link: appending would change the file the link points to."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{path} is a symbolic link; refusing to append through it") from None
+        raise
+    with os.fdopen(fd, "a", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
 
 
 def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> Path:

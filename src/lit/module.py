@@ -151,7 +151,8 @@ class FlexiDepthModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss at global step {self.global_step} (lm={lm.item()}, skip={skip.item()}); "
-                "stopping. The last good checkpoint is in the run's checkpoints/ folder."
+                "stopping. Checkpoints written before this step stay in the run's checkpoints/ folder "
+                "(resume=auto continues from the last one)."
             )
         self.usage.update(routes)
         n = batch["input_ids"].shape[0]

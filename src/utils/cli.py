@@ -1,5 +1,5 @@
-"""What every command-line entry point shares: user errors as one message, and failures that delete only what
-the failing command itself created.
+"""What every command-line entry point shares: user errors as one message, and failures that never lose a
+run's progress.
 
 - `user_errors()`: a user error (bad config value, path, checkpoint, hub access; see `is_user_error`) is
   printed as one `error: ...` message on stderr and the process exits with status 2, without a traceback.
@@ -8,11 +8,20 @@ the failing command itself created.
 - `entry_point(task)`: wraps a Hydra task function that writes an output folder (train, evaluate, compare).
   Before Hydra creates that folder, the Hydra callback `src.utils.hydra_callbacks.GuardOutputFolder` checks
   `run_name` and records which names the folder already held (`runs.snapshot_folder`). When the command then
-  fails, exactly the names that were not there before are deleted, and the folder itself only if this command
-  created it and it is empty again (`runs.remove_created`): nothing is inferred from what a folder contains,
-  and nothing is deleted while another process holds the folder's run lock. A sweep point (multirun) deletes
-  nothing: its folder gets `status.json` (`ok`, or `failed` and the error), a user error does not stop the sweep, and
-  the sweep exits with status 2 at its end when any point failed (`hydra_callbacks.PrintSweepFolder`).
+  fails, cleanup is decided by what would be lost (`runs.clean_up_failed_command`):
+  - a training run this command started whose folder holds a checkpoint a resume can use keeps its whole
+    folder; the command prints the `python -m src.train ... resume=auto` line that continues it;
+  - anything else (a refused start, a start that failed before its first checkpoint, an evaluation) is
+    undone: the names that were not there before are deleted, `.hydra/` and the log get their earlier bytes
+    back, and the folder itself goes only if this command created it (`runs.remove_created`); nothing is
+    deleted while another process holds the folder's run lock.
+  Exit status: 0 on success and for `resume=auto` on a finished run (`runs.RunFinished`: "already finished",
+  nothing changed); 2 for a user error; 143 for SIGTERM (kill, scancel, a SLURM time limit; Lightning turns it
+  into an exception at the next step); 130 for Ctrl-C; 1 for any other failure (with its traceback).
+- Sweep points (multirun) delete nothing: each point's folder gets `status.json` (`ok`, or `failed` and the
+  error), a failed point (user or library error, the latter with its traceback) does not stop the sweep, and
+  the sweep lists the failed points at its end and exits non-zero (`hydra_callbacks.PrintSweepFolder`).
+  SIGTERM or Ctrl-C stop the sweep with 143 or 130.
 """
 
 from __future__ import annotations
@@ -21,7 +30,10 @@ import contextlib
 import functools
 import json
 import os
+import shlex
+import signal
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,41 +102,106 @@ def write_point_status(folder: Path, err: BaseException | None) -> None:
     atomic_write_text(folder / STATUS_FILE, json.dumps(record, indent=2))
 
 
+def signal_exit_status(err: BaseException) -> int | None:
+    """The exit status for a command stopped by a signal: 143 for SIGTERM (Lightning's SIGTERMException, a
+    SystemExit that would exit 0), 130 for Ctrl-C (KeyboardInterrupt, or Lightning's exit(1) after one);
+    None for anything else."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(err, SIGTERMException):
+        return 128 + signal.SIGTERM
+    if isinstance(err, KeyboardInterrupt) or (
+        isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt)
+    ):
+        return 128 + signal.SIGINT
+    return None
+
+
+def resume_command(cfg, folder: Path) -> str:
+    """The command line that continues the run in `folder`: this command's overrides with `resume=auto`."""
+    from .launch import hydra_config
+
+    hc = hydra_config()
+    dropped = ("resume", "overwrite", "run_name")
+    words = ["python", "-m", f"src.{cfg.get('task_name', 'train')}"]
+    if hc is not None:
+        words += [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") not in dropped]
+        run_dir = [o for o in hc.overrides.hydra if o.split("=", 1)[0] == "hydra.run.dir"]
+        words += run_dir
+    else:
+        run_dir = []
+    words += [] if run_dir else [f"run_name={folder.name}"]
+    return " ".join(shlex.quote(w) for w in [*words, "resume=auto"])
+
+
+def _after_failure(cfg, snapshot) -> None:
+    from .runs import clean_up_failed_command
+
+    removed = clean_up_failed_command(snapshot)
+    if removed is None:
+        print(
+            f"(the run keeps its folder {snapshot.folder}: it holds checkpoints. Continue it with\n"
+            f"  {resume_command(cfg, snapshot.folder)}\n)",
+            file=sys.stderr,
+        )
+    elif removed:  # not logged: the log file was just cut back to its earlier size
+        print(f"(removed what the failed command created: {', '.join(removed)})", file=sys.stderr)
+
+
+def _sweep_point(task: Callable[..., Any], cfg, folder: Path | None, *args, **kwargs):
+    from .runs import RunFinished
+
+    try:
+        result = task(cfg, *args, **kwargs)
+    except RunFinished as done:
+        print(done, flush=True)  # its status.json stays as the finished run left it
+        return None
+    except BaseException as err:
+        if folder is not None:
+            write_point_status(folder, err)
+        status = signal_exit_status(err)
+        if status is not None:
+            raise SystemExit(status) from err  # a signal stops the whole sweep
+        if not isinstance(err, Exception):
+            raise
+        if is_user_error(err) and not _traceback_wanted():
+            report_user_error(err)
+        else:
+            traceback.print_exc()
+        print(f"(sweep point {folder} failed; the sweep goes on)", file=sys.stderr, flush=True)
+        return None
+    if folder is not None:
+        write_point_status(folder, None)
+    return result
+
+
 def entry_point(task: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator for a Hydra task function that writes an output folder (put it under `@hydra.main`); see the
-    module docstring."""
+    module docstring for what a failure keeps and the exit statuses."""
 
     @functools.wraps(task)
     def wrapper(cfg, *args, **kwargs):
-        from .runs import remove_created, take_snapshot
+        from .runs import RunFinished, remove_created, take_snapshot
 
         folder = hydra_output_dir()
         if _in_multirun():
-            try:
-                result = task(cfg, *args, **kwargs)
-            except Exception as err:
-                if folder is not None:
-                    write_point_status(folder, err)
-                if not is_user_error(err) or _traceback_wanted():
-                    raise  # Hydra records the point as failed and runs the others
-                report_user_error(err)
-                print(f"(sweep point {folder} failed; the sweep goes on)", file=sys.stderr)
-                return None
-            if folder is not None:
-                write_point_status(folder, None)
-            return result
+            return _sweep_point(task, cfg, folder, *args, **kwargs)
         snapshot = take_snapshot(folder)
         with user_errors():
             try:
                 return task(cfg, *args, **kwargs)
-            except BaseException:
+            except RunFinished as done:
                 if snapshot is not None:
-                    removed = remove_created(snapshot)
-                    if removed:  # not logged: the log file was just cut back to its earlier size
-                        print(
-                            f"(removed what the failed command created: {', '.join(removed)})",
-                            file=sys.stderr,
-                        )
+                    remove_created(snapshot)  # .hydra/ and the log as they were: nothing changed
+                print(done, flush=True)
+                return None
+            except BaseException as err:
+                if snapshot is not None:
+                    _after_failure(cfg, snapshot)
+                status = signal_exit_status(err)
+                if status is not None:
+                    print(f"(stopped by {'SIGTERM' if status == 143 else 'Ctrl-C'})", file=sys.stderr)
+                    raise SystemExit(status) from err
                 raise
 
     return wrapper

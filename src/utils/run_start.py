@@ -2,6 +2,15 @@
 folder holds, and carry the start out only once every check has passed (`open_run` -> `RunStart.commit()`).
 The folder mechanics it builds on (lock, history, checkpoints, config comparison) are runs.py's.
 
+`resume` chooses the start:
+- false: a fresh start; refused in a folder that holds a run, finished or not, unless `overwrite=true`.
+- auto: continue from the intact checkpoint with the most progress; nothing to resume: a fresh start. A
+  finished run (`runs.run_finished`) is left exactly as it is: `RunFinished` (the CLI says "already
+  finished" and exits 0), whatever `checkpoints/` holds.
+- extend: as auto, and also continues a finished run (e.g. with more `trainer.max_steps`); refused when the
+  finished run has no intact checkpoint left.
+- <file.ckpt>: continue from that checkpoint (an explicit choice: also for a finished run).
+
     with open_run(cfg, output_dir) as start:
         ...                                  # everything that can still refuse the start
         ckpt_path = start.commit()           # an earlier run replaced (overwrite=true), the start recorded
@@ -20,17 +29,22 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import RunFolderError
 from .launch import is_rank_zero
 from .runs import (
+    HPC_CHECKPOINTS,
     NOT_COMPARED,
     RUN_PRODUCTS,
+    RunFinished,
     RunHistory,
     RunLock,
     config_changes,
     find_resume_checkpoint,
     format_changes,
+    mark_started,
     model_defining,
     model_defining_conflicts,
+    refuse_symlinks,
     replace_run,
     run_contents,
+    run_finished,
     verify_checkpoint,
 )
 
@@ -43,7 +57,8 @@ class RunStart:
     `ckpt_path` is the checkpoint to resume from (None: a fresh start). `commit()` carries the start out, once
     every check of the new start has passed: it deletes the earlier run for a fresh start that replaces one
     (`overwrite=true`, or `resume=auto` that found no checkpoint; `runs.replace_run`), records the start in the
-    run's history, and returns `ckpt_path`."""
+    run's history, and returns `ckpt_path`. From then on the run's progress is kept if the command fails
+    (`runs.mark_started`)."""
 
     def __init__(self, output_dir: Path, ckpt_path: str | None = None, event: str | None = None,
                  config: dict | None = None, changes: dict | None = None, replace: bool = False):  # fmt: skip
@@ -64,6 +79,7 @@ class RunStart:
                         "replaced the earlier run in %s: deleted %s", self.output_dir, ", ".join(deleted)
                     )
             RunHistory(self.output_dir).record(self.event, self.config, self.changes)
+        mark_started(self.output_dir)
         self.committed = True
         return self.ckpt_path
 
@@ -72,22 +88,29 @@ class RunStart:
 def open_run(cfg: DictConfig, output_dir: Path):
     """Claim `output_dir` for this run and yield its `RunStart`; call `start.commit()` once every check passed.
 
-    Rank zero holds the run lock for the whole block, refuses a fresh start into a folder that holds a run
-    (unless `overwrite=true`) and checks a resume against the stored config (src/utils/runs.py); nothing in
-    the folder is deleted or recorded before `commit()`. A start that fails before its commit puts back the
-    run's `.hydra/` (Hydra rewrote it for this command). Other ranks only pick the same checkpoint.
+    Rank zero raises `runs.RunFinished` for `resume=auto` on a finished run before touching anything (not
+    even the lock file), refuses symlinked lock/history/log files (`runs.refuse_symlinks`), holds the run
+    lock for the whole block, refuses a fresh start into a folder that holds a run (unless `overwrite=true`)
+    and checks a resume against the stored config (src/utils/runs.py); nothing in the folder is deleted or
+    recorded before `commit()`. A start that fails or is refused before its commit puts back the run's
+    `.hydra/` (Hydra rewrote it for this command). Other ranks only pick the same checkpoint.
     """
+    resume = effective_resume(cfg)
     if not is_rank_zero():
-        path, _, _ = find_resume_checkpoint(output_dir / "checkpoints")
-        resume = effective_resume(cfg)
+        path, _, _ = find_resume_checkpoint(output_dir / "checkpoints", output_dir.glob(HPC_CHECKPOINTS))
         yield RunStart(
             output_dir,
-            None if resume in (None, False) else (str(path) if resume == "auto" and path else resume),
+            None if resume in (None, False) else (str(path) if resume in AUTO and path else resume),
         )
         return
-    lock = RunLock(output_dir).acquire()
+    lock: RunLock | None = None
     start: RunStart | None = None
     try:
+        finished = run_finished(output_dir) if resume == "auto" else None
+        if finished is not None:
+            raise RunFinished(output_dir, finished)
+        refuse_symlinks(output_dir)
+        lock = RunLock(output_dir).acquire()
         start = plan_start(cfg, output_dir)
         log.info(
             "run folder: %s (%s)",
@@ -100,14 +123,20 @@ def open_run(cfg: DictConfig, output_dir: Path):
             RunHistory(output_dir).restore_hydra()  # the failed start must not replace the run's .hydra/
         raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+AUTO = ("auto", "extend")  # the resume values that pick the checkpoint themselves
 
 
 def effective_resume(cfg: DictConfig):
-    """`resume`, with false read as auto under submitit: a submitit job folder is only ever re-entered by a
-    requeue of the same job, so a preempted point continues instead of restarting from zero."""
+    """`resume`, with false read as auto where the folder can only be re-entered by the same job: under
+    submitit, and in a SLURM job that was requeued (SLURM_RESTART_COUNT >= 1, e.g. by Lightning's auto-requeue
+    on SIGUSR1), so a preempted run continues instead of refusing or restarting from zero."""
     resume = cfg.get("resume")
-    if resume in (None, False) and os.environ.get("SUBMITIT_EXECUTOR"):
+    requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+    if resume in (None, False) and (os.environ.get("SUBMITIT_EXECUTOR") or requeued):
         resume = "auto"
     return resume
 
@@ -119,8 +148,9 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
 def plan_start(cfg: DictConfig, output_dir: Path) -> RunStart:
     """The fresh/resume decision of `open_run` (rank zero, lock held); deletes and records nothing.
 
-    Raises RunFolderError for a fresh start into a folder holding a run without `overwrite=true`, and for a
-    resume whose model-defining keys differ from the checkpoint's (naming them)."""
+    Raises RunFolderError for a fresh start into a folder holding a run without `overwrite=true`, for
+    `resume=extend` of a finished run without an intact checkpoint, and for a resume whose model-defining keys
+    differ from the checkpoint's (naming them)."""
     resume = effective_resume(cfg)
     config = run_config(cfg)
     history = RunHistory(output_dir)
@@ -135,10 +165,19 @@ def plan_start(cfg: DictConfig, output_dir: Path) -> RunStart:
             )
         replace_run(output_dir, dry_run=True)  # a folder that is not recognisably a run: refuse now
         return RunStart(output_dir, None, "start", config, replace=True)
-    if resume == "auto":
-        path, ckpt, notes = find_resume_checkpoint(output_dir / "checkpoints")
+    finished = run_finished(output_dir)
+    if resume in AUTO:
+        path, ckpt, notes = find_resume_checkpoint(
+            output_dir / "checkpoints", output_dir.glob(HPC_CHECKPOINTS)
+        )
         for note in notes:
-            log.warning("resume=auto: %s", note)
+            log.warning("resume=%s: %s", resume, note)
+        if path is None and finished is not None:  # resume=extend: never retrain a finished run from zero
+            raise RunFolderError(
+                f"resume=extend: {output_dir} holds a finished run (step {finished.get('global_step')}) "
+                "but no intact checkpoint to continue from (checkpoints/ holds no usable .ckpt). Start it "
+                "again with overwrite=true (deletes that run's files), or choose another run_name"
+            )
         if path is None:
             left = [n for n in run_contents(output_dir) if n in RUN_PRODUCTS]
             log.warning(
@@ -180,4 +219,4 @@ def plan_start(cfg: DictConfig, output_dir: Path) -> RunStart:
             "resume: config changes since the last start of %s: %s", output_dir, format_changes(changes)
         )
     log.info("resuming from %s (step %s)", path, (ckpt or {}).get("global_step"))
-    return RunStart(output_dir, str(path), "resume", config, changes)
+    return RunStart(output_dir, str(path), "extend" if finished is not None else "resume", config, changes)

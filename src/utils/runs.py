@@ -6,12 +6,20 @@ A training run folder (`outputs/train/runs/<run_name>/`) guarantees:
 - **one run**: a fresh start (`resume=false`) into a folder that already holds files refuses, unless
   `overwrite=true`, which deletes only what a run writes (`RUN_PRODUCTS`), only in a folder started as a run
   (`replace_run`), and only after every check of the new start passed -- or pick another `run_name`.
-- **safe names**: `run_name` is one folder name (`check_run_name`); a failed command deletes only what it
-  created (`snapshot_folder` before Hydra, `remove_created` after the failure).
+- **safe names**: `run_name` is one folder name (`check_run_name`; a number such as `$SLURM_JOB_ID` is
+  that folder name).
+- **progress belongs to the run**: a failed command removes what it created (`snapshot_folder` before Hydra,
+  `remove_created` after the failure) only while the folder holds no progress; once a started run has a
+  checkpoint a resume can use (`run_progress`), a failure keeps the whole folder (`keep_after_failure`).
 - **history**: `history/config-000.yaml` is the config of the first start and is never overwritten; every
   later start adds `config-<n>.yaml` and a line in `history/events.jsonl` (time, host, pid, command, the
   changes against the previous start), with a copy of Hydra's `.hydra/` as `hydra-<n>/`. A refused start
   puts the latest accepted `.hydra/` back (Hydra rewrites it before our code runs).
+- **a finished run is a state**: a fit that completes normally appends a `finish` event (global step, time);
+  `run_finished(folder)` returns it while no later start followed. `resume=auto` leaves a finished run as it
+  is; continuing it takes `resume=extend` (src/utils/run_start.py).
+- **no writes through symlinks**: files in a run folder are replaced atomically (a symlink under the name is
+  replaced, its target untouched) or, for the lock and the appended `layer_usage.jsonl`, refused by name.
 - **checked resume**: the keys that define the trained modules (base model, method, routed layers, router and
   adapter kinds and widths: `MODEL_DEFINING`) must equal those stored in the checkpoint, else resume refuses
   naming the keys; everything else (steps, lr, alpha, tau, ...) may change and is printed as a diff.
@@ -30,6 +38,7 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,12 @@ log = logging.getLogger(__name__)
 
 LOCK = ".run.lock"
 HISTORY = "history"
+EVENTS = "events.jsonl"
+# files a run reads back and extends in place: a symlink under one of these names is refused
+# (`refuse_symlinks`)
+NO_SYMLINKS = (LOCK, "layer_usage.jsonl", f"{HISTORY}/{EVENTS}")
+# Lightning's SLURM auto-requeue checkpoint (SIGUSR1), written into the run folder itself (default_root_dir)
+HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
 # what a folder holds before a run has produced anything: Hydra's config and log, our lock and history
 SCAFFOLD = {".hydra", LOCK, HISTORY}
 # what a training run writes into its folder (src.train, its callbacks and loggers): the only names that
@@ -70,7 +85,8 @@ class RunLock:
     """An exclusive, non-blocking `flock` on `<folder>/.run.lock`, whose text names the holder.
 
     Use as a context manager or with `acquire()` / `release()`. `acquire` raises RunFolderError naming the
-    holder when another process (or another open of the lock in this process) holds it.
+    holder when another process (or another open of the lock in this process) holds it, and naming the path
+    when `.run.lock` is a symbolic link (the lock is written in place, never through a link).
     """
 
     def __init__(self, folder: str | Path, create: bool = True):
@@ -85,7 +101,8 @@ class RunLock:
         if not self.create and not self.path.exists():
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        refuse_symlinks(self.folder, [LOCK])
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -125,10 +142,13 @@ def describe_process() -> str:
 def check_run_name(name: Any, key: str = "run_name") -> str:
     """`name` as a run folder name: one safe path component; RunFolderError naming `key` otherwise.
 
-    Refused: anything but a non-empty string, a name with '/', '\\' or NUL, '.' and '..', leading or trailing
-    whitespace, and names over 255 bytes. An empty name would make the runs folder itself the run folder, and
-    '..' a folder above it, so every folder-handling step would act on other runs."""
+    A number (Hydra reads `run_name=$SLURM_JOB_ID` as an int) is the folder name Hydra makes of it: 12345 ->
+    "12345". Refused: an empty name, null, true/false, a name with '/', '\\' or NUL, '.' and '..', leading or
+    trailing whitespace, and names over 255 bytes. An empty name would make the runs folder itself the run
+    folder, and '..' a folder above it, so every folder-handling step would act on other runs."""
     shown = repr(name)
+    if isinstance(name, (int, float)) and not isinstance(name, bool):
+        name = str(name)  # what ${run_name} in hydra.run.dir becomes
     if not isinstance(name, str) or not name:
         raise RunFolderError(f"{key} must be a non-empty folder name, got {shown} (an unset shell variable?)")
     bad = [c for c in ("/", "\\", "\x00") if c in name]
@@ -154,6 +174,27 @@ def is_run_folder(folder: str | Path) -> bool:
     """Whether `folder` was started as a training run: its first start's config `history/config-000.yaml`
     exists (written by every accepted start, src.train)."""
     return (Path(folder) / HISTORY / "config-000.yaml").is_file()
+
+
+def refuse_symlinks(folder: str | Path, names=NO_SYMLINKS) -> None:
+    """Raise RunFolderError naming the path when one of `names` in `folder` is a symbolic link: these files
+    are written in place, and writing through a link would change a file outside the folder (a planted link,
+    or one left by `cp -rs`)."""
+    for name in names:
+        path = Path(folder) / name
+        if path.is_symlink():
+            raise RunFolderError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); this file is written in place and "
+                "never through a link: remove the link (the file it points to is left alone)"
+            )
+
+
+def run_progress(folder: str | Path) -> list[Path]:
+    """What a resume of the run in `folder` could continue from (not verified): `checkpoints/*.ckpt` (files,
+    or DeepSpeed folders) and Lightning's SLURM requeue checkpoints `hpc_ckpt_*.ckpt` in the folder itself."""
+    folder = Path(folder)
+    found = sorted(folder.glob("checkpoints/*.ckpt")) + sorted(folder.glob(HPC_CHECKPOINTS))
+    return [p for p in found if not p.name.startswith(".")]
 
 
 def remove_paths(paths) -> None:
@@ -205,6 +246,7 @@ class FolderSnapshot:
 
 
 _SNAPSHOTS: dict[str, FolderSnapshot] = {}
+_STARTED: set[str] = set()  # folders in which this process started or resumed a run (`mark_started`)
 
 
 def snapshot_folder(folder: str | Path) -> FolderSnapshot:
@@ -228,6 +270,27 @@ def take_snapshot(folder: str | Path | None) -> FolderSnapshot | None:
     if folder is None:
         return None
     return _SNAPSHOTS.pop(str(Path(folder).absolute()), None)
+
+
+def mark_started(folder: str | Path) -> None:
+    """Note that this process started (or resumed) a run in `folder` (`RunStart.commit`): from then on a
+    failure keeps the folder as soon as it holds progress (`clean_up_failed_command`)."""
+    _STARTED.add(str(Path(folder).absolute()))
+
+
+def clean_up_failed_command(snapshot: FolderSnapshot) -> list[str] | None:
+    """After a failed command, decide by what would be lost: None when the folder is kept, else the names
+    deleted.
+
+    A run that this command started and whose folder now holds progress (`run_progress`: a checkpoint a
+    resume can continue from) is kept whole, whatever this command created: the caller says how to resume.
+    Anything else -- a start that was refused, one that failed before its first checkpoint, an evaluation --
+    is undone with `remove_created`."""
+    started = str(snapshot.folder) in _STARTED
+    _STARTED.discard(str(snapshot.folder))
+    if started and run_progress(snapshot.folder):
+        return None
+    return remove_created(snapshot)
 
 
 def remove_created(snapshot: FolderSnapshot) -> list[str]:
@@ -314,19 +377,26 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def find_resume_checkpoint(ckpt_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+def find_resume_checkpoint(
+    ckpt_dir: str | Path, extra: Iterable[Path] = ()
+) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
     """The checkpoint `resume=auto` continues from: the intact one with the most progress.
 
-    Every `*.ckpt` in `ckpt_dir` is verified; the intact one with the highest `global_step` wins, ties going to
-    the newest file (modification time), then to `last.ckpt`. The name is not trusted: a moved run folder or a
-    changed `callbacks.last_checkpoint.*` made older Lightning versions write `last-v1.ckpt` beside a stale
+    Every `*.ckpt` in `ckpt_dir`, and every file of `extra` (the run's SLURM requeue checkpoints), is
+    verified; the intact one with the highest `global_step` wins, ties going to the newest file (modification
+    time), then to `last.ckpt`. The name is not trusted: a moved run folder or a changed
+    `callbacks.last_checkpoint.*` made older Lightning versions write `last-v1.ckpt` beside a stale
     `last.ckpt`. Returns (path, loaded checkpoint, notes): `notes` names the damaged files and, when there was a
     choice, which file was taken and why; (None, None, notes) when no intact checkpoint exists.
     """
     ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
+    files = (
+        sorted(p for p in ckpt_dir.iterdir() if p.suffix == ".ckpt" and not p.name.startswith("."))
+        if ckpt_dir.is_dir()
+        else []
+    ) + list(extra)
+    if not files:
         return None, None, []
-    files = sorted(p for p in ckpt_dir.iterdir() if p.suffix == ".ckpt" and not p.name.startswith("."))
     notes: list[str] = []
     intact: list[tuple[tuple[int, float, bool], Path, dict[str, Any]]] = []
     for cand in files:
@@ -416,7 +486,10 @@ def format_changes(changes: dict[str, tuple[Any, Any]]) -> str:
 # ---------------------------------------------------------------------------------------------- history
 class RunHistory:
     """`<folder>/history/`: config-000.yaml (first start, never overwritten), config-<n>.yaml per later start
-    and events.jsonl (one line per start: time, event, process, changes against the previous start)."""
+    and events.jsonl: one line per accepted start (time, event, process, changes against the previous start)
+    and one `finish` line per fit that completed normally (time, process, global step). Every write replaces
+    its file atomically, so a kill never leaves half a line and a symlink under a name is replaced, not
+    written through."""
 
     def __init__(self, folder: str | Path):
         self.dir = Path(folder) / HISTORY
@@ -430,9 +503,24 @@ class RunHistory:
         files = self.configs()
         return yaml.safe_load(files[-1].read_text()) if files else None
 
+    def events(self) -> list[dict[str, Any]]:
+        """The events.jsonl records, oldest first (a line that is not a JSON object is skipped)."""
+        path = self.dir / EVENTS
+        if not path.is_file():
+            return []
+        records = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
     def record(self, event: str, config: dict[str, Any], changes: dict[str, tuple[Any, Any]] | None = None):
         """Write config-<n>.yaml (n = number of earlier starts), keep a copy of Hydra's `.hydra/` as
-        hydra-<n>/, and append one events.jsonl line."""
+        hydra-<n>/, and add one events.jsonl line for the start `event` ("start", "resume", "extend")."""
         import yaml
 
         n = len(self.configs())
@@ -440,25 +528,73 @@ class RunHistory:
         atomic_write_text(self.dir / f"config-{n:03d}.yaml", yaml.safe_dump(config, sort_keys=True))
         hydra_dir = self.dir.parent / ".hydra"
         if hydra_dir.is_dir():
-            shutil.copytree(hydra_dir, self.dir / f"hydra-{n:03d}", dirs_exist_ok=True)
-        entry = {
-            "n": n,
-            "event": event,
-            "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "process": describe_process(),
-            "changes": {k: [a, b] for k, (a, b) in (changes or {}).items()},
-        }
-        with open(self.dir / "events.jsonl", "a") as handle:  # an append-only log, one line per start
-            handle.write(json.dumps(entry, default=str) + "\n")
+            copy = self.dir / f"hydra-{n:03d}"
+            remove_paths([copy])  # a leftover (or a link planted there) is replaced, never written into
+            shutil.copytree(hydra_dir, copy)
+        self._append({"n": n, "event": event, **_now_and_process(), "changes": _listed(changes)})
+
+    def finish(self, global_step: int) -> dict[str, Any]:
+        """Add the `finish` line of the latest start (call when a fit completed normally); returns it."""
+        entry = {"n": len(self.configs()) - 1, "event": "finish", **_now_and_process()}
+        entry["global_step"] = int(global_step)
+        self._append(entry)
+        return entry
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        path = self.dir / EVENTS
+        earlier = path.read_text() if path.is_file() and not path.is_symlink() else ""
+        if earlier and not earlier.endswith("\n"):
+            earlier += "\n"
+        atomic_write_text(path, earlier + json.dumps(entry, default=str) + "\n")
 
     def restore_hydra(self) -> bool:
-        """Hydra rewrites `.hydra/` before any of our code runs, also for a start that is then refused: put
-        back the copy of the latest accepted start. Returns whether a copy existed."""
+        """Hydra rewrites `.hydra/` before any of our code runs, also for a start that is then refused: make
+        it the copy of the latest accepted start again (files Hydra added are deleted). Returns whether a
+        copy existed."""
         copies = sorted(self.dir.glob("hydra-*")) if self.dir.is_dir() else []
         if not copies:
             return False
         target = self.dir.parent / ".hydra"
-        for src in copies[-1].iterdir():
-            if src.is_file():
-                atomic_write_text(target / src.name, src.read_text())
+        kept = {src.name for src in copies[-1].iterdir() if src.is_file()}
+        for name in kept:
+            atomic_write_bytes(target / name, (copies[-1] / name).read_bytes())
+        if target.is_dir() and not target.is_symlink():
+            remove_paths(p for p in target.iterdir() if p.name not in kept)
         return True
+
+
+def _now_and_process() -> dict[str, str]:
+    return {
+        "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "process": describe_process(),
+    }
+
+
+def _listed(changes: dict[str, tuple[Any, Any]] | None) -> dict[str, list[Any]]:
+    return {k: [a, b] for k, (a, b) in (changes or {}).items()}
+
+
+# ---------------------------------------------------------------------------------------------- finished runs
+def run_finished(folder: str | Path) -> dict[str, Any] | None:
+    """The `finish` record of the run in `folder` when it finished, else None.
+
+    A run is finished when its latest `history/events.jsonl` record is a `finish` (written when a fit
+    completed normally: {"n", "event": "finish", "time", "process", "global_step"}); a start after it
+    (`resume=extend`) makes the run unfinished until that fit completes. Reads only; a folder without
+    history (missing, never started, or from before finish records) gives None."""
+    events = RunHistory(folder).events()
+    return events[-1] if events and events[-1].get("event") == "finish" else None
+
+
+class RunFinished(Exception):
+    """`resume=auto` found a finished run (`run_finished`): nothing is to be done and nothing was changed.
+    Not an error: the command line (src/utils/cli.py `entry_point`) prints the message and exits with 0."""
+
+    def __init__(self, folder: str | Path, record: dict[str, Any]):
+        self.folder = Path(folder)
+        self.record = record
+        super().__init__(
+            f"{folder} already finished (step {record.get('global_step')}, {record.get('time')}); nothing to "
+            "do, nothing changed. To train it further, add resume=extend with the new setting (e.g. "
+            "trainer.max_steps=<more>)"
+        )
