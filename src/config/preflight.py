@@ -27,6 +27,7 @@ from ..models.hub import (
     looks_like_path,
 )
 from ..utils.errors import PreflightError
+from ..utils.outputs import PRODUCTS, check_free
 
 ARCH_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size")
 
@@ -222,7 +223,9 @@ def preflight(cfg: DictConfig, command: str, settings: Callable[[DictConfig], An
     for train, `validate_groups` otherwise; ConfigError naming the key), then `settings(cfg)` (the command's
     own keys, when given; its result is returned), then what the config points at (the command's device,
     hub access to the model and data, the checkpoints it names, eval settings), all problems reported
-    together in one PreflightError.
+    together in one PreflightError. Last, for a command that writes results into `paths.output_dir`
+    (evaluate, compare, speed), a folder already holding its results is refused (OutputExistsError) unless
+    `overwrite=true` (`src.utils.outputs.check_free`).
 
     command: one of COMMANDS; it decides which keys point at what (`trainer.accelerator` / `eval.device` /
     `device`; `init_from` + `resume` / `ckpt_path` / `trained.<label>.ckpt`)."""
@@ -264,6 +267,8 @@ def preflight(cfg: DictConfig, command: str, settings: Callable[[DictConfig], An
         problems += more_ckpts_problems(cfg, model_cfg, problems)
         problems += shortgpt_k_problems(cfg, model_cfg, problems)
     raise_if(problems, command)
+    if command in PRODUCTS:  # an occupied output folder: refused unless overwrite=true (src/utils/outputs.py)
+        check_free(Path(str(cfg.paths.output_dir)), command, cfg.get("overwrite", False))
     return result
 
 
