@@ -7,7 +7,7 @@
 The folder loads without this repository (docs/checkpoints.md §3):
 
     model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)   # flexidepth_tau=0.6 overrides tau
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=False)       # the tokenizer needs no code
 
 It holds config.json (the base config + `auto_map` + the routing block `flexidepth`), modeling_flexidepth.py
 (src/export_modeling/, copied verbatim: torch + transformers only), model.safetensors (base weights and
