@@ -7,7 +7,7 @@
 The folder loads without this repository (docs/checkpoints.md §3):
 
     model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)   # flexidepth_tau=0.6 overrides tau
-    tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=False)       # the tokenizer needs no code
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=False)   # needs no code
 
 It holds config.json (the base config + `auto_map` + the routing block `flexidepth`), modeling_flexidepth.py
 (src/export_modeling/, copied verbatim: torch + transformers only), model.safetensors (base weights and
@@ -438,14 +438,16 @@ def _rename_onto(new: Path, target: Path) -> None:
             raise
         raise ExportError(
             f"out_dir={str(target)!r} was written while this export ran (another export, or a file put "
-            "there); nothing was replaced: choose another out_dir, or rerun (overwrite=true replaces an export)"
+            "there); nothing was replaced: choose another out_dir, or rerun (overwrite=true replaces an "
+            "export)"
         ) from None
 
 
 @contextlib.contextmanager
 def stop_on_sigterm():
     """Inside the block SIGTERM raises SystemExit(143) (the status a SIGTERM gives), so `finally` blocks run
-    and the temporary folder is removed; outside the main thread (no signal handlers there) it does nothing."""
+    and the temporary folder is removed; outside the main thread (no signal handlers there) it does
+    nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -435,7 +435,8 @@ def position_window_problems(cfg: DictConfig, model_cfg: dict[str, Any]) -> list
 def nothing_to_train_problems(cfg: DictConfig, model_cfg: dict[str, Any]) -> list[str]:
     """A FlexiDepth config with no trainable parameter (every routed layer in `skip.always_skip`, so no router
     is trained, and `skip.adapter=none`, so there is no adapter): refused before the model load instead of
-    failing inside the optimizer. Needs the base model's depth without loading weights (as `budget_problems`)."""
+    failing inside the optimizer. Needs the base model's depth without loading weights (as
+    `budget_problems`)."""
     if cfg.get("skip") is None:
         return []
     depth = base_config_value(model_cfg, "num_hidden_layers")
@@ -448,8 +449,8 @@ def nothing_to_train_problems(cfg: DictConfig, model_cfg: dict[str, Any]) -> lis
     always = {i % depth for i in flexi.always_skip}
     if flexi.adapter == "none" and set(routed) <= always:
         return [
-            f"nothing to train: every routed layer ({routed}) is in skip.always_skip, so no router is trained, "
-            "and skip.adapter=none has no adapter; take layers out of skip.always_skip or set "
+            f"nothing to train: every routed layer ({routed}) is in skip.always_skip, so no router is "
+            "trained, and skip.adapter=none has no adapter; take layers out of skip.always_skip or set "
             "skip.adapter=swiglu"
         ]
     return []

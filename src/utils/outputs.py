@@ -79,7 +79,8 @@ def replacing(folder: str | Path, command: str) -> Iterator[list[str]]:
     """Write `command`'s products into `folder` inside the block, replacing an earlier set as one unit.
 
     The earlier products (`present`) are moved into `<folder>/.replaced-<id>/` first; they are deleted after
-    the block succeeds and moved back after it fails (the block's own partial products are removed first). Yields the names moved aside. Call `check_free` before (it refuses without overwrite).
+    the block succeeds and moved back after it fails (the block's own partial products are removed first).
+    Yields the names moved aside. Call `check_free` before (it refuses without overwrite).
     """
     folder = Path(folder)
     found = present(folder, command)
