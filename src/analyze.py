@@ -1,11 +1,13 @@
 """What the router learned, for one evaluation folder (the analysis is src/eval/analysis.py).
 
     python -m src.analyze eval_dir=outputs/evaluate/runs/<run>              # n_boot=1000 seed=0
-    python -m src.analyze eval_dir=<folder> n_boot=2000 seed=1
+    python -m src.analyze eval_dir=<folder> n_boot=2000 seed=1 overwrite=true
 
 Reads <eval_dir>/depthmap.parquet (and results.json for the routed layer indices); writes analysis.json,
 analysis.md and analysis_categories.png there and prints the claims table. `python -m src.eval` runs the same
-analysis at its end. A missing folder / file or a bad option is one `error: ...` line naming it (exit 2).
+analysis at its end, so a folder that already holds an analysis is refused unless `overwrite=true`, which
+replaces those three files as one unit (nothing else in the folder is touched). A missing folder / file, a
+damaged results.json or depthmap.parquet, or a bad option is one `error: ...` line naming it (exit 2).
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import sys
 
 from .eval.analysis import AnalysisInputError
 
-OPTIONS = {"eval_dir": str, "n_boot": int, "seed": int}
+
+def _bool(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ValueError(value)
+    return value.lower() == "true"
+
+
+OPTIONS = {"eval_dir": str, "n_boot": int, "seed": int, "overwrite": _bool}
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -30,7 +39,8 @@ def parse_args(argv: list[str]) -> dict:
         try:
             out[key] = OPTIONS[key](value)
         except ValueError:
-            raise AnalysisInputError(f"{key}={value!r}: expected an integer") from None
+            kind = "true or false" if key == "overwrite" else "an integer"
+            raise AnalysisInputError(f"{key}={value!r}: expected {kind}") from None
     if not out.get("eval_dir"):
         raise AnalysisInputError("eval_dir=<evaluation folder> is required")
     return out
@@ -45,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     silence_third_party()
     with user_errors():
         opts = parse_args(sys.argv[1:] if argv is None else argv)
-        a = write_analysis(opts["eval_dir"], opts.get("n_boot", 1000), opts.get("seed", 0))
+        a = write_analysis(
+            opts["eval_dir"], opts.get("n_boot", 1000), opts.get("seed", 0), opts.get("overwrite", False)
+        )
     md = analysis_markdown(a)
     print(md.split("## Layers used by token category")[0].rstrip(), flush=True)
     print(f"analysis in {opts['eval_dir']} (analysis.md, analysis.json, analysis_categories.png)", flush=True)

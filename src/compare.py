@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from .config import preflight, register
 from .eval.compare import run_compare, run_curves
 from .utils.cli import entry_point
+from .utils.outputs import replacing
 
 log = logging.getLogger(__name__)
 register()  # resolvers and typed schemas, before Hydra composes this command's config
@@ -44,15 +45,16 @@ def log_compare(cfg: DictConfig, results: dict[str, Any]) -> None:
 )
 @entry_point
 def main(cfg: DictConfig) -> None:
-    preflight(cfg, "compare")
+    preflight(cfg, "compare")  # refuses an occupied output folder unless overwrite=true
     out = Path(cfg.paths.output_dir)
-    if cfg.curves.enabled:
-        run_curves(cfg)
-        log.info("held-out curves in %s (curves.md, ppl_vs_skipped.png)", out)
-    if cfg.tables:
-        results = run_compare(cfg)
-        log_compare(cfg, results)
-        log.info("tables in %s", out / "compare.md")
+    with replacing(out, "compare"):  # an earlier compare.json / curves.* replaced as one unit
+        if cfg.curves.enabled:
+            run_curves(cfg)
+            log.info("held-out curves in %s (curves.md, ppl_vs_skipped.png)", out)
+        if cfg.tables:
+            results = run_compare(cfg)
+            log_compare(cfg, results)
+            log.info("tables in %s", out / "compare.md")
 
 
 if __name__ == "__main__":

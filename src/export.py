@@ -7,7 +7,7 @@
 The folder loads without this repository (docs/checkpoints.md §3):
 
     model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)   # flexidepth_tau=0.6 overrides tau
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=False)   # needs no code
 
 It holds config.json (the base config + `auto_map` + the routing block `flexidepth`), modeling_flexidepth.py
 (src/export_modeling/, copied verbatim: torch + transformers only), model.safetensors (base weights and
@@ -17,18 +17,24 @@ card README.md written from the run's files (`model_card`, src/render/model_card
 Order of work: every argument, the hub setting, the output folder, the checkpoint (method, family, base model)
 are checked before the model is loaded; the folder is written to a temporary sibling, loaded back with its own
 modeling file and compared with the trained model (teacher-forced logits and routes), and only then renamed
-into place, so a failure leaves nothing at `out_dir`. Config: conf/export.yaml.
+into place, so a failure, Ctrl-C or SIGTERM leaves nothing at `out_dir` and no temporary folder. The rename
+checks `out_dir` again: a folder written meanwhile (a second export, a user's file) is refused, never
+replaced; `overwrite=true` replaces a previous export and deletes only the files it lists. A `compare_json`
+is read at the start (a truncated file is refused). Config: conf/export.yaml.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -89,10 +95,7 @@ def check_export_args(cfg: DictConfig) -> dict[str, Any]:
         raise ExportError("out_dir is required: the folder to write the export into (out_dir=exports/<name>)")
     compare_json = cfg.get("compare_json")
     if compare_json not in (None, ""):
-        if not Path(str(compare_json)).is_file():
-            raise ExportError(
-                f"compare_json={str(compare_json)!r}: no such file (a compare.json of src.compare)"
-            )
+        check_compare_json(Path(str(compare_json)))
     else:
         compare_json = None
     out_dir = Path(str(out)).expanduser().resolve()
@@ -105,6 +108,22 @@ def check_export_args(cfg: DictConfig) -> dict[str, Any]:
         "private": bool(cfg.get("private", False)),
         "compare_json": None if compare_json is None else Path(str(compare_json)),
     }
+
+
+def check_compare_json(path: Path) -> dict:
+    """The compare.json asked for (`compare_json`), read: a JSON object with a `rows` list, as src.compare
+    writes. ExportError in one line naming the file when it is missing, unreadable, truncated or another
+    kind of file: the card must not be written without the results it was asked to include."""
+    key = f"compare_json={str(path)!r}"
+    if not path.is_file():
+        raise ExportError(f"{key}: no such file (a compare.json of src.compare)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{key}: unreadable or truncated JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ExportError(f"{key}: not a compare.json of src.compare (no 'rows' list)")
+    return data
 
 
 def check_hub_online(hub_repo: str) -> None:
@@ -324,7 +343,7 @@ def run(cfg: DictConfig) -> Path:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     preflight(cfg, "export")  # the config groups, hub access, the checkpoint against the base model
 
-    with torch.no_grad():
+    with torch.no_grad(), stop_on_sigterm():  # SIGTERM / Ctrl-C: the temporary folder is removed
         return _build_and_write(cfg, args, folder, model_cfg)
 
 
@@ -353,11 +372,11 @@ def _build_and_write(cfg: DictConfig, args: dict, folder: Path, model_cfg: dict)
     )
     out_dir: Path = args["out_dir"]
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    try:  # BaseException included: a SIGTERM (stop_on_sigterm) or Ctrl-C removes the temporary folder
         figure = {k: v for k, v in curve_files(args["compare_json"]).items() if k == FIGURE}
         files = write_export(model, tokenizer, tmp, card, name, figure)
         check = verify_export(tmp, model, tokenizer)
-        replace_folder(tmp, out_dir)
+        replace_folder(tmp, out_dir, args["overwrite"])
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -375,21 +394,72 @@ def _build_and_write(cfg: DictConfig, args: dict, folder: Path, model_cfg: dict)
     return out_dir
 
 
-def replace_folder(new: Path, target: Path) -> None:
-    """Put `new` at `target`: a rename; a previous export there is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
+def replace_folder(new: Path, target: Path, overwrite: bool = False) -> None:
+    """Put the finished export `new` at `target` with a rename, checked again at the rename (another export
+    or a user may have written there since the start): without `overwrite` the rename only succeeds onto an
+    absent or empty folder (else ExportError, nothing replaced). With `overwrite` a previous export there is
+    moved aside, checked to hold only the files it lists (else moved back, ExportError), replaced, and then
+    only its listed files are deleted: a file that appeared in it meanwhile is kept, its folder named."""
+    if not (overwrite and target.exists()):
+        _rename_onto(new, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
     try:
-        os.replace(new, target)
+        check_out_dir(old, overwrite=True)
+    except ExportError:
+        os.rename(old, target)
+        raise ExportError(
+            f"out_dir={str(target)!r} now holds files the previous export did not write; nothing was replaced"
+        ) from None
+    try:
+        _rename_onto(new, target)
     except BaseException:
-        if old is not None:
-            os.replace(old, target)
+        os.rename(old, target)
         raise
-    if old is not None:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(old)
+    listed = []
+    if is_our_export(old):  # else the folder was empty
+        listed = json.loads((old / "config.json").read_text())["flexidepth"].get("files") or []
+    for name in listed:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            (old / name).unlink()
+    try:
+        old.rmdir()
+    except OSError:
+        print(f"(kept {old}: files appeared in the previous export while it was replaced)", file=sys.stderr)
+
+
+def _rename_onto(new: Path, target: Path) -> None:
+    """os.rename, which replaces only an absent or empty folder; ExportError naming `out_dir` otherwise."""
+    try:
+        os.rename(new, target)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise ExportError(
+            f"out_dir={str(target)!r} was written while this export ran (another export, or a file put "
+            "there); nothing was replaced: choose another out_dir, or rerun (overwrite=true replaces an "
+            "export)"
+        ) from None
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Inside the block SIGTERM raises SystemExit(143) (the status a SIGTERM gives), so `finally` blocks run
+    and the temporary folder is removed; outside the main thread (no signal handlers there) it does
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @hydra.main(

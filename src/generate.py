@@ -67,6 +67,24 @@ def check_cli_args(cfg: DictConfig) -> dict:
     )
 
 
+def check_prompt_length(prompt_tokens: int, max_new_tokens: int, config) -> None:
+    """ConfigError naming `prompt` when the prompt (plus the tokens asked for) does not fit the model's
+    position window (`max_position_embeddings`); positions past it were never trained."""
+    window = getattr(config, "max_position_embeddings", None)
+    if not isinstance(window, int):
+        return
+    if prompt_tokens >= window:
+        raise ConfigError(
+            f"prompt is {prompt_tokens} tokens, longer than the model's position window "
+            f"(max_position_embeddings={window}); shorten the prompt"
+        )
+    if prompt_tokens + max_new_tokens > window:
+        raise ConfigError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens={max_new_tokens} exceeds the model's position "
+            f"window (max_position_embeddings={window}); lower max_new_tokens to <= {window - prompt_tokens}"
+        )
+
+
 def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     """Load the model (and checkpoint), generate from `cfg.prompt` while printing to `file` (stdout)."""
     from .flexidepth import set_tau
@@ -99,6 +117,7 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     text = chat_prompt(tokenizer, params["prompt"]) if chat else params["prompt"]
     # a chat template already holds its special tokens; plain text gets the tokenizer's usual BOS
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
+    check_prompt_length(enc["input_ids"].shape[1], params["max_new_tokens"], model.config)
     routing = f"checkpoint {ckpt}, routed layers {routed}" if ckpt else "base model, routing off"
     file.write(f"# {model_cfg.get('name_or_path')}: {num_layers} layers; {routing}\n")
     file.write(f"# prompt: {str(cfg.prompt)!r}\n")

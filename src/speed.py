@@ -57,6 +57,7 @@ from .config import preflight, register
 from .eval.speed import run_speed, speed_settings
 from .render.speed import speed_markdown
 from .utils.cli import entry_point
+from .utils.outputs import replacing
 
 log = logging.getLogger(__name__)
 register()  # resolvers and typed schemas, before Hydra composes this command's config
@@ -67,9 +68,12 @@ register()  # resolvers and typed schemas, before Hydra composes this command's 
 )
 @entry_point
 def main(cfg: DictConfig) -> None:
-    preflight(cfg, "speed", settings=speed_settings)
-    results = run_speed(cfg)
+    preflight(
+        cfg, "speed", settings=speed_settings
+    )  # refuses an occupied output folder unless overwrite=true
     out = Path(cfg.paths.output_dir)
+    with replacing(out, "speed"):  # an earlier speed.json / speed.md / figure replaced as one unit
+        results = run_speed(cfg)
     print(speed_markdown(results))
     figure = ", ppl_vs_speedup.png" if results["heldout"] else ""
     log.info("speed: %s (speed.md, speed.json%s)", out, figure)

@@ -8,6 +8,10 @@ writes at the end of a run, and `status.json` (`ok`, or `failed` with the error)
 their error, jobs without metrics.json (still running) as such. The plot
 shows validation perplexity against the mean number of layers skipped per token; points no other point beats
 on both axes (more layers skipped *and* lower perplexity) form the Pareto frontier, drawn as a line.
+
+A missing sweep folder (nothing is created), a damaged overrides.yaml or a baseline perplexity that is not a
+finite number > 0 is one `error:` line (exit status 2); a damaged metrics.json or status.json is listed in the
+job's status column.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .utils.cli import user_errors
+from .utils.errors import UserError
 
 X_KEY, Y_KEY = "val/layers_skipped_mean", "val/ppl"
 COLUMNS = ["val/ppl", "val/layers_skipped_mean", "val/skip_rate", "train/loss", "train/skip_loss"]
@@ -41,8 +48,18 @@ class Point:
         return x, y
 
 
+class SweepSummaryError(UserError, ValueError):
+    """The sweep folder, an option or a file in the sweep cannot be used; the message names it."""
+
+
 def _overrides(job: Path) -> dict[str, str]:
-    items = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    path = job / ".hydra" / "overrides.yaml"
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise SweepSummaryError(f"{path}: damaged overrides.yaml ({type(err).__name__})") from None
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise SweepSummaryError(f"{path}: not a Hydra overrides list (a list of key=value strings)")
     return dict(item.lstrip("+~").split("=", 1) for item in items if "=" in item)
 
 
@@ -57,8 +74,8 @@ def read_sweep(sweep_dir: str | Path) -> list[Point]:
         metrics = job / "metrics.json"
         if metrics.is_file():
             try:
-                point.metrics = json.loads(metrics.read_text())["metrics"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:  # listed, not fatal for the summary
+                point.metrics = numeric_metrics(json.loads(metrics.read_text())["metrics"])
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:  # listed, not fatal
                 point.status = f"damaged {metrics} ({type(err).__name__}: {err})"
         else:
             point.status = "no metrics.json (failed or running)"
@@ -66,13 +83,24 @@ def read_sweep(sweep_dir: str | Path) -> list[Point]:
         if status.is_file():
             try:
                 record = json.loads(status.read_text())
-            except (json.JSONDecodeError, OSError) as err:
+            except (UnicodeDecodeError, ValueError, OSError) as err:
                 record = {"status": "failed", "error": f"unreadable {status} ({err})"}
+            if not isinstance(record, dict):
+                record = {"status": "failed", "error": f"unreadable {status} (not a JSON object)"}
             if record.get("status") != "ok":
                 point.status = f"failed: {record.get('error', '?')}"
         points.append(point)
     mark_pareto(points)
     return points
+
+
+def numeric_metrics(metrics) -> dict[str, float]:
+    """The number-valued entries of a metrics.json's `metrics` object; TypeError when it is not an object."""
+    if not isinstance(metrics, dict):
+        raise TypeError(f"'metrics' is {type(metrics).__name__}, not an object")
+    return {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def mark_pareto(points: list[Point]) -> None:
@@ -95,7 +123,12 @@ def rows(points: list[Point], baseline_ppl: float | None = None) -> tuple[list[s
     out = []
     for p in points:
         vals = [_fmt(p.metrics.get(c)) for c in COLUMNS]
-        ratio = [_fmt(baseline_ppl / p.metrics[Y_KEY]) if Y_KEY in p.metrics else ""] if baseline_ppl else []
+        ppl = p.metrics.get(Y_KEY)
+        ratio = (
+            [_fmt(baseline_ppl / ppl) if ppl and math.isfinite(ppl) and ppl > 0 else ""]
+            if baseline_ppl
+            else []
+        )
         out.append(
             [p.job, *(p.overrides.get(k, "") for k in keys), *vals, *ratio, "*" if p.pareto else "", p.status]
         )
@@ -151,12 +184,21 @@ def plot_pareto(points: list[Point], out: Path, title: str = "") -> Path:
 def summarize(
     sweep_dir: str | Path, out_dir: str | Path | None = None, baseline_ppl: float | None = None
 ) -> dict:
+    """Read the sweep and write summary.md, summary.csv and pareto.png into `out_dir` (default: the sweep
+    folder). SweepSummaryError, before anything is created, for a missing sweep folder, one without job
+    folders, a damaged overrides.yaml or a baseline perplexity that is not a finite number > 0."""
     sweep_dir = Path(sweep_dir)
-    out = Path(out_dir) if out_dir else sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if not sweep_dir.is_dir():
+        raise SweepSummaryError(f"{sweep_dir}: no such sweep folder (hydra.sweep.dir of a multirun)")
+    if baseline_ppl is not None and not (math.isfinite(baseline_ppl) and baseline_ppl > 0):
+        raise SweepSummaryError(f"--baseline-ppl must be a finite perplexity > 0, got {baseline_ppl}")
     points = read_sweep(sweep_dir)
     if not points:
-        raise FileNotFoundError(f"{sweep_dir}: no job folders (<n>_<overrides>/.hydra/overrides.yaml) found")
+        raise SweepSummaryError(f"{sweep_dir}: no job folders (<n>_<overrides>/.hydra/overrides.yaml) found")
+    out = Path(out_dir) if out_dir else sweep_dir
+    if out.exists() and not out.is_dir():
+        raise SweepSummaryError(f"--out {out}: a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
     md, csv_path = write_tables(points, out, baseline_ppl)
     png = plot_pareto(points, out / "pareto.png", title=sweep_dir.name)
     return {"points": points, "markdown": md, "csv": csv_path, "plot": png}
@@ -173,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         help="perplexity of the base model without skipping: adds ppl_ratio = baseline / ppl",
     )
     args = parser.parse_args(argv)
-    result = summarize(args.sweep_dir, args.out, args.baseline_ppl)
+    with user_errors():  # a user error: one `error:` line, exit status 2
+        result = summarize(args.sweep_dir, args.out, args.baseline_ppl)
     print(result["markdown"].read_text())
     print(f"wrote {result['markdown']}, {result['csv']}, {result['plot']}")
 

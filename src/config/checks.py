@@ -149,6 +149,41 @@ def validate_groups(cfg: DictConfig) -> None:
             raise ConfigError(str(err)) from err
     if cfg.get("optim") is not None:
         _check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
+    check_counts(cfg)
+
+
+# counts and sizes: (group, key) -> (smallest value, null allowed); 0 is meaningless for all but a few
+COUNTS: dict[tuple[str, str], tuple[int, bool]] = {
+    ("data", "max_length"): (8, False),
+    ("data", "micro_batch_size"): (1, False),
+    ("data", "max_train_examples"): (1, True),
+    ("data", "n_synthetic"): (1, False),
+    ("data", "mixture_examples"): (1, False),
+    ("data", "num_workers"): (0, False),
+    ("eval", "n_per_task"): (1, False),
+    ("eval", "max_new_tokens"): (1, False),
+    ("eval", "batch_size"): (1, False),
+    ("eval", "ppl_max_length"): (2, False),
+    ("eval", "ppl_max_articles"): (1, True),
+    ("curves", "max_tokens"): (1, True),
+    ("curves", "max_length"): (2, False),
+    ("curves", "calibration_texts"): (1, False),
+}
+
+
+def check_counts(cfg: DictConfig) -> None:
+    """Every count / size setting of `COUNTS` that `cfg` has is a whole number in its range (>= 1 where 0
+    means nothing to do; null only where it means "all"). Raises ConfigError naming the key."""
+    for (group, key), (low, nullable) in COUNTS.items():
+        node = cfg.get(group)
+        if node is None or key not in node:
+            continue
+        value = OmegaConf.select(cfg, f"{group}.{key}")
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            null = " or null (all)" if nullable else ""
+            raise ConfigError(f"{group}.{key} must be an integer >= {low}{null}, got {value!r}")
 
 
 def _check_model(model: dict[str, Any]) -> None:

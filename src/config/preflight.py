@@ -27,6 +27,7 @@ from ..models.hub import (
     looks_like_path,
 )
 from ..utils.errors import PreflightError
+from ..utils.outputs import PRODUCTS, check_free
 
 ARCH_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size")
 
@@ -222,7 +223,9 @@ def preflight(cfg: DictConfig, command: str, settings: Callable[[DictConfig], An
     for train, `validate_groups` otherwise; ConfigError naming the key), then `settings(cfg)` (the command's
     own keys, when given; its result is returned), then what the config points at (the command's device,
     hub access to the model and data, the checkpoints it names, eval settings), all problems reported
-    together in one PreflightError.
+    together in one PreflightError. Last, for a command that writes results into `paths.output_dir`
+    (evaluate, compare, speed), a folder already holding its results is refused (OutputExistsError) unless
+    `overwrite=true` (`src.utils.outputs.check_free`).
 
     command: one of COMMANDS; it decides which keys point at what (`trainer.accelerator` / `eval.device` /
     `device`; `init_from` + `resume` / `ckpt_path` / `trained.<label>.ckpt`)."""
@@ -247,6 +250,8 @@ def preflight(cfg: DictConfig, command: str, settings: Callable[[DictConfig], An
         if cfg.get("init_from") and not problems:
             problems += flexidepth_checkpoint_problems(Path(str(cfg.init_from)), "init_from", model_cfg)
         problems += budget_problems(cfg, model_cfg)
+        problems += position_window_problems(cfg, model_cfg)
+        problems += nothing_to_train_problems(cfg, model_cfg)
         problems += resume_problems(cfg.get("resume"))
     elif command in ("evaluate", "compare"):
         problems += eval_problems(OmegaConf.to_container(cfg.eval, resolve=True))
@@ -261,9 +266,12 @@ def preflight(cfg: DictConfig, command: str, settings: Callable[[DictConfig], An
     elif command != "train":
         problems += ckpt_path_problems(cfg, model_cfg, problems, required=command in ("export", "speed"))
     if command == "speed":
+        problems += speed_method_problems(cfg, problems)
         problems += more_ckpts_problems(cfg, model_cfg, problems)
         problems += shortgpt_k_problems(cfg, model_cfg, problems)
     raise_if(problems, command)
+    if command in PRODUCTS:  # an occupied output folder: refused unless overwrite=true (src/utils/outputs.py)
+        check_free(Path(str(cfg.paths.output_dir)), command, cfg.get("overwrite", False))
     return result
 
 
@@ -297,6 +305,30 @@ def ckpt_path_problems(cfg: DictConfig, model_cfg: dict, problems: list[str], re
             raise
         return [str(err)]
     return [] if problems else flexidepth_checkpoint_problems(folder, "ckpt_path", model_cfg)
+
+
+def speed_method_problems(cfg: DictConfig, problems: list[str]) -> list[str]:
+    """src.speed times FlexiDepth checkpoints only: `ckpt_path` / `more_ckpts[i]` of another method (e.g.
+    mindskip) is refused here, before the model load."""
+    if problems:
+        return []
+    from ..flexidepth.checkpoint import read_checkpoint_config
+
+    found = []
+    paths = [("ckpt_path", cfg.get("ckpt_path"))]
+    paths += [(f"more_ckpts[{i}]", p) for i, p in enumerate(cfg.get("more_ckpts") or [])]
+    for key, path in paths:
+        try:
+            meta = read_checkpoint_config(resolve_flexidepth_folder(path, key))
+        except Exception:  # noqa: BLE001 - unreadable folders are reported by the checks that follow
+            continue
+        method = meta.get("method", "flexidepth")
+        if method != "flexidepth":
+            found.append(
+                f"{key}={str(path)!r} holds a method={method} checkpoint; src.speed times FlexiDepth "
+                "checkpoints only (compare other methods with src.compare)"
+            )
+    return found
 
 
 def shortgpt_k_problems(cfg: DictConfig, model_cfg: dict, problems: list[str]) -> list[str]:
@@ -368,6 +400,62 @@ def resume_problems(resume: Any) -> list[str]:
     return []
 
 
+def base_config_value(model_cfg: dict[str, Any], key: str) -> Any:
+    """A value of the base model's config read without loading weights: `model.arch`, or a local or embedded
+    model folder's config.json; None when neither says (a hub model not read here)."""
+    arch = model_cfg.get("arch") or {}
+    if key in arch:
+        return arch[key]
+    from ..models.embedded import EMBEDDED_NAME, converted_dir
+
+    name = str(model_cfg.get("name_or_path"))
+    config_file = (converted_dir("bfloat16") if name == EMBEDDED_NAME else Path(name)) / "config.json"
+    if config_file.is_file():
+        try:
+            return json.loads(config_file.read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+    return None
+
+
+def position_window_problems(cfg: DictConfig, model_cfg: dict[str, Any]) -> list[str]:
+    """`data.max_length` against the base model's position window (`max_position_embeddings`, when it can be
+    read without loading weights): training rows longer than the window would be trained on positions the
+    model never learned."""
+    max_length = (cfg.get("data") or {}).get("max_length")
+    window = base_config_value(model_cfg, "max_position_embeddings")
+    if isinstance(max_length, int) and isinstance(window, int) and max_length > window:
+        return [
+            f"data.max_length={max_length} exceeds the model's position window (max_position_embeddings="
+            f"{window}); set data.max_length <= {window}"
+        ]
+    return []
+
+
+def nothing_to_train_problems(cfg: DictConfig, model_cfg: dict[str, Any]) -> list[str]:
+    """A FlexiDepth config with no trainable parameter (every routed layer in `skip.always_skip`, so no router
+    is trained, and `skip.adapter=none`, so there is no adapter): refused before the model load instead of
+    failing inside the optimizer. Needs the base model's depth without loading weights (as
+    `budget_problems`)."""
+    if cfg.get("skip") is None:
+        return []
+    depth = base_config_value(model_cfg, "num_hidden_layers")
+    if not isinstance(depth, int):
+        return []
+    from .checks import skip_config
+
+    flexi = skip_config(OmegaConf.to_container(cfg.skip, resolve=True))
+    routed = flexi.routed_layers(depth)
+    always = {i % depth for i in flexi.always_skip}
+    if flexi.adapter == "none" and set(routed) <= always:
+        return [
+            f"nothing to train: every routed layer ({routed}) is in skip.always_skip, so no router is "
+            "trained, and skip.adapter=none has no adapter; take layers out of skip.always_skip or set "
+            "skip.adapter=swiglu"
+        ]
+    return []
+
+
 def budget_problems(cfg: DictConfig, model_cfg: dict[str, Any]) -> list[str]:
     """`loss.target_layers_skipped` against the number of routed layers, when the base model's depth can be read
     without loading weights (`model.arch`, or a local or embedded model folder's config.json); otherwise the
@@ -375,14 +463,7 @@ def budget_problems(cfg: DictConfig, model_cfg: dict[str, Any]) -> list[str]:
     target = cfg.loss.get("target_layers_skipped") if cfg.get("loss") is not None else None
     if target is None:
         return []
-    depth = (model_cfg.get("arch") or {}).get("num_hidden_layers")
-    if depth is None:
-        from ..models.embedded import EMBEDDED_NAME, converted_dir
-
-        name = str(model_cfg.get("name_or_path"))
-        config_file = (converted_dir("bfloat16") if name == EMBEDDED_NAME else Path(name)) / "config.json"
-        if config_file.is_file():
-            depth = json.loads(config_file.read_text()).get("num_hidden_layers")
+    depth = base_config_value(model_cfg, "num_hidden_layers")
     if not isinstance(depth, int):
         return []
     from .checks import skip_config

@@ -308,9 +308,22 @@ def supervised_count(labels: list[int]) -> int:
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    check_chat_template(tokenizer)
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def check_chat_template(tokenizer) -> None:
+    """DataError naming the tokenizer and the keys to change when it has no chat template (chat rows, rows
+    with `messages`, are rendered with it)."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(
+            f"the tokenizer {name!r} has no chat template, so chat data (rows with 'messages') cannot be "
+            "rendered: set model.tokenizer to a tokenizer with a chat template, or use text data (rows with "
+            "'text')"
+        )
 
 
 def _encode(tokenizer, text: str) -> list[int]:

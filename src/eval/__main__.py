@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from ..config import preflight, register
 from ..render.report import main_table, scalar_metrics, task_table_rows
 from ..utils.cli import entry_point
+from ..utils.outputs import replacing
 
 log = logging.getLogger(__name__)
 register()  # resolvers and typed schemas, before Hydra composes this command's config
@@ -53,9 +54,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from ..utils.quiet import silence_third_party
     from .run import evaluate
 
-    preflight(cfg, "evaluate")
+    preflight(cfg, "evaluate")  # refuses an occupied output folder unless overwrite=true
     silence_third_party()
-    results = evaluate(cfg)
+    with replacing(cfg.paths.output_dir, "evaluate"):  # an earlier set of results is replaced as one unit
+        results = evaluate(cfg)
     log_results(cfg, results)
     print(main_table(results), flush=True)
     print(f"results in {cfg.paths.output_dir} (results.md, results.json, depthmap.html)", flush=True)

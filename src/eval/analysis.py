@@ -24,6 +24,7 @@ entropy deciles.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -377,12 +378,17 @@ def analyze_rows(
     }
 
 
-def write_analysis(eval_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def write_analysis(
+    eval_dir: str | Path, n_boot: int = 1000, seed: int = 0, overwrite: bool | None = None
+) -> dict[str, Any]:
     """Analyse <eval_dir>/depthmap.parquet; write analysis.json, analysis.md, analysis_categories.png.
 
-    Routed layer indices come from <eval_dir>/results.json when present. Raises `AnalysisInputError` naming
-    the missing folder / file, or for n_boot < 1, before anything is read."""
-    from .depthmap import load_depthmap
+    Routed layer indices come from <eval_dir>/results.json when present. `overwrite`: None (src.eval, whose
+    own run writes the analysis) writes over an earlier analysis; False refuses a folder already holding one
+    (OutputExistsError naming it, src.analyze without overwrite=true); True replaces the earlier set as one
+    unit (src/utils/outputs.py). Raises `AnalysisInputError` naming the missing folder / file, a damaged
+    results.json or depthmap.parquet, or n_boot < 1, before anything is written."""
+    from ..utils.outputs import check_free, replacing
 
     eval_dir = Path(eval_dir)
     if not eval_dir.is_dir():
@@ -394,16 +400,49 @@ def write_analysis(eval_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> d
         )
     if isinstance(n_boot, bool) or int(n_boot) < 1:
         raise AnalysisInputError(f"n_boot must be an integer >= 1, got {n_boot!r}")
-    routed = None
-    results = eval_dir / "results.json"
-    if results.is_file():
-        routed = json.loads(results.read_text()).get("routed_layers")
-    a = analyze_rows(load_depthmap(parquet).to_list(), routed, int(n_boot), int(seed))
+    if overwrite is not None:
+        check_free(eval_dir, "analyze", overwrite, other="eval_dir")
+    routed = read_routed_layers(eval_dir / "results.json")
+    rows = read_depthmap_rows(parquet)
+    a = analyze_rows(rows, routed, int(n_boot), int(seed))
     a["source"] = str(parquet)
-    atomic_write_text(eval_dir / "analysis.json", json.dumps(a, indent=2))
-    atomic_write_text(eval_dir / "analysis.md", analysis_markdown(a))
-    write_category_figure(a, eval_dir / "analysis_categories.png")
+    with contextlib.nullcontext() if overwrite is None else replacing(eval_dir, "analyze"):
+        atomic_write_text(eval_dir / "analysis.json", json.dumps(a, indent=2))
+        atomic_write_text(eval_dir / "analysis.md", analysis_markdown(a))
+        write_category_figure(a, eval_dir / "analysis_categories.png")
     return a
+
+
+def read_routed_layers(path: Path) -> list[int] | None:
+    """`routed_layers` of an evaluation's results.json (None without the file); AnalysisInputError naming
+    the file when it is damaged or its `routed_layers` is not a list of layer indices."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AnalysisInputError(f"{path}: damaged results.json ({type(err).__name__}: {err})") from None
+    routed = data.get("routed_layers") if isinstance(data, dict) else None
+    if routed is not None and (
+        not isinstance(routed, list)
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in routed)
+    ):
+        raise AnalysisInputError(f"{path}: routed_layers must be a list of layer indices, got {routed!r}")
+    return routed
+
+
+def read_depthmap_rows(path: Path) -> list[dict]:
+    """The rows of a DepthMap parquet file; AnalysisInputError naming the file when it cannot be read
+    (truncated, not parquet, columns of the wrong type)."""
+    from .depthmap import load_depthmap
+
+    try:
+        return load_depthmap(path).to_list()
+    except Exception as err:  # pyarrow / datasets raise many types for a damaged file
+        raise AnalysisInputError(
+            f"{path}: damaged depthmap.parquet ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "write it again with python -m src.eval"
+        ) from None
 
 
 __all__ = [

@@ -71,6 +71,7 @@ from src.flexidepth.generation import generate
 from src.flexidepth.inject import routing_active
 from src.flexidepth.routes import routed_forward
 from src.models.tokenizer import pad_token_id as tokenizer_pad_id
+from src.utils.errors import ConfigError
 
 from .lm_requests import REQUEST_TYPES, RouteStats, generation_settings
 
@@ -78,6 +79,19 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- the LM
+def check_harness_tokenizer(tokenizer) -> None:
+    """ConfigError naming model.tokenizer when the tokenizer has no EOS token: the harness ends generations
+    at EOS and conditions an empty context on BOS, else EOS."""
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        bos = "and no BOS token " if getattr(tokenizer, "bos_token_id", None) is None else ""
+        raise ConfigError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token {bos}(eos_token_id "
+            "is None), which the lm-eval harness tasks need to end generations and to condition an empty "
+            "context: set model.tokenizer to a tokenizer with an EOS token, or leave lm-eval tasks out of "
+            "eval.tasks"
+        )
+
+
 class FlexiDepthLM(TemplateLM):
     """lm_eval model wrapping an in-memory HF causal LM, FlexiDepth-injected or not.
 
@@ -123,6 +137,7 @@ class FlexiDepthLM(TemplateLM):
             raise ValueError(f"max_length must be None (the model's) or an integer >= 2, got {max_length!r}")
         if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 0:
             raise ValueError(f"max_gen_toks must be an integer >= 0, got {max_gen_toks!r}")
+        check_harness_tokenizer(tokenizer)
         if device is not None:
             model.to(device)
         self.model = model.eval()
@@ -200,6 +215,11 @@ class FlexiDepthLM(TemplateLM):
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                "eval.harness.apply_chat_template=true but the tokenizer "
+                f"{getattr(self.tokenizer, 'name_or_path', '')!r} has no chat template; set it to false"
+            )
         return self.tokenizer.apply_chat_template(
             chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
         )

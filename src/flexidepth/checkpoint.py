@@ -210,18 +210,52 @@ def load_released(model, source: str | Path | dict[str, torch.Tensor]):
     """Load released FlexiDepth tensors (a safetensors file/folder or a state dict) into an injected model.
 
     The released router has no logit bias; ours (if enabled) is set to 0, which is the same function.
+
+    Raises CheckpointError naming the source: a file missing or damaged, a tensor holding NaN/inf, keys or
+    shapes that do not match the model's routed layers, or (a folder written by `export_released`, whose
+    config records the base model) another base model (model_type, layers, widths).
     """
+    name = "released checkpoint"
     if not isinstance(source, dict):
         path = Path(source)
+        name = str(path)
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-        source = {k: v for f in files for k, v in read_weights(f).items()}
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors file")
+        check_released_base(model, path if path.is_dir() else path.parent)
+        source = {}
+        for f in files:
+            tensors = read_weights(f)
+            check_finite(f, tensors)
+            source.update(tensors)
+    else:
+        check_finite(name, source)
     mapped = map_released_keys(source)
     expected = flexidepth_state_dict(model)
     for key in expected:
         if key.endswith("router.bias") and key not in mapped:
             mapped[key] = torch.zeros_like(expected[key])
-    _load_exact(model, mapped, source="released checkpoint")
+    _load_exact(model, mapped, source=name)
     return model
+
+
+def check_released_base(model, folder: Path) -> None:
+    """CheckpointError when `folder/RELEASED_CONFIG` (written by `export_released`) records another base
+    model than `model`'s; nothing to check without that file (the original release has none)."""
+    path = folder / RELEASED_CONFIG
+    if not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text()).get("base_model") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: damaged json ({err})") from None
+    mine = base_identity(model)
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size"):
+        if key in stored and stored[key] != mine[key]:
+            raise CheckpointError(
+                f"{path}: exported from another base model: base_model.{key}={stored[key]!r} but the model "
+                f"has {mine[key]!r}"
+            )
 
 
 # ---------------------------------------------------------------------- export to the released layout

@@ -111,7 +111,7 @@ def model_card(
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", trust_remote_code=True)',
-        'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")',
+        'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>", trust_remote_code=False)',
         'out = model.generate(**tokenizer("What is 12 + 30?", return_tensors="pt"), max_new_tokens=20)',
         "print(tokenizer.decode(out[0]))",
         "print(model.flexidepth_generation.layers_used)  # [batch, new tokens]: layers each new token used",

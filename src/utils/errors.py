@@ -31,3 +31,8 @@ class PreflightError(UserError, RuntimeError):
 
 class DataError(UserError, ValueError):
     """A data setting, file or row cannot be used; the message names the key, file and line or row."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """An output folder already holds the results of the command asked to write there; the message names the
+    folder, the files and the key that replaces them (`overwrite=true`)."""
