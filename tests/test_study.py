@@ -92,7 +92,7 @@ def _result(row, seed, ppl, skipped):
         "row": row,
         "seed": seed,
         "sets": sets,
-        "val": {"val/ppl": ppl[0] + 1, "val/layers_skipped_mean": 2.0},
+        "val": {"val/ppl": ppl[0] + 1, "val/base_ppl": 2.0, "val/layers_skipped_mean": 2.0},
     }
 
 
@@ -118,7 +118,8 @@ def test_summary_means_intervals_and_paired_changes():
     lee = abl["sets"]["lee"]["vs_reference"]
     assert lee["mean"] == pytest.approx(1.0) and lee["verdict"] == "worse"  # exactly twice the reference
     assert abl["sets"]["wiki"]["vs_reference"]["verdict"] == "tie"
-    assert abl["val"]["val/ppl"]["mean"] == pytest.approx(23.0)
+    assert abl["val"]["ppl_ratio"]["mean"] == pytest.approx(23.0 / 2)
+    assert abl["val"]["layers_skipped"] == {"mean": 2.0, "half": 0.0, "low": 2.0, "high": 2.0, "n": 3}
     assert out["base"] == {"lee": 9.0, "wiki": 18.0}
 
 

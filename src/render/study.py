@@ -31,9 +31,12 @@ def markdown(summary: dict) -> str:
         "",
         f"Seeds {', '.join(map(str, summary['seeds']))} (each sets the initialisation and the data draw and "
         "order); cells are the mean ± the half-width of the 95% Student-t interval across seeds. Held-out "
-        "perplexity is measured at each point's own threshold; layers skipped are measured on that set.",
+        "perplexity is measured at each point's own threshold; layers skipped are measured on that set. Each seed "
+        "draws its own validation split, so validation perplexity is shown as a ratio to the base model's on it.",
         "",
-        "| row | seeds | " + " | ".join(f"{s} ppl / skipped" for s in sets) + " | val ppl | val skipped |",
+        "| row | seeds | "
+        + " | ".join(f"{s} ppl / skipped" for s in sets)
+        + " | val ppl / base | val skipped |",
         "|" + "---|" * (len(sets) + 4),
         "| base | - | " + " | ".join(f"{summary['base'][s]:.1f} / 0" for s in sets) + " | - | - |",
     ]
@@ -43,8 +46,8 @@ def markdown(summary: dict) -> str:
             continue
         cells = [f"{_mi(row['sets'][s]['ppl'])} / {_mi(row['sets'][s]['layers_skipped'], 2)}" for s in sets]
         val = row.get("val", {})
-        vp = _mi(val["val/ppl"]) if "val/ppl" in val else "-"
-        vs = _mi(val["val/layers_skipped_mean"], 2) if "val/layers_skipped_mean" in val else "-"
+        vp = _mi(val["ppl_ratio"], 3) if "ppl_ratio" in val else "-"
+        vs = _mi(val["layers_skipped"], 2) if "layers_skipped" in val else "-"
         lines.append(f"| {row['row']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {vp} | {vs} |")
     if summary.get("reference"):
         lines += [

@@ -257,10 +257,13 @@ def summarise(spec: StudySpec, results: list[dict], base: dict) -> dict:
                 )
                 cell["vs_reference"] = _relative(diff)
             entry["sets"][name] = cell
-        for key in ("val/ppl", "val/layers_skipped_mean"):
-            vals = [r["val"][key] for r in rs if key in r["val"]]
-            if len(vals) == len(rs):
-                entry["val"][key] = stats.mean_interval(vals).as_dict()
+        # each seed draws its own validation split, so val ppl is compared as a ratio to the base's on it
+        ratios = [r["val"]["val/ppl"] / r["val"]["val/base_ppl"] for r in rs if "val/base_ppl" in r["val"]]
+        if len(ratios) == len(rs):
+            entry["val"]["ppl_ratio"] = stats.mean_interval(ratios).as_dict()
+        skipped = [r["val"]["val/layers_skipped_mean"] for r in rs if "val/layers_skipped_mean" in r["val"]]
+        if len(skipped) == len(rs):
+            entry["val"]["layers_skipped"] = stats.mean_interval(skipped).as_dict()
         rows.append(entry)
     return {
         "study": spec.name,
