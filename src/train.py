@@ -73,6 +73,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.warning(alias)
     preflight(cfg, "train")  # the config, then what it points at: before anything heavy is loaded
     method = build_method(cfg.get("method") or {"name": "flexidepth"})
+    for line in method.prepare_training(cfg, explicit_keys()):  # before anything is loaded or claimed
+        if is_rank_zero():
+            log.warning(line)
     report_alpha(cfg)  # released_stage* experiments: which alpha (face value or reproducing) is used
     note = alpha_override_note(cfg, _command_line_overrides())
     if note and is_rank_zero():
@@ -106,12 +109,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             inject_fn=method.inject,
             loss=loss_config(cfg),
         )
+        module.method_details = method.training_record()  # e.g. the layers layer_replacement chose
         if cfg.get("init_from"):
             load_flexidepth(module.model, cfg.init_from)
         ckpt_path = start.commit()  # now an earlier run is replaced (overwrite=true) and the start recorded
 
         loggers = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)
-        summary = RunSummary(output_dir, run_knobs(cfg), model_arg=_group_choice("model"))
+        knobs = run_knobs(cfg)
+        if module.method_details:
+            knobs["method"] = {"name": method.name, **module.method_details}
+        summary = RunSummary(output_dir, knobs, model_arg=_group_choice("model"))
         trainer: L.Trainer = hydra.utils.instantiate(
             cfg.trainer,
             callbacks=[*build_callbacks(cfg), summary],
@@ -162,6 +169,15 @@ def _command_line_overrides() -> list[str]:
 
     hc = hydra_config()
     return [] if hc is None else list(hc.overrides.task)
+
+
+def explicit_keys() -> set[str]:
+    """Dotted keys the user set (`Method.prepare_training`): the command line's, plus, when an experiment preset
+    is chosen, the routing keys a preset sets (skip.layers / always_skip, loss budget and alpha)."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in _command_line_overrides()}
+    if _group_choice("experiment"):
+        keys |= {"skip.layers", "skip.always_skip", "loss.target_layers_skipped", "loss.alpha"}
+    return keys
 
 
 def alpha_override_note(cfg: DictConfig, overrides: list[str]) -> str | None:

@@ -79,6 +79,8 @@ def write_metrics(
         "model": str(knobs["model"]),
         "run_name": str(knobs["run_name"]),
     }
+    if knobs.get("method"):  # a method that decided something at the start (layer_replacement's layers)
+        record["method"] = knobs["method"]
     return atomic_write_text(output_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True))
 
 
