@@ -240,3 +240,33 @@ def test_src_train_cli_end_to_end(tmp_path, tokenizer):
     model = load_base_model(OmegaConf.to_container(compose_tiny("train").model, resolve=True))
     applied = build_method({"name": checkpoint_method(run)}).apply(model, ckpt=str(run))
     assert applied.name == "layer_replacement" and applied.details["layers"] == layers
+
+
+# ------------------------------------------------------------------------------------------ the study file
+def test_routing_study_rows_compose_validate_and_label_static_rows_as_the_baseline():
+    """conf/study/routing.yaml: every row is a valid src.train config of the embedded model (composed, not run);
+    static rows are method=layer_replacement, the others FlexiDepth with the budget their name says."""
+    from hydra import compose, initialize_config_dir
+
+    from src.config import register
+    from src.config.checks import validate_groups
+    from src.studies.spec import plan_points
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        spec = OmegaConf.to_object(compose("study", overrides=["study=routing"]).study).validate()
+        assert {r.rsplit("_k", 1)[0] for r in spec.rows} == {"static", "routed", "hybrid"}
+        for point in plan_points(spec)[: len(spec.rows)]:
+            cfg = compose("train", overrides=list(point.overrides))
+            validate_groups(cfg)
+            kind, k = point.row.rsplit("_k", 1)
+            m = build_method(cfg.method)
+            if kind == "static":
+                assert m.name == "layer_replacement" and m.k == int(k)
+                explicit = {o.split("=", 1)[0] for o in point.overrides}
+                m.prepare_training(cfg, explicit)  # no contradiction; the recipe's budget is cleared
+                assert cfg.loss.target_layers_skipped is None
+            else:
+                assert m.name == "flexidepth" and cfg.loss.target_layers_skipped == int(k)
+                static = list(cfg.skip.always_skip)
+                assert len(static) == (int(k) // 2 if kind == "hybrid" else 0)

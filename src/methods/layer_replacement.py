@@ -72,7 +72,10 @@ class LayerReplacement(FlexiDepth):
     calibration: Calibration = field(default_factory=Calibration)
 
     def __post_init__(self) -> None:
-        self.tokenizer = None  # set by prepare_training (src.train) or by the caller before inject
+        # the calibration text's tokenizer: set by the caller, or loaded at inject from the `model` node that
+        # prepare_training (src.train) notes
+        self.tokenizer = None
+        self._model_cfg: dict[str, Any] | None = None
         self._record: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ options
@@ -134,10 +137,8 @@ class LayerReplacement(FlexiDepth):
                 )
             loss.target_layers_skipped = None
             loss.alpha = 0.0
-        if cfg.get("model") is not None:
-            from ..models.loader import tokenizer_path
-
-            self.tokenizer = tokenizer_path(OmegaConf.to_container(cfg.model, resolve=True))
+        if cfg.get("model") is not None:  # the calibration text's tokenizer, loaded at inject
+            self._model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         return notes
 
     # ------------------------------------------------------------------ training
@@ -152,14 +153,15 @@ class LayerReplacement(FlexiDepth):
         """Choose the layers on the loaded base `model`, set flexi_cfg.layers = flexi_cfg.always_skip = them
         (the caller's config object, which the model then shares), inject; only their adapters train."""
         tokenizer = self.tokenizer
+        if tokenizer is None and self._model_cfg is not None:
+            from ..models.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self._model_cfg)
         if tokenizer is None:
             raise MethodConfigError(
-                "method=layer_replacement needs a tokenizer for its calibration text (src.train sets it)"
+                "method=layer_replacement needs a tokenizer for its calibration text: set .tokenizer, or let "
+                "src.train's prepare_training note the model's"
             )
-        if isinstance(tokenizer, str):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         if flexi_cfg.adapter == "none":
             raise MethodConfigError(
                 "skip.adapter=none contradicts method=layer_replacement: the adapter is what replaces a layer"
