@@ -31,7 +31,7 @@ from .config.checks import translate_skip_alpha
 from .config.released import report_alpha
 from .methods import build_method
 from .utils.cli import entry_point
-from .utils.launch import cluster_plugins, is_rank_zero, one_job_per_sweep_point
+from .utils.launch import cluster_plugins, explicit_keys, is_rank_zero, one_job_per_sweep_point
 from .utils.loggers import build_loggers, finish_wandb
 from .utils.quiet import silence_third_party
 from .utils.run_start import open_run
@@ -73,13 +73,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.warning(alias)
     preflight(cfg, "train")  # the config, then what it points at: before anything heavy is loaded
     method = build_method(cfg.get("method") or {"name": "flexidepth"})
-    for line in method.prepare_training(cfg, explicit_keys()):  # before anything is loaded or claimed
-        if is_rank_zero():
-            log.warning(line)
     report_alpha(cfg)  # released_stage* experiments: which alpha (face value or reproducing) is used
-    note = alpha_override_note(cfg, _command_line_overrides())
-    if note and is_rank_zero():
-        log.warning(note)
+    notes = method.prepare_training(cfg, explicit_keys())  # e.g. layer_replacement: before anything is loaded
+    for note in filter(None, [*notes, alpha_override_note(cfg, _command_line_overrides())]):
+        if is_rank_zero():
+            log.warning(note)
     silence_third_party()
     # our sampler resumes mid-epoch itself (StepBatchSampler.start_fn), which Lightning cannot see
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
@@ -109,16 +107,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             inject_fn=method.inject,
             loss=loss_config(cfg),
         )
-        module.method_details = method.training_record()  # e.g. the layers layer_replacement chose
         if cfg.get("init_from"):
             load_flexidepth(module.model, cfg.init_from)
         ckpt_path = start.commit()  # now an earlier run is replaced (overwrite=true) and the start recorded
 
         loggers = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)
-        knobs = run_knobs(cfg)
-        if module.method_details:
-            knobs["method"] = {"name": method.name, **module.method_details}
-        summary = RunSummary(output_dir, knobs, model_arg=_group_choice("model"))
+        summary = RunSummary(output_dir, run_knobs(cfg), model_arg=_group_choice("model"))
         trainer: L.Trainer = hydra.utils.instantiate(
             cfg.trainer,
             callbacks=[*build_callbacks(cfg), summary],
@@ -169,15 +163,6 @@ def _command_line_overrides() -> list[str]:
 
     hc = hydra_config()
     return [] if hc is None else list(hc.overrides.task)
-
-
-def explicit_keys() -> set[str]:
-    """Dotted keys the user set (`Method.prepare_training`): the command line's, plus, when an experiment preset
-    is chosen, the routing keys a preset sets (skip.layers / always_skip, loss budget and alpha)."""
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in _command_line_overrides()}
-    if _group_choice("experiment"):
-        keys |= {"skip.layers", "skip.always_skip", "loss.target_layers_skipped", "loss.alpha"}
-    return keys
 
 
 def alpha_override_note(cfg: DictConfig, overrides: list[str]) -> str | None:

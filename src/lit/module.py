@@ -117,9 +117,10 @@ class FlexiDepthModule(L.LightningModule):
         self._base_val_loss: float | None = None  # base-model val loss, measured once
         self._clock: float | None = None
         self._window = [0.0, 0.0]  # skipped-layer sum, valid tokens of the current optimizer step
-        # what the method's inject decided (e.g. layer_replacement's layers): checkpoints carry it; src.train
-        # sets it from `Method.training_record()`
-        self.method_details: dict[str, Any] = {}
+        # what the method's inject decided (e.g. layer_replacement's layers; `Method.training_record`, read from
+        # the object whose `inject` inject_fn is): checkpoints and the export carry it
+        record = getattr(getattr(inject_fn, "__self__", None), "training_record", None)
+        self.method_details: dict[str, Any] = dict(record()) if callable(record) else {}
 
     @property
     def alpha(self) -> float:
