@@ -31,7 +31,7 @@ from .config.checks import translate_skip_alpha
 from .config.released import report_alpha
 from .methods import build_method
 from .utils.cli import entry_point
-from .utils.launch import cluster_plugins, is_rank_zero, one_job_per_sweep_point
+from .utils.launch import cluster_plugins, explicit_keys, is_rank_zero, one_job_per_sweep_point
 from .utils.loggers import build_loggers, finish_wandb
 from .utils.quiet import silence_third_party
 from .utils.run_start import open_run
@@ -74,9 +74,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     preflight(cfg, "train")  # the config, then what it points at: before anything heavy is loaded
     method = build_method(cfg.get("method") or {"name": "flexidepth"})
     report_alpha(cfg)  # released_stage* experiments: which alpha (face value or reproducing) is used
-    note = alpha_override_note(cfg, _command_line_overrides())
-    if note and is_rank_zero():
-        log.warning(note)
+    notes = method.prepare_training(cfg, explicit_keys())  # e.g. layer_replacement: before anything is loaded
+    for note in filter(None, [*notes, alpha_override_note(cfg, _command_line_overrides())]):
+        if is_rank_zero():
+            log.warning(note)
     silence_third_party()
     # our sampler resumes mid-epoch itself (StepBatchSampler.start_fn), which Lightning cannot see
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")

@@ -10,12 +10,12 @@ from omegaconf import OmegaConf
 from src.methods import MethodConfigError, build_method, method_class, method_names
 from tests.helpers.configs import compose_tiny
 
-BUILTIN = {"flexidepth", "mindskip", "shortgpt", "laco", "early_exit", "random_skip"}
+BUILTIN = {"flexidepth", "mindskip", "shortgpt", "laco", "early_exit", "random_skip", "layer_replacement"}
 
 
 def test_every_builtin_method_is_registered_with_its_trains_flag():
     assert BUILTIN <= set(method_names())
-    assert {n for n in BUILTIN if method_class(n).trains} == {"flexidepth", "mindskip"}
+    assert {n for n in BUILTIN if method_class(n).trains} == {"flexidepth", "mindskip", "layer_replacement"}
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))

@@ -47,5 +47,10 @@ class ExportFlexiDepth(L.Callback):
                 "alpha": pl_module.alpha,
                 "global_step": trainer.global_step,
                 "model": dict(pl_module.hparams["model"]),
+                **(
+                    {"method_details": dict(pl_module.method_details)}
+                    if getattr(pl_module, "method_details", None)
+                    else {}
+                ),
             },
         )

@@ -44,9 +44,9 @@ class RunSummary(L.Callback):
         metrics.update(getattr(export, "metrics", None) or {})
         self.metrics = metrics
         if trainer.is_global_zero:
-            write_metrics(
-                self.output_dir, metrics, trainer.global_step, self.knobs, tau=pl_module.flexi_cfg.tau
-            )
+            details = getattr(pl_module, "method_details", None)  # what the method decided (its layers, ...)
+            knobs = {**self.knobs, "method": {"name": pl_module.method, **details}} if details else self.knobs
+            write_metrics(self.output_dir, metrics, trainer.global_step, knobs, tau=pl_module.flexi_cfg.tau)
             print(closing_summary(self.output_dir, metrics, trainer, pl_module, self.model_arg), flush=True)
 
 
@@ -79,6 +79,8 @@ def write_metrics(
         "model": str(knobs["model"]),
         "run_name": str(knobs["run_name"]),
     }
+    if knobs.get("method"):  # a method that decided something at the start (layer_replacement's layers)
+        record["method"] = knobs["method"]
     return atomic_write_text(output_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True))
 
 

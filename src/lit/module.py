@@ -117,6 +117,10 @@ class FlexiDepthModule(L.LightningModule):
         self._base_val_loss: float | None = None  # base-model val loss, measured once
         self._clock: float | None = None
         self._window = [0.0, 0.0]  # skipped-layer sum, valid tokens of the current optimizer step
+        # what the method's inject decided (e.g. layer_replacement's layers; `Method.training_record`, read from
+        # the object whose `inject` inject_fn is): checkpoints and the export carry it
+        record = getattr(getattr(inject_fn, "__self__", None), "training_record", None)
+        self.method_details: dict[str, Any] = dict(record()) if callable(record) else {}
 
     @property
     def alpha(self) -> float:
@@ -347,9 +351,17 @@ class FlexiDepthModule(L.LightningModule):
             "loss": self.loss_cfg.to_dict(),
             "alpha_schedule": self.alpha_schedule.state_dict(),
         }
+        if self.method_details:
+            checkpoint["flexidepth"]["method_details"] = dict(self.method_details)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # resume continues the controller where it was (the target run's alpha is training state)
+        stored = (checkpoint.get("flexidepth") or {}).get("method_details") or {}
+        if "layers" in stored and stored["layers"] != self.method_details.get("layers"):
+            raise ValueError(
+                f"resume: the checkpoint's method={self.method} chose layers {stored['layers']}, this start "
+                f"chose {self.method_details.get('layers')} (calibration text, model or method.k changed)"
+            )
         state = (checkpoint.get("flexidepth") or {}).get("alpha_schedule")
         if state:
             self.alpha_schedule.load_state_dict(state)

@@ -21,6 +21,19 @@ def hydra_config():
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
+def explicit_keys() -> set[str]:
+    """Dotted keys the user set (`Method.prepare_training`): the command line's, plus, when an experiment preset
+    is chosen, the routing keys a preset sets (skip.layers / always_skip, the loss budget and alpha). Empty
+    outside a Hydra app."""
+    hc = hydra_config()
+    if hc is None:
+        return set()
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task}
+    if hc.runtime.choices.get("experiment"):
+        keys |= {"skip.layers", "skip.always_skip", "loss.target_layers_skipped", "loss.alpha"}
+    return keys
+
+
 def is_multirun(hc) -> bool:
     from hydra.types import RunMode
 
