@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.summary import RunSummary
 from .config import preflight, register
-from .config.checks import translate_skip_alpha
+from .config.checks import alpha_override_note, translate_skip_alpha
 from .config.released import report_alpha
 from .methods import build_method
 from .utils.cli import entry_point
@@ -163,21 +163,6 @@ def _command_line_overrides() -> list[str]:
 
     hc = hydra_config()
     return [] if hc is None else list(hc.overrides.task)
-
-
-def alpha_override_note(cfg: DictConfig, overrides: list[str]) -> str | None:
-    """A note when the command line sets an alpha (`loss.alpha` or `skip.alpha`) while the composed config has a
-    layers-skipped budget (`loss.target_layers_skipped`, as the embedded model's recipe does): the alpha is then
-    only the controller's starting value, which a user sweeping alpha would not expect. None otherwise."""
-    target = cfg.loss.get("target_layers_skipped") if cfg.get("loss") is not None else None
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    given = sorted(keys & {"loss.alpha", "skip.alpha"})
-    if target is None or not given:
-        return None
-    return (
-        f"{given[0]} is only the starting value of the alpha controller: loss.target_layers_skipped={target} "
-        "(the recipe's budget) adapts alpha every step. Add loss.target_layers_skipped=null for a fixed alpha."
-    )
 
 
 def run_knobs(cfg: DictConfig) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def _study(folder: Path, *extra, wait=True):
 @pytest.mark.slow
 def test_study_end_to_end_killed_and_continued(tmp_path):
     folder = tmp_path / "study"
-    # start, and kill the whole study (runner and its training process) once the first point is trained
+    # start, and stop the study with SIGTERM once the first point is trained (the second is training then)
     proc = _study(folder, wait=False)
     state = folder / "study.json"
     deadline = time.monotonic() + 600
@@ -154,8 +154,14 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(
+        proc.pid, signal.SIGTERM
+    )  # the runner alone, as `kill` or a scheduler does: it stops its children
+    assert proc.wait(timeout=120) == 143, proc.stdout.read()
+    orphans = subprocess.run(
+        ["pgrep", "-f", f"paths.log_dir={folder}"], capture_output=True, text=True
+    ).stdout
+    assert orphans == "", orphans
     first = json.loads(state.read_text())["points"]
     finished = [name for name, rec in first.items() if rec["state"] == "trained"]
     assert finished == ["full__s1"]

@@ -351,7 +351,7 @@ def test_model_recipes_specialise_defaults():
 def test_alpha_sweeps_fix_alpha_and_a_command_line_alpha_under_a_budget_gets_a_note():
     """The embedded recipe trains to a budget, so a command-line alpha only starts the controller: the alpha,
     grid and tau sweeps set loss.target_layers_skipped=null, and src.train notes an alpha given under a budget."""
-    from src.train import alpha_override_note
+    from src.config.checks import alpha_override_note
 
     for sweep in ("alpha", "grid", "tau"):
         assert compose_cfg([f"+sweep={sweep}"]).loss.target_layers_skipped is None, sweep

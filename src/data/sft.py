@@ -316,8 +316,10 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
 
 def check_chat_template(tokenizer) -> None:
     """DataError naming the tokenizer and the keys to change when it has no chat template (chat rows, rows
-    with `messages`, are rendered with it)."""
-    if not getattr(tokenizer, "chat_template", None):
+    with `messages`, are rendered with it): one without `apply_chat_template`, or a Hugging Face tokenizer
+    whose `chat_template` is empty. An object that renders chat itself without that attribute passes."""
+    renders = callable(getattr(tokenizer, "apply_chat_template", None))
+    if not renders or (hasattr(tokenizer, "chat_template") and not tokenizer.chat_template):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise DataError(
             f"the tokenizer {name!r} has no chat template, so chat data (rows with 'messages') cannot be "

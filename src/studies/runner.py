@@ -17,12 +17,15 @@ the next start retries it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -36,6 +39,7 @@ from .spec import Point, StudySpec, plan_points
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+MIN_TRAINING_SECONDS = 120.0
 
 
 class StudyState:
@@ -60,9 +64,12 @@ class StudyState:
         atomic_write_text(self.path, json.dumps({"points": self.points}, indent=2, sort_keys=True))
 
     def seconds(self) -> list[float]:
-        """Training times of the points this study trained (for the expected time left)."""
+        """Training times of the points this study trained (for the expected time left); points that took
+        under `MIN_TRAINING_SECONDS` only recorded the end of a run trained before (nothing left to train)."""
         return [
-            r["seconds"] for r in self.points.values() if r.get("state") == "trained" and r.get("seconds")
+            r["seconds"]
+            for r in self.points.values()
+            if r.get("state") == "trained" and r.get("seconds", 0) >= MIN_TRAINING_SECONDS
         ]
 
 
@@ -98,20 +105,26 @@ def train_points(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     (study_dir / "logs").mkdir(parents=True, exist_ok=True)
 
+    running: set[subprocess.Popen] = set()
+    stopping = threading.Event()
+
     def train(point: Point) -> tuple[int, float]:
         log_path = study_dir / "logs" / f"{point.run_name}.log"
         cmd = [python, "-m", "src.train", *point.train_args(str(study_dir))]
         start = time.monotonic()
+        if stopping.is_set():
+            return -1, 0.0
         with open(log_path, "ab") as out:
             out.write(f"$ {' '.join(cmd)}\n".encode())
             out.flush()
-            rc = subprocess.run(
-                cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-            ).returncode
+            proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            running.add(proc)
+            rc = proc.wait()
+            running.discard(proc)
         return rc, time.monotonic() - start
 
     failed = []
-    with ThreadPoolExecutor(max_workers=spec.jobs) as pool:
+    with ThreadPoolExecutor(max_workers=spec.jobs) as pool, _stop_children(running, stopping):
         futures = {pool.submit(train, p): p for p in todo}
         for n, fut in enumerate(as_completed(futures), 1):
             point = futures[fut]
@@ -120,8 +133,9 @@ def train_points(
             if rc == 0 and run_finished(run_dir(study_dir, point)) is not None:
                 state.set(point.run_name, state="trained", seconds=round(seconds, 1), log=str(log_path))
                 left = len(todo) - n
-                per = sum(state.seconds()) / max(1, len(state.seconds()))
-                eta = f"; about {fmt_duration(per * left / spec.jobs)} left" if left else ""
+                times = state.seconds()
+                per = sum(times) / len(times) if times else None
+                eta = f"; about {fmt_duration(per * left / spec.jobs)} left" if left and per else ""
                 say(f"[{done + n}/{len(points)}] trained {point.run_name} in {fmt_duration(seconds)}{eta}")
                 if on_trained is not None:
                     on_trained(point)
@@ -133,6 +147,33 @@ def train_points(
                 failed.append(point)
                 say(f"[{done + n}/{len(points)}] FAILED {point.run_name}: {error} (log: {log_path})")
     return failed
+
+
+@contextlib.contextmanager
+def _stop_children(running: set[subprocess.Popen], stopping: threading.Event):
+    """A SIGTERM or Ctrl-C of the study stops its training processes too (SIGTERM: each keeps its checkpoints,
+    src.train), then exits with 143 / 130; the next start resumes them."""
+
+    def on_term(signum, frame):
+        raise SystemExit(143)
+
+    previous = (
+        signal.signal(signal.SIGTERM, on_term)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        stopping.set()
+        for proc in list(running):
+            proc.terminate()
+        for proc in list(running):
+            proc.wait()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _last_error(log_path: Path) -> str | None:

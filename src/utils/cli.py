@@ -7,13 +7,13 @@ run's progress.
   failure) propagates unchanged, traceback included.
 - `entry_point(task)`: wraps a Hydra task function that writes an output folder (train, evaluate, compare).
   Before Hydra creates that folder, the Hydra callback `src.utils.hydra_callbacks.GuardOutputFolder` checks
-  `run_name` and records which names the folder already held (`runs.snapshot_folder`). When the command then
-  fails, cleanup is decided by what would be lost (`runs.clean_up_failed_command`):
+  `run_name` and records which names the folder already held (`failures.snapshot_folder`). When the command then
+  fails, cleanup is decided by what would be lost (`failures.clean_up_failed_command`):
   - a training run this command started whose folder holds a checkpoint a resume can use keeps its whole
     folder; the command prints the `python -m src.train ... resume=auto` line that continues it;
   - anything else (a refused start, a start that failed before its first checkpoint, an evaluation) is
     undone: the names that were not there before are deleted, `.hydra/` and the log get their earlier bytes
-    back, and the folder itself goes only if this command created it (`runs.remove_created`); nothing is
+    back, and the folder itself goes only if this command created it (`failures.remove_created`); nothing is
     deleted while another process holds the folder's run lock.
   Exit status: 0 on success and for `resume=auto` on a finished run (`runs.RunFinished`: "already finished",
   nothing changed); 2 for a user error; 143 for SIGTERM (kill, scancel, a SLURM time limit; Lightning turns it
@@ -135,7 +135,7 @@ def resume_command(cfg, folder: Path) -> str:
 
 
 def _after_failure(cfg, snapshot) -> None:
-    from .runs import clean_up_failed_command
+    from .failures import clean_up_failed_command
 
     removed = clean_up_failed_command(snapshot)
     if removed is None:
@@ -181,7 +181,8 @@ def entry_point(task: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(task)
     def wrapper(cfg, *args, **kwargs):
-        from .runs import RunFinished, remove_created, take_snapshot
+        from .failures import remove_created, take_snapshot
+        from .runs import RunFinished
 
         folder = hydra_output_dir()
         if _in_multirun():

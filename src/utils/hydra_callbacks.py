@@ -21,12 +21,13 @@ class GuardOutputFolder(Callback):
     as the folder name "12345") and a folder whose `.hydra/` files or log are symbolic links (Hydra would
     write through them), each with one `error:` line and exit status 2; and record what the folder already
     holds, so that a failed command removes only what it created (src/utils/cli.py `entry_point`,
-    src/utils/runs.py `clean_up_failed_command`)."""
+    src/utils/failures.py `clean_up_failed_command`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from .cli import EXIT_USER_ERROR, report_user_error
         from .errors import RunFolderError
-        from .runs import check_run_name, refuse_symlinks, snapshot_folder
+        from .failures import snapshot_folder
+        from .runs import check_run_name, refuse_symlinks
 
         try:
             if "run_name" in config:

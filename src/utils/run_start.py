@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import RunFolderError
+from .failures import mark_started
 from .launch import is_rank_zero
 from .runs import (
     HPC_CHECKPOINTS,
@@ -38,7 +39,6 @@ from .runs import (
     config_changes,
     find_resume_checkpoint,
     format_changes,
-    mark_started,
     model_defining,
     model_defining_conflicts,
     refuse_symlinks,
@@ -58,7 +58,7 @@ class RunStart:
     every check of the new start has passed: it deletes the earlier run for a fresh start that replaces one
     (`overwrite=true`, or `resume=auto` that found no checkpoint; `runs.replace_run`), records the start in the
     run's history, and returns `ckpt_path`. From then on the run's progress is kept if the command fails
-    (`runs.mark_started`)."""
+    (`failures.mark_started`)."""
 
     def __init__(self, output_dir: Path, ckpt_path: str | None = None, event: str | None = None,
                  config: dict | None = None, changes: dict | None = None, replace: bool = False):  # fmt: skip
