@@ -51,11 +51,12 @@ def test_paired_difference_uses_common_seeds_and_gives_verdicts():
 
 
 # ------------------------------------------------------------------------------------------ the spec
-def test_points_are_seed_major_with_the_runners_own_keys():
-    spec = StudySpec(name="s", seeds=[7, 8], rows={"a": [], "b": ["skip=no_kv"]}, common=["logger=none"])
+def test_points_are_whole_rows_reference_first_with_the_runners_own_keys():
+    rows = {"a": [], "b": ["skip=no_kv"], "c": []}
+    spec = StudySpec(name="s", seeds=[7, 8], rows=rows, common=["logger=none"], reference="b")
     points = plan_points(spec.validate())
-    assert [p.run_name for p in points] == ["a__s7", "b__s7", "a__s8", "b__s8"]
-    assert points[1].train_args("/x") == [
+    assert [p.run_name for p in points] == ["b__s7", "b__s8", "a__s7", "a__s8", "c__s7", "c__s8"]
+    assert points[0].train_args("/x") == [
         "run_name=b__s7", "seed=7", "data.seed=7", "paths.log_dir=/x", "resume=auto", "logger=none", "skip=no_kv",
     ]  # fmt: skip
 

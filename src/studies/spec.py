@@ -113,10 +113,7 @@ class Point:
 
 
 def plan_points(spec: StudySpec) -> list[Point]:
-    """Every row at every seed, seed-major: all rows at the first seed come first, so a study stopped early
-    has whole seeds (each row comparable with the reference) rather than some rows at every seed."""
-    return [
-        Point(row, int(seed), (*spec.common, *overrides))
-        for seed in spec.seeds
-        for row, overrides in spec.rows.items()
-    ]
+    """Every row at every seed, row by row with the reference row first: a study stopped early has whole
+    rows, each one comparable with the reference at every seed (a row at one seed decides nothing)."""
+    rows = sorted(spec.rows, key=lambda row: row != spec.reference)  # stable: the file's order otherwise
+    return [Point(row, int(seed), (*spec.common, *spec.rows[row])) for row in rows for seed in spec.seeds]
