@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from src.studies import stats
-from src.studies.runner import summarise
 from src.studies.spec import StudySpec, plan_points
+from src.studies.summary import summarise
 from src.utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +195,9 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     assert no_kv["mean"] == pytest.approx(math.exp(sum(ratio) / 2) - 1, rel=1e-9)
     assert "| no_kv | 2 |" in (folder / "summary.md").read_text()
     assert (folder / "summary.png").stat().st_size > 1000
+    assert (folder / "tau_curve.png").stat().st_size > 1000
+    assert len(results["full__s1"]["curve"]) == 3  # its own tau 0.5 and the study's 0.3, 0.7
+    assert "at equal held-out layers skipped" in (folder / "summary.md").read_text()
 
     # a third start trains and measures nothing: every file of the study byte-identical but its summary
     everything = _tree(folder)
@@ -203,4 +206,36 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     assert "4 points, 4 trained, 0 to train" in res.stdout
     after = _tree(folder)
     changed = {k for k in everything if everything[k] != after.get(k)}
-    assert changed <= {"summary.json", "summary.md", "summary.png", "study.log"}, changed
+    assert changed <= {"summary.json", "summary.md", "summary.png", "tau_curve.png", "study.log"}, changed
+
+
+def test_at_reference_skip_interpolates_each_row_at_the_reference_depth_of_its_seed():
+    spec = StudySpec(name="s", seeds=[1, 2], rows={"full": [], "abl": []}, reference="full", heldout=["lee"])
+    spec.taus = [0.3, 0.7]
+
+    def point(row, seed, curve):  # curve: (tau, layers skipped, ppl); the own tau is 0.5
+        pts = [{"tau": t, "sets": {"lee": {"ppl": p, "layers_skipped": k}}} for t, k, p in curve]
+        own = next(p for p in pts if p["tau"] == 0.5)
+        return {"row": row, "seed": seed, "sets": own["sets"], "curve": pts, "val": {}}
+
+    results = [
+        point("full", 1, [(0.3, 1.0, 10.0), (0.5, 2.0, 12.0), (0.7, 3.0, 15.0)]),
+        point("full", 2, [(0.3, 1.5, 10.0), (0.5, 2.5, 13.0), (0.7, 3.5, 16.0)]),
+        # skips more at its own tau; at the reference's depth (2.0 / 2.5) its curve gives 11 and 14
+        point("abl", 1, [(0.3, 1.0, 9.0), (0.5, 3.0, 13.444444444444445), (0.7, 4.0, 20.0)]),
+        point("abl", 2, [(0.3, 2.0, 12.0), (0.5, 3.0, 16.333333333333332), (0.7, 4.0, 20.0)]),
+    ]
+    out = summarise(spec, results, {"sets": {"lee": {"ppl": 9.0}}})
+    cell = out["rows"][1]["sets"]["lee"]["at_reference_skip"]
+    expect_1 = math.exp(math.log(9.0) + 0.5 * (math.log(13.444444444444445) - math.log(9.0)))  # at k = 2.0
+    expect_2 = math.exp(math.log(12.0) + 0.5 * (math.log(16.333333333333332) - math.log(12.0)))  # at k = 2.5
+    want = (math.log(expect_1 / 12.0) + math.log(expect_2 / 13.0)) / 2
+    assert cell["n"] == 2
+    assert cell["mean"] == pytest.approx(math.exp(want) - 1, rel=1e-12)
+    # the own-threshold comparison differs: it mixes in the extra depth
+    assert out["rows"][1]["sets"]["lee"]["vs_reference"]["mean"] > cell["mean"]
+    # a seed whose curve does not reach the reference's depth is left out, never extrapolated
+    results[3] = point("abl", 2, [(0.3, 2.8, 15.0), (0.5, 3.0, 16.0), (0.7, 4.0, 20.0)])
+    out = summarise(spec, results, {"sets": {"lee": {"ppl": 9.0}}})
+    assert out["rows"][1]["sets"]["lee"]["at_reference_skip"]["n"] == 1
+    assert sorted(out["curves"]) == ["abl__s1", "abl__s2", "full__s1", "full__s2"]

@@ -13,12 +13,13 @@ def _mi(cell: dict, digits: int = 1) -> str:
     return f"{cell['mean']:.{digits}f} ± {cell['half']:.{digits}f}"
 
 
-def _change(vs: dict | None) -> str:
+def _change(vs: dict | None, with_n: bool = False) -> str:
     if not vs:
         return "-"
     if vs["n"] < 2:
         return f"{100 * vs['mean']:+.1f}% (one seed)"
-    return f"{100 * vs['mean']:+.1f}% [{100 * vs['low']:+.1f}, {100 * vs['high']:+.1f}] {vs['verdict']}"
+    n = f" (n={vs['n']})" if with_n else ""
+    return f"{100 * vs['mean']:+.1f}% [{100 * vs['low']:+.1f}, {100 * vs['high']:+.1f}] {vs['verdict']}{n}"
 
 
 def markdown(summary: dict) -> str:
@@ -66,6 +67,22 @@ def markdown(summary: dict) -> str:
                 + " | ".join(_change(row["sets"][s].get("vs_reference")) for s in sets)
                 + " |"
             )
+    if summary.get("reference") and summary.get("taus"):
+        lines += [
+            "",
+            f"Held-out perplexity against `{summary['reference']}` **at equal held-out layers skipped**: each "
+            "row's perplexity interpolated along its threshold curve (thresholds: its own and "
+            f"{', '.join(f'{t:g}' for t in summary['taus'])}) at the layers the reference skipped on that set at "
+            "the same seed, paired by seed; n < seeds where a curve does not reach that depth.",
+            "",
+            "| row | " + " | ".join(sets) + " |",
+            "|" + "---|" * (len(sets) + 1),
+        ]
+        for row in summary["rows"]:
+            if row["row"] == summary["reference"] or not row["seeds"]:
+                continue
+            cells = [_change(row["sets"][s].get("at_reference_skip"), with_n=True) for s in sets]
+            lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
     if summary.get("missing"):
         lines += ["", f"Not measured yet: {', '.join(summary['missing'])}."]
     return "\n".join(lines) + "\n"
@@ -99,6 +116,47 @@ def plot(summary: dict, path: str | Path) -> Path:
     fig.tight_layout()
     from ..flexidepth.files import atomic_save_figure
 
+    out = atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_curves(summary: dict, row: str, path: str | Path) -> Path | None:
+    """The threshold sweep along `row`'s checkpoints: held-out ppl against layers skipped on that set, one line
+    per seed, each point a threshold (labelled); None when the study measured no extra thresholds."""
+    curves = {k: v for k, v in summary.get("curves", {}).items() if k.rsplit("__s", 1)[0] == row}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..flexidepth.files import atomic_save_figure
+
+    sets = summary["heldout"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], sets, strict=True):
+        ax.axhline(summary["base"][name], color="grey", lw=0.8, ls="--", label="base")
+        for label, curve in sorted(curves.items()):
+            pts = sorted((p["sets"][name]["layers_skipped"], p["sets"][name]["ppl"], p["tau"]) for p in curve)
+            ax.plot(
+                [x for x, _, _ in pts],
+                [y for _, y, _ in pts],
+                "-o",
+                ms=3,
+                label=f"seed {label.rsplit('__s', 1)[1]}",
+            )
+            for x, y, tau in pts:
+                ax.annotate(f"{tau:g}", (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel("layers skipped (measured on this set)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out perplexity")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(f"study {summary['study']}: threshold sweep along `{row}` (labels: tau)", fontsize=9)
+    fig.tight_layout()
     out = atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return out

@@ -7,7 +7,7 @@ every trained point on held-out text, and summarise rows across seeds.
       train/runs/<row>__s<seed>/     the point's run folder (resumable, exportable: src.train's layout)
       results/base.json              the base model on the held-out sets
       results/<row>__s<seed>.json    the point on the held-out sets (+ its val metrics from metrics.json)
-      summary.json, summary.md, summary.png
+      summary.json, summary.md, summary.png, tau_curve.png (with study.taus: the reference row's threshold sweep)
 
 A killed study continues where it stopped: a point whose run folder records a finished run
 (`src.utils.runs.run_finished`) is not trained again, a half-trained point resumes (`resume=auto`), a point
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -34,8 +33,8 @@ from typing import Any
 
 from ..flexidepth.files import atomic_write_text
 from ..utils.runs import RunHistory, run_finished
-from . import stats
 from .spec import Point, StudySpec, plan_points
+from .summary import summarise
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -269,72 +268,11 @@ class HeldoutMeter:
         return record
 
 
-def summarise(spec: StudySpec, results: list[dict], base: dict) -> dict:
-    """Rows across seeds: per held-out set the mean ppl and layers skipped with 95% t-intervals, the val
-    metrics, and (with a reference row) the paired per-seed change in held-out ppl against the reference,
-    as exp(mean log ratio) - 1 with its interval and a verdict (worse / better / tie)."""
-    by_row: dict[str, list[dict]] = {}
-    for r in results:
-        by_row.setdefault(r["row"], []).append(r)
-    ref = {r["seed"]: r for r in by_row.get(spec.reference, [])} if spec.reference else {}
-    rows = []
-    for row in spec.rows:
-        rs = sorted(by_row.get(row, []), key=lambda r: r["seed"])
-        if not rs:
-            rows.append({"row": row, "seeds": [], "sets": {}})
-            continue
-        entry: dict[str, Any] = {"row": row, "seeds": [r["seed"] for r in rs], "sets": {}, "val": {}}
-        for name in spec.heldout:
-            cell = {
-                "ppl": stats.mean_interval([r["sets"][name]["ppl"] for r in rs]).as_dict(),
-                "layers_skipped": stats.mean_interval(
-                    [r["sets"][name]["layers_skipped"] for r in rs]
-                ).as_dict(),
-            }
-            if ref and row != spec.reference:
-                diff = stats.paired_log_ratio(
-                    {r["seed"]: r["sets"][name]["ppl"] for r in rs},
-                    {s: r["sets"][name]["ppl"] for s, r in ref.items()},
-                )
-                cell["vs_reference"] = _relative(diff)
-            entry["sets"][name] = cell
-        # each seed draws its own validation split, so val ppl is compared as a ratio to the base's on it
-        ratios = [r["val"]["val/ppl"] / r["val"]["val/base_ppl"] for r in rs if "val/base_ppl" in r["val"]]
-        if len(ratios) == len(rs):
-            entry["val"]["ppl_ratio"] = stats.mean_interval(ratios).as_dict()
-        skipped = [r["val"]["val/layers_skipped_mean"] for r in rs if "val/layers_skipped_mean" in r["val"]]
-        if len(skipped) == len(rs):
-            entry["val"]["layers_skipped"] = stats.mean_interval(skipped).as_dict()
-        rows.append(entry)
-    return {
-        "study": spec.name,
-        "description": spec.description,
-        "reference": spec.reference,
-        "seeds": list(spec.seeds),
-        "heldout": list(spec.heldout),
-        "base": {n: base["sets"][n]["ppl"] for n in spec.heldout},
-        "rows": rows,
-    }
-
-
-def _relative(diff: stats.Interval | None) -> dict | None:
-    """A paired log-ratio interval as relative changes: exp(mean) - 1 and its bounds, with the verdict."""
-    if diff is None:
-        return None
-    return {
-        "mean": math.exp(diff.mean) - 1,
-        "low": math.exp(diff.low) - 1,
-        "high": math.exp(diff.high) - 1,
-        "n": diff.n,
-        "verdict": stats.verdict(diff),
-    }
-
-
 def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = print) -> dict:
     """Train, measure and summarise `spec` in `study_dir` (see the module docstring); returns the summary.
     Writes summary.json / summary.md / summary.png. Raises StudyFailed (a UserError) after the summary
     when a point failed."""
-    from ..render.study import markdown, plot
+    from ..render.study import markdown, plot, plot_curves
 
     spec.validate()
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -361,6 +299,8 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
     if measured:
         atomic_write_text(study_dir / "summary.md", markdown(summary))
         plot(summary, study_dir / "summary.png")
+        if spec.reference:
+            plot_curves(summary, spec.reference, study_dir / "tau_curve.png")
     say(f"study {spec.name}: summary in {study_dir / 'summary.md'}")
     if failed:
         from ..utils.errors import UserError
