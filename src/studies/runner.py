@@ -91,15 +91,13 @@ def train_points(
     say: Callable[[str], None] = print,
 ) -> list[Point]:
     """Train every point whose run folder does not record a finished run, `spec.jobs` at a time; call
-    `on_trained(point)` (in this thread) as each finishes. Returns the points that failed."""
+    `on_trained(point)` (in this thread) for every point finished before, while the others train, and for each
+    as it finishes. Returns the points that failed."""
     todo = [p for p in points if run_finished(run_dir(study_dir, p)) is None]
     done = len(points) - len(todo)
     say(
         f"study {spec.name}: {len(points)} points, {done} trained, {len(todo)} to train ({spec.jobs} at once)"
     )
-    for p in points:
-        if p not in todo and on_trained is not None:
-            on_trained(p)
     threads = max(1, (os.cpu_count() or 1) // spec.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     (study_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -125,6 +123,9 @@ def train_points(
     failed = []
     with ThreadPoolExecutor(max_workers=spec.jobs) as pool, _stop_children(running, stopping):
         futures = {pool.submit(train, p): p for p in todo}
+        for p in points:  # points trained before are measured while the others train
+            if p not in todo and on_trained is not None:
+                on_trained(p)
         for n, fut in enumerate(as_completed(futures), 1):
             point = futures[fut]
             rc, seconds = fut.result()
