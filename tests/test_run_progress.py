@@ -381,3 +381,23 @@ def test_a_sweep_point_with_a_library_error_reports_every_point_and_exits_non_ze
     assert first["status"] == "failed" and first["user_error"] is False
     assert json.loads((points[1] / "status.json").read_text())["status"] == "ok"
     assert (points[1] / "metrics.json").is_file()  # the point after the failed one ran
+
+
+def test_a_run_stopped_after_its_last_checkpoint_is_not_finished_without_its_metrics(tmp_path):
+    """A stop between the last checkpoint (at max_steps) and the final validation leaves no metrics.json: a
+    resume that has nothing to train must not record such a run as finished; it says how to complete it."""
+    run = tmp_path / "run"
+    _train([], run)
+    events = run / "history" / "events.jsonl"
+    lines = events.read_text().splitlines()
+    assert json.loads(lines[-1])["event"] == "finish"
+    events.write_text("\n".join(lines[:-1]) + "\n")  # as if stopped before fit ended
+    (run / "metrics.json").unlink()
+    with pytest.raises(
+        RunFolderError, match=r"not finished: continue it with resume=auto trainer.max_steps=3"
+    ):
+        _train(["resume=auto"], run)
+    assert run_finished(run) is None
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())  # its checkpoints are kept
+    _train(["resume=auto", "trainer.max_steps=3"], run)
+    assert run_finished(run)["global_step"] == 3 and json.loads((run / "metrics.json").read_text())["metrics"]

@@ -239,3 +239,42 @@ def test_at_reference_skip_interpolates_each_row_at_the_reference_depth_of_its_s
     out = summarise(spec, results, {"sets": {"lee": {"ppl": 9.0}}})
     assert out["rows"][1]["sets"]["lee"]["at_reference_skip"]["n"] == 1
     assert sorted(out["curves"]) == ["abl__s1", "abl__s2", "full__s1", "full__s2"]
+
+
+def test_unknown_heldout_sets_are_refused_before_anything_trains():
+    with pytest.raises(Exception, match=r"study\.heldout: unknown held-out set\(s\) \['nope'\]"):
+        StudySpec(name="s", rows={"a": []}, heldout=["nope"]).validate()
+
+
+def test_a_finished_point_trained_with_other_settings_is_refused(tmp_path):
+    from src.studies.runner import check_same_settings, run_dir
+    from src.utils.errors import UserError
+
+    spec = StudySpec(name="s", seeds=[1], rows={"a": ["skip=no_kv"]}, common=["logger=none"]).validate()
+    point = plan_points(spec)[0]
+    hydra = run_dir(tmp_path, point) / ".hydra"
+    hydra.mkdir(parents=True)
+    same = [*point.train_args(str(tmp_path))]
+    (hydra / "overrides.yaml").write_text("\n".join(f"- {x}" for x in reversed(same)) + "\n")
+    check_same_settings(point, tmp_path)  # the same set in another order passes
+    (hydra / "overrides.yaml").write_text("\n".join(f"- {x}" for x in [*same[:-1], "skip=no_adapter"]) + "\n")
+    with pytest.raises(
+        UserError, match=r"a__s1 was trained with other settings .*skip=no_adapter, skip=no_kv"
+    ):
+        check_same_settings(point, tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["study.jobs=0", "study.seeds=[]", "study.heldout=[nope]"])
+def test_a_refused_study_leaves_its_folder_as_it_was(tmp_path, bad):
+    folder = tmp_path / "study"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("- study=tiny\n")
+    (folder / "study.json").write_text('{"points": {}}')
+    before = _tree(folder)
+    res = _study(folder, bad)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.count("error: ") == 1 and "Traceback" not in res.stderr
+    assert _tree(folder) == before
+    fresh = tmp_path / "fresh"
+    assert _study(fresh, bad).returncode == 2
+    assert not fresh.exists() or not any(fresh.iterdir())

@@ -32,6 +32,15 @@ class RunSummary(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if not metrics:  # nothing trained or validated (resumed at max_steps): keep metrics.json as it is
             self.metrics = read_metrics(self.output_dir)
+            if not self.metrics:  # stopped after its last checkpoint, before its final validation and export
+                from ..utils.errors import RunFolderError
+
+                raise RunFolderError(
+                    f"{self.output_dir} reached trainer.max_steps={trainer.global_step} but was stopped before its "
+                    "final validation wrote metrics.json, so it is not finished: continue it with resume=auto "
+                    f"trainer.max_steps={trainer.global_step + 1} (one more step, then the final validation and "
+                    "the export)"
+                )
             if trainer.is_global_zero:
                 print(
                     f"nothing to train: {self.output_dir} is already at step {trainer.global_step} "

@@ -94,12 +94,15 @@ def train_points(
     `on_trained(point)` (in this thread) for every point finished before, while the others train, and for each
     as it finishes. Returns the points that failed."""
     todo = [p for p in points if run_finished(run_dir(study_dir, p)) is None]
+    for p in points:
+        if p not in todo:
+            check_same_settings(p, study_dir)
     done = len(points) - len(todo)
     say(
         f"study {spec.name}: {len(points)} points, {done} trained, {len(todo)} to train ({spec.jobs} at once)"
     )
-    threads = max(1, (os.cpu_count() or 1) // spec.jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // spec.jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     (study_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     running: set[subprocess.Popen] = set()
@@ -151,8 +154,8 @@ def train_points(
 
 @contextlib.contextmanager
 def _stop_children(running: set[subprocess.Popen], stopping: threading.Event):
-    """A SIGTERM or Ctrl-C of the study stops its training processes too (SIGTERM: each keeps its checkpoints,
-    src.train), then exits with 143 / 130; the next start resumes them."""
+    """A SIGTERM or Ctrl-C of the study, or an error in it, stops its training processes too (SIGTERM: each
+    keeps its checkpoints, src.train); SIGTERM / Ctrl-C exit with 143 / 130. The next start resumes them."""
 
     def on_term(signum, frame):
         raise SystemExit(143)
@@ -164,16 +167,43 @@ def _stop_children(running: set[subprocess.Popen], stopping: threading.Event):
     )
     try:
         yield
-    except (KeyboardInterrupt, SystemExit):
+    except BaseException as err:
         stopping.set()
         for proc in list(running):
             proc.terminate()
         for proc in list(running):
             proc.wait()
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            print("(study stopped: run the same command again to continue it)", file=sys.stderr, flush=True)
+            if isinstance(err, KeyboardInterrupt):
+                raise SystemExit(130) from None
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def check_same_settings(point: Point, study_dir: Path) -> None:
+    """Refuse (UserError) a finished point whose run was started with other overrides than the study plans now
+    (its row or `common` changed): its results would be reported under settings it was not trained with.
+    Compares the run's last accepted command line (`.hydra/overrides.yaml`) as a set, `resume` aside."""
+    import yaml
+
+    from ..utils.errors import UserError
+
+    path = run_dir(study_dir, point) / ".hydra" / "overrides.yaml"
+    try:
+        recorded = set(yaml.safe_load(path.read_text()) or [])
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: the point's recorded command line cannot be read ({err})") from None
+    planned = set(point.train_args(str(study_dir)))
+    strip = lambda items: {i for i in items if not i.startswith("resume=")}  # noqa: E731
+    if strip(recorded) != strip(planned):
+        changed = sorted(strip(recorded) ^ strip(planned))
+        raise UserError(
+            f"point {point.run_name} was trained with other settings than the study now has ({', '.join(changed)}): "
+            f"run the changed study under another run_name, or move {run_dir(study_dir, point)} away"
+        )
 
 
 def _last_error(log_path: Path) -> str | None:

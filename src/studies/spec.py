@@ -73,6 +73,9 @@ class StudySpec:
                 raise ConfigError(f"study.taus: {tau} is not a threshold in [0, 1)")
         if not self.heldout:
             raise ConfigError("study.heldout is empty: name at least one held-out set")
+        from ..data.mixture import check_heldout
+
+        check_heldout(list(self.heldout), "study.heldout")
         return self
 
 
