@@ -146,12 +146,12 @@ def _study(folder: Path, *extra, wait=True):
 @pytest.mark.slow
 def test_study_end_to_end_killed_and_continued(tmp_path):
     folder = tmp_path / "study"
-    # start, and stop the study with SIGTERM once the first point is trained (the second is training then)
+    # start, and stop the study with SIGTERM once the first point is measured (the second is training then)
     proc = _study(folder, wait=False)
     state = folder / "study.json"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and '"trained"' in state.read_text():
+        if (folder / "summary.json").is_file():  # the first point trained and measured
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read()
@@ -166,6 +166,9 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     first = json.loads(state.read_text())["points"]
     finished = [name for name, rec in first.items() if rec["state"] == "trained"]
     assert finished == ["full__s1"]
+    early = json.loads((folder / "summary.json").read_text())  # written after every measured point
+    assert early["missing"] == ["full__s2", "no_kv__s1", "no_kv__s2"]
+    assert [r["seeds"] for r in early["rows"]] == [[1], []]
     runs = folder / "train" / "runs"
     before = _tree(runs / "full__s1")
 

@@ -299,12 +299,30 @@ class HeldoutMeter:
         return record
 
 
-def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = print) -> dict:
-    """Train, measure and summarise `spec` in `study_dir` (see the module docstring); returns the summary.
-    Writes summary.json / summary.md / summary.png. Raises StudyFailed (a UserError) after the summary
-    when a point failed."""
+def write_summary(spec: StudySpec, study_dir: Path, points: list[Point], measured: list[dict],
+                  failed: list[Point]) -> dict:  # fmt: skip
+    """summary.json (+ summary.md, summary.png and tau_curve.png once a point is measured) of what the study
+    has measured so far; `missing` names the points not measured yet."""
     from ..render.study import markdown, plot, plot_curves
 
+    base = json.loads((study_dir / "results" / "base.json").read_text()) if measured else None
+    summary = summarise(spec, measured, base) if measured else {"study": spec.name, "rows": []}
+    summary["failed"] = [p.run_name for p in failed]
+    done = {f"{r['row']}__s{r['seed']}" for r in measured}
+    summary["missing"] = [p.run_name for p in points if p.run_name not in done]
+    atomic_write_text(study_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    if measured:
+        atomic_write_text(study_dir / "summary.md", markdown(summary))
+        plot(summary, study_dir / "summary.png")
+        if spec.reference:
+            plot_curves(summary, spec.reference, study_dir / "tau_curve.png")
+    return summary
+
+
+def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = print) -> dict:
+    """Train, measure and summarise `spec` in `study_dir` (see the module docstring); returns the summary.
+    The summary files are rewritten after every measured point, so a study stopped early has the table of what
+    it measured. Raises UserError after the summary when a point failed."""
     spec.validate()
     study_dir.mkdir(parents=True, exist_ok=True)
     state = StudyState(study_dir)
@@ -318,20 +336,10 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
         measured.append(meter.measure(point, folder))
         if fresh:
             say(f"  measured {point.run_name} on {', '.join(spec.heldout)}")
+        write_summary(spec, study_dir, points, measured, [])
 
     failed = train_points(spec, study_dir, points, state, on_trained=on_trained, say=say)
-    base = json.loads((study_dir / "results" / "base.json").read_text()) if measured else None
-    summary = summarise(spec, measured, base) if measured else {"study": spec.name, "rows": []}
-    summary["failed"] = [p.run_name for p in failed]
-    summary["missing"] = [
-        p.run_name for p in points if p.run_name not in {f"{r['row']}__s{r['seed']}" for r in measured}
-    ]
-    atomic_write_text(study_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
-    if measured:
-        atomic_write_text(study_dir / "summary.md", markdown(summary))
-        plot(summary, study_dir / "summary.png")
-        if spec.reference:
-            plot_curves(summary, spec.reference, study_dir / "tau_curve.png")
+    summary = write_summary(spec, study_dir, points, measured, failed)
     say(f"study {spec.name}: summary in {study_dir / 'summary.md'}")
     if failed:
         from ..utils.errors import UserError
