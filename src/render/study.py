@@ -22,6 +22,17 @@ def _change(vs: dict | None, with_n: bool = False) -> str:
     return f"{100 * vs['mean']:+.1f}% [{100 * vs['low']:+.1f}, {100 * vs['high']:+.1f}] {vs['verdict']}{n}"
 
 
+def _comparison(summary: dict, intro: str, key: str, with_n: bool) -> list[str]:
+    """A table of each row's paired change against the reference (`key` of each set's cell)."""
+    sets = summary["heldout"]
+    lines = ["", intro, "", "| row | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
+    for row in summary["rows"]:
+        if row["row"] != summary["reference"] and row["seeds"]:
+            cells = [_change(row["sets"][s].get(key), with_n=with_n) for s in sets]
+            lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(summary: dict) -> str:
     """Two tables: held-out ppl and layers skipped per set (mean ± 95% t-interval half-width over seeds, the
     val metrics), then each row's paired change in held-out ppl against the reference row with its verdict."""
@@ -50,47 +61,28 @@ def markdown(summary: dict) -> str:
         vp = _mi(val["ppl_ratio"], 3) if "ppl_ratio" in val else "-"
         vs = _mi(val["layers_skipped"], 2) if "layers_skipped" in val else "-"
         lines.append(f"| {row['row']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {vp} | {vs} |")
-    if summary.get("reference"):
-        lines += [
-            "",
-            f"Held-out perplexity against `{summary['reference']}`, paired by seed: the mean change with its 95% "
-            "interval; 'tie' when the interval contains 0.",
-            "",
-            "| row | " + " | ".join(sets) + " |",
-            "|" + "---|" * (len(sets) + 1),
-        ]
-        for row in summary["rows"]:
-            if row["row"] == summary["reference"] or not row["seeds"]:
-                continue
-            lines.append(
-                f"| {row['row']} | "
-                + " | ".join(_change(row["sets"][s].get("vs_reference")) for s in sets)
-                + " |"
-            )
-    if summary.get("reference") and summary.get("taus"):
-        lines += [
-            "",
-            f"Held-out perplexity against `{summary['reference']}` **at equal held-out layers skipped**: each "
-            "row's perplexity interpolated along its threshold curve (thresholds: its own and "
-            f"{', '.join(f'{t:g}' for t in summary['taus'])}) at the layers the reference skipped on that set at "
-            "the same seed, paired by seed; n < seeds where a curve does not reach that depth.",
-            "",
-            "| row | " + " | ".join(sets) + " |",
-            "|" + "---|" * (len(sets) + 1),
-        ]
-        for row in summary["rows"]:
-            if row["row"] == summary["reference"] or not row["seeds"]:
-                continue
-            cells = [_change(row["sets"][s].get("at_reference_skip"), with_n=True) for s in sets]
-            lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
+    ref = summary.get("reference")
+    if ref:
+        intro = (
+            f"Held-out perplexity against `{ref}`, paired by seed: the mean change with its 95% interval; 'tie' "
+            "when the interval contains 0."
+        )
+        lines += _comparison(summary, intro, "vs_reference", with_n=False)
+    if ref and summary.get("taus"):
+        taus = ", ".join(f"{t:g}" for t in summary["taus"])
+        intro = (
+            f"Held-out perplexity against `{ref}` **at equal held-out layers skipped**: each row's perplexity "
+            f"interpolated along its threshold curve (thresholds: its own and {taus}) at the layers the reference "
+            "skipped on that set at the same seed, paired by seed; n < seeds where a curve does not reach that depth."
+        )
+        lines += _comparison(summary, intro, "at_reference_skip", with_n=True)
     if summary.get("missing"):
         lines += ["", f"Not measured yet: {', '.join(summary['missing'])}."]
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: str | Path) -> Path:
-    """Held-out ppl against layers skipped on that set, one panel per set, one marker per row with its 95%
-    intervals on both axes; the base model as a dashed line."""
+def _panels(summary: dict):
+    """One panel per held-out set with the base model's perplexity as a dashed line: (figure, [(ax, set)])."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,6 +92,31 @@ def plot(summary: dict, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.8), squeeze=False)
     for ax, name in zip(axes[0], sets, strict=True):
         ax.axhline(summary["base"][name], color="grey", lw=0.8, ls="--", label="base")
+        ax.set_xlabel("layers skipped (measured on this set)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out perplexity")
+    return fig, list(zip(axes[0], sets, strict=True))
+
+
+def _save(fig, panels, title: str, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from ..flexidepth.files import atomic_save_figure
+
+    panels[-1][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot(summary: dict, path: str | Path) -> Path:
+    """Held-out ppl against layers skipped on that set, one panel per set, one marker per row with its 95%
+    intervals on both axes; the base model as a dashed line."""
+    fig, panels = _panels(summary)
+    for ax, name in panels:
         for row in summary["rows"]:
             if not row["seeds"]:
                 continue
@@ -107,18 +124,7 @@ def plot(summary: dict, path: str | Path) -> Path:
             err = lambda c: 0.0 if not math.isfinite(c["half"]) else c["half"]  # noqa: E731
             ax.errorbar(sk["mean"], ppl["mean"], xerr=err(sk), yerr=err(ppl), fmt="o", ms=4, capsize=2,
                         label=f"{row['row']} (n={len(row['seeds'])})")  # fmt: skip
-        ax.set_xlabel("layers skipped (measured on this set)")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out perplexity")
-    axes[0][-1].legend(fontsize=6)
-    fig.suptitle(f"study {summary['study']}: mean and 95% interval over seeds", fontsize=9)
-    fig.tight_layout()
-    from ..flexidepth.files import atomic_save_figure
-
-    out = atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, panels, f"study {summary['study']}: mean and 95% interval over seeds", path)
 
 
 def plot_curves(summary: dict, row: str, path: str | Path) -> Path | None:
@@ -127,36 +133,13 @@ def plot_curves(summary: dict, row: str, path: str | Path) -> Path | None:
     curves = {k: v for k, v in summary.get("curves", {}).items() if k.rsplit("__s", 1)[0] == row}
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..flexidepth.files import atomic_save_figure
-
-    sets = summary["heldout"]
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], sets, strict=True):
-        ax.axhline(summary["base"][name], color="grey", lw=0.8, ls="--", label="base")
+    fig, panels = _panels(summary)
+    for ax, name in panels:
         for label, curve in sorted(curves.items()):
             pts = sorted((p["sets"][name]["layers_skipped"], p["sets"][name]["ppl"], p["tau"]) for p in curve)
-            ax.plot(
-                [x for x, _, _ in pts],
-                [y for _, y, _ in pts],
-                "-o",
-                ms=3,
-                label=f"seed {label.rsplit('__s', 1)[1]}",
-            )
+            seed = label.rsplit("__s", 1)[1]
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "-o", ms=3, label=f"seed {seed}")
             for x, y, tau in pts:
                 ax.annotate(f"{tau:g}", (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
         ax.set_yscale("log")
-        ax.set_xlabel("layers skipped (measured on this set)")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out perplexity")
-    axes[0][-1].legend(fontsize=6)
-    fig.suptitle(f"study {summary['study']}: threshold sweep along `{row}` (labels: tau)", fontsize=9)
-    fig.tight_layout()
-    out = atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, panels, f"study {summary['study']}: threshold sweep along `{row}` (labels: tau)", path)
