@@ -7,8 +7,11 @@ the held-out perplexity of every system: the speed-quality plane a deployment se
 Systems, all built in one process from one base model (weights shared, not copied):
   base              the base model (ratio 1.0)
   flexidepth@<tau>  the checkpoint at each threshold of `taus` (its fast path: real skipping)
-  shortgpt_k<k>     ShortGPT with k layers *deleted* (`prune_layers`: no router, no K/V, no call for them;
-                    the KV cache holds only the kept layers): what a user deploying it runs
+  <run>             a layer_replacement checkpoint (ckpt_path or more_ckpts trained with method=layer_replacement,
+                    the static baseline in the manner of LLM-Streamline): its replaced layers take the adapter
+                    for every token (no router, no attention, no K/V); one point, no threshold
+  shortgpt_k<k>     ShortGPT with k layers *deleted* (the registry's shortgpt with `prune`: no router, no K/V,
+                    no call for them; the KV cache holds only the kept layers): what a user deploying it runs
 
 Timings (one intra-op thread by default), after `warmup` untimed rounds, `rounds` timed rounds, by wall time
 and by process CPU time (CPU time excludes what other processes on a shared machine took from us):
@@ -28,7 +31,7 @@ skipped on the timed generated tokens.
 Prompts and the prefill text are windows of held-out text (src/data/mixture.py HELDOUT_SETS, never
 trained on). Held-out perplexity per set reuses the curves code of src.compare (src/eval/curves.py).
 The comparison at equal measured speedup interpolates FlexiDepth's perplexity (log-linear) along its
-curve of (measured batch-1 decode speedup, ppl) at each ShortGPT point's speedup; outside the range its
+curve of (measured batch-1 decode speedup, ppl) at each static point's speedup (ShortGPT, layer replacement); outside the range its
 taus reach there is no value (never extrapolated); a second table lists, per ShortGPT point, the best
 FlexiDepth point measured at least as fast (no interpolation; `faster_and_better`). A router skips more on some text than on other text, so
 with `per_set_speed=true` batch-1 decode is also timed on each held-out set's own prompts

@@ -511,3 +511,83 @@ def test_faster_and_better_picks_the_best_point_at_least_as_fast():
     md = "\n".join(faster_and_better_markdown(results))
     assert "| lee | shortgpt_k2 | 1.100 | 45.00 | b@0.5 | 1.120 | 41.00 | yes | 2 of 3 |" in md
     assert "| wiki | shortgpt_k6 | 1.300 | 30.00 | - | - | - | - | - |" in md
+
+
+def test_speed_times_a_layer_replacement_checkpoint_as_a_static_point(tmp_path, tiny_ckpt):
+    """A layer_replacement run (trained static baseline) is timed once, under its own kind and label: every
+    decoded token skips exactly its replaced layers, its ppl is that of the checkpoint applied through the
+    registry, and it is a baseline of the equal-speed comparison like pruned ShortGPT."""
+    from omegaconf import OmegaConf
+
+    from src.eval import curves
+    from src.eval.speed import run_speed
+    from src.flexidepth import FlexiDepthConfig, inject, save_flexidepth
+    from src.methods import build_method
+    from src.models.loader import load_base_model
+    from src.models.tokenizer import load_tokenizer, pad_token_id
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model_cfg = OmegaConf.to_container(
+            compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
+        )
+    model = inject(load_base_model(model_cfg), FlexiDepthConfig(layers=[1, 2], always_skip=[1, 2]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapter." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path / "static_k2" / "flexidepth"
+    save_flexidepth(
+        model, folder, extra={"method": "layer_replacement", "method_details": {"layers": [1, 2]}}
+    )
+    extra = [f"more_ckpts=[{tmp_path / 'static_k2'}]", "taus=[0.2,0.8]", "shortgpt_k=[1]", "batch=0",
+             "prefill_length=0", "heldout=[lee]", "rounds=1", "warmup=0"]  # fmt: skip
+    from src.config import preflight
+    from src.eval.speed import speed_settings
+
+    cfg = _speed_cfg(tmp_path, tiny_ckpt, extra)
+    preflight(cfg, "speed", settings=speed_settings)  # a layer_replacement run is accepted (mindskip is not)
+    res = run_speed(cfg)
+    systems = res["systems"]
+    assert list(systems) == ["base", "flexidepth@0.2", "flexidepth@0.8", "static_k2", "shortgpt_k1"]
+    s = systems["static_k2"]
+    assert s["kind"] == "layer_replacement" and s["tau"] is None and s["removed"] == [1, 2] and s["k"] == 2
+    assert set(s["speed"]["layers_skipped"].values()) == {2.0}
+    assert min(s["flop_ideal"].values()) > 1.0
+    assert s["ppl"]["lee"]["layers_skipped"] == pytest.approx(2.0)
+    fresh = load_base_model(model_cfg).eval()
+    build_method({"name": "layer_replacement"}).apply(fresh, ckpt=str(folder))
+    tok = load_tokenizer(model_cfg)
+    sets = curves.heldout_sets(tok, ["lee"], 32, 64)
+    want = curves.measure(fresh, sets, 8, pad_token_id(tok), num_layers=fresh.config.num_hidden_layers)
+    assert s["ppl"]["lee"]["ppl"] == pytest.approx(want["lee"]["ppl"], rel=1e-5)
+    baselines = {r["baseline"] for r in res["equal_speedup"]}
+    assert baselines == {"static_k2", "shortgpt_k1"}
+    assert "| static_k2 |" in (tmp_path / "out" / "speed.md").read_text()
+
+
+def test_shortgpt_prune_option_deletes_the_layers_it_would_make_identity():
+    """method.prune=true (src.speed's door to pruned ShortGPT) removes the same layers as the identity wiring,
+    deletes them from the model, and gives the same logits."""
+    from omegaconf import OmegaConf
+
+    from src.methods import build_method
+    from src.models.loader import load_base_model
+    from src.models.tokenizer import load_tokenizer
+    from tests.helpers.configs import compose_tiny
+
+    node = OmegaConf.to_container(compose_tiny("train").model, resolve=True)  # the embedded tokenizer's vocab
+    node["arch"]["num_hidden_layers"] = 6
+    base = load_base_model(node).eval()
+    tok = load_tokenizer(node)
+    options = {"name": "shortgpt", "k": 2, "calibration": {"texts": 2, "max_length": 32, "batch_size": 2}}
+    identity, pruned = copy.deepcopy(base), copy.deepcopy(base)
+    a = build_method(options).apply(identity, tokenizer=tok)
+    b = build_method({**options, "prune": True}).apply(pruned, tokenizer=tok)
+    assert a.removed == b.removed and len(b.removed) == 2
+    assert pruned.config.num_hidden_layers == 4 and getattr(pruned, "flexidepth", None) is None
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pruned(input_ids=ids).logits, identity(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )

@@ -308,8 +308,8 @@ def ckpt_path_problems(cfg: DictConfig, model_cfg: dict, problems: list[str], re
 
 
 def speed_method_problems(cfg: DictConfig, problems: list[str]) -> list[str]:
-    """src.speed times FlexiDepth checkpoints only: `ckpt_path` / `more_ckpts[i]` of another method (e.g.
-    mindskip) is refused here, before the model load."""
+    """src.speed times FlexiDepth and layer_replacement checkpoints only: `ckpt_path` / `more_ckpts[i]` of
+    another method (e.g. mindskip) is refused here, before the model load."""
     if problems:
         return []
     from ..flexidepth.checkpoint import read_checkpoint_config
@@ -323,10 +323,10 @@ def speed_method_problems(cfg: DictConfig, problems: list[str]) -> list[str]:
         except Exception:  # noqa: BLE001 - unreadable folders are reported by the checks that follow
             continue
         method = meta.get("method", "flexidepth")
-        if method != "flexidepth":
+        if method not in ("flexidepth", "layer_replacement"):
             found.append(
                 f"{key}={str(path)!r} holds a method={method} checkpoint; src.speed times FlexiDepth "
-                "checkpoints only (compare other methods with src.compare)"
+                "and layer_replacement checkpoints only (compare other methods with src.compare)"
             )
     return found
 

@@ -1,6 +1,6 @@
 """`python -m src.speed` measured (the command is src/speed.py; its module docstring says what is timed):
 the settings (`speed_settings`), the systems built from one base model (`build_systems`: the base, each
-checkpoint at every tau, ShortGPT with its layers deleted), the comparison at equal measured speedup
+checkpoint at every tau, a layer_replacement checkpoint once, ShortGPT with its layers deleted), the comparison at equal measured speedup
 (`equal_speedup`) and the whole run (`run_speed`: speed.json, speed.md, ppl_vs_speedup.png). Timing is
 speed_timing.py's, drawing src/render/speed.py's."""
 
@@ -109,20 +109,32 @@ def _flag(cfg: DictConfig, key: str) -> bool:
     return v
 
 
+STATIC_KINDS = ("shortgpt", "layer_replacement")  # one point each (no threshold): compared against the curves
+
+
 @dataclass
 class System:
     """One timed system: `model` (shared by the FlexiDepth taus), its threshold (None: not routed), the
-    routed layers it runs without their router (`set_always_run`), the layers it deletes (static
-    baselines)."""
+    routed layers it runs without their router (`set_always_run`), the layers it deletes (ShortGPT) or
+    replaces by adapters for every token (layer_replacement).
+
+    kind: base | flexidepth (a checkpoint at one tau) | shortgpt (layers deleted) | layer_replacement (a
+    trained static baseline's checkpoint, src/methods/layer_replacement.py: no router, no threshold)."""
 
     label: str
-    kind: str  # base | flexidepth | shortgpt
+    kind: str
     model: Any
     tau: float | None = None
     k: int | None = None
     removed: list[int] = field(default_factory=list)
     ckpt: str | None = None  # FlexiDepth systems: the label of their curve (one per checkpoint and variant)
     always_run: list[int] = field(default_factory=list)
+
+    @property
+    def routed(self) -> bool:
+        """Whether the model carries FlexiDepth layers (routes are recorded and counted): flexidepth and
+        layer_replacement systems."""
+        return getattr(self.model, "flexidepth", None) is not None
 
     def prepare(self) -> None:
         """Set the shared model to this system's tau and always-run layers (FlexiDepth systems only)."""
@@ -157,59 +169,61 @@ def checkpoint_labels(paths: list[Path]) -> list[str]:
 def build_systems(
     base, ckpts, taus, shortgpt_k, tokenizer, calibration_texts: int, always_run_max_skip: float | None = None
 ) -> list[System]:
-    """base, <label>@tau for each (label, checkpoint folder) of `ckpts` and each tau (one injected copy per
-    checkpoint), with `always_run_max_skip` also <label>+ar@tau (the same model at each tau with the routed
-    layers that at most that fraction of the calibration tokens skip set to always run; a curve of its own),
-    shortgpt_k<k> (pruned copies). Block Influence and the skip rates are measured on the training-side
-    calibration text (never the held-out sets)."""
+    """base; for each (label, checkpoint folder) of `ckpts` by the method it was trained with: a FlexiDepth
+    checkpoint at each tau (<label>@tau, one injected copy per checkpoint; with `always_run_max_skip` also
+    <label>+ar@tau: the same model with the routed layers that at most that fraction of the calibration tokens
+    skip set to always run, a curve of its own), a layer_replacement checkpoint once (<label>: its replaced
+    layers take the adapter for every token, no threshold); shortgpt_k<k>: ShortGPT built by the method
+    registry with its layers deleted (`method.prune`). Block Influence and the skip rates are measured on the
+    training-side calibration text (never the held-out sets). Raises ValueError naming ckpt_path for a
+    checkpoint of another method."""
     from ..flexidepth import set_tau
     from ..flexidepth.calibrate import rarely_skipped_layers
     from ..methods import build_method, checkpoint_method
     from ..methods.base import calibration_batches
-    from ..methods.removal import prune_layers
-    from ..methods.shortgpt import block_influence, shortgpt_layers
 
     systems = [System("base", "base", base)]
-    needed = shortgpt_k or always_run_max_skip is not None  # Block Influence / skip rates read it
-    calibration = calibration_batches(tokenizer, {"texts": calibration_texts}) if needed else None
+    calibration = None
+    if always_run_max_skip is not None:  # the skip rates read it
+        calibration = calibration_batches(tokenizer, {"texts": calibration_texts})
     for name, ckpt in ckpts:
         method = checkpoint_method(ckpt)
-        if method != "flexidepth":
+        if method not in ("flexidepth", "layer_replacement"):
             raise ValueError(
-                f"ckpt_path: {ckpt} holds a {method!r} checkpoint; src.speed times FlexiDepth ones"
+                f"ckpt_path: {ckpt} holds a {method!r} checkpoint; src.speed times flexidepth and "
+                "layer_replacement ones"
             )
-        flexi = shared_copy(base)
-        build_method({"name": "flexidepth"}).apply(flexi, ckpt=ckpt)
-        flexi.eval()
-        systems += [System(f"{name}@{t:g}", "flexidepth", flexi, tau=float(t), ckpt=name) for t in taus]
+        model = shared_copy(base)
+        build_method({"name": method}).apply(model, ckpt=ckpt)
+        model.eval()
+        if method == "layer_replacement":
+            replaced = sorted(model.flexidepth.config.always_skip)
+            label = method if name == "flexidepth" else name
+            systems.append(System(label, method, model, k=len(replaced), removed=replaced))
+            continue
+        systems += [System(f"{name}@{t:g}", "flexidepth", model, tau=float(t), ckpt=name) for t in taus]
         if always_run_max_skip is None:
             continue
         for t in taus:
-            set_tau(flexi, t)
-            always_run = rarely_skipped_layers(flexi, calibration, always_run_max_skip)
+            set_tau(model, t)
+            always_run = rarely_skipped_layers(model, calibration, always_run_max_skip)
             systems.append(
                 System(
                     f"{name}+ar@{t:g}",
                     "flexidepth",
-                    flexi,
+                    model,
                     tau=float(t),
                     ckpt=f"{name}+ar",
                     always_run=always_run,
-                )
+                )  # fmt: skip
             )
-    if shortgpt_k:
-        bi = block_influence(base, calibration)
-        for k in shortgpt_k:
-            removed = shortgpt_layers(bi, k)
-            systems.append(
-                System(
-                    f"shortgpt_k{k}",
-                    "shortgpt",
-                    prune_layers(shared_copy(base), removed),
-                    k=k,
-                    removed=removed,
-                )
-            )
+    for k in shortgpt_k:
+        method = build_method(
+            {"name": "shortgpt", "k": k, "prune": True, "calibration": {"texts": calibration_texts}}
+        )
+        pruned = shared_copy(base)
+        applied = method.apply(pruned, tokenizer=tokenizer)
+        systems.append(System(f"shortgpt_k{k}", "shortgpt", pruned, k=k, removed=list(applied.removed)))
     return systems
 
 
@@ -239,7 +253,7 @@ def _equal_rows(results, flexi, ckpt, mode, basis, key) -> list[dict]:
             continue
         curve = [(s["speed"][m][key], s["ppl"][name]["ppl"]) for s in flexi]
         for label, s in systems.items():
-            if s["kind"] != "shortgpt":
+            if s["kind"] not in STATIC_KINDS:
                 continue
             x = s["speed"][m][key]
             f = interpolate(curve, x)

@@ -301,7 +301,7 @@ def measure_speed(
     for sys_ in systems:
         skipped: dict[str, float] = {}
         for mode in batch1_modes:
-            if sys_.kind == "flexidepth":
+            if sys_.routed:  # routes recorded (always_skip layers count as skipped)
                 routes: list[torch.Tensor] = []
                 for ids, forced in modes[mode][1]:
                     sys_.prepare()
@@ -394,7 +394,7 @@ def flop_ideal(config, system: System, layers_skipped: float) -> float:
     from ..flexidepth.flops import layer_macs, model_macs_per_token
 
     base = model_macs_per_token(config)
-    if system.kind == "flexidepth":
+    if system.routed:
         cfg = system.model.flexidepth.config
         return base / model_macs_per_token(config, cfg, layers_skipped, always_run=len(system.always_run))
     return base / (base - layers_skipped * layer_macs(config).full)

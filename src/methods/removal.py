@@ -9,7 +9,8 @@ The (unused) linear router of a removed layer is never called; FLOPs of a remove
 (`RemovalMethod.cost` below).
 
 For wall-clock timing that wiring is not what a deployment runs (the identity layers still compute K/V
-and call a router), so `prune_layers` deletes the layers instead (used by `python -m src.speed`); both give
+and call a router), so `prune_layers` deletes the layers instead (shortgpt's `prune` option, which
+`python -m src.speed` times); both give
 the same logits (tests/test_speed.py).
 """
 

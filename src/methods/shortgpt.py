@@ -40,7 +40,7 @@ from torch import nn
 
 from ..flexidepth.inject import decoder_layers
 from .base import AppliedMethod, Batch, Calibration, base_model, calibration_batches
-from .removal import RemovalMethod, remove_layers
+from .removal import RemovalMethod, prune_layers, remove_layers
 
 
 def hidden_of(output) -> torch.Tensor:
@@ -137,13 +137,19 @@ class ShortGPT(RemovalMethod):
     name: str = "shortgpt"
     k32: float | None = None  # conf/method/<name>.yaml sets it
     calibration: Calibration = field(default_factory=Calibration)
+    prune: bool = (
+        False  # delete the layers (`prune_layers`, what a deployment runs) instead of identity layers
+    )
 
     def apply(self, model, *, tokenizer=None, ckpt=None, skip=None) -> AppliedMethod:
+        """Remove the k lowest-BI layers of the plain `model` in place: identity FlexiDepth layers (the quality
+        comparison's wiring, route statistics included), or with `prune` deleted from the model (no call, no
+        K/V for them; `src.speed` times this). The logits of both are equal (tests/test_speed.py)."""
         self.refuse_ckpt(ckpt)
         if tokenizer is None:
             raise ValueError("method=shortgpt needs a tokenizer for its calibration text")
         k = self.resolve_k(model.config.num_hidden_layers)
         bi = block_influence(model, calibration_batches(tokenizer, self.calibration))
         removed = shortgpt_layers(bi, k)
-        remove_layers(model, removed)
+        (prune_layers if self.prune else remove_layers)(model, removed)
         return self.removed(k, removed, {"block_influence": bi})

@@ -123,7 +123,7 @@ def faster_and_better(results: dict, mode: str = "decode_b1") -> list[dict]:
     rows = []
     for name in results["heldout"]:
         for label, b in systems.items():
-            if b["kind"] != "shortgpt" or mode not in b["speed"]:
+            if b["kind"] not in ("shortgpt", "layer_replacement") or mode not in b["speed"]:
                 continue
             x, b_ppl = b["speed"][mode]["speedup_wall"], b["ppl"][name]["ppl"]
             fast = [
@@ -241,15 +241,21 @@ def _panel(ax, systems: dict, m: str, name: str, title: str) -> None:
         ax.plot(xs, ys, "-o", ms=3, label=label)
         for s, x, y in zip(flexi, xs, ys, strict=True):
             ax.annotate(f"{s['tau']:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    for kind, marker in (("base", "*"), ("shortgpt", "s")):
+    names = {
+        "base": "base",
+        "shortgpt": "ShortGPT (pruned)",
+        "layer_replacement": "layer replacement (static)",
+    }
+    for kind, marker in (("base", "*"), ("shortgpt", "s"), ("layer_replacement", "D")):
         pts = [
             (s["speed"][m]["speedup_wall"], s["ppl"][name]["ppl"])
             for s in systems.values()
             if s["kind"] == kind
         ]
         if pts:
-            label = kind if kind == "base" else "ShortGPT (pruned)"
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=40, label=label, zorder=3)
+            ax.scatter(
+                [p[0] for p in pts], [p[1] for p in pts], marker=marker, s=40, label=names[kind], zorder=3
+            )
     ax.set_yscale("log")
     ax.set_xlabel("measured decode speedup vs base (batch 1)")
     ax.set_title(title, fontsize=8)
