@@ -124,6 +124,65 @@ def test_summary_means_intervals_and_paired_changes():
     assert out["base"] == {"lee": 9.0, "wiki": 18.0}
 
 
+def _speed_record(row, seed, speedups, static=0):
+    """A speed record (src/studies/speed.py) timing `speedups` {tau or None: speedup} on lee's text."""
+    systems = [{"tau": t, "kind": "flexidepth" if t is not None else "layer_replacement",
+                "speed": {"text_b1@lee": {"speedup_wall": x, "speedup_cpu": x, "tokens_per_s": 1.0}}}
+               for t, x in speedups.items()]  # fmt: skip
+    return {"row": row, "seed": seed, "modes": ["text_b1@lee"], "static_layers": static, "systems": systems}
+
+
+def _curve_result(row, seed, ppls, skipped):
+    """A held-out result whose curve holds ppls {tau: ppl} on lee (own tau 0.5, or the static point's)."""
+    curve = [{"tau": t, "sets": {"lee": {"ppl": p, "layers_skipped": skipped[t]}}} for t, p in ppls.items()]
+    own = next(c for c in curve if c["tau"] == 0.5)
+    return {"row": row, "seed": seed, "tau": 0.5, "sets": own["sets"], "curve": curve, "val": {}}
+
+
+def test_at_equal_speed_interpolates_the_curve_that_reaches_and_a_static_row_is_one_point():
+    """routed (a threshold curve) against static (one point): the routed curve is read at the static point's
+    measured speedup; hybrid against routed: routed's curve at hybrid's own speedup; the frontier keeps the
+    points no other point beats in both speed and ppl, with the routed share of their skipped layers."""
+    spec = StudySpec(name="s", seeds=[1, 2], rows={"routed": [], "static": [], "hybrid": []}, reference="routed",
+                     heldout=["lee"], taus=[0.3, 0.7], against={"static": "routed"}, speed={})  # fmt: skip
+    results, speeds = [], {}
+    for seed, shift in ((1, 1.0), (2, 1.1)):
+        ppls = {0.3: 10.0 * shift, 0.5: 12.0 * shift, 0.7: 16.0 * shift}
+        results.append(_curve_result("routed", seed, ppls, {0.3: 1.0, 0.5: 2.0, 0.7: 4.0}))
+        speeds[f"routed__s{seed}"] = _speed_record("routed", seed, {0.3: 1.05, 0.5: 1.10, 0.7: 1.20})
+        static = _curve_result(
+            "static", seed, dict.fromkeys((0.3, 0.5, 0.7), 15.0 * shift), dict.fromkeys((0.3, 0.5, 0.7), 3.0)
+        )
+        results.append(static)
+        speeds[f"static__s{seed}"] = _speed_record("static", seed, {None: 1.15}, static=3)
+        hyb = {0.3: 11.0 * shift, 0.5: 13.0 * shift, 0.7: 17.0 * shift}
+        results.append(_curve_result("hybrid", seed, hyb, {0.3: 2.0, 0.5: 3.0, 0.7: 4.0}))
+        speeds[f"hybrid__s{seed}"] = _speed_record(
+            "hybrid", seed, {0.3: 1.10, 0.5: 1.15, 0.7: 1.25}, static=1
+        )
+    base = {"sets": {"lee": {"ppl": 9.0}}}
+    out = summarise(spec, results, base, speeds)
+    rows = {r["row"]: r for r in out["rows"]}
+    # static at 1.15x: routed's curve between 1.10 (12) and 1.20 (16), halfway in log ppl: sqrt(12 * 16)
+    want = math.log(15.0 / math.sqrt(12.0 * 16.0))
+    assert rows["static"]["sets"]["lee"]["at_equal_speed"]["mean"] == pytest.approx(math.exp(want) - 1)
+    assert rows["static"]["sets"]["lee"]["at_equal_speed"]["n"] == 2
+    # hybrid at its own 1.15x (ppl 13): the same reading of routed's curve
+    assert rows["hybrid"]["sets"]["lee"]["at_equal_speed"]["mean"] == pytest.approx(
+        13.0 / math.sqrt(12.0 * 16.0) - 1
+    )
+    assert rows["static"]["speed"]["text_b1@lee"]["mean"] == pytest.approx(1.15)
+    assert out["against"] == {"static": "routed", "hybrid": "routed"}
+    lee = out["frontier"]["lee"]
+    point = {(p["row"], p["tau"]): p for p in lee["points"]}
+    assert point[("static", None)]["routed_share"] == 0.0
+    assert point[("hybrid", 0.7)]["routed_share"] == pytest.approx(0.75)  # 4 skipped, 1 static
+    assert point[("routed", 0.5)]["ppl"] == pytest.approx(math.sqrt(12.0 * 13.2))  # geometric over seeds
+    best = [(p["row"], p["tau"]) for p in lee["best"]]
+    # hybrid 0.3 (1.10x, 11.5) beats routed 0.5 (1.10x, 12.6); hybrid 0.5 (1.15x, 13.6) beats static (1.15x, 15.7)
+    assert best == [("routed", 0.3), ("hybrid", 0.3), ("hybrid", 0.5), ("routed", 0.7), ("hybrid", 0.7)]
+
+
 # ------------------------------------------------------------------------------------------ end to end
 def _tree(root: Path) -> dict[str, str]:
     return {
@@ -202,6 +261,24 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     assert len(results["full__s1"]["curve"]) == 3  # its own tau 0.5 and the study's 0.3, 0.7
     assert "at equal held-out layers skipped" in (folder / "summary.md").read_text()
 
+    # the speed stage: every point timed after the trainings, at its own and the study's thresholds
+    assert summary["not_timed"] == []
+    timed = {p.stem: json.loads(p.read_text()) for p in (folder / "speed").glob("*.json")}
+    assert sorted(timed) == sorted(results)
+    for name, rec in timed.items():
+        assert [x["tau"] for x in rec["systems"]] == [0.3, 0.5, 0.7] and rec["static_layers"] == 0
+        assert rec["modes"] == ["decode_b1", "text_b1@lee", "text_b1@python_docs"]
+        assert all(x["speed"][m]["speedup_wall"] > 0 for x in rec["systems"] for m in rec["modes"])
+    for row in summary["rows"]:
+        own = [
+            timed[f"{row['row']}__s{s}"]["systems"][1]["speed"]["text_b1@lee"]["speedup_wall"] for s in (1, 2)
+        ]
+        assert row["speed"]["text_b1@lee"]["mean"] == pytest.approx(sum(own) / 2, rel=1e-12)
+    assert "at_equal_speed" in summary["rows"][1]["sets"]["lee"]  # no_kv against full
+    assert len(summary["frontier"]["lee"]["points"]) == 2 * 3  # 2 rows x 3 thresholds
+    assert (folder / "frontier.png").stat().st_size > 1000
+    assert "at equal measured speed" in (folder / "summary.md").read_text()
+
     # a third start trains and measures nothing: every file of the study byte-identical but its summary
     everything = _tree(folder)
     res = _study(folder)
@@ -209,7 +286,14 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     assert "4 points, 4 trained, 0 to train" in res.stdout
     after = _tree(folder)
     changed = {k for k in everything if everything[k] != after.get(k)}
-    assert changed <= {"summary.json", "summary.md", "summary.png", "tau_curve.png", "study.log"}, changed
+    assert changed <= {
+        "summary.json",
+        "summary.md",
+        "summary.png",
+        "tau_curve.png",
+        "frontier.png",
+        "study.log",
+    }, changed
 
 
 def test_at_reference_skip_interpolates_each_row_at_the_reference_depth_of_its_seed():

@@ -22,15 +22,48 @@ def _change(vs: dict | None, with_n: bool = False) -> str:
     return f"{100 * vs['mean']:+.1f}% [{100 * vs['low']:+.1f}, {100 * vs['high']:+.1f}] {vs['verdict']}{n}"
 
 
-def _comparison(summary: dict, intro: str, key: str, with_n: bool) -> list[str]:
-    """A table of each row's paired change against the reference (`key` of each set's cell)."""
+def _comparison(summary: dict, intro: str, key: str, with_n: bool, against: bool = False) -> list[str]:
+    """A table of each row's paired change against the reference (`key` of each set's cell); with `against`, a
+    column naming each row's comparison row (`study.against`, else the reference)."""
     sets = summary["heldout"]
-    lines = ["", intro, "", "| row | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
+    head = "| row | against | " if against else "| row | "
+    lines = ["", intro, "", head + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1 + against)]
     for row in summary["rows"]:
-        if row["row"] != summary["reference"] and row["seeds"]:
+        other = summary.get("against", {}).get(row["row"]) if against else summary["reference"]
+        if row["seeds"] and other and row["row"] != other:
+            if against and not any(key in row["sets"][s] for s in sets):
+                continue
             cells = [_change(row["sets"][s].get(key), with_n=with_n) for s in sets]
-            lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
+            first = f"| {row['row']} | {other} | " if against else f"| {row['row']} | "
+            lines.append(first + " | ".join(cells) + " |")
     return lines
+
+
+def _speed_tables(summary: dict) -> list[str]:
+    """The measured speedups at each row's own threshold, and the comparison at equal measured speed."""
+    timed = [row for row in summary["rows"] if row.get("speed")]
+    if not timed:
+        return []
+    modes = list(timed[0]["speed"])
+    lines = [
+        "",
+        "Measured batch-1 decode speedup over the base model at each row's own threshold (wall time; median over "
+        "rounds of the paired ratio, each point timed beside its base; `text_b1@<set>`: the set's own text decoded "
+        "teacher-forced, `decode_b1`: greedy continuations); mean ± 95% interval over seeds.",
+        "",
+        "| row | " + " | ".join(modes) + " |",
+        "|" + "---|" * (len(modes) + 1),
+    ]
+    for row in timed:
+        lines.append(f"| {row['row']} | " + " | ".join(_mi(row["speed"][m], 3) if m in row["speed"] else "-"
+                                                         for m in modes) + " |")  # fmt: skip
+    intro = (
+        "Held-out perplexity **at equal measured speed** against each row's comparison row, paired by seed: the "
+        "comparison row's perplexity interpolated (log-linear) along its threshold curve of (measured speedup on "
+        "the set's text, ppl) at the row's own speedup, or the row's curve at the comparison row's speedup where "
+        "that one does not reach (a static row is one point); n < seeds where neither curve reaches."
+    )
+    return lines + _comparison(summary, intro, "at_equal_speed", with_n=True, against=True)
 
 
 def markdown(summary: dict) -> str:
@@ -76,8 +109,11 @@ def markdown(summary: dict) -> str:
             "skipped on that set at the same seed, paired by seed; n < seeds where a curve does not reach that depth."
         )
         lines += _comparison(summary, intro, "at_reference_skip", with_n=True)
+    lines += _speed_tables(summary)
     if summary.get("missing"):
         lines += ["", f"Not measured yet: {', '.join(summary['missing'])}."]
+    if summary.get("not_timed"):
+        lines += ["", f"Not timed yet: {', '.join(summary['not_timed'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -143,3 +179,39 @@ def plot_curves(summary: dict, row: str, path: str | Path) -> Path | None:
                 ax.annotate(f"{tau:g}", (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
         ax.set_yscale("log")
     return _save(fig, panels, f"study {summary['study']}: threshold sweep along `{row}` (labels: tau)", path)
+
+
+def plot_frontier(summary: dict, path: str | Path) -> Path:
+    """Held-out ppl against measured batch-1 decode speedup, one panel per set: every row's threshold points
+    (means over seeds; a static row is one point), each labelled with the share of its skipped layers that are
+    routed per token, and the best-ppl frontier (dashed) over all of them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = summary["heldout"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.8), squeeze=False)
+    panels = list(zip(axes[0], sets, strict=True))
+    for ax, name in panels:
+        data = summary["frontier"][name]
+        ax.axhline(summary["base"][name], color="grey", lw=0.8, ls="--", label="base (1.0x)")
+        for row in dict.fromkeys(p["row"] for p in data["points"]):
+            pts = sorted((p for p in data["points"] if p["row"] == row), key=lambda p: p["speedup"])
+            static = all(p["tau"] is None for p in pts)
+            ax.plot(
+                [p["speedup"] for p in pts], [p["ppl"] for p in pts], "D" if static else "-o", ms=4, label=row
+            )
+            for p in pts:
+                ax.annotate(f"{100 * p['routed_share']:.0f}%", (p["speedup"], p["ppl"]), fontsize=5,
+                            xytext=(2, 2), textcoords="offset points")  # fmt: skip
+        best = data["best"]
+        ax.step([p["speedup"] for p in best], [p["ppl"] for p in best], "k--", where="pre", lw=0.8,
+                label="best ppl frontier")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("measured decode speedup vs base (batch 1)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out perplexity")
+    title = f"study {summary['study']}: ppl vs measured speed (labels: % of skipped layers routed per token)"
+    return _save(fig, panels, title, path)

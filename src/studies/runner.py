@@ -7,7 +7,12 @@ every trained point on held-out text, and summarise rows across seeds.
       train/runs/<row>__s<seed>/     the point's run folder (resumable, exportable: src.train's layout)
       results/base.json              the base model on the held-out sets
       results/<row>__s<seed>.json    the point on the held-out sets (+ its val metrics from metrics.json)
-      summary.json, summary.md, summary.png, tau_curve.png (with study.taus: the reference row's threshold sweep)
+      speed/<row>__s<seed>.json      with study.speed: its measured batch-1 decode speedups (src/studies/speed.py)
+      summary.json, summary.md, summary.png, tau_curve.png (with study.taus: the reference row's threshold sweep),
+      frontier.png (with study.speed: held-out ppl against measured speedup, the best-ppl frontier)
+
+With `study.speed` every trained point is timed after the last training of the study has ended, one point at a
+time (a timing never shares the cores with a training of this study; keep other work off the machine too).
 
 A killed study continues where it stopped: a point whose run folder records a finished run
 (`src.utils.runs.run_finished`) is not trained again, a half-trained point resumes (`resume=auto`), a point
@@ -300,29 +305,34 @@ class HeldoutMeter:
 
 
 def write_summary(spec: StudySpec, study_dir: Path, points: list[Point], measured: list[dict],
-                  failed: list[Point]) -> dict:  # fmt: skip
-    """summary.json (+ summary.md, summary.png and tau_curve.png once a point is measured) of what the study
-    has measured so far; `missing` names the points not measured yet."""
-    from ..render.study import markdown, plot, plot_curves
+                  failed: list[Point], speeds: dict[str, dict] | None = None) -> dict:  # fmt: skip
+    """summary.json (+ summary.md, summary.png and tau_curve.png once a point is measured, frontier.png once a
+    point is timed) of what the study has measured so far; `missing` names the points not measured yet."""
+    from ..render.study import markdown, plot, plot_curves, plot_frontier
 
     base = json.loads((study_dir / "results" / "base.json").read_text()) if measured else None
-    summary = summarise(spec, measured, base) if measured else {"study": spec.name, "rows": []}
+    summary = summarise(spec, measured, base, speeds) if measured else {"study": spec.name, "rows": []}
     summary["failed"] = [p.run_name for p in failed]
     done = {f"{r['row']}__s{r['seed']}" for r in measured}
     summary["missing"] = [p.run_name for p in points if p.run_name not in done]
+    if spec.speed is not None:
+        timed = set(speeds or {})
+        summary["not_timed"] = [p.run_name for p in points if p.run_name not in timed]
     atomic_write_text(study_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     if measured:
         atomic_write_text(study_dir / "summary.md", markdown(summary))
         plot(summary, study_dir / "summary.png")
         if spec.reference:
             plot_curves(summary, spec.reference, study_dir / "tau_curve.png")
+        if summary.get("frontier"):
+            plot_frontier(summary, study_dir / "frontier.png")
     return summary
 
 
 def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = print) -> dict:
     """Train, measure and summarise `spec` in `study_dir` (see the module docstring); returns the summary.
-    The summary files are rewritten after every measured point, so a study stopped early has the table of what
-    it measured. Raises UserError after the summary when a point failed."""
+    The summary files are rewritten after every measured (and timed) point, so a study stopped early has the
+    table of what it measured. Raises UserError after the summary when a point failed."""
     spec.validate()
     study_dir.mkdir(parents=True, exist_ok=True)
     state = StudyState(study_dir)
@@ -339,7 +349,10 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
         write_summary(spec, study_dir, points, measured, [])
 
     failed = train_points(spec, study_dir, points, state, on_trained=on_trained, say=say)
-    summary = write_summary(spec, study_dir, points, measured, failed)
+    speeds: dict[str, dict] = {}
+    if spec.speed is not None:
+        speeds = time_points(spec, study_dir, [p for p in points if p not in failed], measured, failed, say)
+    summary = write_summary(spec, study_dir, points, measured, failed, speeds)
     say(f"study {spec.name}: summary in {study_dir / 'summary.md'}")
     if failed:
         from ..utils.errors import UserError
@@ -349,3 +362,25 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
             "run the same command again to retry them"
         )
     return summary
+
+
+def time_points(spec: StudySpec, study_dir: Path, points: list[Point], measured: list[dict],
+                failed: list[Point], say: Callable[[str], None]) -> dict[str, dict]:  # fmt: skip
+    """The speed stage: every point (all trained, none training now) timed one at a time (SpeedMeter); points
+    timed before with the same settings are read back. Returns {run_name: speed record}."""
+    from .speed import SpeedMeter
+
+    speed = SpeedMeter(spec, study_dir)
+    speeds: dict[str, dict] = {}
+    todo = [p for p in points if not speed.is_current(p)]
+    say(
+        f"study {spec.name}: timing {len(todo)} point(s) one at a time ({len(points) - len(todo)} timed before)"
+    )
+    for n, point in enumerate(points, 1):
+        fresh = point in todo
+        start = time.monotonic()
+        speeds[point.run_name] = speed.measure(point, run_dir(study_dir, point))
+        if fresh:
+            say(f"  [{n}/{len(points)}] timed {point.run_name} in {fmt_duration(time.monotonic() - start)}")
+            write_summary(spec, study_dir, plan_points(spec), measured, failed, speeds)
+    return speeds

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..utils.errors import ConfigError
 
@@ -30,6 +31,12 @@ class StudySpec:
         taus: extra thresholds each point is also measured at (a tau sweep along every checkpoint); the
             point's own tau is always measured.
         jobs: training runs at once; each gets cpu_count // jobs threads (OMP_NUM_THREADS).
+        against: row -> the row it is compared with (default: `reference`), e.g. each static row against the
+            routed row of the same depth.
+        speed: None (no speed stage), or src.speed settings (prompts, prompt_length, new_tokens, rounds,
+            warmup, threads, text_decode; {} for src.speed's defaults): every point's batch-1 decode is then
+            timed against its base after all training has ended (src/studies/speed.py), and rows are also
+            compared at equal measured speed.
     """
 
     name: str = "study"
@@ -44,6 +51,8 @@ class StudySpec:
     batch_size: int = 8
     taus: list[float] = field(default_factory=list)
     jobs: int = 1
+    against: dict[str, str] = field(default_factory=dict)
+    speed: dict[str, Any] | None = None
 
     def validate(self) -> StudySpec:
         """Value checks; raises ConfigError naming `study.<key>` (types are the schema's)."""
@@ -76,7 +85,22 @@ class StudySpec:
         from ..data.mixture import check_heldout
 
         check_heldout(list(self.heldout), "study.heldout")
+        for row, other in self.against.items():
+            for key, name in ((f"study.against.{row}", row), (f"study.against.{row}", other)):
+                if name not in self.rows:
+                    raise ConfigError(f"{key}: {name!r} is not a row (rows: {', '.join(self.rows)})")
+            if row == other:
+                raise ConfigError(f"study.against.{row}: a row is not compared with itself")
+        if self.speed is not None:
+            from .speed import speed_settings
+
+            speed_settings(self)
         return self
+
+    def comparison_row(self, row: str) -> str | None:
+        """The row `row` is compared with: `against[row]`, else the reference (None for the reference itself)."""
+        other = self.against.get(row, self.reference)
+        return None if other == row else other
 
 
 _OWNED = ("run_name", "seed", "data.seed", "paths.log_dir", "resume", "overwrite", "hydra.")

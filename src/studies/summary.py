@@ -9,6 +9,15 @@ held-out perplexity (src/studies/stats.py):
   interpolated along its threshold curve (log-linear, src/eval/curves.py `interpolate`) at the layers the
   reference point of the same seed skipped on that set: the comparison at equal held-out layers skipped. A
   seed whose curve does not reach that depth is left out (never extrapolated); `n` says how many remain.
+With the speed stage (`study.speed`, src/studies/speed.py), per row the measured batch-1 decode speedups at
+the own threshold, and per set:
+- `at_equal_speed`: against the row's comparison row (`study.against`, else the reference) at equal measured
+  speedup on the set's own text (`text_b1@<set>`; `decode_b1` without text decoding), paired by seed: the
+  comparison row's perplexity interpolated along its threshold curve of (speedup, ppl) at the row's own
+  speedup, or, where that curve does not reach it (or the comparison row is one static point), the row's curve
+  interpolated at the comparison row's speedup; n < seeds where neither reaches;
+- `frontier`: every row's (speedup, ppl) per threshold, averaged over seeds (ppl geometrically), with the
+  share of its skipped layers that are routed (not static), and the best-perplexity frontier over them.
 """
 
 from __future__ import annotations
@@ -21,8 +30,11 @@ from . import stats
 from .spec import StudySpec
 
 
-def summarise(spec: StudySpec, results: list[dict], base: dict) -> dict:
-    """The summary dict of `results` (one per point: row, seed, sets, curve, val) and the base's result."""
+def summarise(
+    spec: StudySpec, results: list[dict], base: dict, speeds: dict[str, dict] | None = None
+) -> dict:
+    """The summary dict of `results` (one per point: row, seed, sets, curve, val), the base's result and the
+    points' speed records (`speeds`: run name -> src/studies/speed.py record; None or {}: no speed columns)."""
     by_row: dict[str, list[dict]] = {}
     for r in results:
         by_row.setdefault(r["row"], []).append(r)
@@ -59,6 +71,8 @@ def summarise(spec: StudySpec, results: list[dict], base: dict) -> dict:
                                 at_k[r["seed"]] = value
                     cell["at_reference_skip"] = relative(stats.paired_log_ratio(at_k, ref_ppl))
             entry["sets"][name] = cell
+        if speeds:
+            add_speed(spec, entry, rs, by_row, speeds)
         # each seed draws its own validation split, so val ppl is compared as a ratio to the base's on it
         ratios = [r["val"]["val/ppl"] / r["val"]["val/base_ppl"] for r in rs if "val/base_ppl" in r["val"]]
         if len(ratios) == len(rs):
@@ -77,7 +91,113 @@ def summarise(spec: StudySpec, results: list[dict], base: dict) -> dict:
         "base": {n: base["sets"][n]["ppl"] for n in spec.heldout},
         "rows": rows,
         "curves": {f"{r['row']}__s{r['seed']}": r["curve"] for r in results if len(r.get("curve", [])) > 1},
+        "against": {row: spec.comparison_row(row) for row in spec.rows if spec.comparison_row(row)},
+        **({"frontier": frontier(spec, results, speeds)} if speeds else {}),
     }
+
+
+def speed_mode(record: dict, name: str) -> str:
+    """The mode a speed record timed held-out set `name` in: its own text (text_b1@name) if timed, else
+    greedy continuations of the study's prompts (decode_b1)."""
+    return f"text_b1@{name}" if f"text_b1@{name}" in record["modes"] else "decode_b1"
+
+
+def speed_curve(result: dict, record: dict, name: str) -> list[dict]:
+    """One point's (threshold, speedup on set `name`, ppl and layers skipped on it, routed share) joined by
+    threshold from its held-out result and its speed record; a static point (tau None) gives one entry at its
+    own result."""
+    mode = speed_mode(record, name)
+    by_tau = {round(p["tau"], 6): p["sets"][name] for p in result["curve"]}
+    out = []
+    for system in record["systems"]:
+        tau = system["tau"]
+        cell = result["sets"][name] if tau is None else by_tau.get(round(tau, 6))
+        if cell is None:
+            continue
+        skipped = cell["layers_skipped"]
+        routed = 0.0 if skipped <= 0 else max(0.0, skipped - record["static_layers"]) / skipped
+        out.append({"tau": tau, "speedup": system["speed"][mode]["speedup_wall"], "ppl": cell["ppl"],
+                    "layers_skipped": skipped, "routed_share": routed})  # fmt: skip
+    return sorted(out, key=lambda p: p["speedup"])
+
+
+def _own(curve: list[dict], result: dict) -> dict:
+    """The entry of the point's own threshold (its single entry for a static point)."""
+    own = [p for p in curve if p["tau"] is None or round(p["tau"], 6) == round(result["tau"], 6)]
+    return own[0]
+
+
+def add_speed(spec: StudySpec, entry: dict, rs: list[dict], by_row: dict, speeds: dict) -> None:
+    """The row's speed columns (`entry["speed"]`: speedup per mode at the own threshold) and, per set, its
+    comparison at equal measured speed (`at_equal_speed`, module docstring)."""
+    timed = [(r, speeds[f"{r['row']}__s{r['seed']}"]) for r in rs if f"{r['row']}__s{r['seed']}" in speeds]
+    if not timed:
+        return
+    modes = [m for m in timed[0][1]["modes"] if all(m in rec["modes"] for _, rec in timed)]
+    entry["speed"] = {}
+    for m in modes:
+        own = []
+        for r, rec in timed:
+            systems = [
+                x for x in rec["systems"] if x["tau"] is None or round(x["tau"], 6) == round(r["tau"], 6)
+            ]
+            own.append(systems[0]["speed"][m]["speedup_wall"])
+        entry["speed"][m] = stats.mean_interval(own).as_dict()
+    other = spec.comparison_row(entry["row"])
+    if other is None:
+        return
+    others = {r["seed"]: r for r in by_row.get(other, []) if f"{other}__s{r['seed']}" in speeds}
+    for name in spec.heldout:
+        mine, theirs = {}, {}
+        for r, rec in timed:
+            o = others.get(r["seed"])
+            if o is None:
+                continue
+            a = speed_curve(r, rec, name)
+            b = speed_curve(o, speeds[f"{other}__s{o['seed']}"], name)
+            a_own, b_own = _own(a, r), _own(b, o)
+            value = (
+                interpolate([(p["speedup"], p["ppl"]) for p in b], a_own["speedup"]) if len(b) > 1 else None
+            )
+            if value is not None:
+                mine[r["seed"]], theirs[r["seed"]] = a_own["ppl"], value
+                continue
+            value = (
+                interpolate([(p["speedup"], p["ppl"]) for p in a], b_own["speedup"]) if len(a) > 1 else None
+            )
+            if value is not None:
+                mine[r["seed"]], theirs[r["seed"]] = value, b_own["ppl"]
+        entry["sets"][name]["at_equal_speed"] = relative(stats.paired_log_ratio(mine, theirs))
+
+
+def frontier(spec: StudySpec, results: list[dict], speeds: dict) -> dict:
+    """Per held-out set: every timed row's points per threshold ({row, tau, speedup, ppl, layers_skipped,
+    routed_share, n}: means over seeds, ppl geometric) and `best`: the points no other point beats in both
+    speedup and ppl, by speedup (the best held-out ppl reachable at each measured speedup)."""
+    out = {}
+    for name in spec.heldout:
+        groups: dict[tuple, list[dict]] = {}
+        for r in results:
+            rec = speeds.get(f"{r['row']}__s{r['seed']}")
+            if rec is None:
+                continue
+            for p in speed_curve(r, rec, name):
+                tau = None if p["tau"] is None else round(p["tau"], 6)
+                groups.setdefault((r["row"], tau), []).append(p)
+        points = []
+        for (row, tau), ps in groups.items():
+            n = len(ps)
+            points.append({
+                "row": row, "tau": tau, "n": n,
+                "speedup": sum(p["speedup"] for p in ps) / n,
+                "ppl": math.exp(sum(math.log(p["ppl"]) for p in ps) / n),
+                "layers_skipped": sum(p["layers_skipped"] for p in ps) / n,
+                "routed_share": sum(p["routed_share"] for p in ps) / n,
+            })  # fmt: skip
+        best = [p for p in points
+                if not any(q["speedup"] >= p["speedup"] and q["ppl"] < p["ppl"] for q in points if q is not p)]  # fmt: skip
+        out[name] = {"points": points, "best": sorted(best, key=lambda p: p["speedup"])}
+    return out
 
 
 def relative(diff: stats.Interval | None) -> dict | None:
