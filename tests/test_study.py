@@ -78,6 +78,13 @@ def test_points_are_whole_rows_reference_first_with_the_runners_own_keys():
         ({"jobs": 0}, "study.jobs"),
         ({"taus": [1.5]}, "study.taus"),
         ({"heldout": []}, "study.heldout"),
+        ({"against": {"a": "zzz"}}, "study.against.a"),
+        ({"against": {"a": "a"}}, "study.against.a"),
+        ({"axis": {"zzz": 1.0}}, "study.axis.zzz"),
+        ({"axis": {"a": 1.0}}, "study.axis_label"),
+        ({"speed": {"promts": 2}}, "study.speed.promts"),
+        ({"speed": {"taus": [0.5]}}, "study.speed.taus"),
+        ({"speed": {"rounds": 0}}, "study.speed.rounds"),
     ],
 )
 def test_bad_specs_are_refused_naming_the_key(change, key):
@@ -277,6 +284,7 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     assert "at_equal_speed" in summary["rows"][1]["sets"]["lee"]  # no_kv against full
     assert len(summary["frontier"]["lee"]["points"]) == 2 * 3  # 2 rows x 3 thresholds
     assert (folder / "frontier.png").stat().st_size > 1000
+    assert (folder / "axis.png").stat().st_size > 1000  # study.axis: the sweep figure
     assert "at equal measured speed" in (folder / "summary.md").read_text()
 
     # a third start trains and measures nothing: every file of the study byte-identical but its summary

@@ -215,3 +215,49 @@ def plot_frontier(summary: dict, path: str | Path) -> Path:
     axes[0][0].set_ylabel("held-out perplexity")
     title = f"study {summary['study']}: ppl vs measured speed (labels: % of skipped layers routed per token)"
     return _save(fig, panels, title, path)
+
+
+def plot_axis(summary: dict, path: str | Path) -> Path | None:
+    """A sweep's figure: held-out ppl (top) and layers skipped on that set (bottom) against the swept setting
+    (`study.axis`, log scale when every value is > 0), one column per set, mean and 95% interval over seeds;
+    None when no row on the axis is measured yet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(
+        (
+            (summary["axis"][r["row"]], r)
+            for r in summary["rows"]
+            if r["seeds"] and r["row"] in summary["axis"]
+        ),
+        key=lambda item: item[0],
+    )
+    if not rows:
+        return None
+    sets = summary["heldout"]
+    fig, axes = plt.subplots(2, len(sets), figsize=(4.2 * len(sets), 6.0), squeeze=False, sharex=True)
+    xs = [x for x, _ in rows]
+    err = lambda c: 0.0 if not math.isfinite(c["half"]) else c["half"]  # noqa: E731
+    for col, name in enumerate(sets):
+        for ax, key in ((axes[0][col], "ppl"), (axes[1][col], "layers_skipped")):
+            cells = [r["sets"][name][key] for _, r in rows]
+            ax.errorbar(
+                xs, [c["mean"] for c in cells], yerr=[err(c) for c in cells], fmt="-o", ms=4, capsize=2
+            )
+            if min(xs) > 0:
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+        axes[0][col].axhline(summary["base"][name], color="grey", lw=0.8, ls="--", label="base")
+        axes[0][col].set_title(name)
+        axes[1][col].set_xlabel(summary["axis_label"])
+    axes[0][0].set_ylabel("held-out perplexity")
+    axes[1][0].set_ylabel("layers skipped (on the set)")
+    fig.suptitle(f"study {summary['study']}: mean and 95% interval over seeds", fontsize=9)
+    fig.tight_layout()
+    from ..flexidepth.files import atomic_save_figure
+
+    out = atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return out

@@ -9,7 +9,8 @@ every trained point on held-out text, and summarise rows across seeds.
       results/<row>__s<seed>.json    the point on the held-out sets (+ its val metrics from metrics.json)
       speed/<row>__s<seed>.json      with study.speed: its measured batch-1 decode speedups (src/studies/speed.py)
       summary.json, summary.md, summary.png, tau_curve.png (with study.taus: the reference row's threshold sweep),
-      frontier.png (with study.speed: held-out ppl against measured speedup, the best-ppl frontier)
+      frontier.png (with study.speed: held-out ppl against measured speedup, the best-ppl frontier),
+      axis.png (with study.axis: held-out ppl and layers skipped against the swept setting)
 
 With `study.speed` every trained point is timed after the last training of the study has ended, one point at a
 time (a timing never shares the cores with a training of this study; keep other work off the machine too).
@@ -308,7 +309,7 @@ def write_summary(spec: StudySpec, study_dir: Path, points: list[Point], measure
                   failed: list[Point], speeds: dict[str, dict] | None = None) -> dict:  # fmt: skip
     """summary.json (+ summary.md, summary.png and tau_curve.png once a point is measured, frontier.png once a
     point is timed) of what the study has measured so far; `missing` names the points not measured yet."""
-    from ..render.study import markdown, plot, plot_curves, plot_frontier
+    from ..render.study import markdown, plot, plot_axis, plot_curves, plot_frontier
 
     base = json.loads((study_dir / "results" / "base.json").read_text()) if measured else None
     summary = summarise(spec, measured, base, speeds) if measured else {"study": spec.name, "rows": []}
@@ -326,6 +327,8 @@ def write_summary(spec: StudySpec, study_dir: Path, points: list[Point], measure
             plot_curves(summary, spec.reference, study_dir / "tau_curve.png")
         if summary.get("frontier"):
             plot_frontier(summary, study_dir / "frontier.png")
+        if spec.axis:
+            plot_axis(summary, study_dir / "axis.png")
     return summary
 
 

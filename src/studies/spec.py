@@ -37,6 +37,9 @@ class StudySpec:
             warmup, threads, text_decode; {} for src.speed's defaults): every point's batch-1 decode is then
             timed against its base after all training has ended (src/studies/speed.py), and rows are also
             compared at equal measured speed.
+        axis: row -> a number the rows sweep (e.g. each row's loss.alpha); with `axis_label`, axis.png draws
+            held-out ppl and layers skipped against it (a sweep's figure). Rows left out are not drawn.
+        axis_label: the swept setting's name on that figure (e.g. "loss.alpha (fixed, no budget)").
     """
 
     name: str = "study"
@@ -53,6 +56,8 @@ class StudySpec:
     jobs: int = 1
     against: dict[str, str] = field(default_factory=dict)
     speed: dict[str, Any] | None = None
+    axis: dict[str, float] = field(default_factory=dict)
+    axis_label: str = ""
 
     def validate(self) -> StudySpec:
         """Value checks; raises ConfigError naming `study.<key>` (types are the schema's)."""
@@ -91,6 +96,11 @@ class StudySpec:
                     raise ConfigError(f"{key}: {name!r} is not a row (rows: {', '.join(self.rows)})")
             if row == other:
                 raise ConfigError(f"study.against.{row}: a row is not compared with itself")
+        outside = sorted(set(self.axis) - set(self.rows))
+        if outside:
+            raise ConfigError(f"study.axis.{outside[0]}: not a row (rows: {', '.join(self.rows)})")
+        if self.axis and not self.axis_label:
+            raise ConfigError("study.axis_label is empty: name the setting study.axis sweeps")
         if self.speed is not None:
             from .speed import speed_settings
 

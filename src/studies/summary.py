@@ -92,6 +92,8 @@ def summarise(
         "rows": rows,
         "curves": {f"{r['row']}__s{r['seed']}": r["curve"] for r in results if len(r.get("curve", [])) > 1},
         "against": {row: spec.comparison_row(row) for row in spec.rows if spec.comparison_row(row)},
+        "axis": dict(spec.axis),
+        "axis_label": spec.axis_label,
         **({"frontier": frontier(spec, results, speeds)} if speeds else {}),
     }
 
