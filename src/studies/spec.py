@@ -102,8 +102,6 @@ class StudySpec:
         if self.axis and not self.axis_label:
             raise ConfigError("study.axis_label is empty: name the setting study.axis sweeps")
         if self.speed is not None:
-            from .speed import speed_settings
-
             speed_settings(self)
         return self
 
@@ -111,6 +109,40 @@ class StudySpec:
         """The row `row` is compared with: `against[row]`, else the reference (None for the reference itself)."""
         other = self.against.get(row, self.reference)
         return None if other == row else other
+
+
+# src.speed settings the stage sets itself (a study times only its points, on its own held-out sets)
+_STAGE_KEYS = ("taus", "shortgpt_k", "heldout", "per_set_speed", "batch", "prefill_length", "ppl_max_tokens")
+
+
+def speed_settings(spec: StudySpec):
+    """`study.speed` (src.speed keys: prompts, prompt_length, new_tokens, rounds, warmup, threads, text_decode)
+    as src/eval/speed.py's typed `SpeedSettings`, on the study's held-out sets. Raises ConfigError naming
+    `study.speed.<key>` for an unknown key, a key the stage sets itself, or a wrong type or value."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..eval.speed import SpeedSettings
+
+    options = dict(spec.speed or {})
+    own = sorted(set(options) & set(_STAGE_KEYS))
+    if own:
+        raise ConfigError(
+            f"study.speed.{own[0]} is set by the study's speed stage (it times its points alone)"
+        )
+    fixed = {"taus": list(spec.taus), "shortgpt_k": [], "heldout": list(spec.heldout), "batch": 0,
+             "prefill_length": 0, "ppl_max_tokens": 0, "per_set_speed": False}  # fmt: skip
+    try:
+        s = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SpeedSettings), fixed, options))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"study.speed.{key}: {str(getattr(err, 'msg', err)).splitlines()[0]}") from None
+    for key in ("prompts", "prompt_length", "new_tokens", "rounds", "threads"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"study.speed.{key} must be >= 1, got {getattr(s, key)}")
+    if s.warmup < 0:
+        raise ConfigError(f"study.speed.warmup must be >= 0, got {s.warmup}")
+    return s
 
 
 _OWNED = ("run_name", "seed", "data.seed", "paths.log_dir", "resume", "overwrite", "hydra.")
