@@ -268,6 +268,12 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     assert len(results["full__s1"]["curve"]) == 3  # its own tau 0.5 and the study's 0.3, 0.7
     assert "at equal held-out layers skipped" in (folder / "summary.md").read_text()
 
+    # random routes at each point's learned rates, with its adapters (study.random_control)
+    for row in summary["rows"]:
+        rnd = [results[f"{row['row']}__s{s}"]["random"]["sets"]["lee"]["ppl"] for s in (1, 2)]
+        assert row["sets"]["lee"]["random"]["ppl"]["mean"] == pytest.approx(sum(rnd) / 2, rel=1e-12)
+    assert "Learned routes against random routes" in (folder / "summary.md").read_text()
+
     # the speed stage: every point timed after the trainings, at its own and the study's thresholds
     assert summary["not_timed"] == []
     timed = {p.stem: json.loads(p.read_text()) for p in (folder / "speed").glob("*.json")}

@@ -39,6 +39,33 @@ def _comparison(summary: dict, intro: str, key: str, with_n: bool, against: bool
     return lines
 
 
+def _random_table(summary: dict) -> list[str]:
+    """Random routes at each point's learned per-layer rates (same adapters) against its learned routes."""
+    rows = [row for row in summary["rows"] if row["seeds"] and "random" in row["sets"][summary["heldout"][0]]]
+    if not rows:
+        return []
+    sets = summary["heldout"]
+    lines = [
+        "",
+        "**Learned routes against random routes at the same per-layer rates** (method=random_skip with each "
+        "point's own adapters; rates measured on the training-side calibration text at the point's threshold): "
+        "random ppl / layers skipped on the set, and its paired change against the learned routes' curve "
+        "interpolated at that depth ('worse': the learned routes are better than their rates alone).",
+        "",
+        "| row | " + " | ".join(sets) + " |",
+        "|" + "---|" * (len(sets) + 1),
+    ]
+    for row in rows:
+        cells = []
+        for name in sets:
+            c = row["sets"][name]["random"]
+            cells.append(
+                f"{_mi(c['ppl'])} / {_mi(c['layers_skipped'], 2)}: {_change(c['vs_learned'], with_n=True)}"
+            )
+        lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _speed_tables(summary: dict) -> list[str]:
     """The measured speedups at each row's own threshold, and the comparison at equal measured speed."""
     timed = [row for row in summary["rows"] if row.get("speed")]
@@ -109,6 +136,7 @@ def markdown(summary: dict) -> str:
             "skipped on that set at the same seed, paired by seed; n < seeds where a curve does not reach that depth."
         )
         lines += _comparison(summary, intro, "at_reference_skip", with_n=True)
+    lines += _random_table(summary)
     lines += _speed_tables(summary)
     if summary.get("missing"):
         lines += ["", f"Not measured yet: {', '.join(summary['missing'])}."]

@@ -6,7 +6,8 @@ every trained point on held-out text, and summarise rows across seeds.
       logs/<row>__s<seed>.log        the training command's output
       train/runs/<row>__s<seed>/     the point's run folder (resumable, exportable: src.train's layout)
       results/base.json              the base model on the held-out sets
-      results/<row>__s<seed>.json    the point on the held-out sets (+ its val metrics from metrics.json)
+      results/<row>__s<seed>.json    the point on the held-out sets (+ its val metrics from metrics.json; with
+                                     study.random_control, random routes at its learned per-layer rates)
       speed/<row>__s<seed>.json      with study.speed: its measured batch-1 decode speedups (src/studies/speed.py)
       summary.json, summary.md, summary.png, tau_curve.png (with study.taus: the reference row's threshold sweep),
       frontier.png (with study.speed: held-out ppl against measured speedup, the best-ppl frontier),
@@ -234,6 +235,7 @@ class HeldoutMeter:
             "max_tokens": spec.max_tokens,
             "max_length": spec.max_length,
             "taus": list(spec.taus),
+            **({"random_control": True} if spec.random_control else {}),
         }
         self._base: dict[str, Any] = {}  # model identity -> (model, tokenizer, sets, pad)
 
@@ -263,7 +265,7 @@ class HeldoutMeter:
                 tokenizer, list(self.spec.heldout), self.spec.max_length, self.spec.max_tokens
             )
             pad = pad_token_id(tokenizer)
-            self._base[key] = (model, sets, pad)
+            self._base[key] = (model, tokenizer, sets, pad)
             path = self.results / "base.json"
             if not self.is_current(path):
                 base = curves.measure(model, sets, self.spec.batch_size, pad)
@@ -282,9 +284,10 @@ class HeldoutMeter:
         from ..methods import build_method, checkpoint_method
 
         config = RunHistory(folder).latest() or {}
-        model, sets, pad = self._load_base(config["model"])
+        model, tokenizer, sets, pad = self._load_base(config["model"])
         routed = copy.deepcopy(model)
-        build_method({"name": checkpoint_method(folder)}).apply(routed, ckpt=str(folder))
+        method = checkpoint_method(folder)
+        build_method({"name": method}).apply(routed, ckpt=str(folder))
         own = float(routed.flexidepth.config.tau)
         taus = sorted({own, *self.spec.taus})
         curve = curves.tau_curve(routed, sets, taus, self.spec.batch_size, pad)
@@ -300,6 +303,17 @@ class HeldoutMeter:
             "val": {k: v for k, v in metrics["metrics"].items() if k.startswith("val/")},
             "global_step": metrics.get("global_step"),
         }
+        if self.spec.random_control and method == "flexidepth":
+            # the same adapters, random routes at the per-layer run rates the routers have on the training-side
+            # calibration text at the own threshold (src/methods/random_skip.py)
+            control = copy.deepcopy(model)
+            applied = build_method({"name": "random_skip", "match_rates": True}).apply(
+                control, tokenizer=tokenizer, ckpt=str(folder)
+            )
+            record["random"] = {
+                "sets": curves.measure(control, sets, self.spec.batch_size, pad),
+                "run_rates": applied.details["run_rates"],
+            }
         self.results.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
         return record

@@ -37,6 +37,9 @@ class StudySpec:
             warmup, threads, text_decode; {} for src.speed's defaults): every point's batch-1 decode is then
             timed against its base after all training has ended (src/studies/speed.py), and rows are also
             compared at equal measured speed.
+        random_control: also measure every FlexiDepth point with random routes at its learned per-layer run
+            rates (measured on the training-side calibration text at its own threshold) and its own adapters
+            (method=random_skip): what the learned routes add over their rates alone.
         axis: row -> a number the rows sweep (e.g. each row's loss.alpha); with `axis_label`, axis.png draws
             held-out ppl and layers skipped against it (a sweep's figure). Rows left out are not drawn.
         axis_label: the swept setting's name on that figure (e.g. "loss.alpha (fixed, no budget)").
@@ -56,6 +59,7 @@ class StudySpec:
     jobs: int = 1
     against: dict[str, str] = field(default_factory=dict)
     speed: dict[str, Any] | None = None
+    random_control: bool = False
     axis: dict[str, float] = field(default_factory=dict)
     axis_label: str = ""
 

@@ -70,6 +70,9 @@ def summarise(
                             if value is not None:
                                 at_k[r["seed"]] = value
                     cell["at_reference_skip"] = relative(stats.paired_log_ratio(at_k, ref_ppl))
+            random = {r["seed"]: r for r in rs if "random" in r}
+            if random:
+                cell["random"] = random_cell(random, name)
             entry["sets"][name] = cell
         if speeds:
             add_speed(spec, entry, rs, by_row, speeds)
@@ -95,6 +98,27 @@ def summarise(
         "axis": dict(spec.axis),
         "axis_label": spec.axis_label,
         **({"frontier": frontier(spec, results, speeds)} if speeds else {}),
+    }
+
+
+def random_cell(results: dict[int, dict], name: str) -> dict:
+    """Random routes at the learned per-layer rates against the learned routes of the same points, on set
+    `name`: their ppl and layers skipped (means over seeds), and the paired change in ppl against the learned
+    curve interpolated at the depth the random routes reached on the set (`vs_learned`; a seed whose curve does
+    not reach that depth is left out)."""
+    rand, learned = {}, {}
+    for seed, r in results.items():
+        cell = r["random"]["sets"][name]
+        value = interpolate([(p["sets"][name]["layers_skipped"], p["sets"][name]["ppl"]) for p in r["curve"]],
+                            cell["layers_skipped"])  # fmt: skip
+        if value is not None:
+            rand[seed], learned[seed] = cell["ppl"], value
+    return {
+        "ppl": stats.mean_interval([r["random"]["sets"][name]["ppl"] for r in results.values()]).as_dict(),
+        "layers_skipped": stats.mean_interval(
+            [r["random"]["sets"][name]["layers_skipped"] for r in results.values()]
+        ).as_dict(),
+        "vs_learned": relative(stats.paired_log_ratio(rand, learned)),
     }
 
 
