@@ -238,6 +238,16 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     runs = folder / "train" / "runs"
     before = _tree(runs / "full__s1")
 
+    # study.train=false: the finished point measured and timed, nothing trained, the rest listed as missing
+    res = _study(folder, "study.train=false")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "4 points, 1 trained, 3 not trained (study.train=false)" in res.stdout
+    partial = json.loads((folder / "summary.json").read_text())
+    assert partial["missing"] == partial["not_timed"] == ["full__s2", "no_kv__s1", "no_kv__s2"]
+    assert [p.name for p in (folder / "speed").iterdir()] == ["full__s1.json"]
+    timed_first = (folder / "speed" / "full__s1.json").read_bytes()
+    assert _tree(runs / "full__s1") == before
+
     res = _study(folder)  # continues: 3 points left, the finished one untouched
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "4 points, 1 trained, 3 to train" in res.stdout
@@ -278,6 +288,7 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     assert summary["not_timed"] == []
     timed = {p.stem: json.loads(p.read_text()) for p in (folder / "speed").glob("*.json")}
     assert sorted(timed) == sorted(results)
+    assert (folder / "speed" / "full__s1.json").read_bytes() == timed_first  # timed once, not again
     for name, rec in timed.items():
         assert [x["tau"] for x in rec["systems"]] == [0.3, 0.5, 0.7] and rec["static_layers"] == 0
         assert rec["modes"] == ["decode_b1", "text_b1@lee", "text_b1@python_docs"]

@@ -15,6 +15,8 @@ every trained point on held-out text, and summarise rows across seeds.
 
 With `study.speed` every trained point is timed after the last training of the study has ended, one point at a
 time (a timing never shares the cores with a training of this study; keep other work off the machine too).
+`study.train=false` trains nothing: it measures, times and summarises the points finished so far (e.g. the
+rows a study stopped early has finished).
 
 A killed study continues where it stopped: a point whose run folder records a finished run
 (`src.utils.runs.run_finished`) is not trained again, a half-trained point resumes (`resume=auto`), a point
@@ -105,6 +107,14 @@ def train_points(
         if p not in todo:
             check_same_settings(p, study_dir)
     done = len(points) - len(todo)
+    if not spec.train:  # study.train=false: measure (and time) the finished points only
+        say(
+            f"study {spec.name}: {len(points)} points, {done} trained, {len(todo)} not trained (study.train=false)"
+        )
+        for p in points:
+            if p not in todo and on_trained is not None:
+                on_trained(p)
+        return []
     say(
         f"study {spec.name}: {len(points)} points, {done} trained, {len(todo)} to train ({spec.jobs} at once)"
     )
@@ -368,7 +378,8 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
     failed = train_points(spec, study_dir, points, state, on_trained=on_trained, say=say)
     speeds: dict[str, dict] = {}
     if spec.speed is not None:
-        speeds = time_points(spec, study_dir, [p for p in points if p not in failed], measured, failed, say)
+        finished = [p for p in points if p not in failed and run_finished(run_dir(study_dir, p)) is not None]
+        speeds = time_points(spec, study_dir, finished, measured, failed, say)
     summary = write_summary(spec, study_dir, points, measured, failed, speeds)
     say(f"study {spec.name}: summary in {study_dir / 'summary.md'}")
     if failed:

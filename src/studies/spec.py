@@ -37,6 +37,8 @@ class StudySpec:
             warmup, threads, text_decode; {} for src.speed's defaults): every point's batch-1 decode is then
             timed against its base after all training has ended (src/studies/speed.py), and rows are also
             compared at equal measured speed.
+        train: false: train nothing, only measure (and time) the points already finished (a partial study's
+            summary, or its speed stage on the rows finished so far).
         random_control: also measure every FlexiDepth point with random routes at its learned per-layer run
             rates (measured on the training-side calibration text at its own threshold) and its own adapters
             (method=random_skip): what the learned routes add over their rates alone.
@@ -59,6 +61,7 @@ class StudySpec:
     jobs: int = 1
     against: dict[str, str] = field(default_factory=dict)
     speed: dict[str, Any] | None = None
+    train: bool = True
     random_control: bool = False
     axis: dict[str, float] = field(default_factory=dict)
     axis_label: str = ""
