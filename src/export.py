@@ -40,9 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .config import register
+from .config.commands import ExportCommand
+from .config.schemas import load
 from .render.model_card import FIGURE, card_license, curve_files, model_card, run_folder_of
 from .utils.cli import user_errors
 from .utils.errors import UserError
@@ -69,44 +71,35 @@ class ExportError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- arguments
-def check_export_args(cfg: DictConfig) -> dict[str, Any]:
-    """The keys of conf/export.yaml, checked before any work; ExportError naming the key.
+def check_export_args(s: ExportCommand) -> dict[str, Any]:
+    """The export's own settings, checked before any work; ExportError naming the key.
 
     Returns {ckpt_path, out_dir (Path), overwrite, hub_repo, private, compare_json}. The hub check comes first:
     with `hub_repo` set and the hub offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), nothing else is done.
     """
-    hub_repo = cfg.get("hub_repo")
-    if hub_repo not in (None, ""):
-        if not isinstance(hub_repo, str) or not _REPO_ID.match(hub_repo):
+    hub_repo = s.hub_repo or None
+    if hub_repo is not None:
+        if not _REPO_ID.match(hub_repo):
             raise ExportError(f"hub_repo must look like 'user/name', got {hub_repo!r}")
         check_hub_online(hub_repo)
-    else:
-        hub_repo = None
-    for key in ("overwrite", "private"):
-        if not isinstance(cfg.get(key, False), bool):
-            raise ExportError(f"{key} must be true or false, got {cfg.get(key)!r}")
-    ckpt = cfg.get("ckpt_path")
-    if ckpt in (None, "", "null"):
+    if not s.ckpt_path:
         raise ExportError(
             "ckpt_path is required: a run folder or its flexidepth/ (ckpt_path=outputs/train/runs/<run>)"
         )
-    out = cfg.get("out_dir")
-    if out in (None, "", "null"):
+    if not s.out_dir:
         raise ExportError("out_dir is required: the folder to write the export into (out_dir=exports/<name>)")
-    compare_json = cfg.get("compare_json")
-    if compare_json not in (None, ""):
-        check_compare_json(Path(str(compare_json)))
-    else:
-        compare_json = None
-    out_dir = Path(str(out)).expanduser().resolve()
-    check_out_dir(out_dir, bool(cfg.get("overwrite", False)))
+    compare_json = Path(s.compare_json) if s.compare_json else None
+    if compare_json is not None:
+        check_compare_json(compare_json)
+    out_dir = Path(s.out_dir).expanduser().resolve()
+    check_out_dir(out_dir, s.overwrite)
     return {
-        "ckpt_path": str(ckpt),
+        "ckpt_path": s.ckpt_path,
         "out_dir": out_dir,
-        "overwrite": bool(cfg.get("overwrite", False)),
+        "overwrite": s.overwrite,
         "hub_repo": hub_repo,
-        "private": bool(cfg.get("private", False)),
-        "compare_json": None if compare_json is None else Path(str(compare_json)),
+        "private": s.private,
+        "compare_json": compare_json,
     }
 
 
@@ -332,22 +325,23 @@ def upload_export(folder: Path, hub_repo: str, private: bool = False) -> list[st
 
 # ---------------------------------------------------------------------------------------------- command
 def run(cfg: DictConfig) -> Path:
-    """Check everything, load, write to a temporary sibling, verify, rename into place, upload if asked."""
+    """Convert the config once (`ExportCommand`), check everything, load, write to a temporary sibling,
+    verify, rename into place, upload if asked."""
     import torch
 
-    from .config.preflight import preflight, resolve_flexidepth_folder
+    from .flexidepth.checkpoint import resolve_checkpoint
 
-    args = check_export_args(cfg)  # hub offline, keys, out_dir: before anything else
-    folder = resolve_flexidepth_folder(args["ckpt_path"], "ckpt_path")
+    s = load(cfg, ExportCommand)
+    args = check_export_args(s)  # hub offline, keys, out_dir: before anything else
+    folder = resolve_checkpoint(args["ckpt_path"], "ckpt_path")
     check_checkpoint(folder)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    preflight(cfg, "export")  # the config groups, hub access, the checkpoint against the base model
+    s.check()  # the model, hub access, the checkpoint against the base model
 
     with torch.no_grad(), stop_on_sigterm():  # SIGTERM / Ctrl-C: the temporary folder is removed
-        return _build_and_write(cfg, args, folder, model_cfg)
+        return _build_and_write(args, folder, s.model.to_dict())
 
 
-def _build_and_write(cfg: DictConfig, args: dict, folder: Path, model_cfg: dict) -> Path:
+def _build_and_write(args: dict, folder: Path, model_cfg: dict) -> Path:
     """`run` after its checks (under `torch.no_grad()`): load, write the temporary sibling, verify, rename."""
     from .flexidepth.checkpoint import load_flexidepth
     from .models.embedded import resolve_model_path

@@ -53,8 +53,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .config import preflight, register
-from .eval.speed import run_speed, speed_settings
+from .config import register
+from .config.commands import SpeedCommand
+from .config.schemas import load
+from .eval.speed import run_speed
 from .render.speed import speed_markdown
 from .utils.cli import entry_point
 from .utils.outputs import replacing
@@ -68,10 +70,9 @@ register()  # resolvers and typed schemas, before Hydra composes this command's 
 )
 @entry_point
 def main(cfg: DictConfig) -> None:
-    preflight(
-        cfg, "speed", settings=speed_settings
-    )  # refuses an occupied output folder unless overwrite=true
-    out = Path(cfg.paths.output_dir)
+    s = load(cfg, SpeedCommand)
+    s.check()  # refuses an occupied output folder unless overwrite=true
+    out = Path(s.paths.output_dir)
     with replacing(out, "speed"):  # an earlier speed.json / speed.md / figure replaced as one unit
         results = run_speed(cfg)
     print(speed_markdown(results))

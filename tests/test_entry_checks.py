@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import pytest
 from hydra import compose, initialize_config_dir
 
-from src.config.checks import check_counts
+from src.config.commands import COMMANDS
+from src.config.schemas import load
 from src.flexidepth import FlexiDepthConfig, export_released, inject, load_released, released_config
 from src.flexidepth.checkpoint import RELEASED_WEIGHTS, CheckpointError
 from src.utils.errors import ConfigError, DataError, PreflightError
@@ -134,8 +135,8 @@ def test_generate_refuses_a_prompt_beyond_the_window_in_one_line(tmp_path):
 )
 def test_zero_or_negative_counts_are_refused_naming_the_key(config, key, value):
     cfg = compose_tiny(config, [f"{key}={value}"])
-    with pytest.raises(ConfigError, match=rf"{key} must be an integer >= \d+.*got {value}"):
-        check_counts(cfg)
+    with pytest.raises(ConfigError, match=rf"^{key} must be an integer >= \d+.*got {value}$"):
+        load(cfg, COMMANDS[config]).validate()
 
 
 @pytest.mark.parametrize(
@@ -240,8 +241,7 @@ def test_the_harness_refuses_a_tokenizer_without_eos(bos):
 
 
 def test_speed_refuses_a_mindskip_checkpoint_before_loading(tmp_path, no_model_load):
-    from src.config.preflight import preflight
-    from src.eval.speed import speed_settings
+    from omegaconf import open_dict
 
     folder = _tiny_export(tmp_path / "ms")
     meta = json.loads((folder / "flexidepth_config.json").read_text())
@@ -250,10 +250,12 @@ def test_speed_refuses_a_mindskip_checkpoint_before_loading(tmp_path, no_model_l
     for overrides in ([f"ckpt_path={folder}"], [f"ckpt_path={flexi}", f"more_ckpts=[{folder}]"]):
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
             cfg = compose("speed", overrides=["model=tiny_llama", *overrides, "shortgpt_k=[1]"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "speed_out")
         with pytest.raises(
             PreflightError, match="holds a method=mindskip checkpoint; src.speed times FlexiDepth"
         ):
-            preflight(cfg, "speed", settings=speed_settings)
+            load(cfg, COMMANDS["speed"]).check()
 
 
 @pytest.mark.parametrize("always", ["[2,3]", "[3,2]"])

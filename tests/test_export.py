@@ -23,6 +23,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from src import export as ex
+from src.config.commands import ExportCommand
+from src.config.schemas import load
 from src.flexidepth import FlexiDepthConfig, inject, save_flexidepth, set_tau
 from src.flexidepth.checkpoint import load_flexidepth
 from src.flexidepth.generation import generate
@@ -471,14 +473,21 @@ def test_unsupported_family_and_method_are_refused_naming_them(tmp_path):
     [
         ("out_dir=null", "out_dir is required"),
         ("hub_repo=not-a-repo", "hub_repo must look like"),
-        ("overwrite=maybe", "overwrite must be true or false"),
         ("compare_json=/nonexistent/compare.json", "compare_json="),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_key(override, match, tmp_path):
     cfg = compose_export(["model=tiny_llama", "ckpt_path=/x", f"out_dir={tmp_path / 'o'}", override])
     with pytest.raises(ex.ExportError, match=match):
-        ex.check_export_args(cfg)
+        ex.check_export_args(load(cfg, ExportCommand))
+
+
+def test_wrong_types_are_refused_by_the_schema_naming_the_key(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_export(["model=tiny_llama", "ckpt_path=/x", f"out_dir={tmp_path / 'o'}", "overwrite=maybe"])
+    assert "full_key: overwrite" in str(err.value.__cause__)
 
 
 # ---------------------------------------------------------------------------------------------- model card

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from src import export as ex
+from src.config.commands import ExportCommand
+from src.config.schemas import load
 from src.utils.errors import ConfigError, OutputExistsError
 from src.utils.outputs import PRODUCTS, check_free, present, replacing
 from tests.test_data_safety import assert_user_error, cli, tree
@@ -255,5 +257,5 @@ def test_a_truncated_or_foreign_compare_json_is_refused(tmp_path, text, match):
         ["model=tiny_llama", "ckpt_path=x", f"out_dir={tmp_path / 'out'}", f"compare_json={path}"]
     )
     with pytest.raises(ex.ExportError, match=rf"compare_json='{path}': {match}"):
-        ex.check_export_args(cfg)
+        ex.check_export_args(load(cfg, ExportCommand))
     assert not (tmp_path / "out").exists()

@@ -286,18 +286,16 @@ HYBRIDS = [e for e in group_options("experiment") if e.startswith(("smollm2_hybr
 @pytest.mark.parametrize("experiment", HYBRIDS)
 def test_hybrid_experiments_fit_smollm2(experiment):
     """The hybrid presets pin layer indices of the embedded SmolLM2-135M (30 layers): they pass the train
-    command's preflight on that model, their static layers are routed layers that may be static, and their
+    command's checks on that model, their static layers are routed layers that may be static, and their
     budget leaves the default recipe's 2.45 routed skips on top of the static ones (none when every routed
     layer is static: nothing is left to route)."""
-    from omegaconf import OmegaConf
-
-    from src.config.checks import skip_config
-    from src.config.preflight import preflight
+    from src.config.commands import TrainCommand
+    from src.config.schemas import load
     from tests.test_train import compose_cfg
 
-    cfg = compose_cfg([f"experiment={experiment}"])
-    preflight(cfg, "train")
-    skip = skip_config(OmegaConf.to_container(cfg.skip, resolve=True))
+    cfg = load(compose_cfg([f"experiment={experiment}"]), TrainCommand)
+    cfg.check()
+    skip = cfg.skip.flexidepth()
     skip.validate_for(num_layers=30, hidden_size=576, intermediate_size=1536)
     skip.check_always_skip(None, 30)
     static, routed = set(skip.always_skip), set(skip.routed_layers(30))
