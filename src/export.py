@@ -2,7 +2,7 @@
 
     python -m src.export ckpt_path=outputs/train/runs/<run> out_dir=exports/<name>
     python -m src.export ckpt_path=outputs/train/runs/<run> out_dir=exports/<name> hub_repo=<user>/<name>
-    python -m src.export model=tiny_llama ckpt_path=<folder> out_dir=<folder> overwrite=true
+    python -m src.export ckpt_path=<run> out_dir=<folder> overwrite=true    # the run's model (no model=)
 
 The folder loads without this repository (docs/checkpoints.md §3):
 
@@ -43,11 +43,12 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import register
-from .config.commands import ExportCommand
+from .config.commands import ExportCommand, adopt_run_model
 from .config.schemas import load
-from .render.model_card import FIGURE, card_license, curve_files, model_card, run_folder_of
+from .render.model_card import FIGURE, card_license, curve_files, model_card
 from .utils.cli import user_errors
 from .utils.errors import UserError
+from .utils.run_config import run_folder_of
 
 register()  # resolvers and typed schemas, before Hydra composes this command's config
 
@@ -331,6 +332,7 @@ def run(cfg: DictConfig) -> Path:
 
     from .flexidepth.checkpoint import resolve_checkpoint
 
+    adopt_run_model(cfg)  # ckpt_path=<run>: the run's model, unless model= is given
     s = load(cfg, ExportCommand)
     args = check_export_args(s)  # hub offline, keys, out_dir: before anything else
     folder = resolve_checkpoint(args["ckpt_path"], "ckpt_path")

@@ -2,7 +2,7 @@
 
     python -m src.generate 'prompt="What is 12 + 30?"'                             # base SmolLM2 (all layers)
     python -m src.generate ckpt_path=outputs/train/runs/<run> max_new_tokens=48    # a FlexiDepth checkpoint
-    python -m src.generate model=tiny_llama ckpt_path=<folder> chat=false 'prompt="Once upon a time"'
+    python -m src.generate model=tiny_llama ckpt_path=<flexidepth folder> chat=false 'prompt="Once upon a time"'
 
 Output (without colours): `The[30/30] answer[24/30] is[21/30] ...`, then one summary line. Quote the
 prompt for Hydra when it holds spaces or symbols: `'prompt="..."'`. Config: conf/generate.yaml (model,
@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import register
-from .config.commands import GenerateCommand
+from .config.commands import GenerateCommand, adopt_run_model
 from .config.schemas import load
 from .flexidepth.generation import GenerationOutput
 from .utils.cli import user_errors
@@ -61,6 +61,7 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     from .utils.hardware import resolve_device
 
     file = file if file is not None else sys.stdout
+    adopt_run_model(cfg)  # ckpt_path=<run>: the run's model, unless model= is given
     s = load(cfg, GenerateCommand)
     s.check()  # before any model work
     model_cfg = s.model.to_dict()

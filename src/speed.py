@@ -54,7 +54,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import register
-from .config.commands import SpeedCommand
+from .config.commands import SpeedCommand, adopt_run_model
 from .config.schemas import load
 from .eval.speed import run_speed
 from .render.speed import speed_markdown
@@ -70,6 +70,7 @@ register()  # resolvers and typed schemas, before Hydra composes this command's 
 )
 @entry_point
 def main(cfg: DictConfig) -> None:
+    adopt_run_model(cfg)  # ckpt_path=<run>: the run's model, unless model= is given
     s = load(cfg, SpeedCommand)
     s.check()  # refuses an occupied output folder unless overwrite=true
     out = Path(s.paths.output_dir)

@@ -114,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = start.commit()  # now an earlier run is replaced (overwrite=true) and the start recorded
 
         loggers = build_loggers(s.logger, output_dir, resuming=ckpt_path is not None)
-        summary = RunSummary(output_dir, run_knobs(s), model_arg=_group_choice("model"))
+        summary = RunSummary(output_dir, run_knobs(s))
         trainer: L.Trainer = hydra.utils.instantiate(
             s.trainer,
             callbacks=[*build_callbacks(s), summary],
@@ -147,12 +147,6 @@ def trainer_overrides(s: TrainCommand) -> dict[str, Any]:
     if isinstance(interval, int) and not isinstance(interval, bool):  # an int: steps; a float: an epoch share
         overrides["val_check_interval"] = interval * int(s.trainer.get("accumulate_grad_batches", 1))
     return overrides
-
-
-def _group_choice(group: str) -> str | None:
-    """The config group option chosen on the command line or by defaults (Hydra runs only)."""
-    hc = hydra_config()
-    return None if hc is None else hc.runtime.choices.get(group)
 
 
 def _command_line_overrides() -> list[str]:

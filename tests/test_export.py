@@ -31,7 +31,8 @@ from src.flexidepth.generation import generate
 from src.flexidepth.routes import routed_forward
 from src.models.loader import load_base_model
 from src.models.tokenizer import load_tokenizer
-from src.render.model_card import model_card, run_folder_of
+from src.render.model_card import model_card
+from src.utils.run_config import run_folder_of
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 SITE_PACKAGES = str(Path(torch.__file__).resolve().parents[1])

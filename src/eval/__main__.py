@@ -3,7 +3,7 @@
     python -m src.eval ckpt_path=outputs/train/runs/<run>            # run folder (uses its flexidepth/)
     python -m src.eval ckpt_path=<flexidepth folder> eval.n_per_task=16
     python -m src.eval                                               # base model alone
-    python -m src.eval model=tiny_llama ckpt_path=<folder> logger=none eval.max_new_tokens=8
+    python -m src.eval model=tiny_llama ckpt_path=<flexidepth folder> logger=none eval.max_new_tokens=8
     python -m src.eval method=shortgpt method.k32=8                  # a baseline (conf/method/)
 
 The config is converted once into its typed settings (`EvaluateCommand`, src/config/commands.py) and
@@ -29,7 +29,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config import register
-from ..config.commands import EvaluateCommand
+from ..config.commands import EvaluateCommand, adopt_run_model
 from ..config.schemas import load
 from ..render.report import main_table, scalar_metrics, task_table_rows
 from ..utils.cli import entry_point
@@ -59,6 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from ..utils.quiet import silence_third_party
     from .run import evaluate
 
+    adopt_run_model(cfg)  # ckpt_path=<run>: the run's model, unless model= is given
     s = load(cfg, EvaluateCommand)
     s.check()  # refuses an occupied output folder unless overwrite=true
     silence_third_party()

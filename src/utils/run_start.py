@@ -141,7 +141,7 @@ def effective_resume(resume: Any):
     return resume
 
 
-def run_config(settings) -> dict[str, Any]:
+def history_config(settings) -> dict[str, Any]:
     """The settings a run's history keeps and compares (`NOT_COMPARED` left out), as plain values."""
     return {k: v for k, v in asdict(settings).items() if k not in NOT_COMPARED}
 
@@ -153,7 +153,7 @@ def plan_start(settings, output_dir: Path) -> RunStart:
     `resume=extend` of a finished run without an intact checkpoint, and for a resume whose model-defining keys
     differ from the checkpoint's (naming them)."""
     resume = effective_resume(settings.resume)
-    config = run_config(settings)
+    config = history_config(settings)
     history = RunHistory(output_dir)
     if resume in (None, False):
         existing = run_contents(output_dir)
