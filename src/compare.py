@@ -19,14 +19,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from .config import register
 from .config.commands import CompareCommand
 from .config.schemas import load
 from .eval.compare import run_compare, run_curves
-from .utils.cli import entry_point
+from .utils.cli import hydra_command
 from .utils.outputs import replacing
 
 log = logging.getLogger(__name__)
@@ -48,10 +47,7 @@ def log_compare(s: CompareCommand, results: dict[str, Any]) -> None:
     )
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="compare"
-)
-@entry_point
+@hydra_command("compare", writes_folder=True)
 def main(cfg: DictConfig) -> None:
     s = load(cfg, CompareCommand)
     s.check()  # refuses an occupied output folder unless overwrite=true

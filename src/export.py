@@ -39,14 +39,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from .config import register
 from .config.commands import ExportCommand, adopt_run_model
 from .config.schemas import load
 from .render.model_card import FIGURE, card_license, curve_files, model_card
-from .utils.cli import user_errors
+from .utils.cli import hydra_command
 from .utils.errors import UserError
 from .utils.run_config import run_folder_of
 
@@ -458,12 +457,9 @@ def stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="export"
-)
+@hydra_command("export")  # the export writes only out_dir, through a temporary sibling: nothing to clean up
 def main(cfg: DictConfig) -> None:
-    with user_errors():  # the export writes only out_dir, through a temporary sibling: nothing to clean up
-        run(cfg)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,15 @@ ckpt_path, prompt, chat, max_new_tokens, do_sample/temperature/top_p/seed, tau, 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import TextIO
 
-import hydra
 from omegaconf import DictConfig
 
 from .config import register
 from .config.commands import GenerateCommand, adopt_run_model
 from .config.schemas import load
 from .flexidepth.generation import GenerationOutput
-from .utils.cli import user_errors
+from .utils.cli import hydra_command
 from .utils.errors import ConfigError
 
 register()  # resolvers and typed schemas, before Hydra composes this command's config
@@ -104,12 +102,9 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     )
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="generate"
-)
+@hydra_command("generate")  # this command writes nothing, so a failure has nothing to delete
 def main(cfg: DictConfig) -> None:
-    with user_errors():  # this command writes nothing, so a failure has nothing to delete
-        run(cfg)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from .config import register
@@ -58,17 +57,14 @@ from .config.commands import SpeedCommand, adopt_run_model
 from .config.schemas import load
 from .eval.speed import run_speed
 from .render.speed import speed_markdown
-from .utils.cli import entry_point
+from .utils.cli import hydra_command
 from .utils.outputs import replacing
 
 log = logging.getLogger(__name__)
 register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="speed"
-)
-@entry_point
+@hydra_command("speed", writes_folder=True)
 def main(cfg: DictConfig) -> None:
     adopt_run_model(cfg)  # ckpt_path=<run>: the run's model, unless model= is given
     s = load(cfg, SpeedCommand)

@@ -5,7 +5,7 @@
     python -m src.train --multirun loss.alpha=1e-3,1e-2
     python -m src.train run_name=myrun resume=auto        # continue a killed run from its own folder
     python -m src.train run_name=myrun resume=extend trainer.max_steps=600   # train a finished run further
-    python -m src.train +sweep=alpha                      # a sweep file (conf/sweep/), summary: src.sweep_summary
+    python -m src.train +sweep=alpha                      # a sweep file (conf/sweep/); summary: src.sweep_summary sweep_dir=
 
 Outputs go to `outputs/train/runs/<run_name>/` (config, history/, checkpoints/, flexidepth/, wandb/, layer
 usage, metrics.json). The folder belongs to one run: locked while training, a fresh start into a used folder
@@ -31,7 +31,7 @@ from .config import register
 from .config.commands import TrainCommand
 from .config.released import report_alpha
 from .config.schemas import load
-from .utils.cli import entry_point
+from .utils.cli import hydra_command
 from .utils.launch import cluster_plugins, explicit_keys, hydra_config, is_rank_zero, one_job_per_sweep_point
 from .utils.loggers import build_loggers, finish_wandb
 from .utils.quiet import silence_third_party
@@ -180,8 +180,7 @@ def run_knobs(s: TrainCommand) -> dict[str, Any]:
     }
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-@entry_point
+@hydra_command("train", writes_folder=True)
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric", "val/ppl"))  # objective for hydra sweepers

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from src.config.commands import COMMANDS, TrainCommand
 from src.config.schemas import SkipSchema, load
+from src.config.tools import TOOLS
 from src.data.config import DataConfig
 from src.eval.config import EvalConfig
 from src.lit.objectives import LossConfig
@@ -60,14 +61,16 @@ def test_each_command_composes_onto_its_schema_and_converts_once(command):
         with open_dict(cfg):
             cfg.paths.output_dir = "/tmp/flexidepth-unused"
     settings = load(cfg, COMMANDS[command])
-    assert type(settings) is COMMANDS[command] and isinstance(settings.model, ModelConfig)
+    assert type(settings) is COMMANDS[command]
+    assert command in TOOLS or isinstance(settings.model, ModelConfig)
 
 
 def _compose_plain(primary, overrides):
     from hydra import compose, initialize_config_dir
 
+    model = [] if primary in TOOLS else ["model=tiny_llama"]  # the tools have no model group
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(primary, overrides=["model=tiny_llama", *overrides])
+        return compose(primary, overrides=[*model, *overrides])
 
 
 def test_eval_schema_keys_are_the_eval_block():
@@ -218,3 +221,36 @@ def test_tau_has_one_owner():
     assert not out.routes.run.any()  # fresh gates sigmoid(3) = 0.953 <= 0.97: every routed layer skipped
     set_tau(model, 0.5)
     assert routed_forward(model, ids, torch.ones_like(ids)).routes.run.all()
+
+
+# every user command's module (src.study is composed the same way by its own owner's code)
+COMMAND_MODULES = {
+    "train": "src/train.py", "evaluate": "src/eval/__main__.py", "compare": "src/compare.py",
+    "generate": "src/generate.py", "export": "src/export.py", "speed": "src/speed.py",
+    "convert": "src/convert.py", "analyze": "src/analyze.py", "sweep_summary": "src/sweep_summary.py",
+    "memory_planner": "src/memory_planner.py",
+}  # fmt: skip
+
+
+def test_every_command_is_one_hydra_program_with_one_schema():
+    """One command-line style: every command's `main` is `hydra_command(<its config>)` (key=value, one error
+    format, exit 2 for a user error), no command parses its own arguments, and every one has a schema."""
+    root = CONF.parent
+    assert set(COMMAND_MODULES) == set(COMMANDS)
+    for command, module in COMMAND_MODULES.items():
+        text = (root / module).read_text()
+        assert f'@hydra_command("{command}"' in text, module
+        assert "argparse" not in text and "sys.argv" not in text and "@hydra.main" not in text, module
+        assert (CONF / f"{command}.yaml").read_text().count(f"- schema/command@_here_: {command}") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(COMMAND_MODULES))
+def test_every_command_refuses_an_unknown_key_in_one_line_with_status_2(command, tmp_path):
+    from tests.test_data_safety import assert_user_error, cli
+
+    module = COMMAND_MODULES[command].removesuffix(".py").removesuffix("/__main__").replace("/", ".")
+    res = cli([module, "nosuchkey=1"], tmp_path)
+    assert_user_error(res, "Could not override 'nosuchkey'")
+    assert f"Key 'nosuchkey' not in '{COMMANDS[command].__name__}' (key: nosuchkey)" in res.stderr
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []  # nothing written

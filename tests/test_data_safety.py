@@ -371,20 +371,25 @@ def test_every_float_of_every_schema_refuses_nan():
 @pytest.mark.parametrize(
     "args,flag",
     [
-        (["--gpus", "0", "--zero", "2"], "--gpus"),
-        (["--gpus", "-8"], "--gpus"),
-        (["--seq", "-1"], "--seq"),
-        (["--micro-batch", "0"], "--micro-batch"),
-        (["--adapter-rank", "0"], "--adapter-rank"),
-        (["--gpu-mem", "nan"], "--gpu-mem"),
-        (["--routed-layers", "99"], "routed_layers=99"),
+        (["gpus=0", "zero=2"], "error: gpus must be an integer >= 1, got 0"),
+        (["gpus=-8"], "error: gpus must be an integer >= 1, got -8"),
+        (["seq=-1"], "error: seq must be an integer >= 1, got -1"),
+        (["micro_batch=0"], "error: micro_batch must be an integer >= 1, got 0"),
+        (["adapter_rank=0"], "error: adapter_rank must be an integer >= 1, got 0"),
+        (["gpu_mem=nan"], "error: every setting must be a finite number; not finite: gpu_mem=nan"),
+        (["gpu_mem=0"], "error: gpu_mem must be > 0, got 0.0"),
+        (["routed_layers=99"], "error: routed_layers=99 exceeds the model's 32 layers"),
+        (["arch=llama9"], "error: arch must be one of"),
+        (["zero=5"], "error: zero must be 0, 1, 2 or 3, got 5"),
+        (["gpus=two"], "error: Error merging override gpus=two: Value 'two' of type 'str' could not be"),
     ],
 )
 def test_memory_planner_refuses_impossible_values(args, flag, capsys):
     from src.memory_planner import main
+    from tests.helpers.configs import run_main
 
     with pytest.raises(SystemExit) as exit_:
-        main(args)
+        run_main(main, args)
     assert exit_.value.code == 2 and flag in capsys.readouterr().err
 
 
@@ -499,12 +504,13 @@ def test_setting_errors_are_user_errors_before_any_model_load(tmp_path, override
 
 def test_convert_failures_are_one_line(tmp_path, capsys):
     from src.convert import main
+    from tests.helpers.configs import run_main
 
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
     for target in (bad, tmp_path / "missing.ckpt"):
         with pytest.raises(SystemExit) as exit_:
-            main([str(target), str(tmp_path / "out")])
+            run_main(main, [f"checkpoint={target}", f"out_dir={tmp_path / 'out'}"])
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and str(target) in err

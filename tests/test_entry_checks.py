@@ -186,17 +186,25 @@ def _summary(args, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
-def test_sweep_summary_refuses_a_bad_baseline_ppl(tmp_path, value):
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("nan", "every setting must be a finite number; not finite: baseline_ppl=nan"),
+        ("inf", "every setting must be a finite number; not finite: baseline_ppl=inf"),
+        ("-1", "baseline_ppl must be a finite perplexity > 0, got -1.0"),
+        ("0", "baseline_ppl must be a finite perplexity > 0, got 0.0"),
+    ],
+)
+def test_sweep_summary_refuses_a_bad_baseline_ppl(tmp_path, value, message):
     sweep = _sweep(tmp_path / "sweep")
     before = tree(sweep)
-    res = _summary([str(sweep), f"--baseline-ppl={value}"], tmp_path)
-    assert_user_error(res, "--baseline-ppl must be a finite perplexity > 0")
+    res = _summary([f"sweep_dir={sweep}", f"baseline_ppl={value}"], tmp_path)
+    assert_user_error(res, message)
     assert tree(sweep) == before
 
 
 def test_sweep_summary_on_a_mistyped_path_creates_nothing(tmp_path):
-    res = _summary([str(tmp_path / "swep"), "--out", str(tmp_path / "out")], tmp_path)
+    res = _summary([f"sweep_dir={tmp_path / 'swep'}", f"out_dir={tmp_path / 'out'}"], tmp_path)
     assert_user_error(res, f"{tmp_path / 'swep'}: no such sweep folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -206,7 +214,7 @@ def test_sweep_summary_on_a_damaged_overrides_file_exits_2(tmp_path, text):
     sweep = _sweep(tmp_path / "sweep")
     path = sweep / "1_loss.alpha=0.2" / ".hydra" / "overrides.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    res = _summary([str(sweep)], tmp_path)
+    res = _summary([f"sweep_dir={sweep}"], tmp_path)
     assert_user_error(res, f"{path}: ")
     assert res.stderr.count("error:") == 1
 
@@ -217,7 +225,7 @@ def test_sweep_summary_lists_damaged_metrics_and_ignores_non_numbers(tmp_path):
         '{"metrics": {"val/ppl": "x", "val/skip_rate": 0.5}}'
     )
     (sweep / "1_loss.alpha=0.2" / "metrics.json").write_text('{"metrics": [1, 2')
-    res = _summary([str(sweep), "--baseline-ppl=10"], tmp_path)
+    res = _summary([f"sweep_dir={sweep}", "baseline_ppl=10"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "damaged" in res.stdout and "0.5" in res.stdout
 

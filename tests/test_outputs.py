@@ -18,7 +18,7 @@ import pytest
 from src import export as ex
 from src.config.commands import ExportCommand
 from src.config.schemas import load
-from src.utils.errors import ConfigError, OutputExistsError
+from src.utils.errors import OutputExistsError
 from src.utils.outputs import PRODUCTS, check_free, present, replacing
 from tests.test_data_safety import assert_user_error, cli, tree
 from tests.test_export import compose_export, trained_checkpoint
@@ -61,10 +61,25 @@ def test_an_occupied_folder_is_refused_naming_files_and_key(tmp_path, command):
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("value", ["yes", 1, None])
-def test_overwrite_must_be_a_bool(tmp_path, value):
-    with pytest.raises(ConfigError, match="overwrite must be true or false"):
-        check_free(tmp_path, "speed", value)
+@pytest.mark.parametrize("command", ["evaluate", "compare", "speed", "analyze"])
+def test_overwrite_is_typed_by_every_command_schema(command):
+    """`overwrite` is a bool field of each command's schema: a value that is not one is refused while
+    composing, naming the key (check_free takes the typed setting)."""
+    from hydra.errors import ConfigCompositionException
+
+    from tests.helpers.configs import CONF
+
+    with pytest.raises(ConfigCompositionException) as err:
+        if command in ("speed", "analyze"):  # no logger group
+            from hydra import compose, initialize_config_dir
+
+            with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+                compose(command, overrides=["overwrite=maybe"])
+        else:
+            from tests.helpers.configs import compose_tiny
+
+            compose_tiny(command, ["overwrite=maybe"])
+    assert "full_key: overwrite" in str(err.value.__cause__)
 
 
 def test_replacing_swaps_the_whole_set_and_keeps_other_files(tmp_path):
@@ -151,7 +166,10 @@ def test_analyze_refuses_an_earlier_analysis_and_damaged_inputs(tmp_path):
         k: v for k, v in before.items() if not k.startswith("analysis")
     }
     assert json.loads((out / "analysis.json").read_text())["n_boot"] == 20
-    assert_user_error(cli(["src.analyze", f"eval_dir={out}", "overwrite=maybe"], tmp_path), "overwrite=")
+    assert_user_error(
+        cli(["src.analyze", f"eval_dir={out}", "overwrite=maybe"], tmp_path),
+        "Error merging override overwrite=maybe: Value 'maybe' is not a valid bool (type str) (key: overwrite)",
+    )
 
     damaged = {
         "results.json": (b'{"routed_layers": [2, 3', "damaged results.json"),

@@ -462,7 +462,7 @@ def test_sweeps_print_their_folder(capsys):
     assert capsys.readouterr().out.splitlines() == [
         "sweep folder: /x/sweeps/alpha_1",
         "sweep done: /x/sweeps/alpha_1",
-        "  summary: python -m src.sweep_summary /x/sweeps/alpha_1",
+        "  summary: python -m src.sweep_summary sweep_dir=/x/sweeps/alpha_1",
     ]
 
 

@@ -39,6 +39,7 @@ from ..utils.hardware import accelerator_problems, device_problems
 from ..utils.outputs import check_free
 from ..utils.run_start import resume_problems
 from .schemas import PathsConfig, SkipSchema, typed
+from .tools import TOOLS
 
 
 def raise_problems(problems: list[str], command: str) -> None:
@@ -456,4 +457,5 @@ COMMANDS: dict[str, type] = {
     "generate": GenerateCommand,
     "export": ExportCommand,
     "speed": SpeedCommand,
+    **TOOLS,  # src.convert, src.analyze, src.sweep_summary, src.memory_planner (src/config/tools.py)
 }

@@ -22,17 +22,15 @@ analysis.json / analysis_categories.png (what the router learned, src/eval/analy
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from ..config import register
 from ..config.commands import EvaluateCommand, adopt_run_model
 from ..config.schemas import load
 from ..render.report import main_table, scalar_metrics, task_table_rows
-from ..utils.cli import entry_point
+from ..utils.cli import hydra_command
 from ..utils.outputs import replacing
 
 log = logging.getLogger(__name__)
@@ -71,10 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="evaluate"
-)
-@entry_point
+@hydra_command("evaluate", writes_folder=True)
 def main(cfg: DictConfig) -> float | None:
     results = run(cfg)
     return (results.get("retention") or {}).get("retention")

@@ -113,8 +113,8 @@ def resolve_checkpoint(path: str | Path | None, key: str = "ckpt_path") -> Path 
         raise CheckpointNotFound(f"{key}={str(path)!r}: no such file or folder")
     raise CheckpointNotFound(
         f"{key}={str(path)!r}: neither it nor its flexidepth/ holds {CONFIG} (a run that has not finished "
-        "exports flexidepth/ at its end; `python -m src.convert <run>/checkpoints/last.ckpt <out>` exports "
-        "a checkpoint)"
+        "exports flexidepth/ at its end; `python -m src.convert checkpoint=<run>/checkpoints/last.ckpt "
+        "out_dir=<out>` exports a checkpoint)"
     )
 
 

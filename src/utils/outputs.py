@@ -54,17 +54,12 @@ def check_free(folder: str | Path, command: str, overwrite: bool, other: str = "
     Args:
         folder: the output folder (it need not exist).
         command: a key of `PRODUCTS`.
-        overwrite: the command's `overwrite` setting; must be a bool.
+        overwrite: the command's `overwrite` setting (typed by the command's schema).
         other: the setting that picks another folder, named in the message.
 
     Raises:
-        ConfigError: `overwrite` is not true or false.
         OutputExistsError: the folder holds some of the products and `overwrite` is false.
     """
-    from .errors import ConfigError
-
-    if not isinstance(overwrite, bool):
-        raise ConfigError(f"overwrite must be true or false, got {overwrite!r}")
     found = present(folder, command)
     if found and not overwrite:
         names = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")

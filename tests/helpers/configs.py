@@ -23,3 +23,16 @@ def settings_tiny(config_name: str, overrides=(), output_dir=None):
     from src.config.schemas import load
 
     return load(compose_tiny(config_name, overrides, output_dir), COMMANDS[config_name])
+
+
+def run_main(main, args=()):
+    """A command's `main()` run in process on the command line `args` (`key=value ...`), as `python -m` runs
+    it (Hydra reads sys.argv); SystemExit(2) for a user error, as from the shell."""
+    import sys
+
+    saved = sys.argv
+    sys.argv = ["python -m", *args]
+    try:
+        return main()
+    finally:
+        sys.argv = saved
