@@ -247,6 +247,24 @@ def test_the_method_core_imports_nothing_else_from_src():
     assert imports_outside("export_modeling") == []
 
 
+def test_the_core_keeps_only_its_atomic_byte_writer():
+    """src/flexidepth/files.py is the checkpoint I/O's atomic byte writer; text, appended lines and figures are
+    the framework's (src/utils/files.py), and nothing in the core draws or imports a plotting library."""
+    import src.flexidepth.files as core
+    import src.utils.files as framework
+
+    public = {
+        n
+        for n, v in vars(core).items()
+        if callable(v) and not n.startswith("_") and v.__module__ == core.__name__
+    }
+    assert public == {"atomic_open", "atomic_write_bytes", "default_file_mode"}
+    assert {"atomic_write_text", "append_text", "atomic_save_figure"} <= set(vars(framework))
+    for path in (SRC / "flexidepth").rglob("*.py"):
+        text = path.read_text()
+        assert "matplotlib" not in text and "savefig" not in text, path
+
+
 def test_importing_the_method_core_loads_no_hydra():
     code = "import src.flexidepth, sys; assert 'hydra' not in sys.modules, sorted(m for m in sys.modules if 'hydra' in m)"
     out = subprocess.run([sys.executable, "-c", code], cwd=SRC.parent, capture_output=True, text=True)

@@ -218,7 +218,7 @@ def test_damaged_files_give_errors_naming_the_file(tmp_path):
 
 
 def test_metrics_and_exports_are_replaced_atomically(tmp_path, monkeypatch):
-    from src.flexidepth.files import atomic_write_text
+    from src.utils.files import atomic_write_text
 
     path = atomic_write_text(tmp_path / "metrics.json", '{"ok": 1}')
     real_replace = os.replace

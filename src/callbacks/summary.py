@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 
-from ..flexidepth.files import atomic_write_text
+from ..utils.files import atomic_write_text
 
 
 class RunSummary(L.Callback):

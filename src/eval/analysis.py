@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from src.flexidepth.files import atomic_write_text
 from src.render.analysis import analysis_markdown, write_category_figure
 from src.utils.errors import UserError
+from src.utils.files import atomic_write_text
 
 
 class AnalysisInputError(UserError, ValueError):

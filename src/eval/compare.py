@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..flexidepth.files import atomic_write_text
+from ..utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import torch
 
 from src.flexidepth import is_injected, set_tau
 from src.flexidepth.checkpoint import resolve_checkpoint
-from src.flexidepth.files import atomic_write_text
 from src.methods import method_macs
 from src.models.tokenizer import load_tokenizer, pad_token_id
+from src.utils.files import atomic_write_text
 from src.utils.hardware import resolve_device
 
 from ..tasks.choice import (

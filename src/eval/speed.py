@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..flexidepth.files import atomic_write_text
 from ..render.speed import plot_speed, set_mode, speed_markdown
 from ..utils.errors import ConfigError, check_count
+from ..utils.files import atomic_write_text
 from .curves import interpolate
 from .speed_timing import flop_ideal, heldout_prompts, loop_vs_hf, machine_record, measure_speed
 

@@ -102,7 +102,7 @@ def _panels(summary: dict):
 def _save(fig, panels, title: str, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from ..flexidepth.files import atomic_save_figure
+    from ..utils.files import atomic_save_figure
 
     panels[-1][0].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)

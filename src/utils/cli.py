@@ -99,7 +99,7 @@ def _in_multirun() -> bool:
 def write_point_status(folder: Path, err: BaseException | None) -> None:
     """`<sweep point>/status.json` (atomic): {"status": "ok"}, or {"status": "failed", "error": ...,
     "user_error": ...} for `err`."""
-    from ..flexidepth.files import atomic_write_text
+    from .files import atomic_write_text
 
     record = (
         {"status": "ok"}

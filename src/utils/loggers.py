@@ -10,7 +10,7 @@ from typing import Any
 
 import hydra
 
-from ..flexidepth.files import atomic_write_text
+from .files import atomic_write_text
 from .launch import is_rank_zero, sweep_group
 
 
