@@ -17,7 +17,8 @@ from typing import TextIO
 from omegaconf import DictConfig
 
 from .config import register
-from .config.commands import GenerateCommand, adopt_run_model
+from .config.commands import GenerateCommand
+from .config.run_model import adopt_run_model
 from .config.schemas import load
 from .flexidepth.generation import GenerationOutput
 from .utils.cli import hydra_command

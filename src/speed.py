@@ -53,7 +53,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from .config import register
-from .config.commands import SpeedCommand, adopt_run_model
+from .config.commands import SpeedCommand
+from .config.run_model import adopt_run_model
 from .config.schemas import load
 from .eval.speed import run_speed
 from .render.speed import speed_markdown

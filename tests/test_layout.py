@@ -57,7 +57,8 @@ MAX_FILE_LINES = 500
 EXEMPT_FILES = {"export_modeling/modeling_flexidepth.py"}  # self-contained for trust_remote_code
 MAX_PACKAGE_SHARE = 0.20
 MAX_ENTRY_LINES = 200
-LIMITED_ENTRY_POINTS = {"src.train", "src.eval.__main__", "src.compare", "src.generate", "src.convert"}
+LIMITED_ENTRY_POINTS = {"src.train", "src.eval.__main__", "src.compare", "src.generate", "src.convert", "src.export",
+                        "src.speed", "src.analyze"}  # fmt: skip
 
 
 def module_name(path: Path, root: Path) -> str:

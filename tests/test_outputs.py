@@ -18,6 +18,7 @@ import pytest
 from src import export as ex
 from src.config.commands import ExportCommand
 from src.config.schemas import load
+from src.models import export as hfx
 from src.utils.errors import OutputExistsError
 from src.utils.outputs import PRODUCTS, check_free, present, replacing
 from tests.test_data_safety import assert_user_error, cli, tree
@@ -226,7 +227,7 @@ def test_export_keeps_a_file_put_into_out_dir_while_it_runs(tmp_path, monkeypatc
         (out / "eval_notes.txt").write_text("written while the export ran")
 
     _during_verify(monkeypatch, put)
-    with pytest.raises(ex.ExportError, match="nothing was replaced"):
+    with pytest.raises(hfx.ExportError, match="nothing was replaced"):
         ex.run(compose_export([*export_base, f"out_dir={out}", f"overwrite={str(overwrite).lower()}"]))
     assert (out / "eval_notes.txt").read_text() == "written while the export ran"
     assert {k: v for k, v in tree(out).items() if k != "eval_notes.txt"} == before
@@ -244,7 +245,7 @@ def test_two_exports_into_one_new_out_dir_keep_the_first(tmp_path, monkeypatch, 
 
     verify = ex.verify_export
     _during_verify(monkeypatch, other_export_finishes)
-    with pytest.raises(ex.ExportError, match="was written while this export ran"):
+    with pytest.raises(hfx.ExportError, match="was written while this export ran"):
         ex.run(compose_export([*export_base, f"out_dir={out}"]))
     assert tree(out) == first and "model.safetensors" in first
     _no_temporaries(tmp_path)
@@ -274,6 +275,6 @@ def test_a_truncated_or_foreign_compare_json_is_refused(tmp_path, text, match):
     cfg = compose_export(
         ["model=tiny_llama", "ckpt_path=x", f"out_dir={tmp_path / 'out'}", f"compare_json={path}"]
     )
-    with pytest.raises(ex.ExportError, match=rf"compare_json='{path}': {match}"):
-        ex.check_export_args(load(cfg, ExportCommand))
+    with pytest.raises(hfx.ExportError, match=rf"compare_json='{path}': {match}"):
+        load(cfg, ExportCommand).check()
     assert not (tmp_path / "out").exists()

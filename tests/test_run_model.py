@@ -86,7 +86,7 @@ def test_the_same_model_given_explicitly_is_accepted_and_a_bare_checkpoint_keeps
     by the command's checks)."""
     import shutil
 
-    from src.config.commands import adopt_run_model
+    from src.config.run_model import adopt_run_model
     from src.utils.errors import ConfigError
     from tests.helpers.configs import compose_tiny
 

@@ -13,7 +13,7 @@ groups and of what the settings point at (each living with what it checks):
 | accelerator / device                    | `accelerator_problems`, `device_problems` (src/utils/hardware.py) |
 | resume / init_from                      | `resume_problems` (src/utils/run_start.py)              |
 | an occupied output folder               | `check_free` (src/utils/outputs.py)                     |
-| the model of a run given as ckpt_path   | `adopt_run_model` (here; `run_model`, src/utils/run_config.py) |
+| the model of a run given as ckpt_path   | `adopt_run_model` (src/config/run_model.py)             |
 
 `<Command>.check()` raises ConfigError for a bad value (the first found), then PreflightError listing every
 problem of what the settings point at ("<command> refused before loading anything: ..."), each naming its key.
@@ -24,8 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from ..data.config import DataConfig
 from ..eval.config import EvalConfig
@@ -65,44 +63,6 @@ def ckpt_problems(path: str | None, key: str, model: ModelConfig, before: list[s
     if folder is None or before:
         return []
     return checkpoint_problems(folder, key, model.identity())
-
-
-# the model keys that fix what a checkpoint was trained on (dtype and attention backend may differ)
-MODEL_DEFINING = ("name_or_path", "tokenizer", "random_init", "init_seed", "arch")
-
-
-def adopt_run_model(cfg: DictConfig, key: str = "ckpt_path") -> None:
-    """A run folder is enough: when `cfg[key]` names a training run (or its flexidepth/), `cfg.model` becomes
-    the model node the run was trained with (its `.hydra/config.yaml` as stored, so `${auto_dtype:...}`
-    resolves for this command), unless the command line sets the model (`model=...` / `model.<key>=...`;
-    outside a Hydra app the composed model counts as set). A model set there that differs from the run's in
-    a model-defining key (`MODEL_DEFINING`) is refused naming both (ConfigError). In place, before `load`; a
-    checkpoint outside a run folder leaves `cfg.model` as composed."""
-    from ..flexidepth.checkpoint import checkpoint_folder
-    from ..utils.launch import hydra_config
-    from ..utils.run_config import run_model
-
-    path = cfg.get(key)
-    folder = checkpoint_folder(Path(str(path)).expanduser()) if path not in (None, "", "null") else None
-    found = run_model(folder) if folder is not None else None
-    if found is None:
-        return
-    node, source = found
-    hc = hydra_config()
-    overrides = [o.lstrip("+~").split("=", 1)[0] for o in (hc.overrides.task if hc is not None else [])]
-    if hc is not None and not any(o == "model" or o.startswith("model.") for o in overrides):
-        cfg.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), node)
-        return
-    given = OmegaConf.to_container(cfg.model, resolve=True)
-    differ = [k for k in MODEL_DEFINING if (given.get(k) or None) != (node.get(k) or None)]
-    if differ:
-        choice = hc.runtime.choices.get("model") if hc is not None else None
-        mine = ", ".join(f"model.{k}={given.get(k)!r}" for k in differ)
-        theirs = ", ".join(f"model.{k}={node.get(k)!r}" for k in differ)
-        raise ConfigError(
-            f"model{'=' + choice if choice else ''} ({mine}) contradicts {key}={path}, a run trained with "
-            f"{theirs} ({source}); leave model= out to use the run's model"
-        )
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -373,12 +333,45 @@ class ExportCommand:
     compare_json: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
 
-    def check(self) -> None:
-        """Hub access to the base model and the checkpoint against it (the export's own checks: src/export.py)."""
+    def out_path(self) -> Path:
+        """`out_dir` as an absolute path."""
+        return Path(str(self.out_dir)).expanduser().resolve()
+
+    def check(self) -> Path:
+        """Every check before the model is loaded, in this order (src/models/export.py holds the export's
+        own): `hub_repo` (with the hub offline nothing else is done), ckpt_path and out_dir given,
+        `compare_json` readable, `out_dir` absent, empty or (overwrite=true) an earlier export, the checkpoint
+        (a FlexiDepth one of an exportable family, with K/V for skipped tokens), the model, hub access and the
+        checkpoint against the base model. ExportError / CheckpointError / PreflightError naming the key;
+        returns the checkpoint folder."""
+        from ..models.export import (
+            ExportError,
+            check_checkpoint,
+            check_compare_json,
+            check_hub_repo,
+            check_out_dir,
+        )
+
+        if self.hub_repo:
+            check_hub_repo(self.hub_repo)
+        if not self.ckpt_path:
+            raise ExportError(
+                "ckpt_path is required: a run folder or its flexidepth/ (ckpt_path=outputs/train/runs/<run>)"
+            )
+        if not self.out_dir:
+            raise ExportError(
+                "out_dir is required: the folder to write the export into (out_dir=exports/<name>)"
+            )
+        if self.compare_json:
+            check_compare_json(Path(self.compare_json))
+        check_out_dir(self.out_path(), self.overwrite)
+        folder = resolve_checkpoint(self.ckpt_path, "ckpt_path")
+        check_checkpoint(folder)
         self.model.validate()
         problems = self.model.access_problems()
         problems += ckpt_problems(self.ckpt_path, "ckpt_path", self.model, problems)
         raise_problems(problems, "export")
+        return folder
 
 
 # ---------------------------------------------------------------------------------------------- speed

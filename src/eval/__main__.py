@@ -27,7 +27,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..config import register
-from ..config.commands import EvaluateCommand, adopt_run_model
+from ..config.commands import EvaluateCommand
+from ..config.run_model import adopt_run_model
 from ..config.schemas import load
 from ..render.report import main_table, scalar_metrics, task_table_rows
 from ..utils.cli import hydra_command

@@ -7,7 +7,7 @@ one `error:` line (`check_free`, before any model is loaded) unless `overwrite=t
 when the command succeeds and moves it back when the command fails, so the folder ends with either the old
 set or the new one, never a mix (an earlier figure the new run does not draw is not left beside new results).
 Files that are not the command's products are never moved, changed or deleted. (src.export has its own
-folder-level rule: src/export.py.)
+folder-level rule: src/models/export.py.)
 """
 
 from __future__ import annotations
