@@ -19,41 +19,46 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from .config import preflight, register
+from .config import register
+from .config.commands import CompareCommand
+from .config.schemas import load
 from .eval.compare import run_compare, run_curves
-from .utils.cli import entry_point
+from .utils.cli import hydra_command
 from .utils.outputs import replacing
 
 log = logging.getLogger(__name__)
 register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 
-def log_compare(cfg: DictConfig, results: dict[str, Any]) -> None:
+def log_compare(s: CompareCommand, results: dict[str, Any]) -> None:
     """Scalars per system (compare/<label>/<key>) to every logger, and the table to every W&B logger
     (`src.utils.loggers.log_results`)."""
     from .render.report import compare_scalars, compare_table
     from .utils.loggers import log_results
 
-    log_results(cfg, compare_scalars(results), {"compare/table": compare_table(results)}, prefix="compare")
+    log_results(
+        s.logger,
+        s.paths.output_dir,
+        compare_scalars(results),
+        {"compare/table": compare_table(results)},
+        prefix="compare",
+    )
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="compare"
-)
-@entry_point
+@hydra_command("compare", writes_folder=True)
 def main(cfg: DictConfig) -> None:
-    preflight(cfg, "compare")  # refuses an occupied output folder unless overwrite=true
-    out = Path(cfg.paths.output_dir)
+    s = load(cfg, CompareCommand)
+    s.check()  # refuses an occupied output folder unless overwrite=true
+    out = Path(s.paths.output_dir)
     with replacing(out, "compare"):  # an earlier compare.json / curves.* replaced as one unit
-        if cfg.curves.enabled:
-            run_curves(cfg)
+        if s.curves.enabled:
+            run_curves(s)
             log.info("held-out curves in %s (curves.md, ppl_vs_skipped.png)", out)
-        if cfg.tables:
-            results = run_compare(cfg)
-            log_compare(cfg, results)
+        if s.tables:
+            results = run_compare(s)
+            log_compare(s, results)
             log.info("tables in %s", out / "compare.md")
 
 

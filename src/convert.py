@@ -1,7 +1,7 @@
 """Export router/adapter weights from a training checkpoint into a FlexiDepth checkpoint folder.
 
-    python -m src.convert outputs/train/runs/<run>/checkpoints/last.ckpt   out/flexidepth   # plain Lightning file
-    python -m src.convert outputs/train/runs/<run>/checkpoints/last.ckpt/  out/flexidepth   # DeepSpeed shard folder
+    python -m src.convert checkpoint=outputs/train/runs/<run>/checkpoints/last.ckpt out_dir=out/flexidepth
+    python -m src.convert checkpoint=outputs/train/runs/<run>/checkpoints/last.ckpt/ out_dir=out/flexidepth  # DeepSpeed
 
 A DeepSpeed checkpoint is a folder of ZeRO shards. It is collated to an fp32 state dict with Lightning's
 `convert_zero_checkpoint_to_fp32_state_dict` (written next to the output as `collated_fp32.ckpt`; the shard
@@ -12,15 +12,21 @@ built on the meta device only to name and shape-check the tensors: no base weigh
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
+from .config import register
+from .config.schemas import load
+from .config.tools import ConvertCommand
 from .flexidepth import FlexiDepthConfig, flexidepth_state_dict, save_flexidepth
 from .flexidepth.checkpoint import CheckpointError, check_finite
 from .flexidepth.inject import is_flexidepth_param
+from .utils.cli import hydra_command
+
+register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 
 def load_checkpoint(path: str | Path, work_dir: str | Path | None = None) -> dict[str, Any]:
@@ -139,15 +145,11 @@ def convert(checkpoint: str | Path, out_dir: str | Path, model_cfg: dict[str, An
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint folder")
-    parser.add_argument("out_dir", help="FlexiDepth checkpoint folder to write")
-    args = parser.parse_args(argv)
-    from .utils.cli import user_errors
-
-    with user_errors():
-        print(f"wrote {convert(args.checkpoint, args.out_dir)}")
+@hydra_command("convert")  # conf/convert.yaml; a user error is one `error:` line, exit 2
+def main(cfg: DictConfig) -> None:
+    s = load(cfg, ConvertCommand)
+    s.check()
+    print(f"wrote {convert(s.checkpoint, s.out_dir)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python -m src.generate 'prompt="What is 12 + 30?"'                             # base SmolLM2 (all layers)
     python -m src.generate ckpt_path=outputs/train/runs/<run> max_new_tokens=48    # a FlexiDepth checkpoint
-    python -m src.generate model=tiny_llama ckpt_path=<folder> chat=false 'prompt="Once upon a time"'
+    python -m src.generate model=tiny_llama ckpt_path=<flexidepth folder> chat=false 'prompt="Once upon a time"'
 
 Output (without colours): `The[30/30] answer[24/30] is[21/30] ...`, then one summary line. Quote the
 prompt for Hydra when it holds spaces or symbols: `'prompt="..."'`. Config: conf/generate.yaml (model,
@@ -12,59 +12,19 @@ ckpt_path, prompt, chat, max_new_tokens, do_sample/temperature/top_p/seed, tau, 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import TextIO
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from .config import preflight, register
-from .flexidepth.config import FlexiDepthConfigError, check_tau
-from .flexidepth.generation import GenerationOutput, check_generation_args
-from .utils.cli import user_errors
+from .config import register
+from .config.commands import GenerateCommand
+from .config.run_model import adopt_run_model
+from .config.schemas import load
+from .flexidepth.generation import GenerationOutput
+from .utils.cli import hydra_command
 from .utils.errors import ConfigError
 
 register()  # resolvers and typed schemas, before Hydra composes this command's config
-
-
-def check_cli_args(cfg: DictConfig) -> dict:
-    """The generation keys of conf/generate.yaml, checked; ConfigError (a user error) naming the key otherwise.
-
-    Returns {prompt, chat, max_new_tokens, do_sample, temperature, top_p, seed, tau}. The prompt must be a
-    non-empty string (Hydra may read an unquoted number or `null`), tau None or in [0, 1] and only set with
-    a ckpt_path (the base model has no threshold).
-    """
-    prompt = cfg.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ConfigError(f"prompt must be a non-empty string (quote it: 'prompt=\"...\"'), got {prompt!r}")
-    chat = cfg.get("chat", True)
-    if not isinstance(chat, bool):
-        raise ConfigError(f"chat must be true or false, got {chat!r}")
-    params = dict(
-        max_new_tokens=cfg.get("max_new_tokens", 64),
-        do_sample=cfg.get("do_sample", False),
-        temperature=cfg.get("temperature", 1.0),
-        top_p=cfg.get("top_p", 1.0),
-        seed=cfg.get("seed"),
-    )
-    try:
-        check_generation_args(**params)
-    except ValueError as err:  # the library's check names the key; from the command line it is a user error
-        raise ConfigError(str(err)) from None
-    try:
-        tau = check_tau(cfg.get("tau"), "tau", allow_none=True)
-    except FlexiDepthConfigError as err:
-        raise ConfigError(str(err)) from None
-    if tau is not None and cfg.get("ckpt_path") is None:
-        raise ConfigError("tau is set but ckpt_path is null: the base model has no routers to threshold")
-    return dict(
-        params,
-        prompt=prompt,
-        chat=chat,
-        temperature=float(params["temperature"]),
-        top_p=float(params["top_p"]),
-        tau=tau,
-    )
 
 
 def check_prompt_length(prompt_tokens: int, max_new_tokens: int, config) -> None:
@@ -86,7 +46,10 @@ def check_prompt_length(prompt_tokens: int, max_new_tokens: int, config) -> None
 
 
 def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
-    """Load the model (and checkpoint), generate from `cfg.prompt` while printing to `file` (stdout)."""
+    """Convert the config once into its settings (`GenerateCommand`) and check them (`check`: the prompt,
+    the sampling arguments, tau, the device, the checkpoint against the model; ConfigError / PreflightError
+    naming the key), then load the model (and checkpoint) and generate from the prompt while printing to
+    `file` (stdout)."""
     from .flexidepth import set_tau
     from .flexidepth.checkpoint import resolve_checkpoint
     from .flexidepth.generation import generate
@@ -97,59 +60,52 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     from .utils.hardware import resolve_device
 
     file = file if file is not None else sys.stdout
-    params = check_cli_args(cfg)  # before any model work
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    preflight(cfg, "generate")
-    device = resolve_device(str(cfg.get("device", "auto")))
+    adopt_run_model(cfg)  # ckpt_path=<run>: the run's model, unless model= is given
+    s = load(cfg, GenerateCommand)
+    s.check()  # before any model work
+    model_cfg = s.model.to_dict()
+    device = resolve_device(s.device)
     model = load_base_model(model_cfg).eval()
     tokenizer = load_tokenizer(model_cfg)
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
+    ckpt = resolve_checkpoint(s.ckpt_path)
     routed: list[int] = []
     if ckpt is not None:
         build_method({"name": checkpoint_method(ckpt)}).apply(model, ckpt=ckpt)  # flexidepth or mindskip
         routed = list(model.flexidepth.layer_indices)
-        if params["tau"] is not None:
-            set_tau(model, params["tau"])
+        if s.tau is not None:
+            set_tau(model, s.tau)
     model.to(device)
     num_layers = model.config.num_hidden_layers
 
-    chat = params["chat"]
-    text = chat_prompt(tokenizer, params["prompt"]) if chat else params["prompt"]
+    text = chat_prompt(tokenizer, s.prompt) if s.chat else s.prompt
     # a chat template already holds its special tokens; plain text gets the tokenizer's usual BOS
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
-    check_prompt_length(enc["input_ids"].shape[1], params["max_new_tokens"], model.config)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not s.chat)
+    check_prompt_length(enc["input_ids"].shape[1], s.max_new_tokens, model.config)
     routing = f"checkpoint {ckpt}, routed layers {routed}" if ckpt else "base model, routing off"
-    file.write(f"# {model_cfg.get('name_or_path')}: {num_layers} layers; {routing}\n")
-    file.write(f"# prompt: {str(cfg.prompt)!r}\n")
+    file.write(f"# {s.model.name_or_path}: {num_layers} layers; {routing}\n")
+    file.write(f"# prompt: {s.prompt!r}\n")
     streamer = LayerStreamer(
-        tokenizer,
-        num_layers,
-        file=file,
-        color=cfg.get("color"),
-        min_layers=num_layers - len(routed),
+        tokenizer, num_layers, file=file, color=s.color, min_layers=num_layers - len(routed)
     )
     return generate(
         model,
         tokenizer,
         enc["input_ids"],
         enc["attention_mask"],
-        max_new_tokens=params["max_new_tokens"],
-        do_sample=params["do_sample"],
-        temperature=params["temperature"],
-        top_p=params["top_p"],
-        seed=params["seed"],
+        max_new_tokens=s.max_new_tokens,
+        do_sample=s.do_sample,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        seed=s.seed,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         streamer=streamer,
     )
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="generate"
-)
+@hydra_command("generate")  # this command writes nothing, so a failure has nothing to delete
 def main(cfg: DictConfig) -> None:
-    with user_errors():  # this command writes nothing, so a failure has nothing to delete
-        run(cfg)
+    run(cfg)
 
 
 if __name__ == "__main__":

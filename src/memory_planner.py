@@ -1,7 +1,7 @@
 """Per-GPU memory estimate for FlexiDepth training (frozen base + trainable router/adapter), and whether it fits.
 
-    python -m src.memory_planner --model llama3_8b --gpus 8 --gpu-mem 40 --zero 2 --micro-batch 1 --seq 2048
-    python -m src.memory_planner --all            # Llama-3-8B, Llama-2-13B and Llama-3-70B presets
+    python -m src.memory_planner arch=llama3_8b gpus=8 gpu_mem=40 zero=2 micro_batch=1 seq=2048
+    python -m src.memory_planner all=true         # Llama-3-8B, Llama-2-13B and Llama-3-70B presets
 
 Terms (bytes per GPU, N = data-parallel GPUs):
     base weights     P_base * b_w                   (/N under ZeRO-3; 0 when the parameters are offloaded)
@@ -21,9 +21,18 @@ Trainable count T: per routed layer a router (h*h/r + h/r*h + h + h/r + 1 bias) 
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from .config import register
+from .config.schemas import load
+from .config.tools import MemoryPlanCommand
+from .utils.cli import hydra_command
+from .utils.errors import ConfigError
+
+register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 GB = 1024**3
 
@@ -59,31 +68,9 @@ ARCHS = {
 }
 
 
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _count_arg(text: str) -> int:
-    """argparse type: an integer >= 1 (the error names the flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+def _check_count(name: str, value: int) -> None:
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _memory_arg(text: str) -> float:
-    """argparse type: a finite number > 0 (GB)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GB > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number of GB > 0, got {text}")
-    return value
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -120,7 +107,7 @@ class Plan:
             )
         for name in ("gpu_mem_gb", "overhead_gb"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             if value < 0 or (name == "gpu_mem_gb" and value == 0):
                 raise ValueError(f"{name} must be {'> 0' if name == 'gpu_mem_gb' else '>= 0'}, got {value!r}")
@@ -183,60 +170,34 @@ class Plan:
         return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=sorted(ARCHS), default="llama3_8b")
-    p.add_argument("--gpus", type=_count_arg, default=8)
-    p.add_argument("--gpu-mem", type=_memory_arg, default=80.0, help="GB per GPU")
-    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2)
-    p.add_argument("--micro-batch", type=_count_arg, default=1)
-    p.add_argument("--seq", type=_count_arg, default=2048)
-    p.add_argument("--routed-layers", type=_count_arg, default=None)
-    p.add_argument("--adapter-rank", type=_count_arg, default=None)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--offload-optimizer", action="store_true")
-    p.add_argument("--offload-params", action="store_true")
-    p.add_argument("--all", action="store_true", help="print Llama-3-8B, Llama-2-13B and Llama-3-70B plans")
-    a = p.parse_args(argv)
-    if a.all:
+@hydra_command("memory_planner")  # conf/memory_planner.yaml; a user error is one `error:` line, exit 2
+def main(cfg: DictConfig) -> None:
+    s = load(cfg, MemoryPlanCommand)
+    if s.arch not in ARCHS:
+        raise ConfigError(f"arch must be one of {sorted(ARCHS)}, got {s.arch!r}")
+    if s.all:
         for name, mem, zero in (("llama3_8b", 40, 2), ("llama2_13b", 40, 2), ("llama3_70b", 80, 3)):
             for gc in (False, True):
-                print(
-                    Plan(
-                        ARCHS[name],
-                        gpus=8,
-                        gpu_mem_gb=mem,
-                        zero=zero,
-                        micro_batch=a.micro_batch,
-                        seq=a.seq,
-                        gradient_checkpointing=gc,
-                    ).report(),
-                    end="\n\n",
-                )
+                plan = Plan(ARCHS[name], 8, mem, zero, s.micro_batch, s.seq, gradient_checkpointing=gc)
+                print(plan.report(), end="\n\n")
         return
     try:
-        plan = _plan(a)
-    except (
-        ValueError
-    ) as err:  # a cross-field check (routed layers > the model's layers): name it like argparse
-        p.error(str(err))
+        plan = Plan(
+            ARCHS[s.arch],
+            gpus=s.gpus,
+            gpu_mem_gb=s.gpu_mem,
+            zero=s.zero,
+            micro_batch=s.micro_batch,
+            seq=s.seq,
+            routed_layers=s.routed_layers,
+            adapter_rank=s.adapter_rank,
+            gradient_checkpointing=s.gradient_checkpointing,
+            offload_optimizer=s.offload_optimizer,
+            offload_params=s.offload_params,
+        )
+    except ValueError as err:  # Plan's range checks name the field; the setting is named alike
+        raise ConfigError(str(err).replace("gpu_mem_gb", "gpu_mem")) from None
     print(plan.report())
-
-
-def _plan(a: argparse.Namespace) -> Plan:
-    return Plan(
-        ARCHS[a.model],
-        gpus=a.gpus,
-        gpu_mem_gb=a.gpu_mem,
-        zero=a.zero,
-        micro_batch=a.micro_batch,
-        seq=a.seq,
-        routed_layers=a.routed_layers,
-        adapter_rank=a.adapter_rank,
-        gradient_checkpointing=a.gradient_checkpointing,
-        offload_optimizer=a.offload_optimizer,
-        offload_params=a.offload_params,
-    )
 
 
 if __name__ == "__main__":

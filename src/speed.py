@@ -53,28 +53,27 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from .config import preflight, register
-from .eval.speed import run_speed, speed_settings
+from .config import register
+from .config.commands import SpeedCommand
+from .config.run_model import adopt_run_model
+from .config.schemas import load
+from .eval.speed import run_speed
 from .render.speed import speed_markdown
-from .utils.cli import entry_point
+from .utils.cli import hydra_command
 from .utils.outputs import replacing
 
 log = logging.getLogger(__name__)
 register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="speed"
-)
-@entry_point
+@hydra_command("speed", writes_folder=True)
 def main(cfg: DictConfig) -> None:
-    preflight(
-        cfg, "speed", settings=speed_settings
-    )  # refuses an occupied output folder unless overwrite=true
-    out = Path(cfg.paths.output_dir)
+    adopt_run_model(cfg)  # ckpt_path=<run>: the run's model, unless model= is given
+    s = load(cfg, SpeedCommand)
+    s.check()  # refuses an occupied output folder unless overwrite=true
+    out = Path(s.paths.output_dir)
     with replacing(out, "speed"):  # an earlier speed.json / speed.md / figure replaced as one unit
         results = run_speed(cfg)
     print(speed_markdown(results))

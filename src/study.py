@@ -15,31 +15,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .config import register
 from .studies.runner import run_study
-from .utils.cli import user_errors
+from .utils.cli import hydra_command
 from .utils.failures import remove_created, take_snapshot
 
 register()  # resolvers and typed schemas (the study group's StudySpec), before Hydra composes the config
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="study"
-)
+@hydra_command("study")
 def main(cfg: DictConfig) -> None:
     folder = Path(cfg.paths.output_dir).absolute()
     snapshot = take_snapshot(folder)
-    with user_errors():
-        try:
-            spec = OmegaConf.to_object(cfg.study).validate()
-        except Exception:  # a refused study leaves its folder as it was (Hydra wrote .hydra/ already)
-            if snapshot is not None:
-                remove_created(snapshot)
-            raise
-        run_study(spec, folder)
+    try:
+        spec = OmegaConf.to_object(cfg.study).validate()
+    except Exception:  # a refused study leaves its folder as it was (Hydra wrote .hydra/ already)
+        if snapshot is not None:
+            remove_created(snapshot)
+        raise
+    run_study(spec, folder)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Summarise a multirun folder: one row per sweep point, a Markdown + CSV table and a Pareto plot.
 
-    python -m src.sweep_summary outputs/train/sweeps/alpha_2026-01-01_12-00-00
-    python -m src.sweep_summary <sweep dir> --baseline-ppl 12.3 --out /tmp/summary
+    python -m src.sweep_summary sweep_dir=outputs/train/sweeps/alpha_2026-01-01_12-00-00
+    python -m src.sweep_summary sweep_dir=<sweep dir> baseline_ppl=12.3 out_dir=/tmp/summary
 
 Each job folder (`<n>_<overrides>/`) holds `.hydra/overrides.yaml` and the `metrics.json` that src/train.py
 writes at the end of a run, and `status.json` (`ok`, or `failed` with the error). Failed jobs are listed with
@@ -11,12 +11,11 @@ on both axes (more layers skipped *and* lower perplexity) form the Pareto fronti
 
 A missing sweep folder (nothing is created), a damaged overrides.yaml or a baseline perplexity that is not a
 finite number > 0 is one `error:` line (exit status 2); a damaged metrics.json or status.json is listed in the
-job's status column.
+job's status column. Config: conf/sweep_summary.yaml.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -24,9 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from omegaconf import DictConfig
 
-from .utils.cli import user_errors
+from .config import register
+from .config.schemas import load
+from .config.tools import SweepSummaryCommand
+from .utils.cli import hydra_command
 from .utils.errors import UserError
+
+register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 X_KEY, Y_KEY = "val/layers_skipped_mean", "val/ppl"
 COLUMNS = ["val/ppl", "val/layers_skipped_mean", "val/skip_rate", "train/loss", "train/skip_loss"]
@@ -191,32 +196,24 @@ def summarize(
     if not sweep_dir.is_dir():
         raise SweepSummaryError(f"{sweep_dir}: no such sweep folder (hydra.sweep.dir of a multirun)")
     if baseline_ppl is not None and not (math.isfinite(baseline_ppl) and baseline_ppl > 0):
-        raise SweepSummaryError(f"--baseline-ppl must be a finite perplexity > 0, got {baseline_ppl}")
+        raise SweepSummaryError(f"baseline_ppl must be a finite perplexity > 0, got {baseline_ppl}")
     points = read_sweep(sweep_dir)
     if not points:
         raise SweepSummaryError(f"{sweep_dir}: no job folders (<n>_<overrides>/.hydra/overrides.yaml) found")
     out = Path(out_dir) if out_dir else sweep_dir
     if out.exists() and not out.is_dir():
-        raise SweepSummaryError(f"--out {out}: a file, not a folder")
+        raise SweepSummaryError(f"out_dir={out}: a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = write_tables(points, out, baseline_ppl)
     png = plot_pareto(points, out / "pareto.png", title=sweep_dir.name)
     return {"points": points, "markdown": md, "csv": csv_path, "plot": png}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", help="a multirun folder (hydra.sweep.dir)")
-    parser.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
-    parser.add_argument(
-        "--baseline-ppl",
-        type=float,
-        default=None,
-        help="perplexity of the base model without skipping: adds ppl_ratio = baseline / ppl",
-    )
-    args = parser.parse_args(argv)
-    with user_errors():  # a user error: one `error:` line, exit status 2
-        result = summarize(args.sweep_dir, args.out, args.baseline_ppl)
+@hydra_command("sweep_summary")  # conf/sweep_summary.yaml; a user error is one `error:` line, exit 2
+def main(cfg: DictConfig) -> None:
+    s = load(cfg, SweepSummaryCommand)
+    s.check()
+    result = summarize(s.sweep_dir, s.out_dir, s.baseline_ppl)
     print(result["markdown"].read_text())
     print(f"wrote {result['markdown']}, {result['csv']}, {result['plot']}")
 

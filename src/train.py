@@ -5,7 +5,7 @@
     python -m src.train --multirun loss.alpha=1e-3,1e-2
     python -m src.train run_name=myrun resume=auto        # continue a killed run from its own folder
     python -m src.train run_name=myrun resume=extend trainer.max_steps=600   # train a finished run further
-    python -m src.train +sweep=alpha                      # a sweep file (conf/sweep/), summary: src.sweep_summary
+    python -m src.train +sweep=alpha                      # a sweep file (conf/sweep/); summary: src.sweep_summary sweep_dir=
 
 Outputs go to `outputs/train/runs/<run_name>/` (config, history/, checkpoints/, flexidepth/, wandb/, layer
 usage, metrics.json). The folder belongs to one run: locked while training, a fresh start into a used folder
@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .callbacks.summary import RunSummary
-from .config import preflight, register
-from .config.checks import alpha_override_note, translate_skip_alpha
+from .config import register
+from .config.commands import TrainCommand
 from .config.released import report_alpha
-from .methods import build_method
-from .utils.cli import entry_point
-from .utils.launch import cluster_plugins, explicit_keys, is_rank_zero, one_job_per_sweep_point
+from .config.schemas import load
+from .utils.cli import hydra_command
+from .utils.launch import cluster_plugins, explicit_keys, hydra_config, is_rank_zero, one_job_per_sweep_point
 from .utils.loggers import build_loggers, finish_wandb
 from .utils.quiet import silence_third_party
 from .utils.run_start import open_run
@@ -41,19 +42,19 @@ log = logging.getLogger(__name__)
 register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 
-def build_callbacks(cfg: DictConfig) -> list:
+def build_callbacks(s: TrainCommand) -> list:
     """The configured callbacks plus the ones every run has: a final validation at the last step and, when
     the trainer shows a progress bar, one over the real number of steps (src/callbacks/progress.py)."""
     from .callbacks.progress import FinalValidation, RunTimeEstimate, StepProgressBar
 
     callbacks = [
         hydra.utils.instantiate(node)
-        for node in (cfg.get("callbacks") or {}).values()
+        for node in (s.callbacks or {}).values()
         if node is not None and "_target_" in node
     ]
     callbacks.append(FinalValidation())
     callbacks.append(RunTimeEstimate())  # one line after the first timed steps: the run's expected wall time
-    if cfg.trainer.get("enable_progress_bar", True):
+    if s.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     return callbacks
 
@@ -61,21 +62,22 @@ def build_callbacks(cfg: DictConfig) -> list:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job; returns the final callback metrics (floats), also written to metrics.json.
 
-    Order: the config and what it points at are checked first (`src.config.preflight`: nothing is
-    loaded or created before), then the run folder is claimed (`open_run`: lock, fresh/resume decision,
-    history), then the model is built and trained; a fit that completes normally records the run as finished
-    (a `finish` event in history/events.jsonl, `runs.run_finished`). Raises ConfigError / PreflightError /
-    RunFolderError (user errors, printed without a traceback by the CLI) naming the key, file or holder, and
-    `runs.RunFinished` (nothing changed) for `resume=auto` on a finished run.
+    Order: the config is converted once into its typed settings (`TrainCommand`) and checked with what it
+    points at (`TrainCommand.check`: nothing is loaded or created before), then the run folder is claimed
+    (`open_run`: lock, fresh/resume decision, history), then the model is built and trained; a fit that
+    completes normally records the run as finished (a `finish` event in history/events.jsonl,
+    `runs.run_finished`). Raises ConfigError / PreflightError / RunFolderError (user errors, printed without
+    a traceback by the CLI) naming the key, file or holder, and `runs.RunFinished` (nothing changed) for
+    `resume=auto` on a finished run.
     """
-    alias = translate_skip_alpha(cfg)  # the deprecated skip.alpha becomes loss.alpha, here only
+    s = load(cfg, TrainCommand)
+    alias = s.translate_skip_alpha()  # the deprecated skip.alpha becomes loss.alpha, here only
     if alias and is_rank_zero():
         log.warning(alias)
-    preflight(cfg, "train")  # the config, then what it points at: before anything heavy is loaded
-    method = build_method(cfg.get("method") or {"name": "flexidepth"})
-    report_alpha(cfg)  # released_stage* experiments: which alpha (face value or reproducing) is used
-    notes = method.prepare_training(cfg, explicit_keys())  # e.g. layer_replacement: before anything is loaded
-    for note in filter(None, [*notes, alpha_override_note(cfg, _command_line_overrides())]):
+    method = s.check()  # the settings, then what they point at: before anything heavy is loaded
+    report_alpha(s.released_alpha, s.loss.alpha)  # released_stage* experiments: which alpha is used
+    notes = method.prepare_training(s, explicit_keys())  # e.g. layer_replacement: before anything is loaded
+    for note in filter(None, [*notes, alpha_override_note(s, _command_line_overrides())]):
         if is_rank_zero():
             log.warning(note)
     silence_third_party()
@@ -86,45 +88,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from .lit.module import FlexiDepthModule
     from .models.loader import tokenizer_path
 
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    output_dir = Path(cfg.paths.output_dir)
-    with open_run(cfg, output_dir) as start:
+    L.seed_everything(s.seed, workers=True, verbose=False)
+    output_dir = Path(s.paths.output_dir)
+    with open_run(s, output_dir) as start:
         # everything that can still refuse the start comes before `start.commit()`: data files and their
-        # rows, the budget against the routed layers, init_from's shapes. Until then the folder is untouched.
-        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        # rows, init_from's shapes. Until then the folder is untouched.
+        model_cfg = s.model.to_dict()
         datamodule = SFTDataModule(
             tokenizer_path=tokenizer_path(model_cfg),
-            accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches", 1)),
-            **OmegaConf.to_container(cfg.data, resolve=True),
+            accumulate_grad_batches=int(s.trainer.get("accumulate_grad_batches", 1)),
+            **s.data.to_dict(),
         )
         datamodule.setup("fit")  # data errors surface here, before the model load and any logger
         module = FlexiDepthModule(
             model=model_cfg,
-            skip=OmegaConf.to_container(cfg.skip, resolve=True),
-            optim=OmegaConf.to_container(cfg.optim, resolve=True),
-            gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
+            skip=s.skip.flexidepth(),
+            optim=s.optim,
+            gradient_checkpointing=s.gradient_checkpointing,
             method=method.name,
             inject_fn=method.inject,
-            loss=loss_config(cfg),
+            loss=s.loss,
         )
-        if cfg.get("init_from"):
-            load_flexidepth(module.model, cfg.init_from)
+        if s.init_from:
+            load_flexidepth(module.model, s.init_from)
         ckpt_path = start.commit()  # now an earlier run is replaced (overwrite=true) and the start recorded
 
-        loggers = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)
-        summary = RunSummary(output_dir, run_knobs(cfg), model_arg=_group_choice("model"))
+        loggers = build_loggers(s.logger, output_dir, resuming=ckpt_path is not None)
+        summary = RunSummary(output_dir, run_knobs(s))
         trainer: L.Trainer = hydra.utils.instantiate(
-            cfg.trainer,
-            callbacks=[*build_callbacks(cfg), summary],
+            s.trainer,
+            callbacks=[*build_callbacks(s), summary],
             logger=loggers or False,
             use_distributed_sampler=False,
-            **trainer_overrides(cfg),
+            **trainer_overrides(s),
         )
         if trainer.is_global_zero:
             for lg in loggers:
-                lg.log_hyperparams(
-                    {"config": OmegaConf.to_container(cfg, resolve=True), "params": module.parameter_counts()}
-                )
+                lg.log_hyperparams({"config": asdict(s), "params": module.parameter_counts()})
         try:
             with one_job_per_sweep_point():
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -135,53 +135,52 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary.metrics  # metrics.json and the closing lines: RunSummary (src/callbacks/summary.py)
 
 
-def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+def trainer_overrides(s: TrainCommand) -> dict[str, Any]:
     """Trainer arguments the config does not hold: atomic checkpoint writes, cluster plugins, and
     `val_check_interval` converted from optimizer steps (the config's unit) to Lightning's batches."""
     overrides: dict[str, Any] = dict(cluster_plugins())
-    strategy = str(cfg.trainer.get("strategy", ""))
-    if "deepspeed" not in strategy.lower():  # DeepSpeed writes its own shard folders
+    if "deepspeed" not in str(s.trainer.get("strategy", "")).lower():  # DeepSpeed writes its own shards
         from .utils.runs import atomic_checkpoint_io
 
         overrides["plugins"] = [*overrides.get("plugins", []), atomic_checkpoint_io()]
-    interval = cfg.trainer.get("val_check_interval")
-    if isinstance(interval, int) and not isinstance(interval, bool):
-        overrides["val_check_interval"] = interval * int(cfg.trainer.get("accumulate_grad_batches", 1))
+    interval = s.trainer.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):  # an int: steps; a float: an epoch share
+        overrides["val_check_interval"] = interval * int(s.trainer.get("accumulate_grad_batches", 1))
     return overrides
 
 
-def _group_choice(group: str) -> str | None:
-    """The config group option chosen on the command line or by defaults (Hydra runs only)."""
-    from .utils.launch import hydra_config
-
-    hc = hydra_config()
-    return None if hc is None else hc.runtime.choices.get(group)
-
-
 def _command_line_overrides() -> list[str]:
-    from .utils.launch import hydra_config
-
     hc = hydra_config()
     return [] if hc is None else list(hc.overrides.task)
 
 
-def run_knobs(cfg: DictConfig) -> dict[str, Any]:
+def alpha_override_note(s: TrainCommand, overrides: list[str]) -> str | None:
+    """A note when the command line (`overrides`) sets an alpha (`loss.alpha` or `skip.alpha`) while the
+    settings have a layers-skipped budget (`loss.target_layers_skipped`, as the embedded model's recipe does):
+    the alpha is then only the controller's starting value, which a user sweeping alpha would not expect. None
+    otherwise."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    given = sorted(keys & {"loss.alpha", "skip.alpha"})
+    if s.loss.target_layers_skipped is None or not given:
+        return None
+    return (
+        f"{given[0]} is only the starting value of the alpha controller: loss.target_layers_skipped="
+        f"{s.loss.target_layers_skipped:g} (the recipe's budget) adapts alpha every step. Add "
+        "loss.target_layers_skipped=null for a fixed alpha."
+    )
+
+
+def run_knobs(s: TrainCommand) -> dict[str, Any]:
     """What metrics.json records besides the metrics (`RunSummary`): the skip and loss nodes, model, run name."""
     return {
-        "skip": OmegaConf.to_container(cfg.skip, resolve=True),
-        "loss": loss_config(cfg),
-        "model": cfg.model.name_or_path,
-        "run_name": cfg.get("run_name"),
+        "skip": asdict(s.skip),
+        "loss": s.loss.to_dict(),
+        "model": s.model.name_or_path,
+        "run_name": s.run_name,
     }
 
 
-def loss_config(cfg: DictConfig) -> dict[str, Any]:
-    """The `loss` node as a dict (a `skip.alpha` given is already in `loss.alpha`: `translate_skip_alpha`)."""
-    return OmegaConf.to_container(cfg.loss, resolve=True) if cfg.get("loss") is not None else {}
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-@entry_point
+@hydra_command("train", writes_folder=True)
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric", "val/ppl"))  # objective for hydra sweepers

@@ -96,11 +96,17 @@ def test_entry_points_are_hydra_commands(module, key):
     assert key in out.stdout
 
 
-def test_compare_preflight_accepts_untrained_baselines_only():
-    """`'~trained'` (the README's untrained-baselines command) removes the node: preflight must not crash."""
-    from src.config import preflight
-    from tests.helpers.configs import compose_tiny
+def test_compare_checks_accept_untrained_baselines_only():
+    """`'~trained'` (the README's untrained-baselines command) removes the node: the checks must not crash,
+    and an entry added back (`+trained={...}`, docs/baselines.md) is typed, naming a wrong key."""
+    from src.utils.errors import ConfigError
+    from tests.helpers.configs import compose_tiny, settings_tiny
 
-    cfg = compose_tiny("compare", ["~trained", "random_matched_to=[]"])
-    assert cfg.get("trained") is None
-    preflight(cfg, "compare")  # raised "Input cfg is not an OmegaConf config object" before
+    assert compose_tiny("compare", ["~trained", "random_matched_to=[]"]).get("trained") is None
+    s = settings_tiny("compare", ["~trained", "random_matched_to=[]"])
+    assert s.trained is None
+    s.check()
+    s = settings_tiny("compare", ["~trained", "+trained={one: {ckpt: /nowhere, table: ablation}}"])
+    assert s.trained["one"].ckpt == "/nowhere" and s.trained["one"].table == "ablation"
+    with pytest.raises(ConfigError, match=r"^trained\.one\.tabel: Key 'tabel' not in 'TrainedSystem'$"):
+        settings_tiny("compare", ["~trained", "+trained={one: {ckpt: /nowhere, tabel: main}}"])

@@ -1,5 +1,6 @@
-"""Typed config schemas (src/config/schemas.py): unknown keys and wrong types are refused, naming the key, in every
-entry point's config, before any model load; tau has one owner."""
+"""Typed settings (src/config/schemas.py, src/config/commands.py): unknown keys and wrong types are refused,
+naming the key, in every entry point's config, before any model load; each config is converted once; tau has
+one owner."""
 
 from pathlib import Path
 
@@ -8,10 +9,18 @@ import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
-from src.config.checks import validate_groups
-from src.config.schemas import SCHEMAS
+from src.config.commands import COMMANDS, TrainCommand
+from src.config.schemas import SkipSchema, load
+from src.config.tools import TOOLS
+from src.data.config import DataConfig
+from src.eval.config import EvalConfig
+from src.lit.objectives import LossConfig
+from src.lit.optim import OptimConfig
+from src.models.config import ModelConfig
 from src.utils.errors import ConfigError
 from tests.helpers.configs import compose_tiny
+
+GROUP_SCHEMAS = {"skip": SkipSchema, "loss": LossConfig, "optim": OptimConfig, "data": DataConfig}
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -28,14 +37,47 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def test_schema_keys_are_the_yaml_keys(group, yaml_file):
     """Every key of the group's base YAML has a typed field and vice versa (no key added by the schema)."""
     keys = set(yaml.safe_load((CONF / yaml_file).read_text())) - {"defaults"}
-    assert set(OmegaConf.structured(SCHEMAS[group]).keys()) == keys
+    assert set(OmegaConf.structured(GROUP_SCHEMAS[group]).keys()) == keys
+
+
+def test_every_model_yaml_key_is_a_model_field():
+    fields = set(OmegaConf.structured(ModelConfig).keys())
+    for path in sorted((CONF / "model").glob("*.yaml")):
+        assert set(yaml.safe_load(path.read_text())) <= fields, path.name
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_each_command_composes_onto_its_schema_and_converts_once(command):
+    """The primary config's first default is the command's schema: the composed config is typed by it (its
+    keys are the schema's fields, in the schema's order) and `load` gives the typed object."""
+    cfg = (
+        compose_tiny(command, [])
+        if command in ("train", "evaluate", "compare")
+        else _compose_plain(command, [])
+    )
+    assert OmegaConf.get_type(cfg) is COMMANDS[command]
+    assert list(cfg.keys()) == list(OmegaConf.structured(COMMANDS[command]).keys())
+    if "paths" in cfg:  # src.generate and src.export write no output folder
+        with open_dict(cfg):
+            cfg.paths.output_dir = "/tmp/flexidepth-unused"
+    settings = load(cfg, COMMANDS[command])
+    assert type(settings) is COMMANDS[command]
+    assert command in TOOLS or isinstance(settings.model, ModelConfig)
+
+
+def _compose_plain(primary, overrides):
+    from hydra import compose, initialize_config_dir
+
+    model = [] if primary in TOOLS else ["model=tiny_llama"]  # the tools have no model group
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(primary, overrides=[*model, *overrides])
 
 
 def test_eval_schema_keys_are_the_eval_block():
     """One eval block (conf/eval/default.yaml) for every entry point; compare's variant only changes values."""
     block = yaml.safe_load((CONF / "eval" / "default.yaml").read_text())
-    assert set(OmegaConf.structured(SCHEMAS["eval"]).keys()) == set(block)
-    assert set(OmegaConf.structured(SCHEMAS["eval"]).harness.keys()) == set(block["harness"])
+    assert set(OmegaConf.structured(EvalConfig).keys()) == set(block)
+    assert set(OmegaConf.structured(EvalConfig).harness.keys()) == set(block["harness"])
     variant = yaml.safe_load((CONF / "eval" / "compare.yaml").read_text())
     assert variant["defaults"] == ["default", "_self_"] and set(variant) - {"defaults"} <= set(block)
     for primary in ("evaluate", "compare"):
@@ -78,18 +120,24 @@ def test_hydra_refuses_wrong_types_and_unknown_keys_naming_them(primary, overrid
         ("compare", "+eval.harness.foo=1", r"eval\.harness\.foo"),
         ("evaluate", "+method.foo=1", r"method\.foo"),
         ("generate", "+model.foo=1", r"model\.foo"),
+        ("export", "+foo=1", r"^foo: Key 'foo' not in 'ExportCommand'"),
+        ("speed", "+model.arch.foo=1", None),  # arch is an open mapping: its sizes are the model's own
     ],
 )
 def test_every_entry_point_check_refuses_appended_keys(primary, override, message):
-    if primary == "generate":  # no logger group
-        from hydra import compose, initialize_config_dir
-
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(primary, overrides=["model=tiny_llama", override])
+    if primary in ("generate", "export", "speed"):  # no logger group
+        cfg = _compose_plain(primary, [override])
+        if "paths" in cfg:
+            with open_dict(cfg):
+                cfg.paths.output_dir = "/tmp/flexidepth-unused"
     else:
         cfg = compose_tiny(primary, [override])
+    if message is None:
+        assert load(cfg, COMMANDS[primary]).model.arch["foo"] == 1
+        return
     with pytest.raises(ConfigError, match=message):
-        validate_groups(cfg)
+        settings = load(cfg, COMMANDS[primary])  # the conversion refuses unknown keys of typed nodes
+        settings.validate()  # the method node: its own dataclass (build_method)
 
 
 def test_a_typo_inside_a_group_yaml_is_refused(tmp_path):
@@ -104,20 +152,20 @@ def test_a_typo_inside_a_group_yaml_is_refused(tmp_path):
 
 def test_skip_alpha_alias_still_composes_and_maps_to_loss_alpha():
     """The design-card command's `skip.alpha=0.01` composes and is translated once, at src.train's boundary,
-    into loss.alpha (one-line note); past it nothing reads skip.alpha, and the module refuses one set."""
-    from src.config.checks import translate_skip_alpha
-    from src.lit.module import FlexiDepthModule
-    from src.train import loss_config
-
+    into loss.alpha (one-line note); past it nothing reads skip.alpha: the model is built from a
+    FlexiDepthConfig, which has no alias."""
     cfg = compose_tiny("train", ["model=llama3_8b", "skip.alpha=0.01"])
     assert cfg.skip.alpha == 0.01 and cfg.model.name_or_path
-    validate_groups(cfg)
-    note = translate_skip_alpha(cfg)
+    s = load(cfg, TrainCommand)
+    s.validate()
+    note = s.translate_skip_alpha()
     assert note == "skip.alpha is deprecated: loss.alpha is the key (taking loss.alpha=0.01)"
-    assert loss_config(cfg)["alpha"] == 0.01 and cfg.skip.alpha is None
-    assert translate_skip_alpha(cfg) is None  # translated: nothing left to note
-    with pytest.raises(ValueError, match="translated into loss.alpha"):
-        FlexiDepthModule(model={"name_or_path": "unused"}, skip={"alpha": 0.01}, optim={})
+    assert s.loss.alpha == 0.01 and s.skip.alpha is None
+    assert s.translate_skip_alpha() is None  # translated: nothing left to note
+    assert not hasattr(s.skip.flexidepth(), "alpha")
+    s.skip.alpha = -1.0
+    with pytest.raises(ConfigError, match=r"skip\.alpha must be a number >= 0, got -1\.0"):
+        s.translate_skip_alpha()
 
 
 def test_every_group_option_and_experiment_composes_and_validates():
@@ -127,10 +175,11 @@ def test_every_group_option_and_experiment_composes_and_validates():
     for group, names in opts.items():
         for name in names:
             extra = ["data.source=/tmp/x.jsonl"] if (group, name) == ("data", "local") else []
-            cfg = compose_tiny("train", [f"{group}={name}", *extra])
+            primary = "evaluate" if group == "method" else "train"  # src.train trains routed methods only
+            cfg = compose_tiny(primary, [f"{group}={name}", *extra])
             assert OmegaConf.to_container(cfg.skip, resolve=True)["tau"] is not None
             if group != "experiment":  # experiments point at hub models / GPUs; their values are theirs
-                validate_groups(cfg)
+                load(cfg, COMMANDS[primary]).validate()
 
 
 def test_train_refuses_untrained_methods_clearly(tmp_path):
@@ -172,3 +221,36 @@ def test_tau_has_one_owner():
     assert not out.routes.run.any()  # fresh gates sigmoid(3) = 0.953 <= 0.97: every routed layer skipped
     set_tau(model, 0.5)
     assert routed_forward(model, ids, torch.ones_like(ids)).routes.run.all()
+
+
+# every user command's module (src.study is composed the same way by its own owner's code)
+COMMAND_MODULES = {
+    "train": "src/train.py", "evaluate": "src/eval/__main__.py", "compare": "src/compare.py",
+    "generate": "src/generate.py", "export": "src/export.py", "speed": "src/speed.py",
+    "convert": "src/convert.py", "analyze": "src/analyze.py", "sweep_summary": "src/sweep_summary.py",
+    "memory_planner": "src/memory_planner.py",
+}  # fmt: skip
+
+
+def test_every_command_is_one_hydra_program_with_one_schema():
+    """One command-line style: every command's `main` is `hydra_command(<its config>)` (key=value, one error
+    format, exit 2 for a user error), no command parses its own arguments, and every one has a schema."""
+    root = CONF.parent
+    assert set(COMMAND_MODULES) == set(COMMANDS)
+    for command, module in COMMAND_MODULES.items():
+        text = (root / module).read_text()
+        assert f'@hydra_command("{command}"' in text, module
+        assert "argparse" not in text and "sys.argv" not in text and "@hydra.main" not in text, module
+        assert (CONF / f"{command}.yaml").read_text().count(f"- schema/command@_here_: {command}") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(COMMAND_MODULES))
+def test_every_command_refuses_an_unknown_key_in_one_line_with_status_2(command, tmp_path):
+    from tests.test_data_safety import assert_user_error, cli
+
+    module = COMMAND_MODULES[command].removesuffix(".py").removesuffix("/__main__").replace("/", ".")
+    res = cli([module, "nosuchkey=1"], tmp_path)
+    assert_user_error(res, "Could not override 'nosuchkey'")
+    assert f"Key 'nosuchkey' not in '{COMMANDS[command].__name__}' (key: nosuchkey)" in res.stderr
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []  # nothing written

@@ -337,12 +337,14 @@ def test_every_float_of_every_schema_refuses_nan():
     """The kind: every float setting of the typed groups, not a list of cases."""
     import dataclasses
 
-    from src.config.checks import validate_groups
-    from src.config.schemas import SCHEMAS
+    from src.config.commands import EvaluateCommand, TrainCommand
+    from src.config.schemas import load
     from src.utils.errors import ConfigError
 
+    groups = {g: type(getattr(TrainCommand(), g)) for g in ("skip", "loss", "optim", "data")}
+    groups["eval"] = type(EvaluateCommand().eval)
     checked = set()
-    for group, schema in SCHEMAS.items():
+    for group, schema in groups.items():
         for f in dataclasses.fields(schema):
             if "float" not in str(f.type) or "list" in str(f.type) or "dict" in str(f.type):
                 continue
@@ -354,7 +356,7 @@ def test_every_float_of_every_schema_refuses_nan():
                 else compose_cfg(["debug=tiny", override])
             )
             with pytest.raises(ConfigError, match=rf"{group}\.{f.name}=nan"):
-                validate_groups(cfg)
+                load(cfg, EvaluateCommand if group == "eval" else TrainCommand)
     # not vacuous: the walk reached the float settings of every group that has them
     assert {
         "skip.tau",
@@ -369,28 +371,31 @@ def test_every_float_of_every_schema_refuses_nan():
 @pytest.mark.parametrize(
     "args,flag",
     [
-        (["--gpus", "0", "--zero", "2"], "--gpus"),
-        (["--gpus", "-8"], "--gpus"),
-        (["--seq", "-1"], "--seq"),
-        (["--micro-batch", "0"], "--micro-batch"),
-        (["--adapter-rank", "0"], "--adapter-rank"),
-        (["--gpu-mem", "nan"], "--gpu-mem"),
-        (["--routed-layers", "99"], "routed_layers=99"),
+        (["gpus=0", "zero=2"], "error: gpus must be an integer >= 1, got 0"),
+        (["gpus=-8"], "error: gpus must be an integer >= 1, got -8"),
+        (["seq=-1"], "error: seq must be an integer >= 1, got -1"),
+        (["micro_batch=0"], "error: micro_batch must be an integer >= 1, got 0"),
+        (["adapter_rank=0"], "error: adapter_rank must be an integer >= 1, got 0"),
+        (["gpu_mem=nan"], "error: every setting must be a finite number; not finite: gpu_mem=nan"),
+        (["gpu_mem=0"], "error: gpu_mem must be > 0, got 0.0"),
+        (["routed_layers=99"], "error: routed_layers=99 exceeds the model's 32 layers"),
+        (["arch=llama9"], "error: arch must be one of"),
+        (["zero=5"], "error: zero must be 0, 1, 2 or 3, got 5"),
+        (["gpus=two"], "error: Error merging override gpus=two: Value 'two' of type 'str' could not be"),
     ],
 )
 def test_memory_planner_refuses_impossible_values(args, flag, capsys):
     from src.memory_planner import main
+    from tests.helpers.configs import run_main
 
     with pytest.raises(SystemExit) as exit_:
-        main(args)
+        run_main(main, args)
     assert exit_.value.code == 2 and flag in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ K4: reports
 def test_metrics_and_summary_describe_the_exported_model(tmp_path, capsys):
     """Trained to a budget, the export's tau is calibrated; metrics.json and the summary are measured at it."""
-    from omegaconf import OmegaConf
-
     from src.data.datamodule import SFTDataModule
     from src.flexidepth import load_flexidepth
     from src.lit.module import FlexiDepthModule
@@ -407,18 +412,14 @@ def test_metrics_and_summary_describe_the_exported_model(tmp_path, capsys):
     skipped = record["metrics"]["val/layers_skipped_mean"]
     assert f"layers skipped {skipped:.2f} of 2 routed" in out and "calibrated tau" in out
     # measure the export itself on the same validation split: the same numbers
-    cfg = compose_cfg([*SHORT, *budget], run)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    dm = SFTDataModule(
-        tokenizer_path=tokenizer_path(model_cfg), **OmegaConf.to_container(cfg.data, resolve=True)
-    )
+    from src.config.commands import TrainCommand
+    from src.config.schemas import load
+
+    s = load(compose_cfg([*SHORT, *budget], run), TrainCommand)
+    model_cfg = s.model.to_dict()
+    dm = SFTDataModule(tokenizer_path=tokenizer_path(model_cfg), **s.data.to_dict())
     dm.setup("fit")
-    module = FlexiDepthModule(
-        model=model_cfg,
-        skip=OmegaConf.to_container(cfg.skip, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
-    )
+    module = FlexiDepthModule(model=model_cfg, skip=s.skip.flexidepth(), optim=s.optim, loss=s.loss)
     load_flexidepth(module.model, run / "flexidepth")
     module.flexi_cfg.tau = export["flexidepth"]["tau"]
     measured = module.measure(dm.val_dataloader())
@@ -503,12 +504,13 @@ def test_setting_errors_are_user_errors_before_any_model_load(tmp_path, override
 
 def test_convert_failures_are_one_line(tmp_path, capsys):
     from src.convert import main
+    from tests.helpers.configs import run_main
 
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
     for target in (bad, tmp_path / "missing.ckpt"):
         with pytest.raises(SystemExit) as exit_:
-            main([str(target), str(tmp_path / "out")])
+            run_main(main, [f"checkpoint={target}", f"out_dir={tmp_path / 'out'}"])
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and str(target) in err

@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import pytest
 from hydra import compose, initialize_config_dir
 
-from src.config.checks import check_counts
+from src.config.commands import COMMANDS
+from src.config.schemas import load
 from src.flexidepth import FlexiDepthConfig, export_released, inject, load_released, released_config
 from src.flexidepth.checkpoint import RELEASED_WEIGHTS, CheckpointError
 from src.utils.errors import ConfigError, DataError, PreflightError
@@ -134,8 +135,8 @@ def test_generate_refuses_a_prompt_beyond_the_window_in_one_line(tmp_path):
 )
 def test_zero_or_negative_counts_are_refused_naming_the_key(config, key, value):
     cfg = compose_tiny(config, [f"{key}={value}"])
-    with pytest.raises(ConfigError, match=rf"{key} must be an integer >= \d+.*got {value}"):
-        check_counts(cfg)
+    with pytest.raises(ConfigError, match=rf"^{key} must be an integer >= \d+.*got {value}$"):
+        load(cfg, COMMANDS[config]).validate()
 
 
 @pytest.mark.parametrize(
@@ -185,17 +186,25 @@ def _summary(args, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
-def test_sweep_summary_refuses_a_bad_baseline_ppl(tmp_path, value):
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("nan", "every setting must be a finite number; not finite: baseline_ppl=nan"),
+        ("inf", "every setting must be a finite number; not finite: baseline_ppl=inf"),
+        ("-1", "baseline_ppl must be a finite perplexity > 0, got -1.0"),
+        ("0", "baseline_ppl must be a finite perplexity > 0, got 0.0"),
+    ],
+)
+def test_sweep_summary_refuses_a_bad_baseline_ppl(tmp_path, value, message):
     sweep = _sweep(tmp_path / "sweep")
     before = tree(sweep)
-    res = _summary([str(sweep), f"--baseline-ppl={value}"], tmp_path)
-    assert_user_error(res, "--baseline-ppl must be a finite perplexity > 0")
+    res = _summary([f"sweep_dir={sweep}", f"baseline_ppl={value}"], tmp_path)
+    assert_user_error(res, message)
     assert tree(sweep) == before
 
 
 def test_sweep_summary_on_a_mistyped_path_creates_nothing(tmp_path):
-    res = _summary([str(tmp_path / "swep"), "--out", str(tmp_path / "out")], tmp_path)
+    res = _summary([f"sweep_dir={tmp_path / 'swep'}", f"out_dir={tmp_path / 'out'}"], tmp_path)
     assert_user_error(res, f"{tmp_path / 'swep'}: no such sweep folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -205,7 +214,7 @@ def test_sweep_summary_on_a_damaged_overrides_file_exits_2(tmp_path, text):
     sweep = _sweep(tmp_path / "sweep")
     path = sweep / "1_loss.alpha=0.2" / ".hydra" / "overrides.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    res = _summary([str(sweep)], tmp_path)
+    res = _summary([f"sweep_dir={sweep}"], tmp_path)
     assert_user_error(res, f"{path}: ")
     assert res.stderr.count("error:") == 1
 
@@ -216,7 +225,7 @@ def test_sweep_summary_lists_damaged_metrics_and_ignores_non_numbers(tmp_path):
         '{"metrics": {"val/ppl": "x", "val/skip_rate": 0.5}}'
     )
     (sweep / "1_loss.alpha=0.2" / "metrics.json").write_text('{"metrics": [1, 2')
-    res = _summary([str(sweep), "--baseline-ppl=10"], tmp_path)
+    res = _summary([f"sweep_dir={sweep}", "baseline_ppl=10"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "damaged" in res.stdout and "0.5" in res.stdout
 
@@ -240,8 +249,7 @@ def test_the_harness_refuses_a_tokenizer_without_eos(bos):
 
 
 def test_speed_refuses_a_mindskip_checkpoint_before_loading(tmp_path, no_model_load):
-    from src.config.preflight import preflight
-    from src.eval.speed import speed_settings
+    from omegaconf import open_dict
 
     folder = _tiny_export(tmp_path / "ms")
     meta = json.loads((folder / "flexidepth_config.json").read_text())
@@ -250,10 +258,12 @@ def test_speed_refuses_a_mindskip_checkpoint_before_loading(tmp_path, no_model_l
     for overrides in ([f"ckpt_path={folder}"], [f"ckpt_path={flexi}", f"more_ckpts=[{folder}]"]):
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
             cfg = compose("speed", overrides=["model=tiny_llama", *overrides, "shortgpt_k=[1]"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "speed_out")
         with pytest.raises(
             PreflightError, match="holds a method=mindskip checkpoint; src.speed times FlexiDepth"
         ):
-            preflight(cfg, "speed", settings=speed_settings)
+            load(cfg, COMMANDS["speed"]).check()
 
 
 @pytest.mark.parametrize("always", ["[2,3]", "[3,2]"])

@@ -23,15 +23,20 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from src import export as ex
+from src.config.commands import ExportCommand
+from src.config.schemas import load
 from src.flexidepth import FlexiDepthConfig, inject, save_flexidepth, set_tau
 from src.flexidepth.checkpoint import load_flexidepth
 from src.flexidepth.generation import generate
 from src.flexidepth.routes import routed_forward
+from src.models import export as hfx
 from src.models.loader import load_base_model
 from src.models.tokenizer import load_tokenizer
-from src.render.model_card import model_card, run_folder_of
+from src.render.model_card import model_card
+from src.utils.run_config import run_folder_of
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
 SITE_PACKAGES = str(Path(torch.__file__).resolve().parents[1])
 PROMPTS = ["What is 12 + 30?", "Once upon a time there was"]
 NEW_TOKENS = 8
@@ -187,13 +192,13 @@ def test_export_loads_without_the_repository_and_matches_the_trained_model(famil
     ):
         assert name in files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]  # no temporary left
-    assert (out / "modeling_flexidepth.py").read_bytes() == ex.MODELING_SOURCE.read_bytes()
+    assert (out / "modeling_flexidepth.py").read_bytes() == hfx.MODELING_SOURCE.read_bytes()
     assert (
-        "import src" not in ex.MODELING_SOURCE.read_text()
-        and "from src" not in ex.MODELING_SOURCE.read_text()
+        "import src" not in hfx.MODELING_SOURCE.read_text()
+        and "from src" not in hfx.MODELING_SOURCE.read_text()
     )
     meta = json.loads((out / "config.json").read_text())
-    assert meta["model_type"] == "flexidepth" and meta["auto_map"] == ex.AUTO_MAP
+    assert meta["model_type"] == "flexidepth" and meta["auto_map"] == hfx.AUTO_MAP
     routing = meta["flexidepth"]
     assert routing["base_model_type"] == family and routing["layers"] == [2, 3] and routing["tau"] == 0.5
     assert (
@@ -215,9 +220,9 @@ def test_generation_record_and_tau_setter_in_process(tmp_path):
     model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt")
     model = trained_model(model_cfg, tmp_path / "ckpt")
     tokenizer = load_tokenizer(model_cfg)
-    card = model_card(ex.routing_block(model), 4, None)
-    ex.write_export(model, tokenizer, tmp_path / "out", card)
-    module = ex.load_modeling(tmp_path / "out")
+    card = model_card(hfx.routing_block(model), 4, None)
+    hfx.write_export(model, tokenizer, tmp_path / "out", card)
+    module = hfx.load_modeling(tmp_path / "out")
     loaded = module.FlexiDepthForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     ids = tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -268,7 +273,7 @@ def written(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("written")
     model_cfg = trained_checkpoint("tiny_llama", tmp / "ckpt")
     model = trained_model(model_cfg, tmp / "ckpt")
-    ex.write_export(model, load_tokenizer(model_cfg), tmp / "out", "card")
+    hfx.write_export(model, load_tokenizer(model_cfg), tmp / "out", "card")
     return tmp / "out"
 
 
@@ -283,7 +288,7 @@ def _damaged_copy(src: Path, dst: Path, edit) -> Path:
 
 
 def test_damaged_export_fails_at_load_naming_the_file(written, tmp_path):
-    module = ex.load_modeling(written)
+    module = hfx.load_modeling(written)
     key = "model.layers.3.router.enc.weight"
     missing = _damaged_copy(written, tmp_path / "missing", lambda t: t.pop(key))
     with pytest.raises(module.FlexiDepthExportError, match=rf"model\.safetensors: missing tensor.*{key}"):
@@ -331,7 +336,7 @@ def test_damaged_always_skip_fails_at_load_naming_the_key(written, tmp_path, alw
     """The routed layers are 2 and 3: any other value, a repeat or a non-integer is refused before weights load."""
     import shutil
 
-    module = ex.load_modeling(written)
+    module = hfx.load_modeling(written)
     bad = tmp_path / "bad"
     shutil.copytree(written, bad)
     meta = json.loads((bad / "config.json").read_text())
@@ -352,7 +357,7 @@ def test_hub_offline_fails_first_naming_repo_and_setting(tmp_path, monkeypatch):
     cfg = compose_export(
         ["model=tiny_llama", "ckpt_path=/nonexistent", f"out_dir={tmp_path / 'o'}", "hub_repo=me/tiny"]
     )
-    with pytest.raises(ex.ExportError) as err:
+    with pytest.raises(hfx.ExportError) as err:
         ex.run(cfg)
     message = str(err.value)
     assert "\n" not in message and "me/tiny" in message and "HF_HUB_OFFLINE=1" in message
@@ -413,14 +418,14 @@ def test_out_dir_rules_and_failure_leaves_nothing(tmp_path, monkeypatch):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(ex.ExportError, match="not empty and holds no previous export"):
+    with pytest.raises(hfx.ExportError, match="not empty and holds no previous export"):
         ex.run(compose_export([*base, f"out_dir={other}", "overwrite=true"]))
     assert (other / "notes.txt").read_text() == "mine"
 
     out = tmp_path / "out"
     ex.run(compose_export([*base, f"out_dir={out}"]))
     first = (out / "config.json").read_text()
-    with pytest.raises(ex.ExportError, match="overwrite=true"):
+    with pytest.raises(hfx.ExportError, match="overwrite=true"):
         ex.run(compose_export([*base, f"out_dir={out}"]))
     ex.run(compose_export([*base, f"out_dir={out}", "overwrite=true"]))
     assert (out / "config.json").read_text() == first
@@ -428,20 +433,20 @@ def test_out_dir_rules_and_failure_leaves_nothing(tmp_path, monkeypatch):
     assert listed == sorted(p.name for p in out.iterdir()) and "config.json" in listed
     # a file the export did not write: overwrite refuses, and everything stays as it was
     (out / "my_eval.txt").write_text("mine")
-    with pytest.raises(ex.ExportError, match="holds files the export did not write \\(my_eval.txt\\)"):
+    with pytest.raises(hfx.ExportError, match="holds files the export did not write \\(my_eval.txt\\)"):
         ex.run(compose_export([*base, f"out_dir={out}", "overwrite=true"]))
     assert (out / "my_eval.txt").read_text() == "mine" and (out / "config.json").read_text() == first
     (out / "my_eval.txt").unlink()
 
     def broken(*args, **kwargs):
-        raise ex.ExportError("verification failed (test)")
+        raise hfx.ExportError("verification failed (test)")
 
     monkeypatch.setattr(ex, "verify_export", broken)
     fresh = tmp_path / "fresh"
-    with pytest.raises(ex.ExportError, match="verification failed"):
+    with pytest.raises(hfx.ExportError, match="verification failed"):
         ex.run(compose_export([*base, f"out_dir={fresh}"]))
     assert not fresh.exists()
-    with pytest.raises(ex.ExportError, match="verification failed"):
+    with pytest.raises(hfx.ExportError, match="verification failed"):
         ex.run(compose_export([*base, f"out_dir={out}", "overwrite=true"]))
     assert (out / "config.json").read_text() == first  # the previous export is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "other", "out"]  # no temporaries
@@ -453,17 +458,17 @@ def test_unsupported_family_and_method_are_refused_naming_them(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["base_model"]["model_type"] = "gpt_neox"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ex.ExportError, match="family 'gpt_neox' cannot be exported"):
-        ex.check_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(hfx.ExportError, match="family 'gpt_neox' cannot be exported"):
+        hfx.check_checkpoint(tmp_path / "ckpt")
     meta["base_model"]["model_type"], meta["method"] = "llama", "mindskip"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ex.ExportError, match="method=mindskip"):
-        ex.check_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(hfx.ExportError, match="method=mindskip"):
+        hfx.check_checkpoint(tmp_path / "ckpt")
     meta.pop("method")
     meta["flexidepth"]["kv_for_skipped"] = False
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ex.ExportError, match="kv_for_skipped=false"):
-        ex.check_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(hfx.ExportError, match="kv_for_skipped=false"):
+        hfx.check_checkpoint(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize(
@@ -471,14 +476,21 @@ def test_unsupported_family_and_method_are_refused_naming_them(tmp_path):
     [
         ("out_dir=null", "out_dir is required"),
         ("hub_repo=not-a-repo", "hub_repo must look like"),
-        ("overwrite=maybe", "overwrite must be true or false"),
         ("compare_json=/nonexistent/compare.json", "compare_json="),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_key(override, match, tmp_path):
     cfg = compose_export(["model=tiny_llama", "ckpt_path=/x", f"out_dir={tmp_path / 'o'}", override])
-    with pytest.raises(ex.ExportError, match=match):
-        ex.check_export_args(cfg)
+    with pytest.raises(hfx.ExportError, match=match):
+        load(cfg, ExportCommand).check()
+
+
+def test_wrong_types_are_refused_by_the_schema_naming_the_key(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_export(["model=tiny_llama", "ckpt_path=/x", f"out_dir={tmp_path / 'o'}", "overwrite=maybe"])
+    assert "full_key: overwrite" in str(err.value.__cause__)
 
 
 # ---------------------------------------------------------------------------------------------- model card
@@ -593,7 +605,7 @@ def test_lm_eval_hf_model_on_the_export_scores_like_the_flexidepth_wrapper(tmp_p
     model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt")
     model = trained_model(model_cfg, tmp_path / "ckpt")
     tokenizer = load_tokenizer(model_cfg)
-    ex.write_export(model, tokenizer, tmp_path / "out", "card")
+    hfx.write_export(model, tokenizer, tmp_path / "out", "card")
     hf = HFLM(pretrained=str(tmp_path / "out"), trust_remote_code=True, batch_size=2, device="cpu")
     assert type(hf.model).__name__ == "FlexiDepthLlamaForCausalLM"
     ours = FlexiDepthLM(model, tokenizer, batch_size=3)
@@ -663,8 +675,8 @@ def test_router_adapter_variants_round_trip(skip, tmp_path):
     model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt", **skip)
     model = trained_model(model_cfg, tmp_path / "ckpt")
     tokenizer = load_tokenizer(model_cfg)
-    ex.write_export(model, tokenizer, tmp_path / "out", "card")
-    module = ex.load_modeling(tmp_path / "out")
+    hfx.write_export(model, tokenizer, tmp_path / "out", "card")
+    module = hfx.load_modeling(tmp_path / "out")
     loaded = module.FlexiDepthForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     layer = loaded.model.layers[3]
     assert layer.router.head.weight.dtype == getattr(torch, skip.get("param_dtype", "float32"))
@@ -705,3 +717,52 @@ def test_model_card_reads_the_run_history_without_hydra_folder(tmp_path):
     card = model_card(ROUTING, 30, run)
     assert "| seed | 2 |" in card and "| data source | mixture |" in card
     assert "python -m src.train seed=2" in card and "| seed | 1 |" not in card
+
+
+# ---------------------------------------------------------------------------------------------- one contract
+def test_the_export_format_and_families_are_declared_once():
+    """The format's constants live in the modeling file that ships with every export and reads it back; the
+    framework imports them (no second literal anywhere in src/), and every family the modeling file builds is
+    one the method core can inject."""
+    from src.export_modeling import modeling_flexidepth as modeling
+    from src.flexidepth.families import FAMILIES as CORE_FAMILIES
+
+    assert hfx.EXPORT_FORMAT is modeling.EXPORT_FORMAT and hfx.FORMAT_VERSION is modeling.FORMAT_VERSION
+    assert hfx.WEIGHTS_NAME is modeling.WEIGHTS_NAME and hfx.ROUTING_KEY is modeling.ROUTING_KEY
+    assert hfx.SUPPORTED_FAMILIES == tuple(modeling.FAMILIES) and set(modeling.FAMILIES) <= set(CORE_FAMILIES)
+    assert hfx.MODELING_SOURCE == Path(modeling.__file__).resolve()
+    declared = [
+        str(p.relative_to(ROOT))
+        for p in sorted((ROOT / "src").rglob("*.py"))
+        if f'"{modeling.EXPORT_FORMAT}"' in p.read_text() or "SUPPORTED_FAMILIES = (" in p.read_text()
+    ]
+    assert declared == ["src/export_modeling/modeling_flexidepth.py"]
+
+
+def _serving_body(cls) -> list[str]:
+    """The statements of `cls.forward` (docstring and the core's inference-only `folded` branch left out)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    body = tree.body[0].body
+    keep = [
+        s
+        for s in body
+        if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))  # the docstring
+        and not (isinstance(s, ast.If) and ast.unparse(s.test) == "folded")  # core only: the folded form
+    ]
+    return [ast.unparse(s) for s in keep]
+
+
+@pytest.mark.parametrize("name", ["RouterRMSNorm", "MLPRouter", "LinearRouter", "SwiGLUAdapter"])
+def test_the_modeling_copy_serves_with_the_cores_arithmetic_text(name):
+    """The modeling file copies the core's router and adapter classes (it must load without this repository):
+    their forward passes are the same statements, so one side cannot change alone. Behaviour is checked too
+    (logits and routes of a written export against the trained model, above)."""
+    from src.export_modeling import modeling_flexidepth as modeling
+    from src.flexidepth import modules as core
+
+    assert _serving_body(getattr(modeling, name)) == _serving_body(getattr(core, name))
+    assert len(_serving_body(getattr(core, name))) >= 2  # not vacuous

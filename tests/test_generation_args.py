@@ -159,12 +159,11 @@ def test_degenerate_text_prompts_are_refused(model):
         ("top_p=2", "top_p"),
         ("temperature=-1", "temperature"),
         ("max_new_tokens=-3", "max_new_tokens"),
-        ("max_new_tokens=1.5", "max_new_tokens"),
-        ("seed=abc", "seed"),
         ('prompt=""', "prompt"),
+        ('prompt="   "', "prompt"),
         ("prompt=null", "prompt"),
         ("tau=0.5", "tau"),  # no ckpt_path
-        ("chat=maybe", "chat"),
+        ("tau=1.5", "tau"),
     ],
 )
 def test_generate_cli_refuses_bad_keys_before_loading(monkeypatch, override, name):
@@ -176,6 +175,16 @@ def test_generate_cli_refuses_bad_keys_before_loading(monkeypatch, override, nam
         run(cfg, file=io.StringIO())
 
 
+@pytest.mark.parametrize("override", ["max_new_tokens=1.5", "seed=abc", "chat=maybe", "top_p=high"])
+def test_generate_schema_refuses_wrong_types_naming_the_key(override):
+    """Wrong types are the schema's (`GenerateCommand`): refused while composing, naming the key."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_tiny("generate", [override])
+    assert f"full_key: {override.split('=')[0]}" in str(err.value.__cause__)
+
+
 def test_generate_cli_top_p_zero_is_greedy():
     buf = io.StringIO()
     sampled = run(
@@ -183,6 +192,7 @@ def test_generate_cli_top_p_zero_is_greedy():
     )
     greedy = run(compose_tiny("generate", ["max_new_tokens=4"]), io.StringIO())
     assert torch.equal(sampled.sequences, greedy.sequences)
-    from src.generate import check_cli_args
+    from src.config.commands import GenerateCommand
+    from src.config.schemas import load
 
-    assert check_cli_args(compose_tiny("generate", ["top_p=0"]))["top_p"] == 0.0
+    assert load(compose_tiny("generate", ["top_p=0"]), GenerateCommand).top_p == 0.0

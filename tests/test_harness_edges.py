@@ -195,16 +195,17 @@ def test_parity_with_lm_eval_hf_model(tokenizer, model):
 
 @pytest.mark.parametrize("value", [0, -1])
 def test_eval_ppl_max_articles_zero_is_not_all(tokenizer, tmp_path, value):
-    """The same kind in src.eval: eval.ppl_max_articles=0 used to mean "all 50 articles"."""
-    from omegaconf import OmegaConf
-
+    """The same kind in src.eval: eval.ppl_max_articles=0 used to mean "all 50 articles"; the eval settings'
+    checks refuse it (EvalConfig.validate, run by src.eval and src.compare before anything is loaded)."""
+    from src.eval.config import EvalConfig
     from src.eval.run import eval_inputs
+    from src.utils.errors import ConfigError
 
-    ev = OmegaConf.create(
-        {"ppl_max_articles": value, "ppl_max_length": 64, "tasks": [], "n_per_task": 1, "seed": 0}
-    )
-    with pytest.raises(ValueError, match="eval.ppl_max_articles must be null"):
-        eval_inputs(tokenizer, ev, tmp_path)
+    ev = EvalConfig(ppl_max_articles=value, ppl_max_length=64, tasks=[], n_per_task=1, seed=0)
+    with pytest.raises(
+        ConfigError, match=rf"^eval\.ppl_max_articles must be an integer >= 1 or null \(all\), got {value}$"
+    ):
+        ev.validate()
     ev.ppl_max_articles = 2
     chunks, *_ = eval_inputs(tokenizer, ev, tmp_path)
     ev.ppl_max_articles = 1

@@ -9,6 +9,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -311,7 +312,6 @@ class WandbLogger:
 def test_log_results_logs_png_as_image_and_html_as_html(tmp_path, monkeypatch):
     import wandb
     from matplotlib.figure import Figure
-    from omegaconf import OmegaConf
 
     import src.utils.loggers
     from src.eval.__main__ import log_results
@@ -336,8 +336,8 @@ def test_log_results_logs_png_as_image_and_html_as_html(tmp_path, monkeypatch):
         "figures": [str(png), str(page)],
     }
     logger = WandbLogger()
-    monkeypatch.setattr(src.utils.loggers, "build_loggers", lambda cfg, out, resuming: [logger])
-    log_results(OmegaConf.create({"paths": {"output_dir": str(tmp_path)}}), results)
+    monkeypatch.setattr(src.utils.loggers, "build_loggers", lambda node, out, resuming: [logger])
+    log_results(SimpleNamespace(logger=None, paths=SimpleNamespace(output_dir=str(tmp_path))), results)
     (payload,) = logger.payloads
     assert isinstance(payload["eval/task_depth"], wandb.Image)
     html_obj = payload["eval/depthmap"]

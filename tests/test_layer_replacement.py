@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from src.flexidepth import FlexiDepthConfig
 from src.flexidepth.checkpoint import CheckpointError, load_flexidepth
@@ -19,7 +19,7 @@ from src.methods import MethodConfigError, build_method, checkpoint_method
 from src.methods.base import calibration_batches
 from src.methods.layer_replacement import replaceable_layers
 from src.methods.shortgpt import block_influence, shortgpt_layers
-from tests.helpers.configs import compose_tiny
+from tests.helpers.configs import compose_tiny, settings_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,18 +112,18 @@ def test_export_says_layer_replacement_and_loads_back_through_the_registry(token
     from src.lit.module import FlexiDepthModule
     from src.models.loader import load_base_model
 
-    cfg = compose_tiny("train", ["method=layer_replacement", "method.k=2"], tmp_path)
-    m = build_method(cfg.method)
+    s = settings_tiny("train", ["method=layer_replacement", "method.k=2"], tmp_path)
+    m = build_method(s.method)
     m.calibration = build_method({"name": "layer_replacement", "calibration": CALIBRATION}).calibration
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    m.prepare_training(cfg, set())
+    model_cfg = s.model.to_dict()
+    m.prepare_training(s, set())
     module = FlexiDepthModule(
         model=model_cfg,
-        skip=OmegaConf.to_container(cfg.skip, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        skip=s.skip.flexidepth(),
+        optim=s.optim,
         method=m.name,
         inject_fn=m.inject,
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        loss=s.loss,
     )
     module.method_details = m.training_record()
     with torch.no_grad():  # a trained-looking adapter: its output projection starts at 0
@@ -188,16 +188,16 @@ def test_k_above_layers_minus_one_is_refused_before_anything_is_loaded(tmp_path)
     ],
 )
 def test_contradicting_settings_are_refused_naming_the_key(override, key):
-    cfg = compose_tiny("train", ["method=layer_replacement", "method.k=2", override])
+    s = settings_tiny("train", ["method=layer_replacement", "method.k=2", override])
     with pytest.raises(MethodConfigError, match=rf"^{key}=.* contradicts method=layer_replacement"):
-        method().prepare_training(cfg, {key})
+        method().prepare_training(s, {key})
 
 
 def test_a_recipe_budget_is_cleared_not_refused():
-    cfg = compose_tiny("train", ["method=layer_replacement", "loss.target_layers_skipped=2"])
-    notes = method().prepare_training(cfg, set())  # not the user's: e.g. the embedded model's recipe
-    assert cfg.loss.target_layers_skipped is None and cfg.loss.alpha == 0.0
-    assert len(notes) == 1 and "loss.target_layers_skipped=2" in notes[0]
+    s = settings_tiny("train", ["method=layer_replacement", "loss.target_layers_skipped=2"])
+    notes = method().prepare_training(s, set())  # not the user's: e.g. the embedded model's recipe
+    assert s.loss.target_layers_skipped is None and s.loss.alpha == 0.0
+    assert len(notes) == 1 and "loss.target_layers_skipped=2.0" in notes[0]
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -249,7 +249,8 @@ def test_routing_study_rows_compose_validate_and_label_static_rows_as_the_baseli
     from hydra import compose, initialize_config_dir
 
     from src.config import register
-    from src.config.checks import validate_groups
+    from src.config.commands import TrainCommand
+    from src.config.schemas import load
     from src.studies.spec import plan_points
 
     register()
@@ -258,15 +259,17 @@ def test_routing_study_rows_compose_validate_and_label_static_rows_as_the_baseli
         assert {r.rsplit("_k", 1)[0] for r in spec.rows} == {"static", "routed", "hybrid"}
         for point in plan_points(spec)[: len(spec.rows)]:
             cfg = compose("train", overrides=list(point.overrides))
-            validate_groups(cfg)
+            with open_dict(cfg):
+                cfg.paths.output_dir = "/tmp/flexidepth-unused"
+            s = load(cfg, TrainCommand)
+            m = s.validate()
             kind, k = point.row.rsplit("_k", 1)
-            m = build_method(cfg.method)
             if kind == "static":
                 assert m.name == "layer_replacement" and m.k == int(k)
                 explicit = {o.split("=", 1)[0] for o in point.overrides}
-                m.prepare_training(cfg, explicit)  # no contradiction; the recipe's budget is cleared
-                assert cfg.loss.target_layers_skipped is None
+                m.prepare_training(s, explicit)  # no contradiction; the recipe's budget is cleared
+                assert s.loss.target_layers_skipped is None
             else:
-                assert m.name == "flexidepth" and cfg.loss.target_layers_skipped == int(k)
-                static = list(cfg.skip.always_skip)
+                assert m.name == "flexidepth" and s.loss.target_layers_skipped == int(k)
+                static = list(s.skip.always_skip)
                 assert len(static) == (int(k) // 2 if kind == "hybrid" else 0)

@@ -57,7 +57,8 @@ MAX_FILE_LINES = 500
 EXEMPT_FILES = {"export_modeling/modeling_flexidepth.py"}  # self-contained for trust_remote_code
 MAX_PACKAGE_SHARE = 0.20
 MAX_ENTRY_LINES = 200
-LIMITED_ENTRY_POINTS = {"src.train", "src.eval.__main__", "src.compare", "src.generate", "src.convert"}
+LIMITED_ENTRY_POINTS = {"src.train", "src.eval.__main__", "src.compare", "src.generate", "src.convert", "src.export",
+                        "src.speed", "src.analyze"}  # fmt: skip
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -245,6 +246,24 @@ def test_every_package_has_a_layer():
 def test_the_method_core_imports_nothing_else_from_src():
     assert imports_outside("flexidepth") == []
     assert imports_outside("export_modeling") == []
+
+
+def test_the_core_keeps_only_its_atomic_byte_writer():
+    """src/flexidepth/files.py is the checkpoint I/O's atomic byte writer; text, appended lines and figures are
+    the framework's (src/utils/files.py), and nothing in the core draws or imports a plotting library."""
+    import src.flexidepth.files as core
+    import src.utils.files as framework
+
+    public = {
+        n
+        for n, v in vars(core).items()
+        if callable(v) and not n.startswith("_") and v.__module__ == core.__name__
+    }
+    assert public == {"atomic_open", "atomic_write_bytes", "default_file_mode"}
+    assert {"atomic_write_text", "append_text", "atomic_save_figure"} <= set(vars(framework))
+    for path in (SRC / "flexidepth").rglob("*.py"):
+        text = path.read_text()
+        assert "matplotlib" not in text and "savefig" not in text, path
 
 
 def test_importing_the_method_core_loads_no_hydra():

@@ -50,12 +50,14 @@ def test_each_method_validates_its_own_options(options, message):
 
 
 def test_early_exit_with_merge_size_is_refused_by_every_entry_point_check():
-    from src.config.checks import validate_groups
+    from src.config.commands import COMMANDS
+    from src.config.schemas import load
     from src.utils.errors import ConfigError
 
-    cfg = compose_tiny("evaluate", ["method=early_exit", "+method.merge_size=4"])
-    with pytest.raises(ConfigError, match=r"method\.merge_size"):
-        validate_groups(cfg)
+    for primary in ("evaluate", "train"):
+        cfg = compose_tiny(primary, ["method=early_exit", "+method.merge_size=4"])
+        with pytest.raises(ConfigError, match=r"method\.merge_size"):
+            load(cfg, COMMANDS[primary]).validate()
 
 
 def test_lightning_module_injects_what_it_is_given():
@@ -63,31 +65,25 @@ def test_lightning_module_injects_what_it_is_given():
 
     from src.lit.module import FlexiDepthModule
     from src.methods.mindskip import MindSkip
+    from tests.helpers.configs import settings_tiny
 
-    cfg = compose_tiny("train", [])
+    s = settings_tiny("train", [])
     calls = []
 
     def injector(model, flexi_cfg):
         calls.append(flexi_cfg.router)
         return MindSkip().inject(model, flexi_cfg)
 
+    skip = s.skip.flexidepth()
+    skip.adapter = "none"
     module = FlexiDepthModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        skip={**OmegaConf.to_container(cfg.skip, resolve=True), "adapter": "none"},
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        method="mindskip",
-        inject_fn=injector,
+        model=s.model.to_dict(), skip=skip, optim=s.optim, method="mindskip", inject_fn=injector
     )
     assert calls == ["mlp"]
     assert type(module.model.model.layers[-1]).__name__ == "MindSkipLayer"
     assert "inject_fn" not in module.hparams and module.hparams["method"] == "mindskip"
     with pytest.raises(MethodConfigError, match="nothing to train"):
-        FlexiDepthModule(
-            model=OmegaConf.to_container(cfg.model, resolve=True),
-            skip=OmegaConf.to_container(cfg.skip, resolve=True),
-            optim=OmegaConf.to_container(cfg.optim, resolve=True),
-            method="shortgpt",
-        )
+        FlexiDepthModule(model=s.model.to_dict(), skip=s.skip.flexidepth(), optim=s.optim, method="shortgpt")
 
 
 TOY_METHOD = '''
@@ -131,17 +127,19 @@ def toy_method(tmp_path, monkeypatch):
 
 
 def test_a_toy_method_is_one_file_and_one_yaml(toy_method, tmp_path):
-    from src.config.checks import validate_groups
+    from src.config.commands import EvaluateCommand
+    from src.config.schemas import load
     from src.eval.run import method_applies
     from src.flexidepth import flexi_layers
     from src.methods import compose_method, method_macs
     from src.models.loader import load_base_model
 
     cfg = compose_tiny("evaluate", [f"hydra.searchpath=[{toy_method}]", "method=skip_alternate"])
-    validate_groups(cfg)
-    method = build_method(cfg.method)
+    settings = load(cfg, EvaluateCommand)
+    settings.validate()
+    method = build_method(settings.method)
     assert "skip_alternate" in method_names() and not method.trains and method.first == 1
-    assert method_applies(cfg, None)  # evaluation applies it without a checkpoint
+    assert method_applies(settings.method, None)  # evaluation applies it without a checkpoint
 
     model = load_base_model(OmegaConf.to_container(cfg.model, resolve=True)).eval()
     num_layers = model.config.num_hidden_layers

@@ -2,6 +2,7 @@
 and the deprecated `skip.alpha` alias."""
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -90,10 +91,23 @@ def test_alpha_warmup_and_controller():
     ],
 )
 def test_loss_config_errors_name_the_key(data, key):
-    with pytest.raises(LossConfigError, match=key.replace(".", r"\.")):
-        LossConfig.from_dict(data)
-    with pytest.raises(LossConfigError, match="exceeds the 2 routed layers"):
-        LossConfig(target_layers_skipped=3).validate(routed_layers=2)
+    from omegaconf import OmegaConf
+
+    from src.config.schemas import load
+    from src.utils.errors import ConfigError
+
+    with pytest.raises((LossConfigError, ConfigError), match=key.replace(".", r"\.")):  # ConfigError: the key
+        loss = load(OmegaConf.create({"loss": data}), _LossOnly).loss  # the conversion (unknown keys)
+        loss.validate()  # the values
+    assert LossConfig(target_layers_skipped=3).budget_problems(routed_layers=2) == [
+        "loss.target_layers_skipped=3 exceeds the 2 routed layers of this model"
+    ]
+    assert LossConfig(target_layers_skipped=2).budget_problems(routed_layers=2) == []
+
+
+@dataclass
+class _LossOnly:
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -137,27 +151,19 @@ def test_target_run_lands_on_the_layers_skipped_budget(tmp_path):
 
 
 def test_router_and_adapter_learning_rates_and_skip_alpha_alias(tmp_path):
+    from src.config.commands import TrainCommand
+    from src.config.schemas import load
     from src.lit.module import FlexiDepthModule
     from tests.test_train import compose_cfg
 
     cfg = compose_cfg(["debug=tiny", "optim.router_lr=1e-2", "optim.adapter_lr=5e-4", "skip.alpha=0.07"])
-    from omegaconf import OmegaConf
-
-    from src.config.checks import translate_skip_alpha
-    from src.train import loss_config
-
+    s = load(cfg, TrainCommand)
     assert (
-        translate_skip_alpha(cfg)
-        == "skip.alpha is deprecated: loss.alpha is the key (taking loss.alpha=0.07)"
+        s.translate_skip_alpha() == "skip.alpha is deprecated: loss.alpha is the key (taking loss.alpha=0.07)"
     )
-    loss = loss_config(cfg)
-    assert loss["alpha"] == 0.07 and cfg.skip.alpha is None  # the deprecated alias, translated once
-    module = FlexiDepthModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        skip=OmegaConf.to_container(cfg.skip, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        loss=loss,
-    )
+    assert s.loss.alpha == 0.07 and s.skip.alpha is None  # the deprecated alias, translated once
+    module = FlexiDepthModule(model=s.model.to_dict(), skip=s.skip.flexidepth(), optim=s.optim, loss=s.loss)
+    assert module.hparams["loss"]["alpha"] == 0.07 and "alpha" not in module.hparams["skip"]
     assert module.alpha == pytest.approx(0.07)
 
     class _Trainer:

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 from src import export as ex
-from src.utils.errors import ConfigError, OutputExistsError
+from src.config.commands import ExportCommand
+from src.config.schemas import load
+from src.models import export as hfx
+from src.utils.errors import OutputExistsError
 from src.utils.outputs import PRODUCTS, check_free, present, replacing
 from tests.test_data_safety import assert_user_error, cli, tree
 from tests.test_export import compose_export, trained_checkpoint
@@ -59,10 +62,25 @@ def test_an_occupied_folder_is_refused_naming_files_and_key(tmp_path, command):
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("value", ["yes", 1, None])
-def test_overwrite_must_be_a_bool(tmp_path, value):
-    with pytest.raises(ConfigError, match="overwrite must be true or false"):
-        check_free(tmp_path, "speed", value)
+@pytest.mark.parametrize("command", ["evaluate", "compare", "speed", "analyze"])
+def test_overwrite_is_typed_by_every_command_schema(command):
+    """`overwrite` is a bool field of each command's schema: a value that is not one is refused while
+    composing, naming the key (check_free takes the typed setting)."""
+    from hydra.errors import ConfigCompositionException
+
+    from tests.helpers.configs import CONF
+
+    with pytest.raises(ConfigCompositionException) as err:
+        if command in ("speed", "analyze"):  # no logger group
+            from hydra import compose, initialize_config_dir
+
+            with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+                compose(command, overrides=["overwrite=maybe"])
+        else:
+            from tests.helpers.configs import compose_tiny
+
+            compose_tiny(command, ["overwrite=maybe"])
+    assert "full_key: overwrite" in str(err.value.__cause__)
 
 
 def test_replacing_swaps_the_whole_set_and_keeps_other_files(tmp_path):
@@ -149,7 +167,10 @@ def test_analyze_refuses_an_earlier_analysis_and_damaged_inputs(tmp_path):
         k: v for k, v in before.items() if not k.startswith("analysis")
     }
     assert json.loads((out / "analysis.json").read_text())["n_boot"] == 20
-    assert_user_error(cli(["src.analyze", f"eval_dir={out}", "overwrite=maybe"], tmp_path), "overwrite=")
+    assert_user_error(
+        cli(["src.analyze", f"eval_dir={out}", "overwrite=maybe"], tmp_path),
+        "Error merging override overwrite=maybe: Value 'maybe' is not a valid bool (type str) (key: overwrite)",
+    )
 
     damaged = {
         "results.json": (b'{"routed_layers": [2, 3', "damaged results.json"),
@@ -206,7 +227,7 @@ def test_export_keeps_a_file_put_into_out_dir_while_it_runs(tmp_path, monkeypatc
         (out / "eval_notes.txt").write_text("written while the export ran")
 
     _during_verify(monkeypatch, put)
-    with pytest.raises(ex.ExportError, match="nothing was replaced"):
+    with pytest.raises(hfx.ExportError, match="nothing was replaced"):
         ex.run(compose_export([*export_base, f"out_dir={out}", f"overwrite={str(overwrite).lower()}"]))
     assert (out / "eval_notes.txt").read_text() == "written while the export ran"
     assert {k: v for k, v in tree(out).items() if k != "eval_notes.txt"} == before
@@ -224,7 +245,7 @@ def test_two_exports_into_one_new_out_dir_keep_the_first(tmp_path, monkeypatch, 
 
     verify = ex.verify_export
     _during_verify(monkeypatch, other_export_finishes)
-    with pytest.raises(ex.ExportError, match="was written while this export ran"):
+    with pytest.raises(hfx.ExportError, match="was written while this export ran"):
         ex.run(compose_export([*export_base, f"out_dir={out}"]))
     assert tree(out) == first and "model.safetensors" in first
     _no_temporaries(tmp_path)
@@ -254,6 +275,6 @@ def test_a_truncated_or_foreign_compare_json_is_refused(tmp_path, text, match):
     cfg = compose_export(
         ["model=tiny_llama", "ckpt_path=x", f"out_dir={tmp_path / 'out'}", f"compare_json={path}"]
     )
-    with pytest.raises(ex.ExportError, match=rf"compare_json='{path}': {match}"):
-        ex.check_export_args(cfg)
+    with pytest.raises(hfx.ExportError, match=rf"compare_json='{path}': {match}"):
+        load(cfg, ExportCommand).check()
     assert not (tmp_path / "out").exists()

@@ -11,8 +11,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from src.config.checks import translate_skip_alpha, validate
+from src.config.commands import TrainCommand
 from src.config.released import describe_alpha, released_alpha
+from src.config.schemas import load
 from src.flexidepth import (
     FlexiDepthConfig,
     export_released,
@@ -103,25 +104,26 @@ def test_released_alpha_relation_and_report(capsys):
         released_alpha(1e-4, 0, "face")
 
     for stage, face in (("1", 1e-4), ("2", 1e-5)):
-        cfg = compose_train([f"experiment=released_stage{stage}_llama3_8b"])
-        validate(cfg)
+        cfg = load(compose_train([f"experiment=released_stage{stage}_llama3_8b"]), TrainCommand)
+        cfg.validate()
         assert cfg.loss.alpha == pytest.approx(8 * face)  # default: reproduce the released behaviour
         assert (cfg.skip.router_bias, cfg.skip.init, cfg.skip.param_dtype) == (False, "released", "bfloat16")
-        line = describe_alpha(cfg)
+        line = describe_alpha(cfg.released_alpha, cfg.loss.alpha)
         assert "released_alpha.use=reproduce" in line and f"{8 * face:g}" in line and f"{face:g}" in line
         face_cfg = compose_train([f"experiment=released_stage{stage}_llama3_8b", "released_alpha.use=face"])
         assert face_cfg.loss.alpha == pytest.approx(face)
-        assert "released_alpha.use=face" in describe_alpha(face_cfg)
+        assert "released_alpha.use=face" in describe_alpha(face_cfg.released_alpha, face_cfg.loss.alpha)
     stage2 = compose_train(["experiment=released_stage2_llama3_8b"])
     assert OmegaConf.to_container(stage2.data.conversation_roles) == {"human": "user", "gpt": "assistant"}
     assert stage2.data.source == "mlabonne/open-perfectblend"
     # overriding the alpha directly would make the printed relation wrong: refused, naming both keys
     for override in ("loss.alpha=0.5", "skip.alpha=0.5"):  # skip.alpha: the deprecated alias
-        clash = compose_train(["experiment=released_stage1_llama3_8b", override])
-        translate_skip_alpha(clash)  # what src.train does first
+        clash = load(compose_train(["experiment=released_stage1_llama3_8b", override]), TrainCommand)
+        clash.translate_skip_alpha()  # what src.train does first
         with pytest.raises(ValueError, match=r"loss\.alpha=0\.5 but released_alpha\.use=reproduce"):
-            describe_alpha(clash)
-    assert describe_alpha(compose_train([])) is None  # other runs print nothing
+            describe_alpha(clash.released_alpha, clash.loss.alpha)
+    plain = load(compose_train([]), TrainCommand)
+    assert plain.released_alpha is None and describe_alpha(None, plain.loss.alpha) is None  # others: nothing
 
 
 # ---------------------------------------------------------------------------------------------- export

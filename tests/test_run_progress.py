@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.flexidepth.files import append_text, atomic_write_text
 from src.utils.errors import RunFolderError
+from src.utils.files import append_text, atomic_write_text
 from src.utils.runs import RunFinished, check_run_name, run_finished
 from tests.test_data_safety import tree
 from tests.test_runs import _train

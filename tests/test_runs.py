@@ -14,7 +14,8 @@ import yaml
 
 from src.flexidepth.checkpoint import CONFIG, WEIGHTS, CheckpointError
 from src.models.loader import load_base_model as _LOAD_BASE
-from src.utils.errors import PreflightError, RunFolderError
+from src.utils.cli import is_user_error
+from src.utils.errors import ConfigError, PreflightError, RunFolderError
 from tests.test_train import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def test_damaged_files_give_errors_naming_the_file(tmp_path):
 
 
 def test_metrics_and_exports_are_replaced_atomically(tmp_path, monkeypatch):
-    from src.flexidepth.files import atomic_write_text
+    from src.utils.files import atomic_write_text
 
     path = atomic_write_text(tmp_path / "metrics.json", '{"ok": 1}')
     real_replace = os.replace
@@ -267,9 +268,10 @@ def test_eval_refuses_before_loading_anything(tmp_path, no_model_load):
     ]
     if torch.cuda.is_available():
         cases.pop()
-    for overrides, message in cases:
-        with pytest.raises(PreflightError, match=message):
+    for overrides, message in cases:  # a value, a missing checkpoint, what the settings point at
+        with pytest.raises((ConfigError, CheckpointError, PreflightError), match=message) as err:
             run(_eval_cfg(tmp_path, overrides))
+        assert is_user_error(err.value)  # one `error:` line, exit 2
         assert not (tmp_path / "eval_out").exists()
 
 
@@ -460,7 +462,7 @@ def test_sweeps_print_their_folder(capsys):
     assert capsys.readouterr().out.splitlines() == [
         "sweep folder: /x/sweeps/alpha_1",
         "sweep done: /x/sweeps/alpha_1",
-        "  summary: python -m src.sweep_summary /x/sweeps/alpha_1",
+        "  summary: python -m src.sweep_summary sweep_dir=/x/sweeps/alpha_1",
     ]
 
 
@@ -490,15 +492,16 @@ def test_sweep_summary_lists_a_damaged_metrics_file_by_name(tmp_path):
 
 
 def test_compare_refuses_foreign_and_nan_checkpoints_before_loading(tmp_path, no_model_load):
-    from src.config import preflight
+    from src.config.commands import CompareCommand
+    from src.config.schemas import load
 
     qwen = _tiny_export(tmp_path / "runs" / "qwen_fd", "tiny_qwen2")
     nan = _tiny_export(tmp_path / "runs" / "nan_fd", poison="model.layers.2.router.head.weight")
-    cfg = _compose(
+    from tests.helpers.configs import compose_tiny
+
+    cfg = compose_tiny(
         "compare",
         [
-            "model=tiny_llama",
-            "logger=none",
             f"runs_dir={tmp_path / 'runs'}",
             "trained={}",
             f"+trained.other={{ckpt: '{qwen}', table: main}}",
@@ -506,12 +509,13 @@ def test_compare_refuses_foreign_and_nan_checkpoints_before_loading(tmp_path, no
             f"+trained.gone={{ckpt: '{tmp_path / 'missing'}', table: main}}",  # left out, as before
             "eval.tau=-1",
         ],
+        tmp_path / "compare_out",
     )
-    with pytest.raises(PreflightError, match=r"eval\.tau must be null or a number in \[0, 1\], got -1"):
-        preflight(cfg, "compare")
+    with pytest.raises(ConfigError, match=r"eval\.tau must be null or a number in \[0, 1\], got -1"):
+        load(cfg, CompareCommand).check()
     cfg.eval.tau = None
     with pytest.raises(PreflightError) as err:
-        preflight(cfg, "compare")
+        load(cfg, CompareCommand).check()
     msg = str(err.value)
     assert "trained.other.ckpt: " in msg and "model_type='qwen2' (this model: 'llama')" in msg
     assert (

@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from src.flexidepth.checkpoint import CheckpointError
+from tests.helpers.configs import run_main
 from tests.test_train import ROOT, compose_cfg, group_options
 
 DS_PRESETS = [p for p in group_options("trainer") if p.startswith("deepspeed_")]
@@ -268,7 +269,10 @@ def test_convert_plain_lightning_checkpoint(tmp_path):
             tmp_path / "run",
         )
     )
-    main([str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "exported")])
+    run_main(
+        main,
+        [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"out_dir={tmp_path / 'exported'}"],
+    )
     ours = load_file(tmp_path / "exported" / "flexidepth.safetensors")
     exported = load_file(tmp_path / "run" / "flexidepth" / "flexidepth.safetensors")
     assert ours.keys() == exported.keys() and all(torch.equal(ours[k], exported[k]) for k in ours)
@@ -353,4 +357,4 @@ def test_memory_planner_matches_model_and_paper_counts():
     counts = parameter_counts(model)
     assert Plan(tiny).trainable_params() == counts["trainable"]
     assert tiny.base_params() == counts["total"] - counts["trainable"]
-    main(["--all"])
+    run_main(main, ["all=true"])

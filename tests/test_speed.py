@@ -205,6 +205,14 @@ def _speed_cfg(tmp_path, ckpt, extra=()):
     return cfg
 
 
+def check_speed(cfg):
+    """src.speed's conversion and checks of a composed config (src/speed.py)."""
+    from src.config.commands import SpeedCommand
+    from src.config.schemas import load
+
+    load(cfg, SpeedCommand).check()
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     """A FlexiDepth checkpoint on conf/model/tiny_llama.yaml with routers whose gates spread over (0, 1)."""
@@ -228,11 +236,10 @@ def tiny_ckpt(tmp_path):
 
 
 def test_speed_end_to_end(tmp_path, tiny_ckpt):
-    from src.config import preflight
-    from src.eval.speed import run_speed, speed_settings
+    from src.eval.speed import run_speed
 
     cfg = _speed_cfg(tmp_path, tiny_ckpt, ["per_set_speed=true"])
-    preflight(cfg, "speed", settings=speed_settings)
+    check_speed(cfg)
     res = run_speed(cfg)
     out = tmp_path / "out"
     for name in ("speed.json", "speed.md", "ppl_vs_speedup.png"):
@@ -311,25 +318,32 @@ def test_speed_end_to_end(tmp_path, tiny_ckpt):
         ("shortgpt_k=[0]", "shortgpt_k"),
         ("heldout=[nope]", "heldout"),
         ("prompts=0", "prompts"),
-        ("per_set_speed=1", "per_set_speed"),
-        ("text_decode=yes", "text_decode"),
         ("ckpt_path=/nonexistent/run", "ckpt_path"),
         ("always_run_max_skip=1.0", "always_run_max_skip"),
-        ("always_run_max_skip=true", "always_run_max_skip"),
-        ("taus=0.5", "taus"),
         ("shortgpt_k=[4]", "shortgpt_k: \\[4\\] would delete every layer of a 4-layer model"),
     ],
 )
 def test_speed_refuses_bad_settings(tmp_path, tiny_ckpt, override, match):
-    """Every bad setting is a user error (one message naming the key, no traceback) raised by preflight,
-    before any model is loaded."""
-    from src.config import preflight
-    from src.eval.speed import speed_settings
+    """Every bad setting is a user error (one message naming the key, no traceback) raised by the command's
+    checks (`SpeedCommand.check`), before any model is loaded."""
     from src.utils.errors import UserError
 
     cfg = _speed_cfg(tmp_path, tiny_ckpt, [override])
     with pytest.raises(UserError, match=match):
-        preflight(cfg, "speed", settings=speed_settings)
+        check_speed(cfg)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["always_run_max_skip=true", "taus=0.5", "prompts=abc", "per_set_speed=maybe", "shortgpt_k=[1.5]"],
+)
+def test_speed_schema_refuses_wrong_types_naming_the_key(tmp_path, tiny_ckpt, override):
+    """Wrong types are the schema's (`SpeedCommand`): Hydra refuses them while composing, naming the key."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        _speed_cfg(tmp_path, tiny_ckpt, [override])
+    assert f"full_key: {override.split('=')[0]}" in str(err.value.__cause__)
 
 
 def test_speed_only_without_perplexity(tmp_path, tiny_ckpt):
@@ -385,8 +399,7 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
     base and ShortGPT are timed once. A repeated label or a missing folder is refused before any work."""
     import shutil
 
-    from src.config import preflight
-    from src.eval.speed import run_speed, speed_settings
+    from src.eval.speed import run_speed
 
     other = tmp_path / "budget_run" / "flexidepth"
     shutil.copytree(tiny_ckpt, other)
@@ -401,7 +414,7 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
         "warmup=0",
     ]
     cfg = _speed_cfg(tmp_path, tiny_ckpt, extra)
-    preflight(cfg, "speed", settings=speed_settings)
+    check_speed(cfg)
     res = run_speed(cfg)
     assert list(res["systems"]) == [
         "base",
@@ -426,7 +439,7 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
         ("more_ckpts=[/nonexistent/x]", "more_ckpts"),
     ):
         with pytest.raises(Exception, match=match):
-            preflight(_speed_cfg(tmp_path, tiny_ckpt, [bad]), "speed", settings=speed_settings)
+            check_speed(_speed_cfg(tmp_path, tiny_ckpt, [bad]))
 
 
 def test_speed_times_the_always_run_variant_as_its_own_curve(tmp_path, tiny_ckpt):
@@ -542,11 +555,8 @@ def test_speed_times_a_layer_replacement_checkpoint_as_a_static_point(tmp_path, 
     )
     extra = [f"more_ckpts=[{tmp_path / 'static_k2'}]", "taus=[0.2,0.8]", "shortgpt_k=[1]", "batch=0",
              "prefill_length=0", "heldout=[lee]", "rounds=1", "warmup=0"]  # fmt: skip
-    from src.config import preflight
-    from src.eval.speed import speed_settings
-
     cfg = _speed_cfg(tmp_path, tiny_ckpt, extra)
-    preflight(cfg, "speed", settings=speed_settings)  # a layer_replacement run is accepted (mindskip is not)
+    check_speed(cfg)  # a layer_replacement run is accepted (mindskip is not)
     res = run_speed(cfg)
     systems = res["systems"]
     assert list(systems) == ["base", "flexidepth@0.2", "flexidepth@0.8", "static_k2", "shortgpt_k1"]

@@ -376,7 +376,9 @@ def test_a_finished_point_trained_with_other_settings_is_refused(tmp_path):
         check_same_settings(point, tmp_path)
 
 
-@pytest.mark.parametrize("bad", ["study.jobs=0", "study.seeds=[]", "study.heldout=[nope]"])
+@pytest.mark.parametrize(
+    "bad", ["study.jobs=0", "study.seeds=[]", "study.heldout=[nope]", "study.nokey=1", "study.jobs=x"]
+)
 def test_a_refused_study_leaves_its_folder_as_it_was(tmp_path, bad):
     folder = tmp_path / "study"
     (folder / ".hydra").mkdir(parents=True)

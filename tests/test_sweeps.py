@@ -61,6 +61,7 @@ def _fake_job(root: Path, num: int, overrides: list[str], metrics: dict | None):
 
 def test_sweep_summary_marks_pareto_front(tmp_path):
     from src.sweep_summary import main, read_sweep
+    from tests.helpers.configs import run_main
 
     points = {0: (0.5, 10.0), 1: (1.0, 11.0), 2: (1.0, 12.0), 3: (2.0, 20.0), 4: (0.2, 10.5)}
     for num, (skipped, ppl) in points.items():
@@ -69,7 +70,7 @@ def test_sweep_summary_marks_pareto_front(tmp_path):
     got = read_sweep(tmp_path)
     assert [p.job.split("_")[0] for p in got] == ["0", "1", "2", "3", "4", "5"]
     assert [p.pareto for p in got] == [True, True, False, True, False, False]
-    main([str(tmp_path), "--baseline-ppl", "9"])
+    run_main(main, [f"sweep_dir={tmp_path}", "baseline_ppl=9"])
     table = (tmp_path / "summary.md").read_text()
     assert "skip.alpha" in table and "debug" not in table.split("\n")[0]  # only swept keys as columns
     assert "no metrics.json" in table and "ppl_ratio" in table
@@ -91,7 +92,7 @@ def test_alpha_sweep_file_runs_and_summarises(tmp_path):
     res = _cli(["+sweep=alpha", *TINY, "loss.alpha=0.001,0.1", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"sweep folder: {sweep}" in res.stdout  # printed at the start (issue 13)
-    assert f"summary: python -m src.sweep_summary {sweep}" in res.stdout
+    assert f"summary: python -m src.sweep_summary sweep_dir={sweep}" in res.stdout
     jobs = _job_dirs(sweep)
     assert [p.name for p in jobs] == ["0_loss.alpha=0.001", "1_loss.alpha=0.1"]
     ids = {(j / "wandb_id.txt").read_text() for j in jobs}
@@ -102,7 +103,7 @@ def test_alpha_sweep_file_runs_and_summarises(tmp_path):
         assert b"alpha-" in run[0].read_bytes()  # the sweep's W&B group
         assert json.loads((job / "metrics.json").read_text())["global_step"] == 6
     res = subprocess.run(
-        [sys.executable, "-m", "src.sweep_summary", str(sweep)],
+        [sys.executable, "-m", "src.sweep_summary", f"sweep_dir={sweep}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -286,18 +287,16 @@ HYBRIDS = [e for e in group_options("experiment") if e.startswith(("smollm2_hybr
 @pytest.mark.parametrize("experiment", HYBRIDS)
 def test_hybrid_experiments_fit_smollm2(experiment):
     """The hybrid presets pin layer indices of the embedded SmolLM2-135M (30 layers): they pass the train
-    command's preflight on that model, their static layers are routed layers that may be static, and their
+    command's checks on that model, their static layers are routed layers that may be static, and their
     budget leaves the default recipe's 2.45 routed skips on top of the static ones (none when every routed
     layer is static: nothing is left to route)."""
-    from omegaconf import OmegaConf
-
-    from src.config.checks import skip_config
-    from src.config.preflight import preflight
+    from src.config.commands import TrainCommand
+    from src.config.schemas import load
     from tests.test_train import compose_cfg
 
-    cfg = compose_cfg([f"experiment={experiment}"])
-    preflight(cfg, "train")
-    skip = skip_config(OmegaConf.to_container(cfg.skip, resolve=True))
+    cfg = load(compose_cfg([f"experiment={experiment}"]), TrainCommand)
+    cfg.check()
+    skip = cfg.skip.flexidepth()
     skip.validate_for(num_layers=30, hidden_size=576, intermediate_size=1536)
     skip.check_always_skip(None, 30)
     static, routed = set(skip.always_skip), set(skip.routed_layers(30))

@@ -81,20 +81,18 @@ def test_shared_teacher_variants(skip, checkpointing):
 
 def test_training_step_uses_the_shared_teacher(monkeypatch):
     """FlexiDepthModule.training_step: the loss equals the full-teacher loss, and the full teacher is not run."""
-    from omegaconf import OmegaConf
 
+    from src.config.commands import TrainCommand
+    from src.config.schemas import load
     from src.lit import module as module_mod
     from src.lit.module import FlexiDepthModule
-    from src.train import loss_config
     from tests.test_train import compose_cfg
 
-    cfg = compose_cfg(["debug=tiny", "loss.objective=kd", "loss.alpha=0.05", "skip.init=released"])
-    module = FlexiDepthModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        skip=OmegaConf.to_container(cfg.skip, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        loss=loss_config(cfg),
+    s = load(
+        compose_cfg(["debug=tiny", "loss.objective=kd", "loss.alpha=0.05", "skip.init=released"]),
+        TrainCommand,
     )
+    module = FlexiDepthModule(model=s.model.to_dict(), skip=s.skip.flexidepth(), optim=s.optim, loss=s.loss)
     module.log = lambda *args, **kwargs: None
     ids, mask, labels = batch(seq=10)
     b = {

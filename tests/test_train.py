@@ -10,7 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from src.config.checks import validate
+from src.config.commands import TrainCommand
+from src.config.schemas import load
 from src.utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,11 @@ def compose_cfg(overrides=(), output_dir=None):
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir or "/tmp/flexidepth-unused")
     return cfg
+
+
+def validate(cfg):
+    """src.train's conversion and value checks (`TrainCommand.validate`) of a composed config."""
+    return load(cfg, TrainCommand).validate()
 
 
 def group_options(group):
@@ -80,11 +86,17 @@ def test_typo_in_yaml_key_is_rejected(tmp_path):
         cfg.skip.taux = 0.3
     plain = OmegaConf.create(OmegaConf.to_container(cfg))  # a config built without the schemas
     plain.skip.taux = 0.3
-    with pytest.raises(ConfigError, match=r"skip\.taux"):
+    with pytest.raises(ConfigError, match=r"^skip\.taux: Key 'taux' not in 'SkipSchema'$"):
         validate(plain)
     del plain.skip.taux
     plain.optim.learning_rate = 1
-    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+    with pytest.raises(
+        ConfigError, match=r"^optim\.learning_rate: Key 'learning_rate' not in 'OptimConfig'$"
+    ):
+        validate(plain)
+    plain.optim.pop("learning_rate")
+    plain.foo = 1
+    with pytest.raises(ConfigError, match=r"^foo: Key 'foo' not in 'TrainCommand'$"):
         validate(plain)
 
 
@@ -139,9 +151,10 @@ def test_gradients_do_not_depend_on_accumulation_split(smollm2_dir):
     """accumulation 1 x batch 4 and accumulation 2 x batch 2 give the same gradients (padding included)."""
     from src.data.datamodule import SFTDataModule
     from src.lit.module import FlexiDepthModule
+    from src.lit.objectives import LossConfig
 
-    cfg = compose_cfg(["model=tiny_llama"])
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    s = load(compose_cfg(["model=tiny_llama"]), TrainCommand)
+    model_cfg = s.model.to_dict()
 
     def grads(micro, accumulate):
         data = SFTDataModule(
@@ -155,10 +168,7 @@ def test_gradients_do_not_depend_on_accumulation_split(smollm2_dir):
         )
         data.setup("fit")
         module = FlexiDepthModule(
-            model=model_cfg,
-            skip=OmegaConf.to_container(cfg.skip, resolve=True),
-            optim=cfg.optim,
-            loss={"alpha": 0.05},
+            model=model_cfg, skip=s.skip.flexidepth(), optim=s.optim, loss=LossConfig(alpha=0.05)
         )
         with torch.no_grad():  # non-zero adapters so every parameter has a gradient
             for n, p in module.model.named_parameters():
@@ -351,16 +361,16 @@ def test_model_recipes_specialise_defaults():
 def test_alpha_sweeps_fix_alpha_and_a_command_line_alpha_under_a_budget_gets_a_note():
     """The embedded recipe trains to a budget, so a command-line alpha only starts the controller: the alpha,
     grid and tau sweeps set loss.target_layers_skipped=null, and src.train notes an alpha given under a budget."""
-    from src.config.checks import alpha_override_note
+    from src.train import alpha_override_note
 
     for sweep in ("alpha", "grid", "tau"):
         assert compose_cfg([f"+sweep={sweep}"]).loss.target_layers_skipped is None, sweep
     assert compose_cfg(["+sweep=adapter_rank"]).loss.target_layers_skipped == pytest.approx(4.45)
-    budget = compose_cfg(["loss.alpha=1e-2"])
+    budget = load(compose_cfg(["loss.alpha=1e-2"]), TrainCommand)
     for given in (["loss.alpha=1e-2"], ["+skip.alpha=0.01", "seed=1"]):
         note = alpha_override_note(budget, given)
         assert note is not None and given[0].split("=")[0].lstrip("+") in note
         assert "loss.target_layers_skipped=4.45" in note and "loss.target_layers_skipped=null" in note
     assert alpha_override_note(budget, ["seed=1", "loss.temperature=1"]) is None  # no alpha given
-    fixed = compose_cfg(["loss.alpha=1e-2", "loss.target_layers_skipped=null"])
+    fixed = load(compose_cfg(["loss.alpha=1e-2", "loss.target_layers_skipped=null"]), TrainCommand)
     assert alpha_override_note(fixed, ["loss.alpha=1e-2", "loss.target_layers_skipped=null"]) is None

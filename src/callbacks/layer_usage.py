@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from ..flexidepth.files import append_text, atomic_save_figure
+from ..utils.files import append_text, atomic_save_figure
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 
-from ..flexidepth.files import atomic_write_text
+from ..utils.files import atomic_write_text
 
 
 class RunSummary(L.Callback):
@@ -19,13 +19,11 @@ class RunSummary(L.Callback):
     summary (rank zero). A fit that trained and validated nothing (a resume at `trainer.max_steps`) never
     rewrites metrics.json: `metrics` are then the ones it holds.
 
-    knobs: {"skip": the skip node, "loss": the loss node, "model": model.name_or_path, "run_name": ...};
-    model_arg: the model= option of the command (repeated in the summary's evaluate line)."""
+    knobs: {"skip": the skip node, "loss": the loss node, "model": model.name_or_path, "run_name": ...}."""
 
-    def __init__(self, output_dir: str | Path, knobs: dict[str, Any], model_arg: str | None = None):
+    def __init__(self, output_dir: str | Path, knobs: dict[str, Any]):
         self.output_dir = Path(output_dir)
         self.knobs = knobs
-        self.model_arg = model_arg
         self.metrics: dict[str, float] = {}
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -56,7 +54,7 @@ class RunSummary(L.Callback):
             details = getattr(pl_module, "method_details", None)  # what the method decided (its layers, ...)
             knobs = {**self.knobs, "method": {"name": pl_module.method, **details}} if details else self.knobs
             write_metrics(self.output_dir, metrics, trainer.global_step, knobs, tau=pl_module.flexi_cfg.tau)
-            print(closing_summary(self.output_dir, metrics, trainer, pl_module, self.model_arg), flush=True)
+            print(closing_summary(self.output_dir, metrics, trainer, pl_module), flush=True)
 
 
 def read_metrics(output_dir: Path) -> dict[str, float]:
@@ -93,11 +91,9 @@ def write_metrics(
     return atomic_write_text(output_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True))
 
 
-def closing_summary(
-    output_dir: Path, metrics: dict[str, float], trainer, module, model_arg: str | None
-) -> str:
-    """The lines printed at the end of a run: where it is, what it reached, how to evaluate it (`model_arg`:
-    the model= option the command chose, repeated in the evaluate line)."""
+def closing_summary(output_dir: Path, metrics: dict[str, float], trainer, module) -> str:
+    """The lines printed at the end of a run: where it is, what it reached, how to evaluate it (the run folder
+    is enough: src.eval reads the run's model from it)."""
     routed = len(module.model.flexidepth.layer_indices)
     counts = module.parameter_counts()
     lines = [
@@ -122,10 +118,7 @@ def closing_summary(
     export = next((cb.dirpath for cb in trainer.callbacks if type(cb).__name__ == "ExportFlexiDepth"), None)
     if export is not None and (Path(export) / "flexidepth_config.json").is_file():
         lines.append(f"  export: {export}")
-        lines.append(
-            f"  evaluate: python -m src.eval ckpt_path={output_dir}"
-            + (f" model={model_arg}" if model_arg else "")
-        )
+        lines.append(f"  evaluate: python -m src.eval ckpt_path={output_dir}")
     best = next((cb for cb in trainer.callbacks if getattr(cb, "monitor", None) == "val/ppl"), None)
     if best is not None and getattr(best, "best_model_path", ""):
         lines.append(f"  best checkpoint: {best.best_model_path}")

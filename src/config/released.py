@@ -48,19 +48,22 @@ def released_alpha(face_value: float, processes: int, use: str) -> float:
     return face_value * processes if use == "reproduce" else face_value
 
 
-def describe_alpha(cfg) -> str | None:
+def describe_alpha(block: dict | None, alpha: float) -> str | None:
     """One line saying which alpha a run with a ``released_alpha`` block uses, or None without one.
 
+    Args:
+        block: the ``released_alpha`` block ({face_value, processes, use}) or None.
+        alpha: the run's ``loss.alpha`` (a ``skip.alpha`` given is already translated into it).
+
     Raises:
-        ValueError: If ``loss.alpha`` (a ``skip.alpha`` given is already translated into it) does not equal the value the ``released_alpha`` block selects (the block
-            would then be misleading, e.g. after a command-line ``loss.alpha=...`` override).
+        ValueError: If ``alpha`` does not equal the value the block selects (the block would then be
+            misleading, e.g. after a command-line ``loss.alpha=...`` override).
     """
-    node = cfg.get(KEY)
-    if node is None:
+    if block is None:
         return None
-    face, processes, use = float(node.face_value), int(node.processes), str(node.use)
+    face, processes, use = float(block["face_value"]), int(block["processes"]), str(block["use"])
     chosen = released_alpha(face, processes, use)
-    alpha = float(cfg.loss.alpha)
+    alpha = float(alpha)
     if abs(alpha - chosen) > 1e-12 * max(1.0, abs(chosen)):
         raise ValueError(
             f"loss.alpha={alpha:g} but {KEY}.use={use} selects {chosen:g}; set {KEY}.use (or "
@@ -80,9 +83,9 @@ def describe_alpha(cfg) -> str | None:
     )
 
 
-def report_alpha(cfg) -> str | None:
+def report_alpha(block: dict | None, alpha: float) -> str | None:
     """Print (and return) `describe_alpha`'s line; called by `src.train` before anything heavy is loaded."""
-    line = describe_alpha(cfg)
+    line = describe_alpha(block, alpha)
     if line is not None:
         print(line, flush=True)
     return line

@@ -5,7 +5,8 @@
 
 Resolvers: `${auto_dtype:...}` / `${auto_precision:...}` (src/utils/hardware.py), `${released_alpha:...}`
 (src/config/released.py), `${ckpt_name:${ckpt_path},${method.name}}` (`checkpoint_run_name`: output-folder
-names derived from what a command works on). ConfigStore: the typed schemas (src/config/schemas.py).
+names derived from what a command works on). ConfigStore: every command's schema (src/config/commands.py) and the
+group schemas composed on their own (src/config/schemas.py GROUP_SCHEMAS).
 Importing `src` (or `src.flexidepth`) registers nothing and imports no Hydra.
 """
 
@@ -24,8 +25,13 @@ def checkpoint_run_name(ckpt_path: str | None, method: str | None = None) -> str
         if not method:
             return "base"
         from ..methods import trains  # a trained method without a checkpoint evaluates the base model
+        from ..utils.errors import MethodConfigError
 
-        return "base" if trains(method) else method
+        try:
+            trained = trains(method)
+        except MethodConfigError:  # a plug-in method, registered once its `_target_` is imported: its name
+            trained = False
+        return "base" if trained else method
     path = Path(str(ckpt_path).rstrip("/"))
     if path.name == "flexidepth":
         path = path.parent
@@ -37,14 +43,20 @@ def checkpoint_run_name(ckpt_path: str | None, method: str | None = None) -> str
 
 def register() -> None:
     """Register every resolver and the typed schemas (idempotent)."""
+    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     from ..utils.hardware import auto_dtype, auto_precision
-    from . import schemas
+    from .commands import COMMANDS
     from .released import KEY, released_alpha
+    from .schemas import GROUP_SCHEMAS
 
     OmegaConf.register_new_resolver("auto_dtype", auto_dtype, replace=True)
     OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver(KEY, released_alpha, replace=True)
     OmegaConf.register_new_resolver("ckpt_name", checkpoint_run_name, replace=True)
-    schemas.register()
+    cs = ConfigStore.instance()  # command schemas: `- schema/command@_here_: <name>` in conf/<name>.yaml
+    for name, schema in COMMANDS.items():
+        cs.store(group="schema/command", name=name, node=schema)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=f"schema/{group}", name="base", node=schema)

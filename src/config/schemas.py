@@ -1,20 +1,24 @@
-"""Typed schemas of the config groups we own: Hydra structured configs (dataclasses in the ConfigStore).
+"""Typed settings: Hydra structured configs (dataclasses in the ConfigStore) and the one conversion of a
+command's composed config into its typed object.
 
-Each primary config (conf/train.yaml, conf/evaluate.yaml, conf/compare.yaml) puts the schema of its groups
-first in its defaults list, e.g. `- schema/skip@skip: base`, so the group's YAML and every command-line
-override are merged onto a typed node: an unknown key (`skip.foo=1`, or a typo inside a YAML file) or a
-wrong type (`skip.tau=abc`) is rejected by Hydra while composing, naming the key (`full_key: skip.foo`),
-before anything is loaded. Value checks (ranges, choices, cross-key rules) stay in code where they read
-better: `src/config/checks.py`, run by every entry point (`validate_groups`).
+Each command's primary config (conf/train.yaml, conf/evaluate.yaml, ...) starts with its command schema
+(src/config/commands.py), e.g. `- schema/command@_here_: train`, so every YAML file and command-line
+override is merged onto typed nodes while Hydra composes: an unknown key (`skip.foo=1`, or a typo inside a
+YAML file) or a wrong type (`skip.tau=abc`) is refused naming the key (`full_key: skip.foo`), before
+anything is loaded. The entry point then converts the composed config once (`load`), which also refuses
+keys Hydra let through (`+skip.foo=1` appends even to a typed node) and non-finite numbers, naming the key;
+everything downstream reads the typed object. Value checks (ranges, choices, cross-key rules) are methods
+of the schemas, beside the fields they check:
 
-| group  | schema (one place per group)                                   | values checked by                    |
-|--------|----------------------------------------------------------------|--------------------------------------|
-| skip   | `SkipSchema` = FlexiDepthConfig (src/flexidepth/config.py) + alpha | FlexiDepthConfig.validate           |
-| loss   | `LossConfig` (src/lit/objectives.py): add a loss key there + in conf/loss/default.yaml | LossConfig.validate |
-| optim  | `OptimSchema` (here)                                           | checks.validate (train)              |
-| data   | `DataSchema` (here; the keyword arguments of SFTDataModule)    | src/data/datamodule.py               |
-| eval   | `EvalSchema` (here; the `eval` block of evaluate / compare)    | preflight.py eval_problems           |
-| study  | `StudySpec` (src/studies/spec.py)                              | StudySpec.validate (src.study)       |
+| group  | schema                                                     | values checked by                      |
+|--------|------------------------------------------------------------|----------------------------------------|
+| model  | `ModelConfig` (src/models/config.py)                       | validate, access_problems, identity    |
+| skip   | `SkipSchema` (here) = FlexiDepthConfig + alpha             | validate (FlexiDepthConfig.validate)   |
+| loss   | `LossConfig` (src/lit/objectives.py): add a loss key there + in conf/loss/default.yaml | validate, budget_problems |
+| optim  | `OptimConfig` (src/lit/module.py)                          | validate                               |
+| data   | `DataConfig` (src/data/config.py)                          | validate, access_problems, window_problems |
+| eval   | `EvalConfig` (src/eval/config.py)                          | validate, problems                     |
+| study  | `StudySpec` (src/studies/spec.py)                          | StudySpec.validate (src.study)         |
 | method | each method's own dataclass (src/methods/<name>.py), via `src.methods.build_method` | Method.validate |
 
 The method group is not merged onto one schema (every method has its own options); `build_method` checks it
@@ -23,126 +27,104 @@ against the method's dataclass with the same OmegaConf machinery, naming `method
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import math
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..flexidepth.config import FlexiDepthConfig
-from ..lit.objectives import LossConfig
+from ..flexidepth.config import FlexiDepthConfig, FlexiDepthConfigError
 from ..studies.spec import StudySpec
 from ..utils.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
 class SkipSchema(FlexiDepthConfig):
-    """The `skip` group: FlexiDepthConfig's fields plus the deprecated `alpha` (an alias of loss.alpha)."""
+    """The `skip` group: FlexiDepthConfig's fields plus the deprecated `alpha` (an alias of loss.alpha,
+    translated by src.train: `TrainCommand.translate_skip_alpha`)."""
 
     alpha: float | None = None
 
+    def validate(self) -> SkipSchema:
+        """FlexiDepthConfig's value checks and `alpha` >= 0 (or null); ConfigError naming `skip.<key>`."""
+        if self.alpha is not None and self.alpha < 0:
+            raise ConfigError(f"skip.alpha must be a number >= 0, got {self.alpha!r}")
+        try:
+            FlexiDepthConfig.validate(self)
+        except FlexiDepthConfigError as err:
+            raise ConfigError(str(err)) from err
+        return self
 
-@dataclass
-class OptimSchema:
-    """The `optim` group (conf/optim/adamw.yaml): AdamW over router/adapter parameters, warm-up + cosine."""
+    def flexidepth(self) -> FlexiDepthConfig:
+        """A new FlexiDepthConfig with these settings (without the alias): what the model is built with."""
+        return FlexiDepthConfig(**{f.name: getattr(self, f.name) for f in fields(FlexiDepthConfig)})
 
-    lr: float = 1.0e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    router_lr: float | None = None
-    adapter_lr: float | None = None
-
-
-@dataclass
-class DataSchema:
-    """The `data` group (conf/data/builtin.yaml documents each key; SFTDataModule's keyword arguments)."""
-
-    source: str | None = "builtin"
-    hub_split: str = "train"
-    max_length: int = 128
-    loss_on: str = "all"
-    micro_batch_size: int = 4
-    val_fraction: float = 0.05
-    val_source: str | None = None
-    max_train_examples: int | None = None
-    n_synthetic: int = 2000
-    synthetic_tasks: list[str] | None = None
-    synthetic_max_digits: int | None = None
-    seed: int = 42
-    num_workers: int = 0
-    shuffle: bool = True
-    mixture: dict[str, float] | None = None
-    mixture_examples: int = 20000
-    heldout: list[str] = field(default_factory=lambda: ["lee"])
-    conversation_roles: dict[str, str | None] = field(
-        default_factory=lambda: {"human": "user", "gpt": "assistant"}
-    )
+    def check_for(self, arch: dict[str, Any] | None) -> None:
+        """Against the base model's sizes when `arch` (model.arch) gives them; ConfigError naming the key."""
+        arch = arch or {}
+        if all(k in arch for k in ("num_hidden_layers", "hidden_size", "intermediate_size")):
+            try:
+                self.flexidepth().validate_for(
+                    arch["num_hidden_layers"], arch["hidden_size"], arch["intermediate_size"]
+                )
+            except FlexiDepthConfigError as err:
+                raise ConfigError(str(err)) from err
 
 
 @dataclass
-class HarnessSchema:
-    """`eval.harness`: lm-evaluation-harness settings (src/eval/harness.py)."""
+class PathsConfig:
+    """The `paths` group (conf/paths/default.yaml): every path derives from here."""
 
-    num_fewshot: int | None = None
-    limit: Any = None  # docs per task (int) or a fraction (float < 1), as lm-eval reads it
-    max_gen_toks: int | None = None
-    include_path: str | None = None
-    apply_chat_template: bool = False
-    confirm_run_unsafe_code: bool = False
-    bootstrap_iters: int = 1000
+    root_dir: str = "."
+    log_dir: str = "outputs"
+    output_dir: str = "."
 
 
-@dataclass
-class EvalSchema:
-    """The `eval` group: conf/eval/default.yaml (documented there) and its compare variant."""
-
-    tasks: list[str] = field(
-        default_factory=lambda: ["next_sentence", "cloze", "add_choice", "mul_choice", "copy_choice"]
-    )
-    n_per_task: int = 200
-    max_new_tokens: int = 48
-    seed: int = 1234
-    batch_size: int = 8
-    ppl_max_length: int = 256
-    ppl_max_articles: int | None = None
-    tau: float | None = None
-    device: str = "auto"
-    harness: HarnessSchema = field(default_factory=HarnessSchema)
+# group schemas composed on their own (not through a command schema): the ConfigStore holds each as
+# `schema/<group>/base` (conf/study.yaml: `- schema/study@study: base`; `src.config.register`)
+GROUP_SCHEMAS: dict[str, type] = {"study": StudySpec}
 
 
-# group -> schema; the ConfigStore holds each as `schema/<group>/base`
-SCHEMAS: dict[str, type] = {
-    "skip": SkipSchema,
-    "loss": LossConfig,
-    "optim": OptimSchema,
-    "data": DataSchema,
-    "eval": EvalSchema,
-    "study": StudySpec,
-}
+def non_finite_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every NaN or +-inf number in a (resolved) config tree, lists included (`a.b[2]`)."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in non_finite_keys(value, f"{prefix}{key}.")]
+    if isinstance(node, (list, tuple)):
+        return [k for i, value in enumerate(node) for k in non_finite_keys(value, f"{prefix[:-1]}[{i}].")]
+    if isinstance(node, float) and not math.isfinite(node):
+        return [f"{prefix[:-1]}={node}"]
+    return []
 
 
-def register() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent; `src.config.register`, called by the entry points)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    for group, schema in SCHEMAS.items():
-        cs.store(group=f"schema/{group}", name="base", node=schema)
-
-
-def check(cfg: DictConfig) -> None:
-    """Merge every present group of `cfg` onto its schema (for configs not composed by Hydra, e.g. built
-    in code or read from an old run's config.yaml). Raises ConfigError naming `<group>.<key>`."""
+def typed(values: Any, schema: type[T], key: str) -> T:
+    """`values` (a mapping) as a `schema` instance; ConfigError naming `<key>.<field>` for an unknown key or
+    a wrong type. For the entries of an open mapping whose values have a schema (compare's `trained`)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    for group, schema in SCHEMAS.items():
-        node = cfg.get(group) if isinstance(cfg, DictConfig) else None
-        if node is None:
-            continue
-        try:
-            OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node, resolve=True))
-        except OmegaConfBaseException as err:
-            key = getattr(err, "full_key", None) or "?"
-            msg = str(getattr(err, "msg", err)).splitlines()[0]
-            raise ConfigError(f"{group}.{key}: {msg}") from None
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as err:
+        msg = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"{key}.{getattr(err, 'full_key', None) or '?'}: {msg}") from None
+
+
+def load(cfg: DictConfig, schema: type[T]) -> T:
+    """The composed config `cfg` as an instance of its command's `schema`: the one conversion at a command's
+    entry (interpolations resolved). Raises ConfigError, naming the key, for a key the schema does not have
+    (appended with `+key=`, or a config built in code), a value of the wrong type, an interpolation that does
+    not resolve, or a NaN / infinite number anywhere (it would pass every range check and surface much later
+    as a non-finite loss naming no key)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+        bad = non_finite_keys(values)
+        if bad:
+            raise ConfigError(f"every setting must be a finite number; not finite: {', '.join(bad)}")
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        msg = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None

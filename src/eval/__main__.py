@@ -3,11 +3,13 @@
     python -m src.eval ckpt_path=outputs/train/runs/<run>            # run folder (uses its flexidepth/)
     python -m src.eval ckpt_path=<flexidepth folder> eval.n_per_task=16
     python -m src.eval                                               # base model alone
-    python -m src.eval model=tiny_llama ckpt_path=<folder> logger=none eval.max_new_tokens=8
+    python -m src.eval model=tiny_llama ckpt_path=<flexidepth folder> logger=none eval.max_new_tokens=8
     python -m src.eval method=shortgpt method.k32=8                  # a baseline (conf/method/)
 
-Everything cheap is checked first (`src.config.preflight`: the config groups, the checkpoint against `model=`, its weights finite,
-`eval.tau`, task names, the device, hub access), before the model is loaded or a folder is written. The run
+The config is converted once into its typed settings (`EvaluateCommand`, src/config/commands.py) and
+everything cheap is checked first (`EvaluateCommand.check`: the values, the checkpoint against `model=`, its
+weights finite, `eval.tau`, task names, the device, hub access, an occupied output folder), before the
+model is loaded or a file is written. The run
 folder is named after the checkpoint (`<run>_<time>`; `base_<time>` or `<method>_<time>` without one).
 
 Writes outputs/evaluate/runs/<run_name>/: results.json, results.md (per-task table), completions.jsonl,
@@ -20,28 +22,30 @@ analysis.json / analysis_categories.png (what the router learned, src/eval/analy
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from ..config import preflight, register
+from ..config import register
+from ..config.commands import EvaluateCommand
+from ..config.run_model import adopt_run_model
+from ..config.schemas import load
 from ..render.report import main_table, scalar_metrics, task_table_rows
-from ..utils.cli import entry_point
+from ..utils.cli import hydra_command
 from ..utils.outputs import replacing
 
 log = logging.getLogger(__name__)
 register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 
-def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
+def log_results(s: EvaluateCommand, results: dict[str, Any]) -> None:
     """Log scalars (`scalar_metrics`) to every configured logger; to W&B loggers also the per-task table and
     the figures (PNG as wandb.Image, the HTML depth map as wandb.Html) (`src.utils.loggers.log_results`)."""
     from ..utils import loggers
 
     loggers.log_results(
-        cfg,
+        s.logger,
+        s.paths.output_dir,
         scalar_metrics(results),
         {"eval/tasks": task_table_rows(results)},
         results.get("figures", []),
@@ -50,24 +54,23 @@ def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Preflight, evaluate, log; prints the main table and the results folder. Returns the results."""
+    """Convert, check, evaluate, log; prints the main table and the results folder. Returns the results."""
     from ..utils.quiet import silence_third_party
     from .run import evaluate
 
-    preflight(cfg, "evaluate")  # refuses an occupied output folder unless overwrite=true
+    adopt_run_model(cfg)  # ckpt_path=<run>: the run's model, unless model= is given
+    s = load(cfg, EvaluateCommand)
+    s.check()  # refuses an occupied output folder unless overwrite=true
     silence_third_party()
-    with replacing(cfg.paths.output_dir, "evaluate"):  # an earlier set of results is replaced as one unit
-        results = evaluate(cfg)
-    log_results(cfg, results)
+    with replacing(s.paths.output_dir, "evaluate"):  # an earlier set of results is replaced as one unit
+        results = evaluate(s)
+    log_results(s, results)
     print(main_table(results), flush=True)
-    print(f"results in {cfg.paths.output_dir} (results.md, results.json, depthmap.html)", flush=True)
+    print(f"results in {s.paths.output_dir} (results.md, results.json, depthmap.html)", flush=True)
     return results
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="evaluate"
-)
-@entry_point
+@hydra_command("evaluate", writes_folder=True)
 def main(cfg: DictConfig) -> float | None:
     results = run(cfg)
     return (results.get("retention") or {}).get("retention")

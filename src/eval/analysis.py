@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from src.flexidepth.files import atomic_write_text
 from src.render.analysis import analysis_markdown, write_category_figure
 from src.utils.errors import UserError
+from src.utils.files import atomic_write_text
 
 
 class AnalysisInputError(UserError, ValueError):
@@ -398,7 +398,7 @@ def write_analysis(
         raise AnalysisInputError(
             f"eval_dir={eval_dir}: no depthmap.parquet (write one with python -m src.eval)"
         )
-    if isinstance(n_boot, bool) or int(n_boot) < 1:
+    if n_boot < 1:
         raise AnalysisInputError(f"n_boot must be an integer >= 1, got {n_boot!r}")
     if overwrite is not None:
         check_free(eval_dir, "analyze", overwrite, other="eval_dir")

@@ -3,39 +3,37 @@ threshold matched to k layers, every untrained baseline at each k, random contro
 the tables (`run_compare`: the base once, then every system on a fresh copy, through the evaluation loop
 `run.evaluate_against_base`; compare.json / compare.md) and the held-out curves (`run_curves`: perplexity
 against layers skipped per held-out set; curves.json / curves.md / ppl_vs_skipped.png). Drawing is
-src/render/'s; the command (preflight, logging) is src/compare.py.
+src/render/'s; the command (settings, checks, logging) is src/compare.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from ..flexidepth.files import atomic_write_text
+from ..utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
-def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
+def plan_systems(s, model_config) -> list[dict[str, Any]]:
     """The systems to compare, in table order, each {label, method, ckpt, table}; missing checkpoints are
     reported and left out, checkpoints of another base model refused before anything is evaluated. Method
     configs are conf/method/<name>.yaml composed by Hydra (`src.methods.compose_method`, the app's search
-    path) plus `method_overrides`, validated by the method's own schema (MethodConfigError names the key)."""
+    path) plus `method_overrides`, validated by the method's own schema (MethodConfigError names the key).
+    `s`: src.compare's checked settings (`CompareCommand`: trained, baselines, k32, method_overrides,
+    random_matched_to)."""
     from ..flexidepth.checkpoint import read_checkpoint_config, resolve_checkpoint
     from ..methods import build_method, compose_method
     from ..methods.removal import resolve_k
 
     num_layers = model_config.num_hidden_layers
 
-    def plain(key: str) -> dict:
-        node = cfg.get(key)
-        return {} if node is None else OmegaConf.to_container(node, resolve=True)
-
-    overrides, trained = plain("method_overrides"), plain("trained")
+    overrides = s.method_overrides or {}
+    trained = {label: asdict(entry) for label, entry in (s.trained or {}).items()}
     systems, missing = [], []
 
     def ckpt_of(label: str):
@@ -68,14 +66,14 @@ def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
                     "k": k,
                 }
             )
-    composed = {str(name): compose_method(str(name), overrides.get(name)) for name in cfg.baselines}
-    for k32 in cfg.k32:
-        for name in cfg.baselines:
+    composed = {str(name): compose_method(str(name), overrides.get(name)) for name in s.baselines}
+    for k32 in s.k32:
+        for name in s.baselines:
             method = {**composed[str(name)], "k": None, "k32": k32}
             build_method(method)
             k = resolve_k(method.get("k"), method.get("k32"), num_layers)
             systems.append({"label": f"{name}_k{k}", "method": method, "ckpt": None, "table": "main"})
-    for label in cfg.get("random_matched_to") or []:
+    for label in s.random_matched_to:
         ckpt = ckpt_of(label) if label in trained else None
         if ckpt is None:
             missing.append(f"random_matched_to {label}")
@@ -87,10 +85,11 @@ def plan_systems(cfg: DictConfig, model_config) -> list[dict[str, Any]]:
     return systems
 
 
-def run_compare(cfg: DictConfig) -> dict[str, Any]:
+def run_compare(s) -> dict[str, Any]:
     """The tables: the base model once, then every planned system (`plan_systems`) on a fresh copy of it,
     through `src.eval.run.evaluate_against_base`; writes compare.json and compare.md
-    (`src.render.report.compare_markdown`) into `paths.output_dir` and returns the results."""
+    (`src.render.report.compare_markdown`) into `paths.output_dir` and returns the results. `s`: src.compare's
+    checked settings (`CompareCommand`)."""
     import torch
 
     from ..flexidepth import set_tau
@@ -103,22 +102,22 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
     from ..utils.hardware import resolve_device
     from .run import eval_inputs, evaluate_against_base
 
-    ev = cfg.eval
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    device = resolve_device(str(ev.get("device", "auto")))
-    output_dir = Path(cfg.paths.output_dir)
+    ev = s.eval
+    model_cfg = s.model.to_dict()
+    device = resolve_device(ev.device)
+    output_dir = Path(s.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_cfg)
 
     def fresh_model():
-        torch.manual_seed(int(ev.seed))
+        torch.manual_seed(ev.seed)
         return load_base_model(model_cfg).eval().to(device)
 
     model = fresh_model()
     num_layers = model.config.num_hidden_layers
-    systems = plan_systems(cfg, model.config)  # validates every method before any evaluation
+    systems = plan_systems(s, model.config)  # validates every method before any evaluation
     inputs = eval_inputs(tokenizer, ev, output_dir)
-    skip = OmegaConf.to_container(cfg.skip, resolve=True)
+    skip = asdict(s.skip)
 
     def builder(system: dict):
         def apply(model):
@@ -153,8 +152,8 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
         "model": str(model_cfg.get("name_or_path")),
         "num_layers": num_layers,
         "k": sorted({r["k_target"] for r in rows if r["k_target"] is not None}),
-        "settings": OmegaConf.to_container(ev, resolve=True),
-        "ablation_reference": cfg.get("ablation_reference"),
+        "settings": asdict(ev),
+        "ablation_reference": s.ablation_reference,
         "rows": rows,
     }
     atomic_write_text(output_dir / "compare.json", json.dumps(results, indent=2, sort_keys=True))
@@ -162,7 +161,7 @@ def run_compare(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def run_curves(cfg: DictConfig) -> dict[str, Any]:
+def run_curves(s) -> dict[str, Any]:
     """Held-out perplexity vs layers skipped *on each held-out set* (src/eval/curves.py).
 
     The base model once; every trained FlexiDepth entry of `trained` (table main) as a threshold curve (its
@@ -170,6 +169,7 @@ def run_curves(cfg: DictConfig) -> dict[str, Any]:
     `curves.baselines` at each k of `curves.k` as a point (removal skips exactly k; random skipping at a
     uniform rate k / R with an identity skip path). Writes curves.json, curves.md (the comparison at equal
     layers skipped, interpolated along each curve) and ppl_vs_skipped.png (one panel per held-out set).
+    `s`: src.compare's checked settings (`CompareCommand`: curves, eval, model, skip, trained).
     """
     import copy
 
@@ -184,35 +184,35 @@ def run_curves(cfg: DictConfig) -> dict[str, Any]:
     from ..utils.hardware import resolve_device
     from . import curves as C
 
-    cc = cfg.curves
+    cc = s.curves
     names = check_heldout(list(cc.heldout), "curves.heldout")
     ks = [float(k) for k in cc.k]
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    device = resolve_device(str(cfg.eval.get("device", "auto")))
-    output_dir = Path(cfg.paths.output_dir)
+    model_cfg = s.model.to_dict()
+    device = resolve_device(s.eval.device)
+    output_dir = Path(s.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_cfg)
-    torch.manual_seed(int(cfg.eval.seed))
+    torch.manual_seed(s.eval.seed)
     base = load_base_model(model_cfg).eval().to(device)
     num_layers = base.config.num_hidden_layers
-    systems = [s for s in plan_systems(cfg, base.config) if s["method"] is None and "k" not in s]
-    systems = [s for s in systems if s["table"] == "main" and checkpoint_method(s["ckpt"]) == "flexidepth"]
-    sets = C.heldout_sets(tokenizer, names, int(cc.max_length), cc.get("max_tokens"))
+    systems = [x for x in plan_systems(s, base.config) if x["method"] is None and "k" not in x]
+    systems = [x for x in systems if x["table"] == "main" and checkpoint_method(x["ckpt"]) == "flexidepth"]
+    sets = C.heldout_sets(tokenizer, names, cc.max_length, cc.max_tokens)
     pad = pad_token_id(tokenizer)
-    bs = int(cfg.eval.batch_size)
+    bs = s.eval.batch_size
     base_sets = C.measure(base, sets, bs, pad)
     log.info("curves: base %s", {n: round(v["ppl"], 2) for n, v in base_sets.items()})
     curves, points = {}, {}
     for system in systems:
         model = copy.deepcopy(base)
         build_method({"name": "flexidepth"}).apply(model, ckpt=system["ckpt"])
-        cal = calibration_batches(tokenizer, {"texts": int(cc.calibration_texts)})
+        cal = calibration_batches(tokenizer, {"texts": cc.calibration_texts})
         own = float(model.flexidepth.config.tau)
         taus = sorted({own, *(round(tau_for_k(model, cal, float(k)), 6) for k in cc.curve_k)})
         curves[system["label"]] = C.tau_curve(model, sets, taus, bs, pad)
         log.info("curves: %s at %d thresholds", system["label"], len(taus))
         del model
-    skip = OmegaConf.to_container(cfg.skip, resolve=True)
+    skip = asdict(s.skip)
     for name in cc.baselines:
         for k in cc.k:
             method = {"name": name, "k": int(k), "k32": None}  # random_skip: uniform rate (no checkpoint)

@@ -1,6 +1,6 @@
 """Evaluation of a base model and the system a method builds on it (a FlexiDepth / MindSkip checkpoint or an
 untrained baseline, src/methods/): held-out perplexity, the task suite, lm-eval tasks, retention, analytic
-FLOPs, a DepthMap and figures. `evaluate(cfg)` is what `python -m src.eval` runs; what one system scores
+FLOPs, a DepthMap and figures. `evaluate(settings)` is what `python -m src.eval` runs; what one system scores
 is suite.py's.
 
 The evaluation loop is `evaluate_against_base`, shared with `python -m src.compare`: the base model is
@@ -22,9 +22,9 @@ import torch
 
 from src.flexidepth import is_injected, set_tau
 from src.flexidepth.checkpoint import resolve_checkpoint
-from src.flexidepth.files import atomic_write_text
 from src.methods import method_macs
 from src.models.tokenizer import load_tokenizer, pad_token_id
+from src.utils.files import atomic_write_text
 from src.utils.hardware import resolve_device
 
 from ..tasks.choice import (
@@ -88,22 +88,18 @@ def suite_examples(tasks: list[str], n_per_task: int, seed: int) -> list[TaskExa
 def eval_inputs(
     tokenizer, ev, output_dir: Path
 ) -> tuple[list[list[int]], list[TaskExample], list[str], str | None]:
-    """What every system is evaluated on: held-out perplexity windows, the built-in suite's examples, the
-    lm-eval task names and their include path (the project's offline tasks are written on demand)."""
+    """What every system is evaluated on (`ev`: the checked EvalConfig, src/eval/config.py): held-out
+    perplexity windows, the built-in suite's examples, the lm-eval task names and their include path (the
+    project's offline tasks are written on demand)."""
     from src.data.corpora import lee_heldout_articles
 
     texts = lee_heldout_articles()
-    limit = ev.get("ppl_max_articles")
-    if limit is not None:  # 0 is a value (refused), not "all"
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(
-                f"eval.ppl_max_articles must be null (all articles) or an integer >= 1, got {limit!r}"
-            )
-        texts = texts[:limit]
-    chunks = heldout_chunks(tokenizer, texts, int(ev.ppl_max_length))
+    if ev.ppl_max_articles is not None:  # null: all (0 is refused by EvalConfig.validate)
+        texts = texts[: ev.ppl_max_articles]
+    chunks = heldout_chunks(tokenizer, texts, ev.ppl_max_length)
     suite_tasks, harness_tasks = split_tasks(list(ev.tasks))
-    examples = suite_examples(suite_tasks, int(ev.n_per_task), int(ev.seed))
-    include = harness_include_path(harness_tasks, output_dir, (ev.get("harness") or {}).get("include_path"))
+    examples = suite_examples(suite_tasks, ev.n_per_task, ev.seed)
+    include = harness_include_path(harness_tasks, output_dir, ev.harness.include_path)
     return chunks, examples, harness_tasks, include
 
 
@@ -116,15 +112,13 @@ def evaluate_system(
     retention interval (`system_retention`)."""
     num_layers = model.config.num_hidden_layers
     log.info("%s: held-out perplexity over %d chunks", label, len(chunks))
-    ppl = perplexity(model, chunks, int(ev.batch_size), pad_id=pad_token_id(tokenizer))
+    ppl = perplexity(model, chunks, ev.batch_size, pad_id=pad_token_id(tokenizer))
     log.info("%s: task suite, %d examples", label, len(examples))
-    rows, records = run_suite(
-        model, tokenizer, examples, int(ev.max_new_tokens), int(ev.batch_size), label=label
-    )
+    rows, records = run_suite(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size, label=label)
     gen = generated_layers_mean(rows)
     summary = {
         "perplexity": ppl,
-        "tasks": summarize_tasks(rows, seed=int(ev.seed)),
+        "tasks": summarize_tasks(rows, seed=ev.seed),
         "example_scores": example_scores(rows),
         "layers": {
             "layers_used_scored": ppl["layers_used_mean"],
@@ -136,21 +130,21 @@ def evaluate_system(
     if harness_tasks:
         from .harness_run import run_harness
 
-        h = ev.get("harness") or {}
+        h = ev.harness
         log.info("%s: lm-eval tasks %s", label, list(harness_tasks))
         summary["harness"] = run_harness(
             model,
             tokenizer,
             list(harness_tasks),
-            num_fewshot=h.get("num_fewshot"),
-            limit=h.get("limit"),
-            batch_size=int(ev.batch_size),
+            num_fewshot=h.num_fewshot,
+            limit=h.limit,
+            batch_size=ev.batch_size,
             include_path=include_path,
-            max_gen_toks=h.get("max_gen_toks"),
-            seed=int(ev.seed),
-            apply_chat_template=bool(h.get("apply_chat_template", False)),
-            confirm_run_unsafe_code=bool(h.get("confirm_run_unsafe_code", False)),
-            bootstrap_iters=int(h.get("bootstrap_iters", 1000)),
+            max_gen_toks=h.max_gen_toks,
+            seed=ev.seed,
+            apply_chat_template=h.apply_chat_template,
+            confirm_run_unsafe_code=h.confirm_run_unsafe_code,
+            bootstrap_iters=h.bootstrap_iters,
         )
     return summary, rows, records
 
@@ -216,7 +210,7 @@ def evaluate_against_base(
 
     Args:
         model: the base model as loaded, on its device; evaluated first, as "base".
-        ev: the `eval` config node (batch_size, max_new_tokens, seed, harness, ...).
+        ev: the evaluation settings (EvalConfig: batch_size, max_new_tokens, seed, harness, ...).
         inputs: `eval_inputs`' (chunks, examples, harness tasks, include path).
         systems: (label, apply) pairs in order. `apply(model)` turns the model it is given into the system in
             place (its method applied, moved to the device) and returns the method's AppliedMethod; a label
@@ -237,7 +231,7 @@ def evaluate_against_base(
     summary, rows, records = measured("base")
     base = SystemResult("base", None, summary, rows, records, routed_layers=routed_layers(model))
     yield base
-    seed = int(ev.seed) if retention_seed is None else int(retention_seed)
+    seed = ev.seed if retention_seed is None else int(retention_seed)
     for label, apply in systems:
         if fresh_model is not None:
             del model
@@ -261,15 +255,16 @@ def evaluate_against_base(
         )
 
 
-def method_applies(cfg, ckpt: Path | None) -> bool:
-    """A system besides the base model: a checkpoint was given, or an untrained method was chosen."""
+def method_applies(method: dict | None, ckpt: Path | None) -> bool:
+    """A system besides the base model: a checkpoint was given, or an untrained `method` was chosen."""
     from src.methods import build_method
 
-    return ckpt is not None or not build_method(cfg.get("method") or {"name": "flexidepth"}).trains
+    return ckpt is not None or not build_method(method or {"name": "flexidepth"}).trains
 
 
-def evaluate(cfg) -> dict[str, Any]:
-    """Run the evaluation described by an `evaluate` config; writes and returns the results.
+def evaluate(s) -> dict[str, Any]:
+    """Run the evaluation `s` describes (src.eval's checked settings, `EvaluateCommand`: model, method,
+    ckpt_path, skip, eval, paths.output_dir); writes and returns the results.
 
     The base model is evaluated first, then the method (conf/method/, src/methods/) is applied to the same
     model in place and evaluated (`evaluate_against_base`): a FlexiDepth or MindSkip checkpoint
@@ -277,11 +272,11 @@ def evaluate(cfg) -> dict[str, Any]:
 
     Writes <paths.output_dir>/results.json, results.md, completions.jsonl, depthmap.parquet (the last
     evaluated system's tokens, with the base model's entropy / loss on them), the figures and the depth
-    analysis (analysis.md / .json / _categories.png, src/eval/analysis.py). Raises FileNotFoundError for a
-    `ckpt_path` without a FlexiDepth folder, ValueError for a bad method config (before the model is
+    analysis (analysis.md / .json / _categories.png, src/eval/analysis.py). Raises CheckpointNotFound for a
+    `ckpt_path` without a FlexiDepth folder, MethodConfigError for a bad method config (before the model is
     loaded).
     """
-    from omegaconf import OmegaConf
+    from dataclasses import asdict
 
     from src.methods import build_method, checkpoint_method, trains
     from src.models.loader import load_base_model
@@ -292,22 +287,20 @@ def evaluate(cfg) -> dict[str, Any]:
     from .depthmap import write_depthmap
     from .uncertainty import add_base_stats
 
-    ev = cfg.eval
-    method_cfg = (
-        OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else {"name": "flexidepth"}
-    )
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
+    ev = s.eval
+    method_cfg = dict(s.method or {"name": "flexidepth"})
+    ckpt = resolve_checkpoint(s.ckpt_path)
     if ckpt is not None and build_method(method_cfg).trains:  # a trained checkpoint names its method
         stored = checkpoint_method(ckpt)
         if stored != method_cfg.get("name"):
             method_cfg = {"name": stored}
     build_method(method_cfg)  # validates, before the model is loaded
-    torch.manual_seed(int(ev.seed))
-    output_dir = Path(cfg.paths.output_dir)
+    torch.manual_seed(ev.seed)
+    output_dir = Path(s.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = s.model.to_dict()
     model = load_base_model(model_cfg).eval()
-    device = resolve_device(str(ev.get("device", "auto")))
+    device = resolve_device(ev.device)
     model.to(device)
     tokenizer = load_tokenizer(model_cfg)
     num_layers = model.config.num_hidden_layers
@@ -315,18 +308,13 @@ def evaluate(cfg) -> dict[str, Any]:
     inputs = eval_inputs(tokenizer, ev, output_dir)
 
     def apply(model):
-        applied = build_method(method_cfg).apply(
-            model,
-            tokenizer=tokenizer,
-            ckpt=ckpt,
-            skip=OmegaConf.to_container(cfg.skip, resolve=True) if cfg.get("skip") else None,
-        )
+        applied = build_method(method_cfg).apply(model, tokenizer=tokenizer, ckpt=ckpt, skip=asdict(s.skip))
         model.to(device)
-        if ev.get("tau") is not None and trains(applied.name):
-            set_tau(model, float(ev.tau))  # the one writer: every layer and applied.flexi_cfg read it
+        if ev.tau is not None and trains(applied.name):
+            set_tau(model, ev.tau)  # the one writer: every layer and applied.flexi_cfg read it
         return applied
 
-    systems = [(None, apply)] if method_applies(cfg, ckpt) else []
+    systems = [(None, apply)] if method_applies(method_cfg, ckpt) else []
     evaluated = list(evaluate_against_base(model, tokenizer, ev, inputs, systems))
     depth_records = evaluated[-1].records  # the system's tokens (the base model's when none applies)
     applied = evaluated[-1].applied
@@ -334,18 +322,18 @@ def evaluate(cfg) -> dict[str, Any]:
     add_base_stats(  # the base's distribution on the system's own tokens (its routing off)
         model,
         depth_records,
-        int(ev.batch_size),
+        ev.batch_size,
         pad_token_id(tokenizer),
         method=None if applied is None else applied.name,
     )
     del model
 
     results: dict[str, Any] = {
-        "model": str(model_cfg.get("name_or_path")),
+        "model": str(s.model.name_or_path),
         "ckpt_path": str(ckpt) if ckpt else None,
         "num_layers": num_layers,
         "routed_layers": [],
-        "settings": OmegaConf.to_container(ev, resolve=True),
+        "settings": asdict(ev),
         "perplexity": {},
         "tasks": {},
         "layers": {},

@@ -1,5 +1,5 @@
 """`python -m src.speed` measured (the command is src/speed.py; its module docstring says what is timed):
-the settings (`speed_settings`), the systems built from one base model (`build_systems`: the base, each
+the settings (`SpeedSettings`, `speed_settings`), the systems built from one base model (`build_systems`: the base, each
 checkpoint at every tau, a layer_replacement checkpoint once, ShortGPT with its layers deleted), the comparison at equal measured speedup
 (`equal_speedup`) and the whole run (`run_speed`: speed.json, speed.md, ppl_vs_speedup.png). Timing is
 speed_timing.py's, drawing src/render/speed.py's."""
@@ -10,28 +10,35 @@ import copy
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..flexidepth.files import atomic_write_text
 from ..render.speed import plot_speed, set_mode, speed_markdown
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, check_count
+from ..utils.files import atomic_write_text
 from .curves import interpolate
 from .speed_timing import flop_ideal, heldout_prompts, loop_vs_hf, machine_record, measure_speed
 
 log = logging.getLogger(__name__)
 
 
+# smallest value of each count (0: switches that part off)
+COUNTS = {"prompts": 1, "prompt_length": 1, "new_tokens": 1, "batch": 0, "prefill_length": 0, "rounds": 1,
+          "warmup": 0, "threads": 1, "ppl_max_tokens": 0, "ppl_max_length": 2, "ppl_batch_size": 1,
+          "calibration_texts": 1}  # fmt: skip
+
+
 @dataclass
 class SpeedSettings:
-    """The keys of conf/speed.yaml that shape the measurement (checked by `speed_settings`)."""
+    """The keys of conf/speed.yaml that shape the measurement (documented there); typed by the command's
+    schema (`src.config.commands.SpeedCommand`), values checked by `validate`."""
 
-    taus: list[float]
-    shortgpt_k: list[int]
+    taus: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    shortgpt_k: list[int] = field(default_factory=lambda: [2, 4, 6])
     prompts: int = 2
     prompt_length: int = 32
     new_tokens: int = 24
@@ -49,64 +56,33 @@ class SpeedSettings:
     text_decode: bool = True
     always_run_max_skip: float | None = None
 
+    def validate(self) -> SpeedSettings:
+        """Ranges (ConfigError naming the key; `shortgpt_k` against the model's depth is the command's
+        check): taus a non-empty list in [0, 1], sorted without repeats; shortgpt_k whole numbers >= 1,
+        sorted without repeats; counts >= 1 (batch, prefill_length, warmup, ppl_max_tokens: 0 switches that
+        part off; ppl_max_tokens null: all); heldout known held-out set names. Returns self."""
+        from ..data.mixture import check_heldout
+
+        if not self.taus or not all(0.0 <= t <= 1.0 for t in self.taus):
+            raise ConfigError(f"taus must be a non-empty list of thresholds in [0, 1], got {self.taus!r}")
+        if not all(k >= 1 for k in self.shortgpt_k):
+            raise ConfigError(f"shortgpt_k: every k must be an integer >= 1, got {self.shortgpt_k!r}")
+        ar = self.always_run_max_skip
+        if ar is not None and not 0 <= ar < 1:
+            raise ConfigError(f"always_run_max_skip must be null or a skip rate in [0, 1), got {ar!r}")
+        for key, low in COUNTS.items():
+            check_count(key, getattr(self, key), low, nullable=key == "ppl_max_tokens")
+        if not check_heldout(self.heldout, "heldout"):
+            raise ConfigError("heldout must name at least one held-out set (prompts come from them)")
+        self.taus = sorted(set(self.taus))
+        self.shortgpt_k = sorted(set(self.shortgpt_k))
+        return self
+
 
 def speed_settings(cfg: DictConfig) -> SpeedSettings:
-    """conf/speed.yaml's measurement keys, checked; ConfigError naming the key otherwise (before any model
-    work; `shortgpt_k` against the model's depth: preflight). taus: numbers in [0, 1]; shortgpt_k: whole numbers >= 1; counts >= 1 (batch, ppl_max_tokens:
-    0 / null switch that part off); heldout: known held-out set names."""
-    from ..data.mixture import check_heldout
-
-    def whole(key: str, low: int, allow_none: bool = False) -> int | None:
-        v = cfg.get(key)
-        if v is None and allow_none:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ConfigError(f"{key} must be an integer >= {low}, got {v!r}")
-        return int(v)
-
-    taus = cfg.get("taus")
-    if taus is None or isinstance(taus, (str, int, float)) or len(taus) == 0:
-        raise ConfigError(f"taus must be a non-empty list of thresholds in [0, 1], got {taus!r}")
-    for t in taus:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
-            raise ConfigError(f"taus: every threshold must be a number in [0, 1], got {t!r}")
-    ks = cfg.get("shortgpt_k") or []
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"shortgpt_k: every k must be an integer >= 1, got {k!r}")
-    ar = cfg.get("always_run_max_skip")
-    if ar is not None and (isinstance(ar, bool) or not isinstance(ar, (int, float)) or not 0 <= ar < 1):
-        raise ConfigError(f"always_run_max_skip must be null or a skip rate in [0, 1), got {ar!r}")
-    heldout = check_heldout(list(cfg.get("heldout") or []), "heldout")
-    if not heldout:
-        raise ConfigError("heldout must name at least one held-out set (prompts come from them)")
-    return SpeedSettings(
-        taus=sorted({float(t) for t in taus}),
-        shortgpt_k=sorted({int(k) for k in ks}),
-        prompts=whole("prompts", 1),
-        prompt_length=whole("prompt_length", 1),
-        new_tokens=whole("new_tokens", 1),
-        batch=whole("batch", 0),
-        prefill_length=whole("prefill_length", 0),
-        rounds=whole("rounds", 1),
-        warmup=whole("warmup", 0),
-        threads=whole("threads", 1),
-        heldout=heldout,
-        ppl_max_tokens=whole("ppl_max_tokens", 0, allow_none=True),
-        ppl_max_length=whole("ppl_max_length", 2),
-        ppl_batch_size=whole("ppl_batch_size", 1),
-        calibration_texts=whole("calibration_texts", 1),
-        per_set_speed=_flag(cfg, "per_set_speed"),
-        text_decode=_flag(cfg, "text_decode"),
-        always_run_max_skip=None if ar is None else float(ar),
-    )
-
-
-def _flag(cfg: DictConfig, key: str) -> bool:
-    v = cfg.get(key, False)
-    if not isinstance(v, bool):
-        raise ConfigError(f"{key} must be true or false, got {v!r}")
-    return v
+    """The measurement keys of a composed src.speed config, as SpeedSettings, checked (`validate`)."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    return SpeedSettings(**{f.name: values[f.name] for f in fields(SpeedSettings)}).validate()
 
 
 STATIC_KINDS = ("shortgpt", "layer_replacement")  # one point each (no threshold): compared against the curves

@@ -32,6 +32,10 @@ class CheckpointError(ValueError):
     the message names the file."""
 
 
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """A checkpoint setting names no FlexiDepth folder; the message names the setting."""
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; CheckpointError naming the file if it is missing or damaged."""
     path = Path(path)
@@ -96,16 +100,46 @@ def checkpoint_folder(path: str | Path) -> Path | None:
     return None
 
 
-def resolve_checkpoint(path: str | Path | None) -> Path | None:
-    """A `ckpt_path` setting as a FlexiDepth folder: None for None, "" or "null" (no checkpoint), else
-    `checkpoint_folder(path)`. Raises FileNotFoundError when neither `path` nor its flexidepth/ holds
-    `CONFIG`."""
+def resolve_checkpoint(path: str | Path | None, key: str = "ckpt_path") -> Path | None:
+    """A checkpoint setting (`key`, e.g. ckpt_path) as a FlexiDepth folder: None for None, "" or "null" (no
+    checkpoint), else `checkpoint_folder(path)`. Raises CheckpointNotFound naming `key` when `path` does not
+    exist or neither it nor its flexidepth/ holds `CONFIG`."""
     if path in (None, "", "null"):
         return None
-    found = checkpoint_folder(path)
-    if found is None:
-        raise FileNotFoundError(f"ckpt_path={str(path)!r}: neither it nor its flexidepth/ holds {CONFIG}")
-    return found
+    found = checkpoint_folder(Path(str(path)).expanduser())
+    if found is not None:
+        return found
+    if not Path(str(path)).expanduser().exists():
+        raise CheckpointNotFound(f"{key}={str(path)!r}: no such file or folder")
+    raise CheckpointNotFound(
+        f"{key}={str(path)!r}: neither it nor its flexidepth/ holds {CONFIG} (a run that has not finished "
+        "exports flexidepth/ at its end; `python -m src.convert checkpoint=<run>/checkpoints/last.ckpt "
+        "out_dir=<out>` exports a checkpoint)"
+    )
+
+
+def checkpoint_problems(folder: Path, key: str, identity: dict | None = None) -> list[str]:
+    """Whether the checkpoint `folder` (set by `key`) can be used: its config readable, trained on the base
+    model whose `identity` is given (model_type, num_hidden_layers, hidden_size, intermediate_size; None:
+    not compared), its weights finite. One message per problem, naming `key` and the file."""
+    try:
+        meta = read_checkpoint_config(folder)
+    except CheckpointError as err:
+        return [f"{key}: {err}"]
+    problems = []
+    stored = meta.get("base_model") or {}
+    bad = [k for k in (identity or {}) if k in stored and stored[k] != identity[k]]
+    if bad:
+        diffs = ", ".join(f"{k}={stored[k]!r} (this model: {identity[k]!r})" for k in bad)
+        problems.append(
+            f"{key}: {folder / CONFIG} was trained on another base model ({stored.get('name_or_path')!r}: "
+            f"{diffs}); pass the model= it was trained on"
+        )
+    try:
+        check_finite(folder / WEIGHTS)
+    except CheckpointError as err:
+        problems.append(f"{key}: {err}")
+    return problems
 
 
 def read_checkpoint_config(folder: str | Path) -> dict:

@@ -167,6 +167,19 @@ class FlexiDepthConfig:
                 f"routes {_spans(routed)})"
             )
 
+    def trainable_problems(self, num_layers: int) -> list[str]:
+        """Whether a model of `num_layers` layers with this config has anything to train: not when every
+        routed layer is in `always_skip` (no router is trained) and `adapter` is none (no adapter). One
+        message naming both keys, [] otherwise."""
+        routed = self.routed_layers(num_layers)
+        if self.adapter == "none" and set(routed) <= {i % num_layers for i in self.always_skip}:
+            return [
+                f"nothing to train: every routed layer ({routed}) is in skip.always_skip, so no router is "
+                "trained, and skip.adapter=none has no adapter; take layers out of skip.always_skip or set "
+                "skip.adapter=swiglu"
+            ]
+        return []
+
     def check_always_skip(self, layer_types: list[str] | None, num_layers: int) -> None:
         """`always_skip` against the model's attention layout: the first layer of each attention type
         (layer 0 in a model without `layer_types`) must keep its K/V, since transformers reads the KV cache's

@@ -8,9 +8,11 @@ step is split into micro-batches or ranks -- the manual fix the official code ne
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -21,6 +23,7 @@ from ..flexidepth.flops import flops_report
 from ..flexidepth.inject import is_flexidepth_param
 from ..models.loader import load_base_model
 from .objectives import AlphaSchedule, LossConfig, kd_loss_sum
+from .optim import OptimConfig
 from .teacher import full_teacher_logits, student_and_teacher
 
 
@@ -55,45 +58,47 @@ class FlexiDepthModule(L.LightningModule):
     """Hosts the model; logs train/*, val/*, skip/* metrics.
 
     Args:
-        model: the `model` config node (name_or_path, dtype, arch, ...).
-        skip: the `skip` config node: FlexiDepthConfig fields (plus the deprecated alias `alpha`: when not
-            None it overrides `loss.alpha`).
-        optim: lr, betas, weight_decay, warmup_ratio, min_lr_ratio, router_lr / adapter_lr (None: lr).
-        loss: the `loss` config node (`LossConfig`: alpha, objective, temperature, warm-up, target).
+        model: the `model` node as a mapping (name_or_path, dtype, arch, ...; `ModelConfig.to_dict()`).
+        skip: the routers' and adapters' settings (checked; `inject_fn` may fill in the routed layers).
+        optim: the optimizer's settings.
+        loss: the objective (alpha, objective, temperature, warm-up, target; its budget already checked
+            against the routed layers by the command).
         gradient_checkpointing: enable HF gradient checkpointing in the frozen base.
         method: the trained method's name (stored in hparams and checkpoints: "flexidepth", "mindskip", ...).
         inject_fn: what wraps the routed layers, `inject_fn(model, flexi_cfg)` (the method object's
             `inject`, src/methods/); None: the registry's method `method`. The module imports no baseline.
-    Raises MethodConfigError when `method` trains nothing.
+    Checkpoints store the settings as plain dicts (`hyper_parameters`: model, skip, optim,
+    gradient_checkpointing, method, loss). Raises MethodConfigError when `method` trains nothing.
     """
 
     def __init__(
         self,
         model: dict[str, Any],
-        skip: dict[str, Any],
-        optim: dict[str, Any],
+        skip: FlexiDepthConfig,
+        optim: OptimConfig,
         gradient_checkpointing: bool = False,
         method: str = "flexidepth",
-        loss: dict[str, Any] | None = None,
+        loss: LossConfig | None = None,
         inject_fn: Callable[[Any, FlexiDepthConfig], Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["inject_fn"])
-        skip = dict(skip)
-        loss = dict(loss or {})
-        if (
-            skip.pop("alpha", None) is not None
-        ):  # the skip node's schema-only alias key: null past the boundary
-            raise ValueError(
-                "skip.alpha is translated into loss.alpha at the command's boundary "
-                "(src.config.checks.translate_skip_alpha); pass loss.alpha"
-            )
-        self.loss_cfg = LossConfig.from_dict(loss)
+        self.loss_cfg = loss if loss is not None else LossConfig()
+        self.save_hyperparameters(
+            {
+                "model": dict(model),
+                "skip": skip.to_dict(),
+                "optim": asdict(optim),
+                "gradient_checkpointing": gradient_checkpointing,
+                "method": method,
+                "loss": self.loss_cfg.to_dict(),
+            },
+            logger=False,
+        )
         self.alpha_schedule = AlphaSchedule(self.loss_cfg)
-        self.flexi_cfg = FlexiDepthConfig.from_dict(skip)
-        self.optim_cfg = dict(optim)
+        self.flexi_cfg = copy.deepcopy(skip)  # the model's own: inject_fn and set_tau change it
+        self.optim_cfg = optim
         self.method = method
-        self.model = load_base_model(model)
+        self.model = load_base_model(dict(model))
         if inject_fn is None:
             from ..methods import method_class
 
@@ -110,7 +115,6 @@ class FlexiDepthModule(L.LightningModule):
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
         state = self.model.flexidepth
-        self.loss_cfg.validate(routed_layers=len(state.layer_indices))
         self.usage = UsageAccumulator(state.layer_indices, state.num_layers)
         self.strict_loading = False  # Lightning checkpoints hold only router/adapter tensors
         self._val: dict[str, float] = {}
@@ -296,14 +300,14 @@ class FlexiDepthModule(L.LightningModule):
             if p.requires_grad:
                 groups["router" if ".router." in f".{name}" else "adapter"].append(p)
         params = [
-            {"params": ps, "lr": float(o.get(f"{kind}_lr") or o["lr"]), "name": kind}
+            {"params": ps, "lr": float(getattr(o, f"{kind}_lr") or o.lr), "name": kind}
             for kind, ps in groups.items()
             if ps
         ]
-        opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(math.ceil(o["warmup_ratio"] * total))
-        floor = float(o.get("min_lr_ratio", 0.0))
+        warmup = int(math.ceil(o.warmup_ratio * total))
+        floor = float(o.min_lr_ratio)
 
         def schedule(step: int) -> float:  # linear warmup, cosine decay to min_lr_ratio
             if step < warmup:

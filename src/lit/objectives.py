@@ -44,8 +44,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from src.flexidepth.config import reject_unknown_keys
-
 from ..utils.errors import UserError
 
 OBJECTIVES = ("ce", "kd", "mix")
@@ -76,22 +74,14 @@ class LossConfig:
     alpha_max: float = 1.0
     calibrate_tau: bool = True
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LossConfig:
-        reject_unknown_keys("loss", data, cls, LossConfigError)
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def validate(self, routed_layers: int | None = None) -> None:
-        """Value checks; with `routed_layers`, the target must be reachable (0 <= target <= R)."""
+    def validate(self) -> LossConfig:
+        """Value checks; LossConfigError naming `loss.<key>`. Returns self."""
         for key in ("alpha", "temperature", "controller_rate", "controller_down_factor", "alpha_max"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise LossConfigError(f"loss.{key} must be a number >= 0, got {value!r}")
+            if getattr(self, key) < 0:
+                raise LossConfigError(f"loss.{key} must be a number >= 0, got {getattr(self, key)!r}")
         if self.objective not in OBJECTIVES:
             raise LossConfigError(f"loss.objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         if not 0.0 <= float(self.kd_weight) <= 1.0:
@@ -101,9 +91,7 @@ class LossConfig:
                 f"loss.temperature must be in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}] (logits are "
                 f"divided by it; a smaller one overflows), got {self.temperature!r}"
             )
-        if not isinstance(self.calibrate_tau, bool):
-            raise LossConfigError(f"loss.calibrate_tau must be true/false, got {self.calibrate_tau!r}")
-        if not isinstance(self.alpha_warmup_steps, int) or self.alpha_warmup_steps < 0:
+        if self.alpha_warmup_steps < 0:
             raise LossConfigError(
                 f"loss.alpha_warmup_steps must be an integer >= 0, got {self.alpha_warmup_steps!r}"
             )
@@ -111,16 +99,21 @@ class LossConfig:
             raise LossConfigError(f"loss.alpha ({self.alpha}) must be <= loss.alpha_max ({self.alpha_max})")
         t = self.target_layers_skipped
         if t is not None:
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
+            if t < 0:
                 raise LossConfigError(f"loss.target_layers_skipped must be a number >= 0 or null, got {t!r}")
-            if routed_layers is not None and t > routed_layers:
-                raise LossConfigError(
-                    f"loss.target_layers_skipped={t} exceeds the {routed_layers} routed layers"
-                )
             if self.alpha <= 0:
                 raise LossConfigError(
                     "loss.alpha (the controller's starting value) must be > 0 with a target"
                 )
+        return self
+
+    def budget_problems(self, routed_layers: int) -> list[str]:
+        """The layers-skipped budget against the model's `routed_layers` (0 <= target <= R): one message
+        naming `loss.target_layers_skipped` when it cannot be reached, [] otherwise."""
+        t = self.target_layers_skipped
+        if t is not None and t > routed_layers:
+            return [f"loss.target_layers_skipped={t} exceeds the {routed_layers} routed layers of this model"]
+        return []
 
 
 def kd_loss_sum(

@@ -5,7 +5,7 @@ A method is a dataclass whose fields are its options (the keys of its `conf/meth
     trains: ClassVar[bool]                      # does `src.train` train it (routers / adapters)?
     validate()                                  # value checks; raise MethodConfigError naming `method.<key>`
     inject(model, flexi_cfg)                    # trained methods: wrap the routed layers (LightningModule)
-    prepare_training(cfg, explicit)             # trained methods: check / adjust src.train's config first
+    prepare_training(settings, explicit)        # trained methods: check / adjust src.train's settings first
     training_record()                           # trained methods: what inject decided (-> checkpoints)
     apply(model, *, tokenizer, ckpt, skip)      # turn a base model into the system -> AppliedMethod
     cost(config, applied, layers_skipped)       # analytic MACs per token of the system (lm_head included)
@@ -129,8 +129,8 @@ class Method:
             f"method={self.name} has nothing to train (apply it with src.eval / src.compare)"
         )
 
-    def prepare_training(self, cfg, explicit: set[str]) -> list[str]:
-        """Trained methods: check / adjust the composed src.train config (DictConfig, edited in place) before
+    def prepare_training(self, settings, explicit: set[str]) -> list[str]:
+        """Trained methods: check / adjust src.train's typed settings (`TrainCommand`, edited in place) before
         anything is loaded or the run folder is claimed. `explicit`: the dotted keys the user set (command
         line, an experiment preset). Returns notes for the log; raises MethodConfigError naming the key.
         Default: nothing to do."""

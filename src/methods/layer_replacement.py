@@ -80,11 +80,11 @@ class LayerReplacement(FlexiDepth):
 
     # ------------------------------------------------------------------ options
     def validate(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        if self.k < 1:  # the dataclass types it (Method.from_config)
             raise MethodConfigError(f"method.k must be an integer >= 1 (layers replaced), got {self.k!r}")
         for key in ("texts", "max_length", "batch_size"):
             value = getattr(self.calibration, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise MethodConfigError(f"method.calibration.{key} must be an integer >= 1, got {value!r}")
 
     def check_k(self, num_layers: int) -> None:
@@ -95,18 +95,18 @@ class LayerReplacement(FlexiDepth):
                 "(layers replaced; the first layer keeps its K/V)"
             )
 
-    def prepare_training(self, cfg, explicit: set[str]) -> list[str]:
+    def prepare_training(self, settings, explicit: set[str]) -> list[str]:
         """Check k against model.arch, refuse user settings that contradict the method, clear the recipe's
         budget / alpha (nothing is routed), and note the tokenizer for the calibration text."""
-        from omegaconf import OmegaConf
-
-        arch = OmegaConf.select(cfg, "model.arch.num_hidden_layers")
+        arch = (settings.model.arch or {}).get("num_hidden_layers")
         if arch is not None:
             self.check_k(int(arch))
         for key in _OWN_KEYS:
             if key not in explicit:
                 continue
-            value = OmegaConf.select(cfg, key)
+            value = settings
+            for part in key.split("."):
+                value = getattr(value, part)
             if key == "loss.target_layers_skipped" and value is not None:
                 why = "a layers-skipped budget; it skips exactly method.k layers, set it to null"
             elif key == "loss.alpha" and value not in (None, 0, 0.0):
@@ -119,26 +119,21 @@ class LayerReplacement(FlexiDepth):
                 continue
             raise MethodConfigError(f"{key}={value!r} contradicts method=layer_replacement: {why}")
         notes = []
-        loss = cfg.get("loss")
-        if loss is not None:
-            cleared = {
-                k: v
-                for k, v in (
-                    ("target_layers_skipped", loss.get("target_layers_skipped")),
-                    ("alpha", loss.get("alpha")),
-                )
-                if v not in (None, 0, 0.0)
-            }
-            if cleared:
-                notes.append(
-                    "method=layer_replacement routes nothing: "
-                    + ", ".join(f"loss.{k}={v}" for k, v in cleared.items())
-                    + " of the model's recipe / defaults not used (null budget, alpha 0)"
-                )
-            loss.target_layers_skipped = None
-            loss.alpha = 0.0
-        if cfg.get("model") is not None:  # the calibration text's tokenizer, loaded at inject
-            self._model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        loss = settings.loss
+        cleared = {
+            k: v
+            for k, v in (("target_layers_skipped", loss.target_layers_skipped), ("alpha", loss.alpha))
+            if v not in (None, 0, 0.0)
+        }
+        if cleared:
+            notes.append(
+                "method=layer_replacement routes nothing: "
+                + ", ".join(f"loss.{k}={v}" for k, v in cleared.items())
+                + " of the model's recipe / defaults not used (null budget, alpha 0)"
+            )
+        loss.target_layers_skipped = None
+        loss.alpha = 0.0
+        self._model_cfg = settings.model.to_dict()  # the calibration text's tokenizer, loaded at inject
         return notes
 
     # ------------------------------------------------------------------ training

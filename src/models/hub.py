@@ -1,6 +1,6 @@
 """Hugging Face hub access without loading anything: offline mode, local paths vs hub ids, the local cache,
 and the message that says what to do when a model or dataset cannot be reached (used by the model loader
-and by the entry points' preflight, src/config/preflight.py)."""
+and by the entry points' checks: `ModelConfig.access_problems`, `DataConfig.access_problems`)."""
 
 from __future__ import annotations
 
@@ -81,3 +81,16 @@ def model_load_error(model_cfg: dict[str, Any], err: BaseException) -> Preflight
     if looks_like_path(name) or path.exists():
         return PreflightError(f"model.name_or_path={name!r}: cannot load a model from {path} ({err})")
     return PreflightError(hub_access_message("model.name_or_path", name, "model", error=err))
+
+
+def hub_dataset_cached(repo: str) -> bool:
+    """In the hub cache or in `datasets`' own cache (what `load_dataset` can use offline)."""
+    if (hub_cache() / f"datasets--{repo.replace('/', '--')}").is_dir():
+        return True
+    try:
+        from datasets import config as ds_config
+
+        cache = Path(ds_config.HF_DATASETS_CACHE)
+    except Exception:  # datasets not importable: nothing cached there
+        return False
+    return (cache / repo.replace("/", "___")).is_dir()

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-ARCH_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size")
+from .config import ARCH_KEYS
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -117,8 +117,8 @@ def category_figure(a: dict[str, Any]):
 
 
 def write_category_figure(a: dict[str, Any], path: str | Path) -> Path:
-    """Save `category_figure` as a PNG, atomically (`flexidepth.files.atomic_save_figure`)."""
-    from ..flexidepth.files import atomic_save_figure
+    """Save `category_figure` as a PNG, atomically (`utils.files.atomic_save_figure`)."""
+    from ..utils.files import atomic_save_figure
 
     return atomic_save_figure(category_figure(a), path, dpi=120)
 

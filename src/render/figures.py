@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..flexidepth.files import atomic_save_figure
+from ..utils.files import atomic_save_figure
 from .html import write_depthmap_html
 
 # At most this many examples per task go into depthmap.html (the eval default is 8 per task).

@@ -9,16 +9,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..utils.run_config import run_config
+
 FIGURE = "ppl_vs_skipped.png"  # src.compare's held-out curves figure, copied into the export when given
-
-
-def run_folder_of(ckpt_folder: Path) -> Path | None:
-    """The training run folder a checkpoint folder belongs to (`<run>/flexidepth/` with `<run>/.hydra/`)."""
-    for cand in (ckpt_folder, ckpt_folder.parent):
-        markers = (cand / ".hydra" / "config.yaml", cand / "metrics.json", cand / "history")
-        if any(m.exists() for m in markers):
-            return cand
-    return None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -27,29 +20,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _read_yaml(path: Path):
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-
-
-def run_config(run_dir: Path) -> tuple[Any, Any]:
-    """(config, command-line overrides) of a training run: `.hydra/config.yaml` / `overrides.yaml`, else the
-    latest start's copies in `history/` (`config-<n>.yaml`, `hydra-<n>/overrides.yaml`, src/utils/runs.py)."""
-    hydra_dir = run_dir / ".hydra"
-    if (hydra_dir / "config.yaml").is_file():
-        return _read_yaml(hydra_dir / "config.yaml"), _read_yaml(hydra_dir / "overrides.yaml")
-    configs = sorted((run_dir / "history").glob("config-*.yaml"))
-    if not configs:
-        return None, None
-    latest = configs[-1]
-    copy = run_dir / "history" / latest.stem.replace("config-", "hydra-") / "overrides.yaml"
-    return _read_yaml(latest), _read_yaml(copy) if copy.is_file() else None
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -222,7 +222,7 @@ def plot_speed(results: dict, path: str | Path) -> Path:
         axes[row][0].set_ylabel("held-out perplexity")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    from ..flexidepth.files import atomic_save_figure
+    from ..utils.files import atomic_save_figure
 
     try:
         return atomic_save_figure(fig, path, dpi=110)

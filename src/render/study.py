@@ -166,7 +166,7 @@ def _panels(summary: dict):
 def _save(fig, panels, title: str, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from ..flexidepth.files import atomic_save_figure
+    from ..utils.files import atomic_save_figure
 
     panels[-1][0].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
@@ -284,7 +284,7 @@ def plot_axis(summary: dict, path: str | Path) -> Path | None:
     axes[1][0].set_ylabel("layers skipped (on the set)")
     fig.suptitle(f"study {summary['study']}: mean and 95% interval over seeds", fontsize=9)
     fig.tight_layout()
-    from ..flexidepth.files import atomic_save_figure
+    from ..utils.files import atomic_save_figure
 
     out = atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from ..flexidepth.files import atomic_write_text
+from ..utils.files import atomic_write_text
 from ..utils.runs import RunHistory, run_finished
 from .spec import Point, StudySpec, plan_points
 from .summary import summarise

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..flexidepth.files import atomic_write_text
+from ..utils.files import atomic_write_text
 from ..utils.runs import RunHistory
 from .spec import Point, StudySpec, speed_settings
 

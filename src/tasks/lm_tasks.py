@@ -167,3 +167,29 @@ __all__ = [
     "task_configs",
     "write_local_tasks",
 ]
+
+
+def unknown_task_problems(
+    tasks: list[str], include_path: str | None = None, key: str = "eval.tasks"
+) -> list[str]:
+    """Names in `tasks` (the setting `key`) that are neither built-in (generation and multiple-choice tasks),
+    nor the project's lm-eval tasks, nor known to lm-eval (with `include_path`'s own task folder); one
+    message listing them, [] when all are known."""
+    from src.tasks.choice import CHOICE_TASKS
+    from src.tasks.generation import TASKS
+
+    builtin = (*TASKS, *CHOICE_TASKS)
+    known = set(builtin) | set(LOCAL_TASKS) | {LOCAL_GROUP, LOCAL_TAG}
+    rest = [t for t in tasks if t not in known]
+    if not rest:
+        return []
+    from lm_eval.tasks import TaskManager  # indexes lm-eval's tasks (~15 s), still far below a model load
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in rest if t not in manager.all_tasks]
+    if not unknown:
+        return []
+    return [
+        f"{key}: unknown task(s) {unknown}; built-in: {sorted(builtin)}, the project's lm-eval tasks: "
+        f"{sorted(LOCAL_TASKS)}, or any lm-evaluation-harness task name (`lm-eval ls tasks`)"
+    ]

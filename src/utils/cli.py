@@ -1,5 +1,11 @@
-"""What every command-line entry point shares: user errors as one message, and failures that never lose a
-run's progress.
+"""What every command-line entry point shares: one command-line style, user errors as one message, and
+failures that never lose a run's progress.
+
+- `hydra_command(config_name, writes_folder)`: the decorator of every command's `main` (`python -m src.<command>
+  key=value ...`, composed by Hydra from conf/<config_name>.yaml). A config Hydra cannot compose (an unknown key,
+  a wrong type, a missing group option, a malformed override) is one `error: ...` message naming the key and
+  exit status 2, like every user error inside the command; a command that writes an output folder is wrapped in
+  `entry_point`, the others in `user_errors`.
 
 - `user_errors()`: a user error (bad config value, path, checkpoint, hub access; see `is_user_error`) is
   printed as one `error: ...` message on stderr and the process exits with status 2, without a traceback.
@@ -41,6 +47,7 @@ from typing import Any
 from .errors import UserError
 
 TRACEBACK_ENV = "FLEXIDEPTH_TRACEBACK"
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXIT_USER_ERROR = 2
 STATUS_FILE = "status.json"  # a sweep point's outcome when it failed (src/sweep_summary.py reads it)
 
@@ -92,7 +99,7 @@ def _in_multirun() -> bool:
 def write_point_status(folder: Path, err: BaseException | None) -> None:
     """`<sweep point>/status.json` (atomic): {"status": "ok"}, or {"status": "failed", "error": ...,
     "user_error": ...} for `err`."""
-    from ..flexidepth.files import atomic_write_text
+    from .files import atomic_write_text
 
     record = (
         {"status": "ok"}
@@ -206,3 +213,69 @@ def entry_point(task: Callable[..., Any]) -> Callable[..., Any]:
                 raise
 
     return wrapper
+
+
+def describe_composition_error(err: BaseException) -> str:
+    """Hydra's composition error as our message: its first line, the cause's first line and the key it names
+    (`full_key`), then Hydra's further lines (the valid options of a group, how to append a key)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    first = lines[0].rstrip(".") if lines else type(err).__name__
+    cause = err.__cause__
+    if cause is not None:
+        first += f": {str(getattr(cause, 'msg', cause)).splitlines()[0]}"
+        key = getattr(cause, "full_key", None)
+        first += f" (key: {key})" if key else ""
+    return "\n".join([first, *lines[1:]])
+
+
+@contextlib.contextmanager
+def composition_errors() -> Iterator[None]:
+    """Around a Hydra app: a config Hydra cannot compose is reported as a user error (`error: ...`, exit 2)
+    instead of Hydra's own report (exit 1). Hydra raises instead of reporting while HYDRA_FULL_ERROR is set,
+    which it is inside the block only; any other exception keeps its traceback (exit 1)."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except (ConfigCompositionException, OverrideParseException) as err:
+        if _traceback_wanted():
+            raise
+        report_user_error(describe_composition_error(err))
+        sys.exit(EXIT_USER_ERROR)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def hydra_command(config_name: str, writes_folder: bool = False) -> Callable[[Callable[..., Any]], Callable]:
+    """Decorator of a command's `main(cfg)`: the program `python -m src.<command> key=value ...` of
+    conf/<config_name>.yaml (see the module docstring). `writes_folder`: the task writes Hydra's output folder
+    (train, evaluate, compare, speed; `entry_point`); otherwise its user errors are one message, exit 2
+    (`user_errors`). The decorated `main()` takes no argument (Hydra reads the command line)."""
+
+    def decorate(task: Callable[..., Any]) -> Callable[[], Any]:
+        import hydra
+
+        if writes_folder:
+            body = entry_point(task)
+        else:
+
+            @functools.wraps(task)
+            def body(cfg):
+                with user_errors():
+                    return task(cfg)
+
+        app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(body)
+
+        @functools.wraps(task)
+        def main():
+            with composition_errors():
+                return app()
+
+        return main
+
+    return decorate

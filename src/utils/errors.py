@@ -13,7 +13,7 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """A config value is wrong; the message names the key (src/config/checks.py, the entry points)."""
+    """A config value is wrong; the message names the key (the schemas' `validate`, the entry points)."""
 
 
 class MethodConfigError(UserError, ValueError):
@@ -36,3 +36,13 @@ class DataError(UserError, ValueError):
 class OutputExistsError(UserError, FileExistsError):
     """An output folder already holds the results of the command asked to write there; the message names the
     folder, the files and the key that replaces them (`overwrite=true`)."""
+
+
+def check_count(key: str, value: int | None, low: int, nullable: bool = False) -> None:
+    """A count or size setting `key` is >= `low` (None only when `nullable`: it means "all"); ConfigError
+    naming the key otherwise. The schema has already made it an integer."""
+    if value is None and nullable:
+        return
+    if value is None or value < low:
+        null = " or null (all)" if nullable else ""
+        raise ConfigError(f"{key} must be an integer >= {low}{null}, got {value!r}")

@@ -45,3 +45,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def accelerator_problems(accelerator: str | None, key: str, recipe_hint: bool = False) -> list[str]:
+    """`key={accelerator}` asks for a CUDA GPU (gpu / cuda) on a machine without one: one message saying what
+    to set instead (`recipe_hint`: name the GPU recipe that set it); [] otherwise."""
+    if str(accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        hint = (
+            " (conf/recipe/_gpu.yaml sets it for hub models: their recipe needs a GPU)" if recipe_hint else ""
+        )
+        group = " (or trainer=cpu)" if key == "trainer.accelerator" else ""  # only src.train has the group
+        return [
+            f"{key}={accelerator} but this machine has no CUDA GPU (torch.cuda.is_available() is False){hint}; "
+            f"use {key}=cpu{group} to run on the CPU"
+        ]
+    return []
+
+
+def device_problems(device: str, key: str) -> list[str]:
+    """A `device` setting (auto | cpu | cuda[:n]) this machine can run: one message naming `key` for another
+    value or a CUDA device without a GPU; [] otherwise."""
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        return [f"{key} must be auto, cpu or cuda[:n], got {device!r}"]
+    return accelerator_problems("cuda" if device.startswith("cuda") else device, key)

@@ -58,7 +58,7 @@ class PrintSweepFolder(Callback):
         library_failure = False
         print(f"sweep done: {folder}", flush=True)
         if config.get("task_name") == "train":
-            print(f"  summary: python -m src.sweep_summary {folder}", flush=True)
+            print(f"  summary: python -m src.sweep_summary sweep_dir={folder}", flush=True)
         failed = []
         for status in sorted(folder.glob(f"*/{STATUS_FILE}")):
             try:

@@ -9,30 +9,29 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
 
-from ..flexidepth.files import atomic_write_text
+from .files import atomic_write_text
 from .launch import is_rank_zero, sweep_group
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool) -> list:
-    """Instantiate loggers. A W&B run gets its id up front, saved in <output_dir>/wandb_id.txt (rank zero)
-    before training starts, so a resumed or requeued job continues the same W&B run."""
+def build_loggers(logger: dict[str, Any] | None, output_dir: Path, resuming: bool) -> list:
+    """Instantiate the `logger` group's loggers (name -> node with `_target_`; None: none). A W&B run gets its
+    id up front (set in its node), saved in <output_dir>/wandb_id.txt (rank zero) before training starts, so a
+    resumed or requeued job continues the same W&B run."""
     loggers = []
-    for name, node in (cfg.get("logger") or {}).items():
+    for node in (logger or {}).values():
         if node is None or "_target_" not in node:
             continue
-        if "WandbLogger" in node._target_:
+        if "WandbLogger" in node["_target_"]:
             id_file = output_dir / "wandb_id.txt"
             saved = id_file.read_text().strip() if id_file.is_file() else ""
-            with open_dict(node):
-                if resuming and saved:
-                    node.id = saved
-                    node.resume = "allow"
-                elif not node.get("id"):
-                    node.id = secrets.token_hex(4)
-                if node.get("group") is None:
-                    node.group = sweep_group()
+            if resuming and saved:
+                node["id"] = saved
+                node["resume"] = "allow"
+            elif not node.get("id"):
+                node["id"] = secrets.token_hex(4)
+            if node.get("group") is None:
+                node["group"] = sweep_group()
             lg = hydra.utils.instantiate(node)
             # Lightning always passes `anonymous` (None) to wandb.init, which then prints a deprecation
             # warning on every run; the key has no effect, so it is not passed
@@ -40,7 +39,7 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool) -> list:
             if isinstance(init, dict) and init.get("anonymous") is None:
                 init.pop("anonymous", None)
             if is_rank_zero():
-                atomic_write_text(id_file, str(node.id))
+                atomic_write_text(id_file, str(node["id"]))
         else:
             lg = hydra.utils.instantiate(node)
         loggers.append(lg)
@@ -58,7 +57,8 @@ def finish_wandb() -> None:
 
 
 def log_results(
-    cfg: DictConfig,
+    logger: dict[str, Any] | None,
+    output_dir: str | Path,
     scalars: dict[str, float],
     tables: dict[str, tuple[list[str], list[list[Any]]]] | None = None,
     files: list[str | Path] | tuple = (),
@@ -67,7 +67,8 @@ def log_results(
     """Log one finished evaluation to every configured logger, then finish the W&B run.
 
     Args:
-        cfg: the entry point's config (its `logger` group and `paths.output_dir`, where a W&B id is kept).
+        logger: the command's `logger` group (name -> node; None: none).
+        output_dir: the command's output folder (a W&B id is kept there).
         scalars: name -> value, logged at step 0 to every logger.
         tables: W&B only: key -> (columns, rows), logged as `wandb.Table`.
         files: W&B only: figures, logged under `<prefix>/<file stem>`: a PNG as `wandb.Image`, an HTML page
@@ -75,7 +76,7 @@ def log_results(
         prefix: the W&B key prefix of `files`.
     """
     tables = tables or {}
-    loggers = build_loggers(cfg, Path(cfg.paths.output_dir), resuming=False)
+    loggers = build_loggers(logger, Path(output_dir), resuming=False)
     try:
         for lg in loggers:
             lg.log_metrics(scalars, step=0)

@@ -7,7 +7,7 @@ one `error:` line (`check_free`, before any model is loaded) unless `overwrite=t
 when the command succeeds and moves it back when the command fails, so the folder ends with either the old
 set or the new one, never a mix (an earlier figure the new run does not draw is not left beside new results).
 Files that are not the command's products are never moved, changed or deleted. (src.export has its own
-folder-level rule: src/export.py.)
+folder-level rule: src/models/export.py.)
 """
 
 from __future__ import annotations
@@ -54,17 +54,12 @@ def check_free(folder: str | Path, command: str, overwrite: bool, other: str = "
     Args:
         folder: the output folder (it need not exist).
         command: a key of `PRODUCTS`.
-        overwrite: the command's `overwrite` setting; must be a bool.
+        overwrite: the command's `overwrite` setting (typed by the command's schema).
         other: the setting that picks another folder, named in the message.
 
     Raises:
-        ConfigError: `overwrite` is not true or false.
         OutputExistsError: the folder holds some of the products and `overwrite` is false.
     """
-    from .errors import ConfigError
-
-    if not isinstance(overwrite, bool):
-        raise ConfigError(f"overwrite must be true or false, got {overwrite!r}")
     found = present(folder, command)
     if found and not overwrite:
         names = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")

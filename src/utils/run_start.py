@@ -11,7 +11,7 @@ The folder mechanics it builds on (lock, history, checkpoints, config comparison
   finished run has no intact checkpoint left.
 - <file.ckpt>: continue from that checkpoint (an explicit choice: also for a finished run).
 
-    with open_run(cfg, output_dir) as start:
+    with open_run(settings, output_dir) as start:
         ...                                  # everything that can still refuse the start
         ckpt_path = start.commit()           # an earlier run replaced (overwrite=true), the start recorded
 """
@@ -21,10 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from .errors import RunFolderError
 from .failures import mark_started
@@ -33,6 +32,7 @@ from .runs import (
     HPC_CHECKPOINTS,
     NOT_COMPARED,
     RUN_PRODUCTS,
+    CheckpointDamaged,
     RunFinished,
     RunHistory,
     RunLock,
@@ -85,8 +85,9 @@ class RunStart:
 
 
 @contextlib.contextmanager
-def open_run(cfg: DictConfig, output_dir: Path):
+def open_run(settings, output_dir: Path):
     """Claim `output_dir` for this run and yield its `RunStart`; call `start.commit()` once every check passed.
+    `settings`: src.train's typed settings (`TrainCommand`: resume, overwrite, the config the history keeps).
 
     Rank zero raises `runs.RunFinished` for `resume=auto` on a finished run before touching anything (not
     even the lock file), refuses symlinked lock/history/log files (`runs.refuse_symlinks`), holds the run
@@ -95,7 +96,7 @@ def open_run(cfg: DictConfig, output_dir: Path):
     recorded before `commit()`. A start that fails or is refused before its commit puts back the run's
     `.hydra/` (Hydra rewrote it for this command). Other ranks only pick the same checkpoint.
     """
-    resume = effective_resume(cfg)
+    resume = effective_resume(settings.resume)
     if not is_rank_zero():
         path, _, _ = find_resume_checkpoint(output_dir / "checkpoints", output_dir.glob(HPC_CHECKPOINTS))
         yield RunStart(
@@ -111,7 +112,7 @@ def open_run(cfg: DictConfig, output_dir: Path):
             raise RunFinished(output_dir, finished)
         refuse_symlinks(output_dir)
         lock = RunLock(output_dir).acquire()
-        start = plan_start(cfg, output_dir)
+        start = plan_start(settings, output_dir)
         log.info(
             "run folder: %s (%s)",
             output_dir,
@@ -130,33 +131,33 @@ def open_run(cfg: DictConfig, output_dir: Path):
 AUTO = ("auto", "extend")  # the resume values that pick the checkpoint themselves
 
 
-def effective_resume(cfg: DictConfig):
-    """`resume`, with false read as auto where the folder can only be re-entered by the same job: under
+def effective_resume(resume: Any):
+    """The `resume` setting, with false read as auto where the folder can only be re-entered by the same job: under
     submitit, and in a SLURM job that was requeued (SLURM_RESTART_COUNT >= 1, e.g. by Lightning's auto-requeue
     on SIGUSR1), so a preempted run continues instead of refusing or restarting from zero."""
-    resume = cfg.get("resume")
     requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
     if resume in (None, False) and (os.environ.get("SUBMITIT_EXECUTOR") or requeued):
         resume = "auto"
     return resume
 
 
-def run_config(cfg: DictConfig) -> dict[str, Any]:
-    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_COMPARED}
+def history_config(settings) -> dict[str, Any]:
+    """The settings a run's history keeps and compares (`NOT_COMPARED` left out), as plain values."""
+    return {k: v for k, v in asdict(settings).items() if k not in NOT_COMPARED}
 
 
-def plan_start(cfg: DictConfig, output_dir: Path) -> RunStart:
+def plan_start(settings, output_dir: Path) -> RunStart:
     """The fresh/resume decision of `open_run` (rank zero, lock held); deletes and records nothing.
 
     Raises RunFolderError for a fresh start into a folder holding a run without `overwrite=true`, for
     `resume=extend` of a finished run without an intact checkpoint, and for a resume whose model-defining keys
     differ from the checkpoint's (naming them)."""
-    resume = effective_resume(cfg)
-    config = run_config(cfg)
+    resume = effective_resume(settings.resume)
+    config = history_config(settings)
     history = RunHistory(output_dir)
     if resume in (None, False):
         existing = run_contents(output_dir)
-        if existing and not cfg.get("overwrite"):
+        if existing and not settings.overwrite:
             shown = ", ".join(existing[:8]) + (", ..." if len(existing) > 8 else "")
             raise RunFolderError(
                 f"run folder {output_dir} already holds a run ({shown}). Continue it with resume=auto, "
@@ -220,3 +221,15 @@ def plan_start(cfg: DictConfig, output_dir: Path) -> RunStart:
         )
     log.info("resuming from %s (step %s)", path, (ckpt or {}).get("global_step"))
     return RunStart(output_dir, str(path), "extend" if finished is not None else "resume", config, changes)
+
+
+def resume_problems(resume: Any) -> list[str]:
+    """`resume=<file>`: the checkpoint file loads and holds finite weights (a damaged one is named); [] for
+    false / auto / extend, which pick their checkpoint at the start (`plan_start`)."""
+    if resume in (None, False, "auto", "extend"):
+        return []
+    try:
+        verify_checkpoint(str(resume))
+    except CheckpointDamaged as err:
+        return [f"resume: {err}"]
+    return []

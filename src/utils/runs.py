@@ -43,8 +43,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..flexidepth.files import atomic_open, atomic_write_bytes, atomic_write_text
+from ..flexidepth.files import atomic_open, atomic_write_bytes
 from .errors import RunFolderError
+from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def atomic_checkpoint_io():
                 return super().save_checkpoint(checkpoint, path, storage_options)
             import torch
 
-            with atomic_open(path, "wb") as handle:
+            with atomic_open(path) as handle:
                 torch.save(checkpoint, handle)
 
     return AtomicCheckpointIO()

@@ -15,3 +15,24 @@ def compose_tiny(config_name: str, overrides=(), output_dir=None):
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir or "/tmp/flexidepth-unused")
     return cfg
+
+
+def settings_tiny(config_name: str, overrides=(), output_dir=None):
+    """`compose_tiny`'s config converted into its command's typed settings (`src.config.schemas.load`)."""
+    from src.config.commands import COMMANDS
+    from src.config.schemas import load
+
+    return load(compose_tiny(config_name, overrides, output_dir), COMMANDS[config_name])
+
+
+def run_main(main, args=()):
+    """A command's `main()` run in process on the command line `args` (`key=value ...`), as `python -m` runs
+    it (Hydra reads sys.argv); SystemExit(2) for a user error, as from the shell."""
+    import sys
+
+    saved = sys.argv
+    sys.argv = ["python -m", *args]
+    try:
+        return main()
+    finally:
+        sys.argv = saved
