@@ -45,8 +45,12 @@ def test_compare_end_to_end(tmp_path):
         cfg.paths.output_dir = str(tmp_path / "out")
         cfg.trained = {k: v for k, v in cfg.trained.items() if k in ("tiny", "tiny_abl", "gone")}
     train(compose_cfg(["debug=tiny", "logger=none"], runs / "tiny_flexi"))
-    res = run_compare(cfg)
-    log_compare(cfg, res)
+    from src.config.commands import CompareCommand
+    from src.config.schemas import load
+
+    s = load(cfg, CompareCommand)
+    res = run_compare(s)
+    log_compare(s, res)
     labels = [r["label"] for r in res["rows"]]
     assert labels == [
         "base",

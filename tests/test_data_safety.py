@@ -183,11 +183,11 @@ def test_a_failed_command_deletes_only_what_it_created(tmp_path):
 @pytest.mark.parametrize(
     "command,args,message",
     [
-        ("src.eval", ["eval.tau=2"], "evaluate refused before loading anything:\n- eval.tau must be null"),
+        ("src.eval", ["eval.tau=2"], "eval.tau must be null or a number in [0, 1], got 2.0"),
         (
             "src.compare",
             ["curves.max_tokens=nan"],
-            "every setting must be a finite number; not finite: curves.max_tokens=nan",
+            "Error merging override curves.max_tokens=nan: Value 'nan' of type 'float' could not be converted",
         ),
     ],
     ids=["eval", "compare"],

@@ -129,7 +129,10 @@ def test_compare_curves_on_a_tiny_model(tmp_path):
         )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "out")
-    res = run_curves(cfg)
+    from src.config.commands import CompareCommand
+    from src.config.schemas import load
+
+    res = run_curves(load(cfg, CompareCommand))
     assert set(res["curves"]) == {"tiny"} and set(res["points"]) == {"shortgpt_k1", "random_skip_k1"}
     assert res["points"]["shortgpt_k1"]["sets"]["lee"]["layers_skipped"] == pytest.approx(1.0)
     curve = res["curves"]["tiny"]

@@ -233,7 +233,9 @@ class CompareCommand:
     runs_dir: str = "outputs/train/runs"
     k32: list[float] = field(default_factory=lambda: [4.0, 8.0])
     baselines: list[str] = field(default_factory=list)
-    method_overrides: dict[str, Any] | None = None
+    # {baseline: {option: value}} or None; untyped here so that `method_overrides={...}` replaces the node
+    # (merging a mapping into a typed Optional[Dict] that holds None fails in OmegaConf); checked in validate
+    method_overrides: Any = None
     # label -> TrainedSystem; typed in __post_init__ (an open mapping here, so that `+trained.<label>={...}`
     # adds an entry); None after '~trained' (untrained baselines only)
     trained: dict[str, Any] | None = None
@@ -258,6 +260,13 @@ class CompareCommand:
         self.skip.validate().check_for(self.model.arch)
         self.eval.validate()
         self.curves.validate()
+        overrides = self.method_overrides
+        if overrides is not None and (
+            not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values())
+        ):
+            raise ConfigError(
+                f"method_overrides must be null or {{baseline: {{option: value}}}}, got {overrides!r}"
+            )
 
     def check(self) -> None:
         """`validate`, the device, task names, hub access, every existing trained checkpoint against the base
