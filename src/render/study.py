@@ -282,10 +282,5 @@ def plot_axis(summary: dict, path: str | Path) -> Path | None:
         axes[1][col].set_xlabel(summary["axis_label"])
     axes[0][0].set_ylabel("held-out perplexity")
     axes[1][0].set_ylabel("layers skipped (on the set)")
-    fig.suptitle(f"study {summary['study']}: mean and 95% interval over seeds", fontsize=9)
-    fig.tight_layout()
-    from ..utils.files import atomic_save_figure
-
-    out = atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return out
+    panels = list(zip(axes[0], sets, strict=True))
+    return _save(fig, panels, f"study {summary['study']}: mean and 95% interval over seeds", path)

@@ -379,7 +379,7 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
     speeds: dict[str, dict] = {}
     if spec.speed is not None:
         finished = [p for p in points if p not in failed and run_finished(run_dir(study_dir, p)) is not None]
-        speeds = time_points(spec, study_dir, finished, measured, failed, say)
+        speeds = time_points(spec, study_dir, points, finished, measured, failed, say)
     summary = write_summary(spec, study_dir, points, measured, failed, speeds)
     say(f"study {spec.name}: summary in {study_dir / 'summary.md'}")
     if failed:
@@ -392,10 +392,11 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
     return summary
 
 
-def time_points(spec: StudySpec, study_dir: Path, points: list[Point], measured: list[dict],
+def time_points(spec: StudySpec, study_dir: Path, planned: list[Point], points: list[Point], measured: list[dict],
                 failed: list[Point], say: Callable[[str], None]) -> dict[str, dict]:  # fmt: skip
-    """The speed stage: every point (all trained, none training now) timed one at a time (SpeedMeter); points
-    timed before with the same settings are read back. Returns {run_name: speed record}."""
+    """The speed stage: every point of `points` (all trained, none training now) timed one at a time
+    (SpeedMeter); points timed before with the same settings are read back; the summary of all `planned` points
+    rewritten after each. Returns {run_name: speed record}."""
     from .speed import SpeedMeter
 
     speed = SpeedMeter(spec, study_dir)
@@ -410,5 +411,5 @@ def time_points(spec: StudySpec, study_dir: Path, points: list[Point], measured:
         speeds[point.run_name] = speed.measure(point, run_dir(study_dir, point))
         if fresh:
             say(f"  [{n}/{len(points)}] timed {point.run_name} in {fmt_duration(time.monotonic() - start)}")
-            write_summary(spec, study_dir, plan_points(spec), measured, failed, speeds)
+            write_summary(spec, study_dir, planned, measured, failed, speeds)
     return speeds

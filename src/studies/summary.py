@@ -147,10 +147,10 @@ def speed_curve(result: dict, record: dict, name: str) -> list[dict]:
     return sorted(out, key=lambda p: p["speedup"])
 
 
-def _own(curve: list[dict], result: dict) -> dict:
-    """The entry of the point's own threshold (its single entry for a static point)."""
-    own = [p for p in curve if p["tau"] is None or round(p["tau"], 6) == round(result["tau"], 6)]
-    return own[0]
+def _at_own_tau(items: list[dict], tau: float) -> dict:
+    """The entry of `items` (speed systems or speed-curve entries) at the point's own threshold `tau`; a static
+    point's single entry (tau None)."""
+    return next(x for x in items if x["tau"] is None or round(x["tau"], 6) == round(tau, 6))
 
 
 def add_speed(spec: StudySpec, entry: dict, rs: list[dict], by_row: dict, speeds: dict) -> None:
@@ -162,12 +162,7 @@ def add_speed(spec: StudySpec, entry: dict, rs: list[dict], by_row: dict, speeds
     modes = [m for m in timed[0][1]["modes"] if all(m in rec["modes"] for _, rec in timed)]
     entry["speed"] = {}
     for m in modes:
-        own = []
-        for r, rec in timed:
-            systems = [
-                x for x in rec["systems"] if x["tau"] is None or round(x["tau"], 6) == round(r["tau"], 6)
-            ]
-            own.append(systems[0]["speed"][m]["speedup_wall"])
+        own = [_at_own_tau(rec["systems"], r["tau"])["speed"][m]["speedup_wall"] for r, rec in timed]
         entry["speed"][m] = stats.mean_interval(own).as_dict()
     other = spec.comparison_row(entry["row"])
     if other is None:
@@ -181,7 +176,7 @@ def add_speed(spec: StudySpec, entry: dict, rs: list[dict], by_row: dict, speeds
                 continue
             a = speed_curve(r, rec, name)
             b = speed_curve(o, speeds[f"{other}__s{o['seed']}"], name)
-            a_own, b_own = _own(a, r), _own(b, o)
+            a_own, b_own = _at_own_tau(a, r["tau"]), _at_own_tau(b, o["tau"])
             value = (
                 interpolate([(p["speedup"], p["ppl"]) for p in b], a_own["speedup"]) if len(b) > 1 else None
             )
