@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from src.eval.curves import depth_at, interpolate
 from src.studies import stats
 from src.studies.spec import StudySpec, plan_points
 from src.studies.summary import summarise
@@ -146,6 +147,14 @@ def _curve_result(row, seed, ppls, skipped):
     return {"row": row, "seed": seed, "tau": 0.5, "sets": own["sets"], "curve": curve, "val": {}}
 
 
+def test_depth_at_inverts_interpolate_and_refuses_outside_the_curve():
+    points = [(1.0, 10.0), (2.0, 12.0), (4.0, 16.0)]
+    for k in (1.0, 1.5, 3.2, 4.0):
+        assert depth_at(points, interpolate(points, k)) == pytest.approx(k)
+    assert depth_at(points, 9.0) is None and depth_at(points, 17.0) is None
+    assert depth_at([(2.0, 12.0)], 12.0) == 2.0 and depth_at([(2.0, 12.0)], 13.0) is None
+
+
 def test_at_equal_speed_interpolates_the_curve_that_reaches_and_a_static_row_is_one_point():
     """routed (a threshold curve) against static (one point): the routed curve is read at the static point's
     measured speedup; hybrid against routed: routed's curve at hybrid's own speedup; the frontier keeps the
@@ -179,6 +188,16 @@ def test_at_equal_speed_interpolates_the_curve_that_reaches_and_a_static_row_is_
         13.0 / math.sqrt(12.0 * 16.0) - 1
     )
     assert rows["static"]["speed"]["text_b1@lee"]["mean"] == pytest.approx(1.15)
+    # time saved per skipped layer: static 3 layers at 1.15x, routed 2 layers at 1.10x (its own tau 0.5)
+    lee_static = rows["static"]["sets"]["lee"]
+    assert lee_static["saving_per_layer"]["mean"] == pytest.approx((1 - 1 / 1.15) / 3)
+    assert rows["routed"]["sets"]["lee"]["saving_per_layer"]["mean"] == pytest.approx((1 - 1 / 1.10) / 2)
+    # break-even: routed reaches static's ppl (15, 16.5 at seed 2) between 2 (12) and 4 (16) layers skipped
+    depth = 2 + 2 * (math.log(15.0) - math.log(12.0)) / (math.log(16.0) - math.log(12.0))
+    assert lee_static["break_even"]["required"]["mean"] == pytest.approx((1 - 1 / 1.15) / depth)
+    assert lee_static["break_even"]["required"]["n"] == 2
+    assert lee_static["break_even"]["measured"]["mean"] == pytest.approx((1 - 1 / 1.10) / 2)
+    assert "break_even" not in rows["routed"]["sets"]["lee"]  # the reference has no comparison row
     assert out["against"] == {"static": "routed", "hybrid": "routed"}
     lee = out["frontier"]["lee"]
     point = {(p["row"], p["tau"]): p for p in lee["points"]}

@@ -102,6 +102,22 @@ def interpolate(points: list[tuple[float, float]], k: float) -> float | None:
     return math.exp(ys[0])  # a single point exactly at k
 
 
+def depth_at(points: list[tuple[float, float]], ppl: float) -> float | None:
+    """The inverse of `interpolate`: the layers skipped at which the (layers_skipped, ppl) curve, linear in
+    log ppl between its points, first reaches perplexity `ppl` going deeper; None where it never does within
+    the points' range. Points at the same skip count are averaged (in log ppl)."""
+    by_x: dict[float, list[float]] = {}
+    for x, p in points:
+        by_x.setdefault(round(float(x), 6), []).append(math.log(p))
+    xs = sorted(by_x)
+    ys = [sum(by_x[x]) / len(by_x[x]) for x in xs]
+    target = math.log(ppl)
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
+        if min(y0, y1) <= target <= max(y0, y1):
+            return x0 if y1 == y0 else x0 + (target - y0) / (y1 - y0) * (x1 - x0)
+    return xs[0] if len(xs) == 1 and ys[0] == target else None
+
+
 def at_k_table(curves: dict[str, list[dict]], points: dict[str, dict], ks: list[float]) -> list[dict]:
     """Rows {set, k, system, ppl} at equal layers skipped: curves interpolated, static points whose measured
     skip count equals k (within 0.05) taken as they are."""

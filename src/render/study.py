@@ -90,7 +90,49 @@ def _speed_tables(summary: dict) -> list[str]:
         "the set's text, ppl) at the row's own speedup, or the row's curve at the comparison row's speedup where "
         "that one does not reach (a static row is one point); n < seeds where neither curve reaches."
     )
-    return lines + _comparison(summary, intro, "at_equal_speed", with_n=True, against=True)
+    return (
+        lines
+        + _comparison(summary, intro, "at_equal_speed", with_n=True, against=True)
+        + _saving_table(summary)
+    )
+
+
+def _saving_table(summary: dict) -> list[str]:
+    """Per row and set: the time a skipped layer saves, and the saving its comparison row would need to match
+    it at equal speed and ppl (the break-even of routing against a static row)."""
+    sets = summary["heldout"]
+    timed = [row for row in summary["rows"] if row.get("speed")]
+    lines = [
+        "",
+        "**Time saved per skipped layer** (share of the base's per-token decode time, (1 - 1/speedup) / layers "
+        "skipped on the set, at the own threshold; a layer is at most ~1/L of it), then the saving per skipped "
+        "layer the comparison row **needs** to match the row at equal speed and equal ppl (the row's time saved "
+        "over the depth at which the comparison row's held-out curve reaches the row's ppl) and the saving the "
+        "comparison row **has** (measured at its own threshold). Where it needs more than it has, its skips "
+        "are too expensive to pay at this point.",
+        "",
+        "| row | against | " + " | ".join(sets) + " |",
+        "|" + "---|" * (len(sets) + 2),
+    ]
+    for row in timed:
+        cells = []
+        for name in sets:
+            cell = row["sets"][name]
+            text = f"{100 * cell['saving_per_layer']['mean']:.2f}%" if "saving_per_layer" in cell else "-"
+            if "break_even" in cell:
+                need, got = cell["break_even"]["required"], cell["break_even"]["measured"]
+                text += f"; against needs {_pct(need)}, has {_pct(got)} (n={need['n']})"
+            cells.append(text)
+        other = summary.get("against", {}).get(row["row"]) or "-"
+        lines.append(f"| {row['row']} | {other} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _pct(cell: dict) -> str:
+    """'mean%' with the 95% half-width in percentage points when there are two seeds or more."""
+    if cell["n"] < 2 or not math.isfinite(cell["half"]):
+        return f"{100 * cell['mean']:.2f}%"
+    return f"{100 * cell['mean']:.2f} ± {100 * cell['half']:.2f}%"
 
 
 def markdown(summary: dict) -> str:

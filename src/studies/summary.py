@@ -17,7 +17,14 @@ the own threshold, and per set:
   speedup, or, where that curve does not reach it (or the comparison row is one static point), the row's curve
   interpolated at the comparison row's speedup; n < seeds where neither reaches;
 - `frontier`: every row's (speedup, ppl) per threshold, averaged over seeds (ppl geometrically), with the
-  share of its skipped layers that are routed (not static), and the best-perplexity frontier over them.
+  share of its skipped layers that are routed (not static), and the best-perplexity frontier over them;
+- `saving_per_layer`: the share of the base's per-token time the row saves per layer it skips on the set,
+  (1 - 1/speedup) / layers skipped at its own threshold (what a skipped layer is worth in time);
+- `break_even` (against a comparison row with a threshold curve): the saving per skipped layer the comparison
+  row would need to match this row at equal speed and equal ppl, per seed (1 - 1/speedup of this row) / the
+  depth at which the comparison row's held-out curve reaches this row's ppl (`curves.depth_at`), beside the
+  comparison row's measured saving per skipped layer: routing pays against a static row where the measured
+  saving exceeds the required one.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..eval.curves import interpolate
+from ..eval.curves import depth_at, interpolate
 from . import stats
 from .spec import StudySpec
 
@@ -155,7 +162,8 @@ def _at_own_tau(items: list[dict], tau: float) -> dict:
 
 def add_speed(spec: StudySpec, entry: dict, rs: list[dict], by_row: dict, speeds: dict) -> None:
     """The row's speed columns (`entry["speed"]`: speedup per mode at the own threshold) and, per set, its
-    comparison at equal measured speed (`at_equal_speed`, module docstring)."""
+    saving per skipped layer, its comparison at equal measured speed (`at_equal_speed`) and the break-even
+    saving of its comparison row (`break_even`; module docstring)."""
     timed = [(r, speeds[f"{r['row']}__s{r['seed']}"]) for r in rs if f"{r['row']}__s{r['seed']}" in speeds]
     if not timed:
         return
@@ -165,30 +173,53 @@ def add_speed(spec: StudySpec, entry: dict, rs: list[dict], by_row: dict, speeds
         own = [_at_own_tau(rec["systems"], r["tau"])["speed"][m]["speedup_wall"] for r, rec in timed]
         entry["speed"][m] = stats.mean_interval(own).as_dict()
     other = spec.comparison_row(entry["row"])
-    if other is None:
-        return
-    others = {r["seed"]: r for r in by_row.get(other, []) if f"{other}__s{r['seed']}" in speeds}
+    others = {} if other is None else {
+        r["seed"]: r for r in by_row.get(other, []) if f"{other}__s{r['seed']}" in speeds
+    }  # fmt: skip
     for name in spec.heldout:
-        mine, theirs = {}, {}
+        saving, mine, theirs, required, their_saving = [], {}, {}, [], []
         for r, rec in timed:
+            a = speed_curve(r, rec, name)
+            a_own = _at_own_tau(a, r["tau"])
+            if a_own["layers_skipped"] > 0:
+                saving.append(saving_per_layer(a_own))
             o = others.get(r["seed"])
             if o is None:
                 continue
-            a = speed_curve(r, rec, name)
             b = speed_curve(o, speeds[f"{other}__s{o['seed']}"], name)
-            a_own, b_own = _at_own_tau(a, r["tau"]), _at_own_tau(b, o["tau"])
+            b_own = _at_own_tau(b, o["tau"])
             value = (
                 interpolate([(p["speedup"], p["ppl"]) for p in b], a_own["speedup"]) if len(b) > 1 else None
             )
             if value is not None:
                 mine[r["seed"]], theirs[r["seed"]] = a_own["ppl"], value
-                continue
-            value = (
-                interpolate([(p["speedup"], p["ppl"]) for p in a], b_own["speedup"]) if len(a) > 1 else None
-            )
-            if value is not None:
-                mine[r["seed"]], theirs[r["seed"]] = value, b_own["ppl"]
-        entry["sets"][name]["at_equal_speed"] = relative(stats.paired_log_ratio(mine, theirs))
+            else:
+                value = (
+                    interpolate([(p["speedup"], p["ppl"]) for p in a], b_own["speedup"])
+                    if len(a) > 1
+                    else None
+                )
+                if value is not None:
+                    mine[r["seed"]], theirs[r["seed"]] = value, b_own["ppl"]
+            depth = depth_at([(p["sets"][name]["layers_skipped"], p["sets"][name]["ppl"]) for p in o["curve"]],
+                             a_own["ppl"])  # fmt: skip
+            if depth and depth > 0 and b_own["layers_skipped"] > 0:
+                required.append((1 - 1 / a_own["speedup"]) / depth)
+                their_saving.append(saving_per_layer(b_own))
+        cell = entry["sets"][name]
+        if saving:
+            cell["saving_per_layer"] = stats.mean_interval(saving).as_dict()
+        if other is not None:
+            cell["at_equal_speed"] = relative(stats.paired_log_ratio(mine, theirs))
+        if required:
+            cell["break_even"] = {"required": stats.mean_interval(required).as_dict(),
+                                  "measured": stats.mean_interval(their_saving).as_dict()}  # fmt: skip
+
+
+def saving_per_layer(point: dict) -> float:
+    """The share of the base model's per-token decode time a point saves per layer it skips:
+    (1 - 1 / speedup) / layers skipped (a layer of an L-layer model is at most ~1/L of it)."""
+    return (1 - 1 / point["speedup"]) / point["layers_skipped"]
 
 
 def frontier(spec: StudySpec, results: list[dict], speeds: dict) -> dict:
