@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from src.eval.curves import depth_at, interpolate
 from src.studies import stats
@@ -92,6 +93,20 @@ def test_bad_specs_are_refused_naming_the_key(change, key):
     fields = {"name": "s", "rows": {"a": []}, **change}
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("/", "/")):
         StudySpec(**fields).validate()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "study").glob("*.yaml")))
+def test_every_study_file_composes_and_validates(name):
+    """Each conf/study file goes through the study schema and its checks (rows, reference, axis, against)."""
+    from hydra import compose, initialize_config_dir
+
+    from src.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        spec = OmegaConf.to_object(compose("study", overrides=[f"study={name}"]).study).validate()
+    assert spec.name == name and spec.rows
+    assert set(spec.axis) <= set(spec.rows) and (spec.reference is None or spec.reference in spec.rows)
 
 
 # ------------------------------------------------------------------------------------------ the summary
