@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from src.eval.curves import depth_at, interpolate
 from src.studies import stats
+from src.studies.evaluate import CLAIMS
 from src.studies.spec import StudySpec, plan_points
 from src.studies.summary import summarise
 from src.utils.errors import ConfigError
@@ -87,6 +88,12 @@ def test_points_are_whole_rows_reference_first_with_the_runners_own_keys():
         ({"speed": {"promts": 2}}, "study.speed.promts"),
         ({"speed": {"taus": [0.5]}}, "study.speed.taus"),
         ({"speed": {"rounds": 0}}, "study.speed.rounds"),
+        ({"evaluate": {"n_per_tsk": 5}}, "study.evaluate.n_per_tsk"),
+        ({"evaluate": {"n_per_task": 0}}, "study.evaluate.n_per_task"),
+        ({"evaluate": {"tau": 0.5}}, "study.evaluate.tau"),
+        ({"evaluate": {"tasks": ["no_such_task_here"]}}, "study.evaluate.tasks"),
+        ({"evaluate": {}, "evaluate_rows": ["b"]}, "study.evaluate_rows"),
+        ({"evaluate_rows": ["a"]}, "study.evaluate_rows"),
     ],
 )
 def test_bad_specs_are_refused_naming_the_key(change, key):
@@ -160,6 +167,41 @@ def _curve_result(row, seed, ppls, skipped):
     curve = [{"tau": t, "sets": {"lee": {"ppl": p, "layers_skipped": skipped[t]}}} for t, p in ppls.items()]
     own = next(c for c in curve if c["tau"] == 0.5)
     return {"row": row, "seed": seed, "tau": 0.5, "sets": own["sets"], "curve": curve, "val": {}}
+
+
+def _eval_record(seed, retention, rho, verdict):
+    claims = {
+        "layers_rise_with_uncertainty": {"value": rho, "ci": [rho - 0.01, rho + 0.01], "verdict": verdict}
+    }
+    return {"seed": seed, "retention": {"value": retention, "interval": None}, "claims": claims}
+
+
+def test_evaluation_records_summarised_per_row_with_retention_against_the_reference():
+    spec = StudySpec(name="s", seeds=[1, 2], rows={"full": [], "ce": []}, reference="full", heldout=["lee"],
+                     evaluate={}, evaluate_rows=["full", "ce"])  # fmt: skip
+    results = [_result(row, seed, (10.0, 10.0), (2.0, 2.0)) for row in ("full", "ce") for seed in (1, 2)]
+    for r in results:
+        r["sets"] = {"lee": r["sets"]["lee"]}
+    evals = {
+        "full__s1": _eval_record(1, 1.00, -0.20, "reversed"),
+        "full__s2": _eval_record(2, 0.98, -0.24, "reversed"),
+        "ce__s1": _eval_record(1, 0.90, 0.05, "holds"),
+        "ce__s2": _eval_record(2, 0.85, -0.01, "not shown"),
+    }
+    out = summarise(spec, results, {"sets": {"lee": {"ppl": 9.0}}}, None, evals)
+    full, ce = out["rows"]
+    assert full["evaluate"]["retention"]["mean"] == pytest.approx(0.99)
+    assert full["evaluate"]["retention_vs_reference"] is None  # the reference itself
+    change = ce["evaluate"]["retention_vs_reference"]
+    want = (math.log(0.90 / 1.00) + math.log(0.85 / 0.98)) / 2
+    assert change["mean"] == pytest.approx(math.exp(want) - 1) and change["n"] == 2
+    claim = ce["evaluate"]["claims"]["layers_rise_with_uncertainty"]
+    assert claim["value"]["mean"] == pytest.approx(0.02) and claim["verdicts"] == {"holds": 1, "not shown": 1}
+    assert full["evaluate"]["claims"]["layers_rise_with_uncertainty"]["verdicts"] == {"reversed": 2}
+    from src.render.study import markdown
+
+    text = markdown(out)
+    assert "| full | 2 | 0.990 ± " in text and "(reversed x2)" in text
 
 
 def test_depth_at_inverts_interpolate_and_refuses_outside_the_curve():
@@ -280,6 +322,8 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     assert partial["missing"] == partial["not_timed"] == ["full__s2", "no_kv__s1", "no_kv__s2"]
     assert [p.name for p in (folder / "speed").iterdir()] == ["full__s1.json"]
     timed_first = (folder / "speed" / "full__s1.json").read_bytes()
+    assert partial["not_evaluated"] == ["full__s2"]  # study.evaluate_rows: [full]
+    evaluated_first = (folder / "evaluate" / "full__s1.json").read_bytes()
     assert _tree(runs / "full__s1") == before
 
     res = _study(folder)  # continues: 3 points left, the finished one untouched
@@ -333,6 +377,35 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
         ]
         assert row["speed"]["text_b1@lee"]["mean"] == pytest.approx(sum(own) / 2, rel=1e-12)
     assert "at_equal_speed" in summary["rows"][1]["sets"]["lee"]  # no_kv against full
+
+    # the evaluation stage: src.eval on the full row's points; the summary holds their own files' values
+    assert summary["not_evaluated"] == []
+    assert sorted(p.name for p in (folder / "evaluate").glob("*.json")) == ["full__s1.json", "full__s2.json"]
+    assert (folder / "evaluate" / "full__s1.json").read_bytes() == evaluated_first  # evaluated once
+    ev = summary["rows"][0]["evaluate"]
+    own = {s: json.loads((folder / "evaluate" / f"full__s{s}" / "results.json").read_text()) for s in (1, 2)}
+    analyses = {
+        s: json.loads((folder / "evaluate" / f"full__s{s}" / "analysis.json").read_text()) for s in (1, 2)
+    }
+    assert own[1]["ckpt_path"].startswith(str(runs / "full__s1"))
+    assert own[1]["settings"]["n_per_task"] == 8 and own[1]["settings"]["tasks"] == [
+        "add_choice",
+        "copy_choice",
+    ]
+    retention = [own[s]["retention"]["retention"] for s in (1, 2)]
+    assert None not in retention  # the tiny base scores above 0 on both tasks at 8 examples
+    assert ev["retention"]["mean"] == pytest.approx(sum(retention) / 2, rel=1e-12)
+    for name, (key, _) in CLAIMS.items():
+        values = [analyses[s]["claims"][name][key] for s in (1, 2)]
+        claim = ev["claims"][name]
+        if None in values:  # e.g. no Spearman when every token used every layer
+            assert claim["value"] is None or claim["value"]["n"] < 2
+        else:
+            assert claim["value"]["mean"] == pytest.approx(sum(values) / 2, rel=1e-12, abs=1e-12)
+        verdicts = sorted(analyses[s]["claims"][name]["verdict"] for s in (1, 2))
+        assert sorted(v for v, n in claim["verdicts"].items() for _ in range(n)) == verdicts
+    assert "evaluate" not in summary["rows"][1]  # no_kv is not an evaluated row
+    assert "Task suite and what the router learned" in (folder / "summary.md").read_text()
     assert len(summary["frontier"]["lee"]["points"]) == 2 * 3  # 2 rows x 3 thresholds
     assert (folder / "frontier.png").stat().st_size > 1000
     assert (folder / "axis.png").stat().st_size > 1000  # study.axis: the sweep figure

@@ -66,6 +66,46 @@ def _random_table(summary: dict) -> list[str]:
     return lines
 
 
+_CLAIM_COLUMNS = (
+    ("copied_fewer_layers", "(i) copied - novel tokens, layers used", 2),
+    ("arithmetic_more_layers", "(ii) answer digits - context, layers used", 2),
+    ("layers_rise_with_uncertainty", "(iii) Spearman(layers used, base entropy)", 3),
+)
+
+
+def _evaluate_table(summary: dict) -> list[str]:
+    """The evaluation stage: retention on the task suite and the paper's token-type claims per row."""
+    rows = [row for row in summary["rows"] if row.get("evaluate")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "**Task suite and what the router learned** (`study.evaluate`: `python -m src.eval` per point; "
+        "retention = the system's suite score over the base's, mean ± 95% interval over seeds, and its paired "
+        "change against the reference; the paper's token-type claims (FlexiDepth Section 4.3, src/eval/analysis.py): "
+        "the measured value, mean ± interval over seeds, and each seed's verdict from its bootstrap interval over "
+        "examples ('holds' in the claim's direction, 'reversed' against it).",
+        "",
+        "| row | seeds | retention | vs reference | " + " | ".join(c[1] for c in _CLAIM_COLUMNS) + " |",
+        "|" + "---|" * (4 + len(_CLAIM_COLUMNS)),
+    ]
+    for row in rows:
+        ev = row["evaluate"]
+        cells = [
+            _mi(ev["retention"], 3) if ev["retention"] else "-",
+            _change(ev["retention_vs_reference"], with_n=True) if ev["retention_vs_reference"] else "-",
+        ]
+        for name, _, digits in _CLAIM_COLUMNS:
+            claim = ev["claims"].get(name)
+            if not claim or not claim["value"]:
+                cells.append("-")
+                continue
+            verdicts = ", ".join(f"{v} x{n}" for v, n in sorted(claim["verdicts"].items()))
+            cells.append(f"{_mi(claim['value'], digits)} ({verdicts})")
+        lines.append(f"| {row['row']} | {len(ev['seeds'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _speed_tables(summary: dict) -> list[str]:
     """The measured speedups at each row's own threshold, and the comparison at equal measured speed."""
     timed = [row for row in summary["rows"] if row.get("speed")]
@@ -179,9 +219,12 @@ def markdown(summary: dict) -> str:
         )
         lines += _comparison(summary, intro, "at_reference_skip", with_n=True)
     lines += _random_table(summary)
+    lines += _evaluate_table(summary)
     lines += _speed_tables(summary)
     if summary.get("missing"):
         lines += ["", f"Not measured yet: {', '.join(summary['missing'])}."]
+    if summary.get("not_evaluated"):
+        lines += ["", f"Not evaluated yet: {', '.join(summary['not_evaluated'])}."]
     if summary.get("not_timed"):
         lines += ["", f"Not timed yet: {', '.join(summary['not_timed'])}."]
     return "\n".join(lines) + "\n"

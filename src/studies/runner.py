@@ -8,15 +8,18 @@ every trained point on held-out text, and summarise rows across seeds.
       results/base.json              the base model on the held-out sets
       results/<row>__s<seed>.json    the point on the held-out sets (+ its val metrics from metrics.json; with
                                      study.random_control, random routes at its learned per-layer rates)
+      evaluate/<row>__s<seed>/       with study.evaluate: its src.eval folder (results.json, analysis.json, ...)
+      evaluate/<row>__s<seed>.json   its retention and token-type claims (src/studies/evaluate.py)
       speed/<row>__s<seed>.json      with study.speed: its measured batch-1 decode speedups (src/studies/speed.py)
       summary.json, summary.md, summary.png, tau_curve.png (with study.taus: the reference row's threshold sweep),
       frontier.png (with study.speed: held-out ppl against measured speedup, the best-ppl frontier),
       axis.png (with study.axis: held-out ppl and layers skipped against the swept setting)
 
-With `study.speed` every trained point is timed after the last training of the study has ended, one point at a
-time (a timing never shares the cores with a training of this study; keep other work off the machine too).
-`study.train=false` trains nothing: it measures, times and summarises the points finished so far (e.g. the
-rows a study stopped early has finished).
+With `study.evaluate` the trained points of `study.evaluate_rows` are evaluated with src.eval after the last
+training has ended (`study.jobs` at a time). With `study.speed` every trained point is then timed, one point at
+a time (a timing never shares the cores with a training or an evaluation of this study; keep other work off the
+machine too). `study.train=false` trains nothing: it measures, evaluates, times and summarises the points
+finished so far (e.g. the rows a study stopped early has finished).
 
 A killed study continues where it stopped: a point whose run folder records a finished run
 (`src.utils.runs.run_finished`) is not trained again, a half-trained point resumes (`resume=auto`), a point
@@ -29,24 +32,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from ..utils.files import atomic_write_text
 from ..utils.runs import RunHistory, run_finished
+from .pool import last_error, run_pool
 from .spec import Point, StudySpec, plan_points
 from .summary import summarise
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MIN_TRAINING_SECONDS = 120.0
 
 
@@ -118,37 +116,24 @@ def train_points(
     say(
         f"study {spec.name}: {len(points)} points, {done} trained, {len(todo)} to train ({spec.jobs} at once)"
     )
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // spec.jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     (study_dir / "logs").mkdir(parents=True, exist_ok=True)
+    commands = [
+        (
+            p,
+            [python, "-m", "src.train", *p.train_args(str(study_dir))],
+            study_dir / "logs" / f"{p.run_name}.log",
+        )
+        for p in todo
+    ]
 
-    running: set[subprocess.Popen] = set()
-    stopping = threading.Event()
-
-    def train(point: Point) -> tuple[int, float]:
-        log_path = study_dir / "logs" / f"{point.run_name}.log"
-        cmd = [python, "-m", "src.train", *point.train_args(str(study_dir))]
-        start = time.monotonic()
-        if stopping.is_set():
-            return -1, 0.0
-        with open(log_path, "ab") as out:
-            out.write(f"$ {' '.join(cmd)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-            running.add(proc)
-            rc = proc.wait()
-            running.discard(proc)
-        return rc, time.monotonic() - start
-
-    failed = []
-    with ThreadPoolExecutor(max_workers=spec.jobs) as pool, _stop_children(running, stopping):
-        futures = {pool.submit(train, p): p for p in todo}
-        for p in points:  # points trained before are measured while the others train
+    def meanwhile() -> None:  # points trained before are measured while the others train
+        for p in points:
             if p not in todo and on_trained is not None:
                 on_trained(p)
-        for n, fut in enumerate(as_completed(futures), 1):
-            point = futures[fut]
-            rc, seconds = fut.result()
+
+    failed = []
+    with contextlib.closing(run_pool(commands, spec.jobs, meanwhile)) as ended:
+        for n, (point, rc, seconds) in enumerate(ended, 1):
             log_path = study_dir / "logs" / f"{point.run_name}.log"
             if rc == 0 and run_finished(run_dir(study_dir, point)) is not None:
                 state.set(point.run_name, state="trained", seconds=round(seconds, 1), log=str(log_path))
@@ -160,44 +145,13 @@ def train_points(
                 if on_trained is not None:
                     on_trained(point)
             else:
-                error = _last_error(log_path) or f"exit status {rc}"
+                error = last_error(log_path) or f"exit status {rc}"
                 state.set(
                     point.run_name, state="failed", seconds=round(seconds, 1), error=error, log=str(log_path)
                 )
                 failed.append(point)
                 say(f"[{done + n}/{len(points)}] FAILED {point.run_name}: {error} (log: {log_path})")
     return failed
-
-
-@contextlib.contextmanager
-def _stop_children(running: set[subprocess.Popen], stopping: threading.Event):
-    """A SIGTERM or Ctrl-C of the study, or an error in it, stops its training processes too (SIGTERM: each
-    keeps its checkpoints, src.train); SIGTERM / Ctrl-C exit with 143 / 130. The next start resumes them."""
-
-    def on_term(signum, frame):
-        raise SystemExit(143)
-
-    previous = (
-        signal.signal(signal.SIGTERM, on_term)
-        if threading.current_thread() is threading.main_thread()
-        else None
-    )
-    try:
-        yield
-    except BaseException as err:
-        stopping.set()
-        for proc in list(running):
-            proc.terminate()
-        for proc in list(running):
-            proc.wait()
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            print("(study stopped: run the same command again to continue it)", file=sys.stderr, flush=True)
-            if isinstance(err, KeyboardInterrupt):
-                raise SystemExit(130) from None
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def check_same_settings(point: Point, study_dir: Path) -> None:
@@ -221,16 +175,6 @@ def check_same_settings(point: Point, study_dir: Path) -> None:
             f"point {point.run_name} was trained with other settings than the study now has ({', '.join(changed)}): "
             f"run the changed study under another run_name, or move {run_dir(study_dir, point)} away"
         )
-
-
-def _last_error(log_path: Path) -> str | None:
-    """The last `error: ...` line (or the last line) of a training log."""
-    try:
-        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return None
-    errors = [ln for ln in lines if ln.startswith("error:") or "Error" in ln.split(":", 1)[0]]
-    return (errors or lines or [None])[-1]
 
 
 class HeldoutMeter:
@@ -330,16 +274,23 @@ class HeldoutMeter:
 
 
 def write_summary(spec: StudySpec, study_dir: Path, points: list[Point], measured: list[dict],
-                  failed: list[Point], speeds: dict[str, dict] | None = None) -> dict:  # fmt: skip
+                  failed: list[Point], speeds: dict[str, dict] | None = None,
+                  evals: dict[str, dict] | None = None) -> dict:  # fmt: skip
     """summary.json (+ summary.md, summary.png and tau_curve.png once a point is measured, frontier.png once a
-    point is timed) of what the study has measured so far; `missing` names the points not measured yet."""
+    point is timed) of what the study has measured so far; `missing` names the points not measured yet,
+    `not_evaluated` and `not_timed` those the evaluation and speed stages have not done yet."""
     from ..render.study import markdown, plot, plot_axis, plot_curves, plot_frontier
 
     base = json.loads((study_dir / "results" / "base.json").read_text()) if measured else None
-    summary = summarise(spec, measured, base, speeds) if measured else {"study": spec.name, "rows": []}
+    summary = summarise(spec, measured, base, speeds, evals) if measured else {"study": spec.name, "rows": []}
     summary["failed"] = [p.run_name for p in failed]
     done = {f"{r['row']}__s{r['seed']}" for r in measured}
     summary["missing"] = [p.run_name for p in points if p.run_name not in done]
+    if spec.evaluate is not None:
+        rows = set(spec.evaluate_rows or spec.rows)
+        summary["not_evaluated"] = [
+            p.run_name for p in points if p.row in rows and p.run_name not in (evals or {})
+        ]
     if spec.speed is not None:
         timed = set(speeds or {})
         summary["not_timed"] = [p.run_name for p in points if p.run_name not in timed]
@@ -376,11 +327,18 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
         write_summary(spec, study_dir, points, measured, [])
 
     failed = train_points(spec, study_dir, points, state, on_trained=on_trained, say=say)
+    finished = [p for p in points if p not in failed and run_finished(run_dir(study_dir, p)) is not None]
+    evals: dict[str, dict] = {}
     speeds: dict[str, dict] = {}
+
+    def rewrite() -> None:
+        write_summary(spec, study_dir, points, measured, failed, speeds, evals)
+
+    if spec.evaluate is not None:
+        failed += evaluate_points(spec, study_dir, finished, evals, rewrite, say)
     if spec.speed is not None:
-        finished = [p for p in points if p not in failed and run_finished(run_dir(study_dir, p)) is not None]
-        speeds = time_points(spec, study_dir, points, finished, measured, failed, say)
-    summary = write_summary(spec, study_dir, points, measured, failed, speeds)
+        time_points(spec, study_dir, finished, speeds, rewrite, say)
+    summary = write_summary(spec, study_dir, points, measured, failed, speeds, evals)
     say(f"study {spec.name}: summary in {study_dir / 'summary.md'}")
     if failed:
         from ..utils.errors import UserError
@@ -392,15 +350,54 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
     return summary
 
 
-def time_points(spec: StudySpec, study_dir: Path, planned: list[Point], points: list[Point], measured: list[dict],
-                failed: list[Point], say: Callable[[str], None]) -> dict[str, dict]:  # fmt: skip
+def evaluate_points(spec: StudySpec, study_dir: Path, points: list[Point], evals: dict[str, dict],
+                    on_done: Callable[[], None], say: Callable[[str], None],
+                    python: str = sys.executable) -> list[Point]:  # fmt: skip
+    """The evaluation stage (src/studies/evaluate.py): src.eval on the points of the evaluated rows among
+    `points` (all trained, none training now), `spec.jobs` at a time; records evaluated before with the same
+    settings are read back. Fills `evals` {run_name: record}, calls `on_done()` after each new record and
+    returns the points whose evaluation failed."""
+    from .evaluate import EvalStage
+
+    stage = EvalStage(spec, study_dir)
+    wanted = stage.wanted(points)
+    for p in wanted:
+        record = stage.read(p)
+        if record is not None:
+            evals[p.run_name] = record
+    todo = [p for p in wanted if p.run_name not in evals]
+    say(
+        f"study {spec.name}: evaluating {len(todo)} point(s) with src.eval ({len(wanted) - len(todo)} before)"
+    )
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    stage.logs.mkdir(parents=True, exist_ok=True)
+    commands = [(p, stage.command(p, run_dir(study_dir, p), python), stage.log_path(p)) for p in todo]
+    failed = []
+    with contextlib.closing(run_pool(commands, spec.jobs)) as ended:
+        for n, (point, rc, seconds) in enumerate(ended, 1):
+            try:
+                if rc != 0:
+                    raise ValueError(last_error(stage.log_path(point)) or f"exit status {rc}")
+                evals[point.run_name] = stage.record(point)
+            except ValueError as err:
+                failed.append(point)
+                say(
+                    f"  [{n}/{len(todo)}] evaluation FAILED {point.run_name}: {err} (log: {stage.log_path(point)})"
+                )
+                continue
+            say(f"  [{n}/{len(todo)}] evaluated {point.run_name} in {fmt_duration(seconds)}")
+            on_done()
+    return failed
+
+
+def time_points(spec: StudySpec, study_dir: Path, points: list[Point], speeds: dict[str, dict],
+                on_done: Callable[[], None], say: Callable[[str], None]) -> None:  # fmt: skip
     """The speed stage: every point of `points` (all trained, none training now) timed one at a time
-    (SpeedMeter); points timed before with the same settings are read back; the summary of all `planned` points
-    rewritten after each. Returns {run_name: speed record}."""
+    (SpeedMeter); points timed before with the same settings are read back. Fills `speeds` {run_name: speed
+    record} and calls `on_done()` after each new timing."""
     from .speed import SpeedMeter
 
     speed = SpeedMeter(spec, study_dir)
-    speeds: dict[str, dict] = {}
     todo = [p for p in points if not speed.is_current(p)]
     say(
         f"study {spec.name}: timing {len(todo)} point(s) one at a time ({len(points) - len(todo)} timed before)"
@@ -411,5 +408,4 @@ def time_points(spec: StudySpec, study_dir: Path, planned: list[Point], points: 
         speeds[point.run_name] = speed.measure(point, run_dir(study_dir, point))
         if fresh:
             say(f"  [{n}/{len(points)}] timed {point.run_name} in {fmt_duration(time.monotonic() - start)}")
-            write_summary(spec, study_dir, planned, measured, failed, speeds)
-    return speeds
+            on_done()

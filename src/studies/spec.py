@@ -45,6 +45,11 @@ class StudySpec:
         axis: row -> a number the rows sweep (e.g. each row's loss.alpha); with `axis_label`, axis.png draws
             held-out ppl and layers skipped against it (a sweep's figure). Rows left out are not drawn.
         axis_label: the swept setting's name on that figure (e.g. "loss.alpha (fixed, no budget)").
+        evaluate: None (no evaluation stage), or src.eval's `eval` settings ({} for its defaults, e.g.
+            {n_per_task: 100}): the trained points of `evaluate_rows` are then evaluated with `python -m src.eval`
+            after all training has ended (src/studies/evaluate.py): the task suite's retention and the paper's
+            three token-type claims per point, compared across rows.
+        evaluate_rows: the rows the evaluation stage evaluates (empty: every row).
     """
 
     name: str = "study"
@@ -65,6 +70,8 @@ class StudySpec:
     random_control: bool = False
     axis: dict[str, float] = field(default_factory=dict)
     axis_label: str = ""
+    evaluate: dict[str, Any] | None = None
+    evaluate_rows: list[str] = field(default_factory=list)
 
     def validate(self) -> StudySpec:
         """Value checks; raises ConfigError naming `study.<key>` (types are the schema's)."""
@@ -110,6 +117,12 @@ class StudySpec:
             raise ConfigError("study.axis_label is empty: name the setting study.axis sweeps")
         if self.speed is not None:
             speed_settings(self)
+        if self.evaluate is not None:
+            eval_settings(self)
+        elif self.evaluate_rows:
+            raise ConfigError(
+                "study.evaluate_rows is set but study.evaluate is null: set study.evaluate={} too"
+            )
         return self
 
     def comparison_row(self, row: str) -> str | None:
@@ -150,6 +163,45 @@ def speed_settings(spec: StudySpec):
     if s.warmup < 0:
         raise ConfigError(f"study.speed.warmup must be >= 0, got {s.warmup}")
     return s
+
+
+# eval keys the evaluation stage sets itself: each point's own threshold (its threshold curve is measured by
+# the held-out stage)
+_EVAL_STAGE_KEYS = ("tau",)
+
+
+def eval_settings(spec: StudySpec) -> dict[str, Any]:
+    """`study.evaluate` checked against src.eval's `eval` group (src/eval/config.py EvalConfig): the options as
+    given, plain values. Raises ConfigError naming `study.evaluate.<key>` for an unknown key, a key the stage
+    sets itself, a wrong type or value, and `study.evaluate_rows` naming a row the study does not have."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..eval.config import EvalConfig
+
+    options = dict(spec.evaluate or {})
+    own = sorted(set(options) & set(_EVAL_STAGE_KEYS))
+    if own:
+        raise ConfigError(
+            f"study.evaluate.{own[0]} is set by the evaluation stage (each point's own threshold)"
+        )
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), options)
+        checked = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"study.evaluate.{key}: {str(getattr(err, 'msg', err)).splitlines()[0]}") from None
+    try:
+        checked.validate()
+    except ConfigError as err:
+        raise ConfigError(re.sub(r"^eval\.", "study.evaluate.", str(err))) from None
+    problems = checked.problems()
+    if problems:
+        raise ConfigError("; ".join(re.sub(r"^eval\.", "study.evaluate.", p) for p in problems))
+    unknown = [row for row in spec.evaluate_rows if row not in spec.rows]
+    if unknown:
+        raise ConfigError(f"study.evaluate_rows: {unknown[0]!r} is not a row (rows: {', '.join(spec.rows)})")
+    return OmegaConf.to_container(OmegaConf.create(options), resolve=True)
 
 
 _OWNED = ("run_name", "seed", "data.seed", "paths.log_dir", "resume", "overwrite", "hydra.")

@@ -38,10 +38,15 @@ from .spec import StudySpec
 
 
 def summarise(
-    spec: StudySpec, results: list[dict], base: dict, speeds: dict[str, dict] | None = None
+    spec: StudySpec,
+    results: list[dict],
+    base: dict,
+    speeds: dict[str, dict] | None = None,
+    evals: dict[str, dict] | None = None,
 ) -> dict:
-    """The summary dict of `results` (one per point: row, seed, sets, curve, val), the base's result and the
-    points' speed records (`speeds`: run name -> src/studies/speed.py record; None or {}: no speed columns)."""
+    """The summary dict of `results` (one per point: row, seed, sets, curve, val), the base's result, the
+    points' speed records (`speeds`: run name -> src/studies/speed.py record; None or {}: no speed columns) and
+    their evaluation records (`evals`: run name -> src/studies/evaluate.py record; None or {}: none)."""
     by_row: dict[str, list[dict]] = {}
     for r in results:
         by_row.setdefault(r["row"], []).append(r)
@@ -83,6 +88,13 @@ def summarise(
             entry["sets"][name] = cell
         if speeds:
             add_speed(spec, entry, rs, by_row, speeds)
+        mine = {s: (evals or {}).get(f"{row}__s{s}") for s in entry["seeds"]}
+        if any(mine.values()):
+            ref_evals = {s: (evals or {}).get(f"{spec.reference}__s{s}") for s in spec.seeds}
+            entry["evaluate"] = evaluate_cell(
+                {s: r for s, r in mine.items() if r},
+                {s: r for s, r in ref_evals.items() if r} if spec.reference and row != spec.reference else {},
+            )
         # each seed draws its own validation split, so val ppl is compared as a ratio to the base's on it
         ratios = [r["val"]["val/ppl"] / r["val"]["val/base_ppl"] for r in rs if "val/base_ppl" in r["val"]]
         if len(ratios) == len(rs):
@@ -106,6 +118,37 @@ def summarise(
         "axis_label": spec.axis_label,
         **({"frontier": frontier(spec, results, speeds)} if speeds else {}),
     }
+
+
+def evaluate_cell(records: dict[int, dict], reference: dict[int, dict]) -> dict:
+    """A row's evaluation records (seed -> src/studies/evaluate.py record) across seeds: the task suite's
+    retention (mean and 95% interval; `vs_reference`: the paired relative change against the reference row's,
+    'better' when higher) and per token-type claim its measured value (mean and interval over seeds) with the
+    per-seed verdicts counted ({"reversed": 3}: the claim's direction reversed at every seed)."""
+    ret = {s: r["retention"]["value"] for s, r in records.items() if r["retention"]["value"] is not None}
+    ref = {s: r["retention"]["value"] for s, r in reference.items() if r["retention"]["value"] is not None}
+    positive = lambda d: {s: v for s, v in d.items() if v > 0}  # noqa: E731  (a log ratio needs both > 0)
+    cell: dict[str, Any] = {
+        "seeds": sorted(records),
+        "retention": stats.mean_interval(list(ret.values())).as_dict() if ret else None,
+        "retention_vs_reference": relative(
+            stats.paired_log_ratio(positive(ret), positive(ref)), worse_if_positive=False
+        )
+        if ref
+        else None,
+        "claims": {},
+    }
+    for name in sorted({c for r in records.values() for c in r["claims"]}):
+        claims = [r["claims"][name] for r in records.values() if name in r["claims"]]
+        values = [c["value"] for c in claims if c["value"] is not None]
+        verdicts: dict[str, int] = {}
+        for c in claims:
+            verdicts[str(c["verdict"])] = verdicts.get(str(c["verdict"]), 0) + 1
+        cell["claims"][name] = {
+            "value": stats.mean_interval(values).as_dict() if values else None,
+            "verdicts": verdicts,
+        }
+    return cell
 
 
 def random_cell(results: dict[int, dict], name: str) -> dict:
@@ -252,8 +295,9 @@ def frontier(spec: StudySpec, results: list[dict], speeds: dict) -> dict:
     return out
 
 
-def relative(diff: stats.Interval | None) -> dict | None:
-    """A paired log-ratio interval as relative changes: exp(mean) - 1 and its bounds, with the verdict."""
+def relative(diff: stats.Interval | None, worse_if_positive: bool = True) -> dict | None:
+    """A paired log-ratio interval as relative changes: exp(mean) - 1 and its bounds, with the verdict (an
+    increase is worse, as for perplexity, unless `worse_if_positive` is False)."""
     if diff is None:
         return None
     return {
@@ -261,5 +305,5 @@ def relative(diff: stats.Interval | None) -> dict | None:
         "low": math.exp(diff.low) - 1,
         "high": math.exp(diff.high) - 1,
         "n": diff.n,
-        "verdict": stats.verdict(diff),
+        "verdict": stats.verdict(diff, worse_if_positive),
     }
