@@ -206,11 +206,22 @@ def _speed_cfg(tmp_path, ckpt, extra=()):
 
 
 def check_speed(cfg):
-    """src.speed's conversion and checks of a composed config (src/speed.py)."""
+    """src.speed's conversion and checks of a composed config (src/speed.py); returns the SpeedCommand."""
     from src.config.commands import SpeedCommand
     from src.config.schemas import load
 
-    load(cfg, SpeedCommand).check()
+    s = load(cfg, SpeedCommand)
+    s.check()
+    return s
+
+
+def speed(cfg):
+    """src.speed's measurement of a composed config as its entry runs it: converted and checked once, then
+    `run_speed` with the typed settings."""
+    from src.eval.speed import run_speed
+
+    s = check_speed(cfg)
+    return run_speed(s, Path(s.paths.output_dir))
 
 
 @pytest.fixture
@@ -236,11 +247,8 @@ def tiny_ckpt(tmp_path):
 
 
 def test_speed_end_to_end(tmp_path, tiny_ckpt):
-    from src.eval.speed import run_speed
-
     cfg = _speed_cfg(tmp_path, tiny_ckpt, ["per_set_speed=true"])
-    check_speed(cfg)
-    res = run_speed(cfg)
+    res = speed(cfg)
     out = tmp_path / "out"
     for name in ("speed.json", "speed.md", "ppl_vs_speedup.png"):
         assert (out / name).stat().st_size > 0, name
@@ -348,9 +356,7 @@ def test_speed_schema_refuses_wrong_types_naming_the_key(tmp_path, tiny_ckpt, ov
 
 def test_speed_only_without_perplexity(tmp_path, tiny_ckpt):
     """ppl_max_tokens=0, batch=0, prefill_length=0: batch-1 decode only; no figure, no ppl sections."""
-    from src.eval.speed import run_speed
-
-    res = run_speed(
+    res = speed(
         _speed_cfg(tmp_path, tiny_ckpt, ["ppl_max_tokens=0", "batch=0", "prefill_length=0", "shortgpt_k=[]"])
     )
     assert res["modes"] == ["decode_b1", "text_b1@lee", "text_b1@python_docs"]
@@ -399,8 +405,6 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
     base and ShortGPT are timed once. A repeated label or a missing folder is refused before any work."""
     import shutil
 
-    from src.eval.speed import run_speed
-
     other = tmp_path / "budget_run" / "flexidepth"
     shutil.copytree(tiny_ckpt, other)
     extra = [
@@ -414,8 +418,7 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
         "warmup=0",
     ]
     cfg = _speed_cfg(tmp_path, tiny_ckpt, extra)
-    check_speed(cfg)
-    res = run_speed(cfg)
+    res = speed(cfg)
     assert list(res["systems"]) == [
         "base",
         "flexidepth@0.2",
@@ -448,7 +451,6 @@ def test_speed_times_the_always_run_variant_as_its_own_curve(tmp_path, tiny_ckpt
     `rarely_skipped_layers` picks on that text), compared at equal speedup as a curve of its own."""
     from omegaconf import OmegaConf
 
-    from src.eval.speed import run_speed
     from src.flexidepth import load_flexidepth, set_tau
     from src.flexidepth.calibrate import rarely_skipped_layers
     from src.methods.base import calibration_batches
@@ -457,7 +459,7 @@ def test_speed_times_the_always_run_variant_as_its_own_curve(tmp_path, tiny_ckpt
 
     extra = ["taus=[0.2,0.8]", "shortgpt_k=[1]", "batch=0", "prefill_length=0", "heldout=[lee]", "rounds=1"]
     cfg = _speed_cfg(tmp_path, tiny_ckpt, [*extra, "always_run_max_skip=0.5"])
-    res = run_speed(cfg)
+    res = speed(cfg)
     systems = res["systems"]
     assert list(systems) == [
         "base",
@@ -533,7 +535,6 @@ def test_speed_times_a_layer_replacement_checkpoint_as_a_static_point(tmp_path, 
     from omegaconf import OmegaConf
 
     from src.eval import curves
-    from src.eval.speed import run_speed
     from src.flexidepth import FlexiDepthConfig, inject, save_flexidepth
     from src.methods import build_method
     from src.models.loader import load_base_model
@@ -556,8 +557,7 @@ def test_speed_times_a_layer_replacement_checkpoint_as_a_static_point(tmp_path, 
     extra = [f"more_ckpts=[{tmp_path / 'static_k2'}]", "taus=[0.2,0.8]", "shortgpt_k=[1]", "batch=0",
              "prefill_length=0", "heldout=[lee]", "rounds=1", "warmup=0"]  # fmt: skip
     cfg = _speed_cfg(tmp_path, tiny_ckpt, extra)
-    check_speed(cfg)  # a layer_replacement run is accepted (mindskip is not)
-    res = run_speed(cfg)
+    res = speed(cfg)  # checked first: a layer_replacement run is accepted (mindskip is not)
     systems = res["systems"]
     assert list(systems) == ["base", "flexidepth@0.2", "flexidepth@0.8", "static_k2", "shortgpt_k1"]
     s = systems["static_k2"]
