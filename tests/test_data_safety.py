@@ -451,7 +451,7 @@ def test_a_sweep_runs_every_point_and_lists_the_failed_ones(tmp_path):
     assert json.loads((sweep / points[0] / "status.json").read_text())["status"] == "failed"
     assert json.loads((sweep / points[1] / "status.json").read_text())["status"] == "ok"
     assert (sweep / points[1] / "metrics.json").is_file()  # the point after the failed one ran
-    from src.sweep_summary import read_sweep
+    from src.utils.sweeps import read_sweep
 
     status = {p.job: p.status for p in read_sweep(sweep)}
     assert status[points[1]] == "ok" and status[points[0]].startswith("failed: ")

@@ -481,7 +481,7 @@ def test_hub_load_failure_names_the_repo_and_what_to_do():
 
 
 def test_sweep_summary_lists_a_damaged_metrics_file_by_name(tmp_path):
-    from src.sweep_summary import read_sweep
+    from src.utils.sweeps import read_sweep
 
     job = tmp_path / "0_skip.alpha=0.1"
     (job / ".hydra").mkdir(parents=True)

@@ -308,7 +308,7 @@ def test_convert_keeps_the_method_of_the_run(tmp_path):
 
 # ---------------------------------------------------------------------------------- memory planner
 def test_memory_planner_arithmetic_on_a_constructed_example():
-    from src.memory_planner import GB, Arch, Plan
+    from src.lit.memory_plan import GB, Arch, Plan
 
     toy = Arch("toy", layers=4, hidden=64, intermediate=128, vocab=100, heads=4, kv_heads=2)
     # per layer: q,o 2*64*64 + k,v 2*64*32 + MLP 3*64*128 + norms 2*64 = 36992; embed + head 2*100*64; final norm 64
@@ -334,7 +334,8 @@ def test_memory_planner_arithmetic_on_a_constructed_example():
 
 def test_memory_planner_matches_model_and_paper_counts():
     from src.flexidepth import FlexiDepthConfig, inject, parameter_counts
-    from src.memory_planner import ARCHS, Plan, main
+    from src.lit.memory_plan import ARCHS, Plan
+    from src.memory_planner import main
     from src.models.loader import load_base_model
 
     assert round(Plan(ARCHS["llama3_8b"]).trainable_params() / 1e6, 1) == 209.8  # the paper's count
@@ -342,7 +343,7 @@ def test_memory_planner_matches_model_and_paper_counts():
     model_cfg = yaml.safe_load((ROOT / "conf/model/tiny_llama.yaml").read_text())
     model = inject(load_base_model(model_cfg), FlexiDepthConfig())
     arch = model_cfg["arch"]
-    from src.memory_planner import Arch
+    from src.lit.memory_plan import Arch
 
     tiny = Arch(
         "tiny",
