@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from src.flexidepth.checkpoint import CheckpointError
+from src.models.config import ModelConfig
 from tests.helpers.configs import run_main
 from tests.test_train import ROOT, compose_cfg, group_options
 
@@ -141,7 +142,7 @@ def ds_engine_main(out_dir: str) -> None:
             out = routed_forward(self.model, ids, torch.ones_like(ids), labels=ids)
             return out.lm_loss + alpha * out.routes.skip_loss
 
-    holder = Holder(inject(load_base_model(model_cfg), FlexiDepthConfig.from_dict(skip)))
+    holder = Holder(inject(load_base_model(ModelConfig(**model_cfg)), FlexiDepthConfig.from_dict(skip)))
     frozen = {n: p.detach().clone() for n, p in holder.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in holder.named_parameters() if p.requires_grad}
     config = {
@@ -216,7 +217,7 @@ def test_raw_deepspeed_zero2_trains_only_router_and_adapter(tmp_path):
     assert {k for k in saved if ".router." not in k and ".adapter." not in k} <= {"model.lm_head.weight"}
     out = convert(tmp_path / "zero", tmp_path / "exported")
     model_cfg = yaml.safe_load((ROOT / "conf/model/tiny_llama.yaml").read_text())
-    model = load_flexidepth(load_base_model(model_cfg), out)
+    model = load_flexidepth(load_base_model(ModelConfig(**model_cfg)), out)
     final = torch.load(tmp_path / "final.pt")
     loaded = flexidepth_state_dict(model)
     assert set(loaded) == {k.removeprefix("model.") for k in final}
@@ -341,7 +342,7 @@ def test_memory_planner_matches_model_and_paper_counts():
     assert round(Plan(ARCHS["llama3_8b"]).trainable_params() / 1e6, 1) == 209.8  # the paper's count
     assert round(ARCHS["llama3_8b"].base_params() / 1e9, 2) == 8.03
     model_cfg = yaml.safe_load((ROOT / "conf/model/tiny_llama.yaml").read_text())
-    model = inject(load_base_model(model_cfg), FlexiDepthConfig())
+    model = inject(load_base_model(ModelConfig(**model_cfg)), FlexiDepthConfig())
     arch = model_cfg["arch"]
     from src.lit.memory_plan import Arch
 

@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from src.models.config import ModelConfig
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ def test_lockstep_decode_of_systems_sharing_a_model_equals_each_alone(tiny_ckpt)
         model_cfg = OmegaConf.to_container(
             compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
         )
-    model = load_base_model(model_cfg).eval()
+    model = load_base_model(ModelConfig(**model_cfg)).eval()
     load_flexidepth(model, tiny_ckpt)
     torch.manual_seed(5)
     prompts = [torch.randint(0, model.config.vocab_size, (1, 8)) for _ in range(2)]
@@ -236,7 +237,7 @@ def tiny_ckpt(tmp_path):
         model_cfg = OmegaConf.to_container(
             compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
         )
-    model = inject(load_base_model(model_cfg), FlexiDepthConfig(tau=0.5))
+    model = inject(load_base_model(ModelConfig(**model_cfg)), FlexiDepthConfig(tau=0.5))
     torch.manual_seed(1)
     with torch.no_grad():
         for layer in flexi_layers(model):
@@ -379,7 +380,7 @@ def test_text_decode_routes_equal_full_forward(tiny_ckpt):
         model_cfg = OmegaConf.to_container(
             compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
         )
-    model = load_base_model(model_cfg).eval()
+    model = load_base_model(ModelConfig(**model_cfg)).eval()
     load_flexidepth(model, tiny_ckpt)
     set_tau(model, 0.5)
     torch.manual_seed(3)
@@ -471,9 +472,9 @@ def test_speed_times_the_always_run_variant_as_its_own_curve(tmp_path, tiny_ckpt
     ]
     assert res["ckpts"] == {"flexidepth": str(tiny_ckpt), "flexidepth+ar": str(tiny_ckpt)}
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model = load_base_model(model_cfg).eval()
+    model = load_base_model(ModelConfig(**model_cfg)).eval()
     load_flexidepth(model, tiny_ckpt)
-    batches = calibration_batches(load_tokenizer(model_cfg), {"texts": cfg.calibration_texts})
+    batches = calibration_batches(load_tokenizer(ModelConfig(**model_cfg)), {"texts": cfg.calibration_texts})
     picked = {}
     for tau in (0.2, 0.8):
         set_tau(model, tau)
@@ -544,7 +545,9 @@ def test_speed_times_a_layer_replacement_checkpoint_as_a_static_point(tmp_path, 
         model_cfg = OmegaConf.to_container(
             compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
         )
-    model = inject(load_base_model(model_cfg), FlexiDepthConfig(layers=[1, 2], always_skip=[1, 2]))
+    model = inject(
+        load_base_model(ModelConfig(**model_cfg)), FlexiDepthConfig(layers=[1, 2], always_skip=[1, 2])
+    )
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -565,9 +568,9 @@ def test_speed_times_a_layer_replacement_checkpoint_as_a_static_point(tmp_path, 
     assert set(s["speed"]["layers_skipped"].values()) == {2.0}
     assert min(s["flop_ideal"].values()) > 1.0
     assert s["ppl"]["lee"]["layers_skipped"] == pytest.approx(2.0)
-    fresh = load_base_model(model_cfg).eval()
+    fresh = load_base_model(ModelConfig(**model_cfg)).eval()
     build_method({"name": "layer_replacement"}).apply(fresh, ckpt=str(folder))
-    tok = load_tokenizer(model_cfg)
+    tok = load_tokenizer(ModelConfig(**model_cfg))
     sets = curves.heldout_sets(tok, ["lee"], 32, 64)
     want = curves.measure(fresh, sets, 8, pad_token_id(tok), num_layers=fresh.config.num_hidden_layers)
     assert s["ppl"]["lee"]["ppl"] == pytest.approx(want["lee"]["ppl"], rel=1e-5)
@@ -588,8 +591,8 @@ def test_shortgpt_prune_option_deletes_the_layers_it_would_make_identity():
 
     node = OmegaConf.to_container(compose_tiny("train").model, resolve=True)  # the embedded tokenizer's vocab
     node["arch"]["num_hidden_layers"] = 6
-    base = load_base_model(node).eval()
-    tok = load_tokenizer(node)
+    base = load_base_model(ModelConfig(**node)).eval()
+    tok = load_tokenizer(ModelConfig(**node))
     options = {"name": "shortgpt", "k": 2, "calibration": {"texts": 2, "max_length": 32, "batch_size": 2}}
     identity, pruned = copy.deepcopy(base), copy.deepcopy(base)
     a = build_method(options).apply(identity, tokenizer=tok)

@@ -103,15 +103,14 @@ def run_compare(s) -> dict[str, Any]:
     from .run import eval_inputs, evaluate_against_base
 
     ev = s.eval
-    model_cfg = s.model.to_dict()
     device = resolve_device(ev.device)
     output_dir = Path(s.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(s.model)
 
     def fresh_model():
         torch.manual_seed(ev.seed)
-        return load_base_model(model_cfg).eval().to(device)
+        return load_base_model(s.model).eval().to(device)
 
     model = fresh_model()
     num_layers = model.config.num_hidden_layers
@@ -149,7 +148,7 @@ def run_compare(s) -> dict[str, Any]:
     for system, res in zip(systems, loop, strict=True):
         rows.append(table_row(res, system["table"]))
     results = {
-        "model": str(model_cfg.get("name_or_path")),
+        "model": str(s.model.name_or_path),
         "num_layers": num_layers,
         "k": sorted({r["k_target"] for r in rows if r["k_target"] is not None}),
         "settings": asdict(ev),
@@ -187,13 +186,12 @@ def run_curves(s) -> dict[str, Any]:
     cc = s.curves
     names = check_heldout(list(cc.heldout), "curves.heldout")
     ks = [float(k) for k in cc.k]
-    model_cfg = s.model.to_dict()
     device = resolve_device(s.eval.device)
     output_dir = Path(s.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(s.model)
     torch.manual_seed(s.eval.seed)
-    base = load_base_model(model_cfg).eval().to(device)
+    base = load_base_model(s.model).eval().to(device)
     num_layers = base.config.num_hidden_layers
     systems = [x for x in plan_systems(s, base.config) if x["method"] is None and "k" not in x]
     systems = [x for x in systems if x["table"] == "main" and checkpoint_method(x["ckpt"]) == "flexidepth"]
@@ -229,7 +227,7 @@ def run_curves(s) -> dict[str, Any]:
             )
             del model
     results = {
-        "model": str(model_cfg.get("name_or_path")),
+        "model": str(s.model.name_or_path),
         "num_layers": num_layers,
         "heldout": names,
         "tokens": {n: base_sets[n]["tokens"] for n in names},

@@ -176,14 +176,13 @@ def run_speed(s: SpeedRun, output_dir: Path) -> dict[str, Any]:
     if s.always_run_max_skip is not None:
         curves.update({f"{name}+ar": path for name, path in ckpts})
     torch.set_num_threads(s.threads)
-    model_cfg = s.model.to_dict()
     device = resolve_device(s.device)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(s.model)
     prompts = heldout_prompts(tokenizer, s.heldout, s.prompts, s.prompt_length)
     prefill = heldout_prompts(tokenizer, s.heldout, 1, s.prefill_length)[0] if s.prefill_length else None
     torch.manual_seed(0)
-    base = load_base_model(model_cfg).eval().to(device)
+    base = load_base_model(s.model).eval().to(device)
     base_config = copy.deepcopy(base.config)
     num_layers = base_config.num_hidden_layers
     systems = build_systems(
