@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, open_dict
 from src.flexidepth import FlexiDepthConfig
 from src.flexidepth.checkpoint import CheckpointError, load_flexidepth
 from src.methods import MethodConfigError, build_method, checkpoint_method
-from src.methods.base import calibration_batches
+from src.methods.base import Calibration, calibration_batches
 from src.methods.layer_replacement import replaceable_layers
 from src.methods.shortgpt import block_influence, shortgpt_layers
 from src.models.config import ModelConfig
@@ -24,7 +24,8 @@ from tests.helpers.configs import compose_tiny, settings_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION = {"texts": 4, "max_length": 48, "batch_size": 2}  # small: the tiny model's BI, quickly
+CALIBRATION = {"texts": 4, "max_length": 48, "batch_size": 2}  # the method option
+CALIBRATED = Calibration(**CALIBRATION)  # small: the tiny model's BI, quickly
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_chosen_layers_are_shortgpts_on_the_same_calibration_batches(tokenizer):
     make_identity(model.model.layers[4])
     plain = tiny_model("llama", layers=6)
     plain.load_state_dict(model.state_dict())
-    bi = block_influence(plain, calibration_batches(tokenizer, CALIBRATION))
+    bi = block_influence(plain, calibration_batches(tokenizer, CALIBRATED))
     m, cfg = injected(tokenizer, model, k=2)
     record = m.training_record()
     assert record["block_influence"] == bi  # exact: the same function on the same batches
@@ -85,7 +86,7 @@ def test_chosen_layers_are_shortgpts_on_the_same_calibration_batches(tokenizer):
 def test_layer_zero_is_never_chosen_even_at_the_lowest_bi(tokenizer):
     model = tiny_model("llama", layers=4)
     make_identity(model.model.layers[0])  # BI 0: ShortGPT would drop it; the cache reads its length from it
-    bi = block_influence(tiny_model_copy(model), calibration_batches(tokenizer, CALIBRATION))
+    bi = block_influence(tiny_model_copy(model), calibration_batches(tokenizer, CALIBRATED))
     assert shortgpt_layers(bi, 1) == [0]
     m, cfg = injected(tokenizer, model, k=2)
     assert replaceable_layers(model.config) == [1, 2, 3]

@@ -454,7 +454,7 @@ def test_speed_times_the_always_run_variant_as_its_own_curve(tmp_path, tiny_ckpt
 
     from src.flexidepth import load_flexidepth, set_tau
     from src.flexidepth.calibrate import rarely_skipped_layers
-    from src.methods.base import calibration_batches
+    from src.methods.base import Calibration, calibration_batches
     from src.models.loader import load_base_model
     from src.models.tokenizer import load_tokenizer
 
@@ -474,7 +474,9 @@ def test_speed_times_the_always_run_variant_as_its_own_curve(tmp_path, tiny_ckpt
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model = load_base_model(ModelConfig(**model_cfg)).eval()
     load_flexidepth(model, tiny_ckpt)
-    batches = calibration_batches(load_tokenizer(ModelConfig(**model_cfg)), {"texts": cfg.calibration_texts})
+    batches = calibration_batches(
+        load_tokenizer(ModelConfig(**model_cfg)), Calibration(texts=cfg.calibration_texts)
+    )
     picked = {}
     for tau in (0.2, 0.8):
         set_tau(model, tau)

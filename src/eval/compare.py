@@ -95,7 +95,7 @@ def run_compare(s) -> dict[str, Any]:
     from ..flexidepth import set_tau
     from ..flexidepth.calibrate import tau_for_k
     from ..methods import build_method, checkpoint_method
-    from ..methods.base import calibration_batches
+    from ..methods.base import Calibration, calibration_batches
     from ..models.loader import load_base_model
     from ..models.tokenizer import load_tokenizer
     from ..render.report import compare_markdown
@@ -124,7 +124,7 @@ def run_compare(s) -> dict[str, Any]:
             applied = build_method(method).apply(model, tokenizer=tokenizer, ckpt=system["ckpt"], skip=skip)
             model.to(device)
             if system.get("k") is not None:  # threshold matched to k on calibration text (training side)
-                tau = tau_for_k(model, calibration_batches(tokenizer, {"texts": 16}), system["k"])
+                tau = tau_for_k(model, calibration_batches(tokenizer, Calibration(texts=16)), system["k"])
                 set_tau(model, tau)
                 applied.k, applied.details["tau"] = system["k"], tau
                 log.info("compare: %s threshold %.4f for k=%s", system["label"], tau, system["k"])
@@ -177,7 +177,7 @@ def run_curves(s) -> dict[str, Any]:
     from ..data.mixture import check_heldout
     from ..flexidepth.calibrate import tau_for_k
     from ..methods import build_method, checkpoint_method
-    from ..methods.base import calibration_batches
+    from ..methods.base import Calibration, calibration_batches
     from ..models.loader import load_base_model
     from ..models.tokenizer import load_tokenizer, pad_token_id
     from ..utils.hardware import resolve_device
@@ -204,7 +204,7 @@ def run_curves(s) -> dict[str, Any]:
     for system in systems:
         model = copy.deepcopy(base)
         build_method({"name": "flexidepth"}).apply(model, ckpt=system["ckpt"])
-        cal = calibration_batches(tokenizer, {"texts": cc.calibration_texts})
+        cal = calibration_batches(tokenizer, Calibration(texts=cc.calibration_texts))
         own = float(model.flexidepth.config.tau)
         taus = sorted({own, *(round(tau_for_k(model, cal, float(k)), 6) for k in cc.curve_k)})
         curves[system["label"]] = C.tau_curve(model, sets, taus, bs, pad)

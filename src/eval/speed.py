@@ -63,12 +63,12 @@ def build_systems(
     from ..flexidepth import set_tau
     from ..flexidepth.calibrate import rarely_skipped_layers
     from ..methods import build_method, checkpoint_method
-    from ..methods.base import calibration_batches
+    from ..methods.base import Calibration, calibration_batches
 
     systems = [System("base", "base", base)]
     calibration = None
     if always_run_max_skip is not None:  # the skip rates read it
-        calibration = calibration_batches(tokenizer, {"texts": calibration_texts})
+        calibration = calibration_batches(tokenizer, Calibration(texts=calibration_texts))
     for name, ckpt in ckpts:
         method = checkpoint_method(ckpt)
         if method not in ("flexidepth", "layer_replacement"):
