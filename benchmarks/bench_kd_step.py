@@ -26,12 +26,19 @@ import torch
 from src.flexidepth import FlexiDepthConfig, inject, routed_forward
 from src.lit.objectives import kd_loss_sum
 from src.lit.teacher import capture_layer_input, full_teacher_logits, student_and_teacher, teacher_from_layer
+from src.models.config import ModelConfig
 from src.models.loader import load_base_model
 
 
 def run(dtype: str, args) -> list[list]:
     model = load_base_model(
-        {"name_or_path": "embedded:smollm2-135m-instruct", "dtype": dtype, "attn_implementation": "sdpa"}
+        ModelConfig(
+            **{
+                "name_or_path": "embedded:smollm2-135m-instruct",
+                "dtype": dtype,
+                "attn_implementation": "sdpa",
+            }
+        )
     )
     torch.manual_seed(1)
     inject(model, FlexiDepthConfig(init="released"))

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(os.environ.get("REPO", Path(__file__).resolve().parents[1])).resolve()
 SCHEMA_MODULES = ("src.config.schemas", "src.config.commands", "src.lit.objectives", "src.lit.optim",
                   "src.flexidepth.config", "src.models.config", "src.data.config", "src.eval.config",
-                  "src.eval.speed")  # fmt: skip
+                  "src.eval.speed_plan")  # fmt: skip
 
 
 def node_signatures(container) -> set[str]:

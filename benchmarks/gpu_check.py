@@ -109,8 +109,12 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self.t0)
 
 timer = StepTimer(5)
-configured = T.build_callbacks
-T.build_callbacks = lambda cfg: configured(cfg) + [timer]  # the run's own callbacks, plus the step timer
+configured = T.trainer_arguments
+def with_timer(s):  # the run's own callbacks, plus the step timer
+    arguments = configured(s)
+    arguments["callbacks"].append(timer)
+    return arguments
+T.trainer_arguments = with_timer
 with initialize_config_dir(config_dir={conf!r}, version_base="1.3"):
     cfg = compose("train", overrides={overrides!r})
 with open_dict(cfg):

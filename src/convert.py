@@ -24,6 +24,7 @@ from .config.tools import ConvertCommand
 from .flexidepth import FlexiDepthConfig, flexidepth_state_dict, save_flexidepth
 from .flexidepth.checkpoint import CheckpointError, check_finite
 from .flexidepth.inject import is_flexidepth_param
+from .models.config import ModelConfig
 from .utils.cli import hydra_command
 
 register()  # resolvers and typed schemas, before Hydra composes this command's config
@@ -69,22 +70,16 @@ def flexidepth_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def _meta_model(model_cfg: dict[str, Any]):
+def _meta_model(model_cfg: ModelConfig):
     """The base architecture on the meta device (config only; no weights are loaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from .models.embedded import resolve_model_path
-    from .models.loader import build_config
-
-    if model_cfg.get("random_init"):
-        config = build_config(model_cfg)
-    else:
-        config = AutoConfig.from_pretrained(resolve_model_path(model_cfg["name_or_path"]))
-    config._attn_implementation = model_cfg.get("attn_implementation", "sdpa")
+    config = model_cfg.hf_config()
+    config._attn_implementation = model_cfg.attn_implementation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    if not model_cfg.get("random_init"):
-        model.config._name_or_path = model_cfg["name_or_path"]
+    if not model_cfg.random_init:
+        model.config._name_or_path = model_cfg.name_or_path
     return model
 
 
@@ -115,7 +110,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, model_cfg: dict[str, An
     method = str(meta.get("method") or hparams.get("method") or "flexidepth")
     from .methods import build_method
 
-    model = _meta_model(model_cfg)
+    model = _meta_model(ModelConfig(**model_cfg))
     build_method({"name": method}).inject(model, flexi)
     tensors = flexidepth_tensors(ckpt["state_dict"])
     expected = flexidepth_state_dict(model)

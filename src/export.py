@@ -73,9 +73,8 @@ def build_and_write(s: ExportCommand, folder: Path) -> Path:
     from .models.loader import load_base_model
     from .models.tokenizer import load_tokenizer
 
-    model_cfg = s.model.to_dict()
-    model = load_base_model(model_cfg).eval()
-    tokenizer = load_tokenizer(model_cfg)
+    model = load_base_model(s.model).eval()
+    tokenizer = load_tokenizer(s.model)
     load_flexidepth(model, folder)
     model.eval()
 

@@ -63,10 +63,9 @@ def run(cfg: DictConfig, file: TextIO | None = None) -> GenerationOutput:
     adopt_run_model(cfg)  # ckpt_path=<run>: the run's model, unless model= is given
     s = load(cfg, GenerateCommand)
     s.check()  # before any model work
-    model_cfg = s.model.to_dict()
     device = resolve_device(s.device)
-    model = load_base_model(model_cfg).eval()
-    tokenizer = load_tokenizer(model_cfg)
+    model = load_base_model(s.model).eval()
+    tokenizer = load_tokenizer(s.model)
     ckpt = resolve_checkpoint(s.ckpt_path)
     routed: list[int] = []
     if ckpt is not None:

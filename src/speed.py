@@ -75,7 +75,7 @@ def main(cfg: DictConfig) -> None:
     s.check()  # refuses an occupied output folder unless overwrite=true
     out = Path(s.paths.output_dir)
     with replacing(out, "speed"):  # an earlier speed.json / speed.md / figure replaced as one unit
-        results = run_speed(cfg)
+        results = run_speed(s, out)
     print(speed_markdown(results))
     figure = ", ppl_vs_speedup.png" if results["heldout"] else ""
     log.info("speed: %s (speed.md, speed.json%s)", out, figure)

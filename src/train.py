@@ -42,23 +42,6 @@ log = logging.getLogger(__name__)
 register()  # resolvers and typed schemas, before Hydra composes this command's config
 
 
-def build_callbacks(s: TrainCommand) -> list:
-    """The configured callbacks plus the ones every run has: a final validation at the last step and, when
-    the trainer shows a progress bar, one over the real number of steps (src/callbacks/progress.py)."""
-    from .callbacks.progress import FinalValidation, RunTimeEstimate, StepProgressBar
-
-    callbacks = [
-        hydra.utils.instantiate(node)
-        for node in (s.callbacks or {}).values()
-        if node is not None and "_target_" in node
-    ]
-    callbacks.append(FinalValidation())
-    callbacks.append(RunTimeEstimate())  # one line after the first timed steps: the run's expected wall time
-    if s.trainer.get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar())
-    return callbacks
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job; returns the final callback metrics (floats), also written to metrics.json.
 
@@ -77,7 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     method = s.check()  # the settings, then what they point at: before anything heavy is loaded
     report_alpha(s.released_alpha, s.loss.alpha)  # released_stage* experiments: which alpha is used
     notes = method.prepare_training(s, explicit_keys())  # e.g. layer_replacement: before anything is loaded
-    for note in filter(None, [*notes, alpha_override_note(s, _command_line_overrides())]):
+    for note in filter(None, [*notes, s.loss.alpha_override_note(_command_line_overrides())]):
         if is_rank_zero():
             log.warning(note)
     silence_third_party()
@@ -86,22 +69,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from .data.datamodule import SFTDataModule
     from .flexidepth import load_flexidepth
     from .lit.module import FlexiDepthModule
-    from .models.loader import tokenizer_path
 
     L.seed_everything(s.seed, workers=True, verbose=False)
     output_dir = Path(s.paths.output_dir)
     with open_run(s, output_dir) as start:
         # everything that can still refuse the start comes before `start.commit()`: data files and their
         # rows, init_from's shapes. Until then the folder is untouched.
-        model_cfg = s.model.to_dict()
         datamodule = SFTDataModule(
-            tokenizer_path=tokenizer_path(model_cfg),
+            tokenizer_path=s.model.tokenizer_path(),
             accumulate_grad_batches=int(s.trainer.get("accumulate_grad_batches", 1)),
             **s.data.to_dict(),
         )
         datamodule.setup("fit")  # data errors surface here, before the model load and any logger
         module = FlexiDepthModule(
-            model=model_cfg,
+            model=s.model.to_dict(),
             skip=s.skip.flexidepth(),
             optim=s.optim,
             gradient_checkpointing=s.gradient_checkpointing,
@@ -114,13 +95,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = start.commit()  # now an earlier run is replaced (overwrite=true) and the start recorded
 
         loggers = build_loggers(s.logger, output_dir, resuming=ckpt_path is not None)
-        summary = RunSummary(output_dir, run_knobs(s))
+        # metrics.json records, besides the metrics: the skip and loss nodes, the model, the run name
+        knobs = {"skip": asdict(s.skip), "loss": s.loss.to_dict(), "model": s.model.name_or_path,
+                 "run_name": s.run_name}  # fmt: skip
+        summary = RunSummary(output_dir, knobs)
+        arguments = trainer_arguments(s)
         trainer: L.Trainer = hydra.utils.instantiate(
             s.trainer,
-            callbacks=[*build_callbacks(s), summary],
+            callbacks=[*arguments.pop("callbacks"), summary],
             logger=loggers or False,
             use_distributed_sampler=False,
-            **trainer_overrides(s),
+            **arguments,
         )
         if trainer.is_global_zero:
             for lg in loggers:
@@ -135,49 +120,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary.metrics  # metrics.json and the closing lines: RunSummary (src/callbacks/summary.py)
 
 
-def trainer_overrides(s: TrainCommand) -> dict[str, Any]:
-    """Trainer arguments the config does not hold: atomic checkpoint writes, cluster plugins, and
+def trainer_arguments(s: TrainCommand) -> dict[str, Any]:
+    """The Trainer's arguments that its `trainer` node does not hold: `callbacks` (the configured ones, a final
+    validation at the last step, the run-time estimate and, when the trainer shows a progress bar, one over
+    the real number of steps: src/callbacks/progress.py), atomic checkpoint writes, cluster plugins, and
     `val_check_interval` converted from optimizer steps (the config's unit) to Lightning's batches."""
-    overrides: dict[str, Any] = dict(cluster_plugins())
-    if "deepspeed" not in str(s.trainer.get("strategy", "")).lower():  # DeepSpeed writes its own shards
+    from .callbacks.progress import FinalValidation, RunTimeEstimate, StepProgressBar
+
+    trainer = s.trainer
+    callbacks = [hydra.utils.instantiate(node) for node in (s.callbacks or {}).values()
+                 if node is not None and "_target_" in node]  # fmt: skip
+    callbacks += [FinalValidation(), RunTimeEstimate()]  # RunTimeEstimate: the run's expected wall time
+    if trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
+    arguments: dict[str, Any] = {"callbacks": callbacks, **cluster_plugins()}
+    if "deepspeed" not in str(trainer.get("strategy", "")).lower():  # DeepSpeed writes its own shards
         from .utils.runs import atomic_checkpoint_io
 
-        overrides["plugins"] = [*overrides.get("plugins", []), atomic_checkpoint_io()]
-    interval = s.trainer.get("val_check_interval")
+        arguments["plugins"] = [*arguments.get("plugins", []), atomic_checkpoint_io()]
+    interval = trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):  # an int: steps; a float: an epoch share
-        overrides["val_check_interval"] = interval * int(s.trainer.get("accumulate_grad_batches", 1))
-    return overrides
+        arguments["val_check_interval"] = interval * int(trainer.get("accumulate_grad_batches", 1))
+    return arguments
 
 
 def _command_line_overrides() -> list[str]:
     hc = hydra_config()
     return [] if hc is None else list(hc.overrides.task)
-
-
-def alpha_override_note(s: TrainCommand, overrides: list[str]) -> str | None:
-    """A note when the command line (`overrides`) sets an alpha (`loss.alpha` or `skip.alpha`) while the
-    settings have a layers-skipped budget (`loss.target_layers_skipped`, as the embedded model's recipe does):
-    the alpha is then only the controller's starting value, which a user sweeping alpha would not expect. None
-    otherwise."""
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    given = sorted(keys & {"loss.alpha", "skip.alpha"})
-    if s.loss.target_layers_skipped is None or not given:
-        return None
-    return (
-        f"{given[0]} is only the starting value of the alpha controller: loss.target_layers_skipped="
-        f"{s.loss.target_layers_skipped:g} (the recipe's budget) adapts alpha every step. Add "
-        "loss.target_layers_skipped=null for a fixed alpha."
-    )
-
-
-def run_knobs(s: TrainCommand) -> dict[str, Any]:
-    """What metrics.json records besides the metrics (`RunSummary`): the skip and loss nodes, model, run name."""
-    return {
-        "skip": asdict(s.skip),
-        "loss": s.loss.to_dict(),
-        "model": s.model.name_or_path,
-        "run_name": s.run_name,
-    }
 
 
 @hydra_command("train", writes_folder=True)

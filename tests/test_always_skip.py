@@ -158,5 +158,5 @@ def test_mindskip_refuses_always_skip():
 
     with pytest.raises(ValueError, match="skip.always_skip"):
         inject_mindskip(
-            tiny_model("llama", layers=6), {"layers": ROUTED, "adapter": "none", "always_skip": STATIC}
+            tiny_model("llama", layers=6), FlexiDepthConfig(layers=ROUTED, adapter="none", always_skip=STATIC)
         )

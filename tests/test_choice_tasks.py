@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from src.models.config import ModelConfig
 from src.tasks.choice import (
     CHOICE_TASKS,
     N_CHOICES,
@@ -47,7 +48,7 @@ def tiny():
     from src.models.loader import load_base_model
     from src.models.tokenizer import load_tokenizer
 
-    return load_base_model(TINY_LLAMA).eval(), load_tokenizer(TINY_LLAMA)
+    return load_base_model(ModelConfig(**TINY_LLAMA)).eval(), load_tokenizer(ModelConfig(**TINY_LLAMA))
 
 
 # ---------------------------------------------------------------------------------------- examples
@@ -151,7 +152,7 @@ def test_layers_used_are_recorded_for_a_routed_model():
     from src.models.tokenizer import load_tokenizer
     from tests.test_streamer import mixed_tiny_llama
 
-    model, tok = mixed_tiny_llama(), load_tokenizer(TINY_LLAMA)
+    model, tok = mixed_tiny_llama(), load_tokenizer(ModelConfig(**TINY_LLAMA))
     examples = make_choice_examples(["cloze", "add_choice"], 3, seed=2)
     res = choice_loglikelihoods(model, tok, examples, batch_size=7)
     used = [u for r in res for u in r["prompt_layers"] + sum(r["choice_layers"], [])]

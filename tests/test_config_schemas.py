@@ -205,7 +205,7 @@ def test_tau_has_one_owner():
     from src.models.loader import load_base_model
 
     cfg = compose_tiny("train", [])
-    model = load_base_model(OmegaConf.to_container(cfg.model, resolve=True)).eval()
+    model = load_base_model(ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))).eval()
     inject(model, FlexiDepthConfig(tau=0.5))
     set_tau(model, 0.97)
     assert [layer.tau for layer in flexi_layers(model)] == [0.97] * len(flexi_layers(model))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.models.config import ModelConfig
 from src.utils.cli import is_user_error
 from src.utils.errors import RunFolderError
 from src.utils.runs import RunLock, check_run_name, find_resume_checkpoint
@@ -228,7 +229,9 @@ def test_overwrite_with_a_late_error_keeps_the_old_run(tmp_path, late):
         from src.flexidepth import FlexiDepthConfig, inject, save_flexidepth
         from src.models.loader import load_base_model
 
-        model = load_base_model(OmegaConf.to_container(compose_cfg(["debug=tiny"]).model, resolve=True))
+        model = load_base_model(
+            ModelConfig(**OmegaConf.to_container(compose_cfg(["debug=tiny"]).model, resolve=True))
+        )
         inject(model, FlexiDepthConfig(adapter_rank=4))
         save_flexidepth(model, tmp_path / "other")
         overrides, match = [f"init_from={tmp_path / 'other'}"], "has shape"
@@ -399,7 +402,6 @@ def test_metrics_and_summary_describe_the_exported_model(tmp_path, capsys):
     from src.data.datamodule import SFTDataModule
     from src.flexidepth import load_flexidepth
     from src.lit.module import FlexiDepthModule
-    from src.models.loader import tokenizer_path
 
     run = tmp_path / "run"
     budget = ["loss.target_layers_skipped=1", "trainer.limit_val_batches=2", "trainer.max_steps=4"]
@@ -417,7 +419,7 @@ def test_metrics_and_summary_describe_the_exported_model(tmp_path, capsys):
 
     s = load(compose_cfg([*SHORT, *budget], run), TrainCommand)
     model_cfg = s.model.to_dict()
-    dm = SFTDataModule(tokenizer_path=tokenizer_path(model_cfg), **s.data.to_dict())
+    dm = SFTDataModule(tokenizer_path=s.model.tokenizer_path(), **s.data.to_dict())
     dm.setup("fit")
     module = FlexiDepthModule(model=model_cfg, skip=s.skip.flexidepth(), optim=s.optim, loss=s.loss)
     load_flexidepth(module.model, run / "flexidepth")
@@ -451,7 +453,7 @@ def test_a_sweep_runs_every_point_and_lists_the_failed_ones(tmp_path):
     assert json.loads((sweep / points[0] / "status.json").read_text())["status"] == "failed"
     assert json.loads((sweep / points[1] / "status.json").read_text())["status"] == "ok"
     assert (sweep / points[1] / "metrics.json").is_file()  # the point after the failed one ran
-    from src.sweep_summary import read_sweep
+    from src.utils.sweeps import read_sweep
 
     status = {p.job: p.status for p in read_sweep(sweep)}
     assert status[points[1]] == "ok" and status[points[0]].startswith("failed: ")

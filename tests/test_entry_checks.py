@@ -21,6 +21,7 @@ from src.config.commands import COMMANDS
 from src.config.schemas import load
 from src.flexidepth import FlexiDepthConfig, export_released, inject, load_released, released_config
 from src.flexidepth.checkpoint import RELEASED_WEIGHTS, CheckpointError
+from src.models.config import ModelConfig
 from src.utils.errors import ConfigError, DataError, PreflightError
 from tests.conftest import tiny_model
 from tests.helpers.configs import CONF, compose_tiny
@@ -311,6 +312,6 @@ def test_the_readme_tokenizer_line_loads_an_export_without_a_prompt(tmp_path):
     from src.models.tokenizer import load_tokenizer
 
     expected = load_tokenizer(
-        {"name_or_path": "tiny-random-llama", "tokenizer": "embedded:smollm2-135m-instruct"}
+        ModelConfig(**{"name_or_path": "tiny-random-llama", "tokenizer": "embedded:smollm2-135m-instruct"})
     )
     assert json.loads(res.stdout.strip().splitlines()[-1]) == expected("What is 12 + 30?")["input_ids"]

@@ -30,6 +30,7 @@ from src.flexidepth.checkpoint import load_flexidepth
 from src.flexidepth.generation import generate
 from src.flexidepth.routes import routed_forward
 from src.models import export as hfx
+from src.models.config import ModelConfig
 from src.models.loader import load_base_model
 from src.models.tokenizer import load_tokenizer
 from src.render.model_card import model_card
@@ -93,7 +94,7 @@ def trained_checkpoint(model_name: str, folder: Path, **skip) -> dict:
     """A checkpoint with random (released-init) routers and adapters: gates spread around 0.5."""
     cfg = compose_export([f"model={model_name}"])
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model = load_base_model(model_cfg)
+    model = load_base_model(ModelConfig(**model_cfg))
     torch.manual_seed(1)
     inject(model, FlexiDepthConfig(init="released", **skip))
     save_flexidepth(model, folder)
@@ -101,7 +102,7 @@ def trained_checkpoint(model_name: str, folder: Path, **skip) -> dict:
 
 
 def trained_model(model_cfg: dict, ckpt: Path):
-    model = load_base_model(model_cfg).eval()
+    model = load_base_model(ModelConfig(**model_cfg)).eval()
     load_flexidepth(model, ckpt)
     return model.eval()
 
@@ -161,7 +162,7 @@ def original_and_isolated(model_cfg, out, tmp_path):
     """The trained model of `tmp_path/run`, its tokenizer, the prompt batch, and what the export at `out` gives
     for that batch in an isolated interpreter (`load_isolated`)."""
     model = trained_model(model_cfg, tmp_path / "run" / "flexidepth")
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(ModelConfig(**model_cfg))
     ids, mask = prompt_batch(tokenizer)
     request = {
         "ids": ids.tolist(),
@@ -219,7 +220,7 @@ def test_generation_record_and_tau_setter_in_process(tmp_path):
     """The modeling file imported directly: per-token records for a batch-1 generate, set_flexidepth_tau."""
     model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt")
     model = trained_model(model_cfg, tmp_path / "ckpt")
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(ModelConfig(**model_cfg))
     card = model_card(hfx.routing_block(model), 4, None)
     hfx.write_export(model, tokenizer, tmp_path / "out", card)
     module = hfx.load_modeling(tmp_path / "out")
@@ -273,7 +274,7 @@ def written(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("written")
     model_cfg = trained_checkpoint("tiny_llama", tmp / "ckpt")
     model = trained_model(model_cfg, tmp / "ckpt")
-    hfx.write_export(model, load_tokenizer(model_cfg), tmp / "out", "card")
+    hfx.write_export(model, load_tokenizer(ModelConfig(**model_cfg)), tmp / "out", "card")
     return tmp / "out"
 
 
@@ -604,7 +605,7 @@ def test_lm_eval_hf_model_on_the_export_scores_like_the_flexidepth_wrapper(tmp_p
 
     model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt")
     model = trained_model(model_cfg, tmp_path / "ckpt")
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(ModelConfig(**model_cfg))
     hfx.write_export(model, tokenizer, tmp_path / "out", "card")
     hf = HFLM(pretrained=str(tmp_path / "out"), trust_remote_code=True, batch_size=2, device="cpu")
     assert type(hf.model).__name__ == "FlexiDepthLlamaForCausalLM"
@@ -674,7 +675,7 @@ def test_router_adapter_variants_round_trip(skip, tmp_path):
     """Every router / adapter / gate-mode / dtype variant: the export generates and scores as the original."""
     model_cfg = trained_checkpoint("tiny_llama", tmp_path / "ckpt", **skip)
     model = trained_model(model_cfg, tmp_path / "ckpt")
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(ModelConfig(**model_cfg))
     hfx.write_export(model, tokenizer, tmp_path / "out", "card")
     module = hfx.load_modeling(tmp_path / "out")
     loaded = module.FlexiDepthForCausalLM.from_pretrained(str(tmp_path / "out")).eval()

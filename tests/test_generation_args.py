@@ -10,6 +10,7 @@ import torch
 from src.flexidepth import FlexiDepthConfig, inject
 from src.flexidepth.generation import generate
 from src.generate import run
+from src.models.config import ModelConfig
 from tests.conftest import tiny_model
 from tests.helpers.configs import CONF
 
@@ -145,7 +146,7 @@ def test_degenerate_text_prompts_are_refused(model):
     from src.models.tokenizer import load_tokenizer
     from tests.test_streamer import TINY_LLAMA
 
-    tok = load_tokenizer(TINY_LLAMA)
+    tok = load_tokenizer(ModelConfig(**TINY_LLAMA))
     with pytest.raises(ValueError, match="prompts is empty"):
         generate(model, tok, prompts=[])
     with pytest.raises(ValueError, match=r"prompts \[1\] are empty"):

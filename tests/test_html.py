@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from src.models.config import ModelConfig
 from src.render.html import (
     css_rgb,
     depthmap_html,
@@ -266,7 +267,7 @@ def test_page_from_a_tiny_model_run_suite(browser, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, tok = mixed_tiny_llama(), load_tokenizer(TINY_LLAMA)
+        model, tok = mixed_tiny_llama(), load_tokenizer(ModelConfig(**TINY_LLAMA))
         examples = make_task_examples(["copy", "addition"], 2, seed=0)
         _, records = run_suite(model, tok, examples, max_new_tokens=5, batch_size=4)
     finally:

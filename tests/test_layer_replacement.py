@@ -16,21 +16,25 @@ from omegaconf import OmegaConf, open_dict
 from src.flexidepth import FlexiDepthConfig
 from src.flexidepth.checkpoint import CheckpointError, load_flexidepth
 from src.methods import MethodConfigError, build_method, checkpoint_method
-from src.methods.base import calibration_batches
+from src.methods.base import Calibration, calibration_batches
 from src.methods.layer_replacement import replaceable_layers
 from src.methods.shortgpt import block_influence, shortgpt_layers
+from src.models.config import ModelConfig
 from tests.helpers.configs import compose_tiny, settings_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION = {"texts": 4, "max_length": 48, "batch_size": 2}  # small: the tiny model's BI, quickly
+CALIBRATION = {"texts": 4, "max_length": 48, "batch_size": 2}  # the method option
+CALIBRATED = Calibration(**CALIBRATION)  # small: the tiny model's BI, quickly
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from src.models.tokenizer import load_tokenizer
 
-    return load_tokenizer({"name_or_path": "tiny", "tokenizer": "embedded:smollm2-135m-instruct"})
+    return load_tokenizer(
+        ModelConfig(**{"name_or_path": "tiny", "tokenizer": "embedded:smollm2-135m-instruct"})
+    )
 
 
 def tiny_model(family="llama", layers=4):
@@ -39,7 +43,7 @@ def tiny_model(family="llama", layers=4):
 
     node = OmegaConf.to_container(compose_tiny("train").model, resolve=True)
     node["arch"]["num_hidden_layers"] = layers
-    return load_base_model(node)
+    return load_base_model(ModelConfig(**node))
 
 
 def method(k=2):
@@ -69,7 +73,7 @@ def test_chosen_layers_are_shortgpts_on_the_same_calibration_batches(tokenizer):
     make_identity(model.model.layers[4])
     plain = tiny_model("llama", layers=6)
     plain.load_state_dict(model.state_dict())
-    bi = block_influence(plain, calibration_batches(tokenizer, CALIBRATION))
+    bi = block_influence(plain, calibration_batches(tokenizer, CALIBRATED))
     m, cfg = injected(tokenizer, model, k=2)
     record = m.training_record()
     assert record["block_influence"] == bi  # exact: the same function on the same batches
@@ -82,7 +86,7 @@ def test_chosen_layers_are_shortgpts_on_the_same_calibration_batches(tokenizer):
 def test_layer_zero_is_never_chosen_even_at_the_lowest_bi(tokenizer):
     model = tiny_model("llama", layers=4)
     make_identity(model.model.layers[0])  # BI 0: ShortGPT would drop it; the cache reads its length from it
-    bi = block_influence(tiny_model_copy(model), calibration_batches(tokenizer, CALIBRATION))
+    bi = block_influence(tiny_model_copy(model), calibration_batches(tokenizer, CALIBRATED))
     assert shortgpt_layers(bi, 1) == [0]
     m, cfg = injected(tokenizer, model, k=2)
     assert replaceable_layers(model.config) == [1, 2, 3]
@@ -139,7 +143,7 @@ def test_export_says_layer_replacement_and_loads_back_through_the_registry(token
     assert meta["method_details"]["block_influence"] == module.method_details["block_influence"]
     assert meta["flexidepth"]["always_skip"] == meta["flexidepth"]["layers"] == meta["layer_indices"]
 
-    fresh = load_base_model(model_cfg)
+    fresh = load_base_model(ModelConfig(**model_cfg))
     applied = build_method({"name": checkpoint_method(tmp_path)}).apply(fresh, ckpt=str(tmp_path))
     assert applied.name == applied.label == "layer_replacement"
     assert applied.details["layers"] == meta["method_details"]["layers"] and applied.k == 2.0
@@ -153,9 +157,11 @@ def test_export_says_layer_replacement_and_loads_back_through_the_registry(token
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
     with pytest.raises(MethodConfigError, match="holds a layer_replacement checkpoint"):
-        build_method({"name": "flexidepth"}).apply(load_base_model(model_cfg), ckpt=str(tmp_path))
+        build_method({"name": "flexidepth"}).apply(
+            load_base_model(ModelConfig(**model_cfg)), ckpt=str(tmp_path)
+        )
     with pytest.raises(CheckpointError, match="method=layer_replacement"):
-        load_flexidepth(load_base_model(model_cfg), tmp_path)
+        load_flexidepth(load_base_model(ModelConfig(**model_cfg)), tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ refusals
@@ -237,7 +243,7 @@ def test_src_train_cli_end_to_end(tmp_path, tokenizer):
 
     from src.models.loader import load_base_model
 
-    model = load_base_model(OmegaConf.to_container(compose_tiny("train").model, resolve=True))
+    model = load_base_model(ModelConfig(**OmegaConf.to_container(compose_tiny("train").model, resolve=True)))
     applied = build_method({"name": checkpoint_method(run)}).apply(model, ckpt=str(run))
     assert applied.name == "layer_replacement" and applied.details["layers"] == layers
 

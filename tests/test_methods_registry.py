@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from src.methods import MethodConfigError, build_method, method_class, method_names
+from src.models.config import ModelConfig
 from tests.helpers.configs import compose_tiny
 
 BUILTIN = {"flexidepth", "mindskip", "shortgpt", "laco", "early_exit", "random_skip", "layer_replacement"}
@@ -141,7 +142,7 @@ def test_a_toy_method_is_one_file_and_one_yaml(toy_method, tmp_path):
     assert "skip_alternate" in method_names() and not method.trains and method.first == 1
     assert method_applies(settings.method, None)  # evaluation applies it without a checkpoint
 
-    model = load_base_model(OmegaConf.to_container(cfg.model, resolve=True)).eval()
+    model = load_base_model(ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))).eval()
     num_layers = model.config.num_hidden_layers
     applied = method.apply(model, skip=OmegaConf.to_container(cfg.skip, resolve=True))
     routed = list(range(num_layers // 2, num_layers))  # skip.layers = last_half

@@ -24,6 +24,7 @@ from src.flexidepth import (
     routed_forward,
 )
 from src.flexidepth.checkpoint import RELEASED_CONFIG, RELEASED_WEIGHTS, released_state_dict
+from src.models.config import ModelConfig
 from tests.conftest import tiny_model
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -304,11 +305,15 @@ def test_two_stage_released_recipe_on_local_files(tmp_path, capsys, stage1_forma
     assert max(diffs) < 0.01 and any(d > 0 for d in diffs)
 
     model = load_flexidepth(
-        load_base_model(OmegaConf.to_container(s2.model, resolve=True)), tmp_path / "s2" / "flexidepth"
+        load_base_model(ModelConfig(**OmegaConf.to_container(s2.model, resolve=True))),
+        tmp_path / "s2" / "flexidepth",
     )
     folder = export_released(model, tmp_path / "released")
     fresh = load_released(
-        inject(load_base_model(OmegaConf.to_container(s2.model, resolve=True)), released_config(folder)),
+        inject(
+            load_base_model(ModelConfig(**OmegaConf.to_container(s2.model, resolve=True))),
+            released_config(folder),
+        ),
         folder,
     )
     ids = torch.randint(0, 49152, (2, 16))

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from src.flexidepth.checkpoint import CONFIG, WEIGHTS, CheckpointError
+from src.models.config import ModelConfig
 from src.models.loader import load_base_model as _LOAD_BASE
 from src.utils.cli import is_user_error
 from src.utils.errors import ConfigError, PreflightError, RunFolderError
@@ -54,7 +55,7 @@ def _tiny_export(folder, family_cfg="tiny_llama", poison=None):
     from src.flexidepth import FlexiDepthConfig, inject, save_flexidepth
 
     cfg = compose_cfg([f"model={family_cfg}"])
-    model = _LOAD_BASE(OmegaConf.to_container(cfg.model, resolve=True))
+    model = _LOAD_BASE(ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True)))
     inject(model, FlexiDepthConfig())
     if poison is not None:
         with torch.no_grad():
@@ -144,10 +145,12 @@ def test_resume_that_finds_nothing_says_so(tmp_path, caplog):
 # ------------------------------------------------------------------------------------- 2. crash-safe files
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     """A save killed half-way (here: a full disk) leaves the previous checkpoint intact and no partial file."""
-    from src.train import trainer_overrides
+    from src.config.commands import TrainCommand
+    from src.config.schemas import load
+    from src.train import trainer_arguments
     from src.utils.runs import atomic_checkpoint_io
 
-    plugins = trainer_overrides(compose_cfg(SHORT))["plugins"]
+    plugins = trainer_arguments(load(compose_cfg(SHORT), TrainCommand))["plugins"]
     assert any(type(p).__name__ == "AtomicCheckpointIO" for p in plugins)
 
     io = atomic_checkpoint_io()
@@ -201,7 +204,7 @@ def test_damaged_files_give_errors_naming_the_file(tmp_path):
     data = (folder / WEIGHTS).read_bytes()
     (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=rf"{folder / WEIGHTS}: damaged safetensors file"):
-        load_flexidepth(load_base_model(model_cfg), folder)
+        load_flexidepth(load_base_model(ModelConfig(**model_cfg)), folder)
     (folder / CONFIG).write_text('{"flexidepth": ')
     with pytest.raises(CheckpointError, match=rf"{folder / CONFIG}: damaged json"):
         read_checkpoint_config(folder)
@@ -307,7 +310,7 @@ def test_nan_weights_refused_by_the_loader(tmp_path):
 
     key = "model.layers.2.router.head.weight"
     folder = _tiny_export(tmp_path / "nan_fd", poison=key)
-    model = load_base_model(OmegaConf.to_container(compose_cfg(["model=tiny_llama"]).model))
+    model = load_base_model(ModelConfig(**OmegaConf.to_container(compose_cfg(["model=tiny_llama"]).model)))
     with pytest.raises(CheckpointError, match=rf"{folder / WEIGHTS}: tensor {key} holds NaN/inf"):
         load_flexidepth(model, folder)
 
@@ -470,18 +473,18 @@ def test_hub_load_failure_names_the_repo_and_what_to_do():
     from src.models.loader import load_base_model
 
     with pytest.raises(PreflightError) as err:
-        _LOAD_BASE({"name_or_path": "some-org/not-cached-model", "dtype": "float32"})
+        _LOAD_BASE(ModelConfig(**{"name_or_path": "some-org/not-cached-model", "dtype": "float32"}))
     msg = str(err.value)
     assert msg.startswith(
         "model.name_or_path='some-org/not-cached-model': the Hugging Face hub model could not"
     )
     assert "https://huggingface.co/some-org/not-cached-model" in msg and "HF_HUB_OFFLINE" in msg
     with pytest.raises(PreflightError, match=r"model\.name_or_path='/no/such/dir': cannot load a model from"):
-        load_base_model({"name_or_path": "/no/such/dir", "dtype": "float32"})
+        load_base_model(ModelConfig(**{"name_or_path": "/no/such/dir", "dtype": "float32"}))
 
 
 def test_sweep_summary_lists_a_damaged_metrics_file_by_name(tmp_path):
-    from src.sweep_summary import read_sweep
+    from src.utils.sweeps import read_sweep
 
     job = tmp_path / "0_skip.alpha=0.1"
     (job / ".hydra").mkdir(parents=True)

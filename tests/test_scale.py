@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from src.flexidepth.checkpoint import CheckpointError
+from src.models.config import ModelConfig
 from tests.helpers.configs import run_main
 from tests.test_train import ROOT, compose_cfg, group_options
 
@@ -141,7 +142,7 @@ def ds_engine_main(out_dir: str) -> None:
             out = routed_forward(self.model, ids, torch.ones_like(ids), labels=ids)
             return out.lm_loss + alpha * out.routes.skip_loss
 
-    holder = Holder(inject(load_base_model(model_cfg), FlexiDepthConfig.from_dict(skip)))
+    holder = Holder(inject(load_base_model(ModelConfig(**model_cfg)), FlexiDepthConfig.from_dict(skip)))
     frozen = {n: p.detach().clone() for n, p in holder.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in holder.named_parameters() if p.requires_grad}
     config = {
@@ -216,7 +217,7 @@ def test_raw_deepspeed_zero2_trains_only_router_and_adapter(tmp_path):
     assert {k for k in saved if ".router." not in k and ".adapter." not in k} <= {"model.lm_head.weight"}
     out = convert(tmp_path / "zero", tmp_path / "exported")
     model_cfg = yaml.safe_load((ROOT / "conf/model/tiny_llama.yaml").read_text())
-    model = load_flexidepth(load_base_model(model_cfg), out)
+    model = load_flexidepth(load_base_model(ModelConfig(**model_cfg)), out)
     final = torch.load(tmp_path / "final.pt")
     loaded = flexidepth_state_dict(model)
     assert set(loaded) == {k.removeprefix("model.") for k in final}
@@ -308,7 +309,7 @@ def test_convert_keeps_the_method_of_the_run(tmp_path):
 
 # ---------------------------------------------------------------------------------- memory planner
 def test_memory_planner_arithmetic_on_a_constructed_example():
-    from src.memory_planner import GB, Arch, Plan
+    from src.lit.memory_plan import GB, Arch, Plan
 
     toy = Arch("toy", layers=4, hidden=64, intermediate=128, vocab=100, heads=4, kv_heads=2)
     # per layer: q,o 2*64*64 + k,v 2*64*32 + MLP 3*64*128 + norms 2*64 = 36992; embed + head 2*100*64; final norm 64
@@ -334,15 +335,16 @@ def test_memory_planner_arithmetic_on_a_constructed_example():
 
 def test_memory_planner_matches_model_and_paper_counts():
     from src.flexidepth import FlexiDepthConfig, inject, parameter_counts
-    from src.memory_planner import ARCHS, Plan, main
+    from src.lit.memory_plan import ARCHS, Plan
+    from src.memory_planner import main
     from src.models.loader import load_base_model
 
     assert round(Plan(ARCHS["llama3_8b"]).trainable_params() / 1e6, 1) == 209.8  # the paper's count
     assert round(ARCHS["llama3_8b"].base_params() / 1e9, 2) == 8.03
     model_cfg = yaml.safe_load((ROOT / "conf/model/tiny_llama.yaml").read_text())
-    model = inject(load_base_model(model_cfg), FlexiDepthConfig())
+    model = inject(load_base_model(ModelConfig(**model_cfg)), FlexiDepthConfig())
     arch = model_cfg["arch"]
-    from src.memory_planner import Arch
+    from src.lit.memory_plan import Arch
 
     tiny = Arch(
         "tiny",

@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from src.models.config import ModelConfig
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ def test_lockstep_decode_of_systems_sharing_a_model_equals_each_alone(tiny_ckpt)
         model_cfg = OmegaConf.to_container(
             compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
         )
-    model = load_base_model(model_cfg).eval()
+    model = load_base_model(ModelConfig(**model_cfg)).eval()
     load_flexidepth(model, tiny_ckpt)
     torch.manual_seed(5)
     prompts = [torch.randint(0, model.config.vocab_size, (1, 8)) for _ in range(2)]
@@ -206,11 +207,22 @@ def _speed_cfg(tmp_path, ckpt, extra=()):
 
 
 def check_speed(cfg):
-    """src.speed's conversion and checks of a composed config (src/speed.py)."""
+    """src.speed's conversion and checks of a composed config (src/speed.py); returns the SpeedCommand."""
     from src.config.commands import SpeedCommand
     from src.config.schemas import load
 
-    load(cfg, SpeedCommand).check()
+    s = load(cfg, SpeedCommand)
+    s.check()
+    return s
+
+
+def speed(cfg):
+    """src.speed's measurement of a composed config as its entry runs it: converted and checked once, then
+    `run_speed` with the typed settings."""
+    from src.eval.speed import run_speed
+
+    s = check_speed(cfg)
+    return run_speed(s, Path(s.paths.output_dir))
 
 
 @pytest.fixture
@@ -225,7 +237,7 @@ def tiny_ckpt(tmp_path):
         model_cfg = OmegaConf.to_container(
             compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
         )
-    model = inject(load_base_model(model_cfg), FlexiDepthConfig(tau=0.5))
+    model = inject(load_base_model(ModelConfig(**model_cfg)), FlexiDepthConfig(tau=0.5))
     torch.manual_seed(1)
     with torch.no_grad():
         for layer in flexi_layers(model):
@@ -236,11 +248,8 @@ def tiny_ckpt(tmp_path):
 
 
 def test_speed_end_to_end(tmp_path, tiny_ckpt):
-    from src.eval.speed import run_speed
-
     cfg = _speed_cfg(tmp_path, tiny_ckpt, ["per_set_speed=true"])
-    check_speed(cfg)
-    res = run_speed(cfg)
+    res = speed(cfg)
     out = tmp_path / "out"
     for name in ("speed.json", "speed.md", "ppl_vs_speedup.png"):
         assert (out / name).stat().st_size > 0, name
@@ -348,9 +357,7 @@ def test_speed_schema_refuses_wrong_types_naming_the_key(tmp_path, tiny_ckpt, ov
 
 def test_speed_only_without_perplexity(tmp_path, tiny_ckpt):
     """ppl_max_tokens=0, batch=0, prefill_length=0: batch-1 decode only; no figure, no ppl sections."""
-    from src.eval.speed import run_speed
-
-    res = run_speed(
+    res = speed(
         _speed_cfg(tmp_path, tiny_ckpt, ["ppl_max_tokens=0", "batch=0", "prefill_length=0", "shortgpt_k=[]"])
     )
     assert res["modes"] == ["decode_b1", "text_b1@lee", "text_b1@python_docs"]
@@ -373,7 +380,7 @@ def test_text_decode_routes_equal_full_forward(tiny_ckpt):
         model_cfg = OmegaConf.to_container(
             compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
         )
-    model = load_base_model(model_cfg).eval()
+    model = load_base_model(ModelConfig(**model_cfg)).eval()
     load_flexidepth(model, tiny_ckpt)
     set_tau(model, 0.5)
     torch.manual_seed(3)
@@ -399,8 +406,6 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
     base and ShortGPT are timed once. A repeated label or a missing folder is refused before any work."""
     import shutil
 
-    from src.eval.speed import run_speed
-
     other = tmp_path / "budget_run" / "flexidepth"
     shutil.copytree(tiny_ckpt, other)
     extra = [
@@ -414,8 +419,7 @@ def test_speed_times_several_checkpoints_one_curve_each(tmp_path, tiny_ckpt):
         "warmup=0",
     ]
     cfg = _speed_cfg(tmp_path, tiny_ckpt, extra)
-    check_speed(cfg)
-    res = run_speed(cfg)
+    res = speed(cfg)
     assert list(res["systems"]) == [
         "base",
         "flexidepth@0.2",
@@ -448,16 +452,15 @@ def test_speed_times_the_always_run_variant_as_its_own_curve(tmp_path, tiny_ckpt
     `rarely_skipped_layers` picks on that text), compared at equal speedup as a curve of its own."""
     from omegaconf import OmegaConf
 
-    from src.eval.speed import run_speed
     from src.flexidepth import load_flexidepth, set_tau
     from src.flexidepth.calibrate import rarely_skipped_layers
-    from src.methods.base import calibration_batches
+    from src.methods.base import Calibration, calibration_batches
     from src.models.loader import load_base_model
     from src.models.tokenizer import load_tokenizer
 
     extra = ["taus=[0.2,0.8]", "shortgpt_k=[1]", "batch=0", "prefill_length=0", "heldout=[lee]", "rounds=1"]
     cfg = _speed_cfg(tmp_path, tiny_ckpt, [*extra, "always_run_max_skip=0.5"])
-    res = run_speed(cfg)
+    res = speed(cfg)
     systems = res["systems"]
     assert list(systems) == [
         "base",
@@ -469,9 +472,11 @@ def test_speed_times_the_always_run_variant_as_its_own_curve(tmp_path, tiny_ckpt
     ]
     assert res["ckpts"] == {"flexidepth": str(tiny_ckpt), "flexidepth+ar": str(tiny_ckpt)}
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model = load_base_model(model_cfg).eval()
+    model = load_base_model(ModelConfig(**model_cfg)).eval()
     load_flexidepth(model, tiny_ckpt)
-    batches = calibration_batches(load_tokenizer(model_cfg), {"texts": cfg.calibration_texts})
+    batches = calibration_batches(
+        load_tokenizer(ModelConfig(**model_cfg)), Calibration(texts=cfg.calibration_texts)
+    )
     picked = {}
     for tau in (0.2, 0.8):
         set_tau(model, tau)
@@ -533,7 +538,6 @@ def test_speed_times_a_layer_replacement_checkpoint_as_a_static_point(tmp_path, 
     from omegaconf import OmegaConf
 
     from src.eval import curves
-    from src.eval.speed import run_speed
     from src.flexidepth import FlexiDepthConfig, inject, save_flexidepth
     from src.methods import build_method
     from src.models.loader import load_base_model
@@ -543,7 +547,9 @@ def test_speed_times_a_layer_replacement_checkpoint_as_a_static_point(tmp_path, 
         model_cfg = OmegaConf.to_container(
             compose("speed", overrides=["model=tiny_llama"]).model, resolve=True
         )
-    model = inject(load_base_model(model_cfg), FlexiDepthConfig(layers=[1, 2], always_skip=[1, 2]))
+    model = inject(
+        load_base_model(ModelConfig(**model_cfg)), FlexiDepthConfig(layers=[1, 2], always_skip=[1, 2])
+    )
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -556,8 +562,7 @@ def test_speed_times_a_layer_replacement_checkpoint_as_a_static_point(tmp_path, 
     extra = [f"more_ckpts=[{tmp_path / 'static_k2'}]", "taus=[0.2,0.8]", "shortgpt_k=[1]", "batch=0",
              "prefill_length=0", "heldout=[lee]", "rounds=1", "warmup=0"]  # fmt: skip
     cfg = _speed_cfg(tmp_path, tiny_ckpt, extra)
-    check_speed(cfg)  # a layer_replacement run is accepted (mindskip is not)
-    res = run_speed(cfg)
+    res = speed(cfg)  # checked first: a layer_replacement run is accepted (mindskip is not)
     systems = res["systems"]
     assert list(systems) == ["base", "flexidepth@0.2", "flexidepth@0.8", "static_k2", "shortgpt_k1"]
     s = systems["static_k2"]
@@ -565,9 +570,9 @@ def test_speed_times_a_layer_replacement_checkpoint_as_a_static_point(tmp_path, 
     assert set(s["speed"]["layers_skipped"].values()) == {2.0}
     assert min(s["flop_ideal"].values()) > 1.0
     assert s["ppl"]["lee"]["layers_skipped"] == pytest.approx(2.0)
-    fresh = load_base_model(model_cfg).eval()
+    fresh = load_base_model(ModelConfig(**model_cfg)).eval()
     build_method({"name": "layer_replacement"}).apply(fresh, ckpt=str(folder))
-    tok = load_tokenizer(model_cfg)
+    tok = load_tokenizer(ModelConfig(**model_cfg))
     sets = curves.heldout_sets(tok, ["lee"], 32, 64)
     want = curves.measure(fresh, sets, 8, pad_token_id(tok), num_layers=fresh.config.num_hidden_layers)
     assert s["ppl"]["lee"]["ppl"] == pytest.approx(want["lee"]["ppl"], rel=1e-5)
@@ -588,8 +593,8 @@ def test_shortgpt_prune_option_deletes_the_layers_it_would_make_identity():
 
     node = OmegaConf.to_container(compose_tiny("train").model, resolve=True)  # the embedded tokenizer's vocab
     node["arch"]["num_hidden_layers"] = 6
-    base = load_base_model(node).eval()
-    tok = load_tokenizer(node)
+    base = load_base_model(ModelConfig(**node)).eval()
+    tok = load_tokenizer(ModelConfig(**node))
     options = {"name": "shortgpt", "k": 2, "calibration": {"texts": 2, "max_length": 32, "batch_size": 2}}
     identity, pruned = copy.deepcopy(base), copy.deepcopy(base)
     a = build_method(options).apply(identity, tokenizer=tok)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from src.flexidepth import FlexiDepthConfig, flexi_layers, inject, save_flexidepth
 from src.flexidepth.generation import generate
+from src.models.config import ModelConfig
 from src.models.tokenizer import chat_prompt, load_tokenizer
 from src.render.streamer import LayerStreamer
 
@@ -31,7 +32,7 @@ def mixed_tiny_llama(seed: int = 0):
     layer, so tokens use 2, 3 or 4 layers."""
     from src.models.loader import load_base_model
 
-    model = inject(load_base_model(TINY_LLAMA).eval(), FlexiDepthConfig())
+    model = inject(load_base_model(ModelConfig(**TINY_LLAMA)).eval(), FlexiDepthConfig())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in flexi_layers(model):
@@ -56,7 +57,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny():
-    return mixed_tiny_llama(), load_tokenizer(TINY_LLAMA)
+    return mixed_tiny_llama(), load_tokenizer(ModelConfig(**TINY_LLAMA))
 
 
 def _prompts(tokenizer, texts):
@@ -144,7 +145,7 @@ def test_streamer_unrouted_model_reports_all_layers(tiny):
     from src.models.loader import load_base_model
 
     _, tok = tiny
-    base = load_base_model(TINY_LLAMA).eval()
+    base = load_base_model(ModelConfig(**TINY_LLAMA)).eval()
     ids, mask = _prompts(tok, ["hello"])
     rec = Recorder()
     out = generate(base, tok, ids, mask, max_new_tokens=4, eos_token_id=None, streamer=rec)

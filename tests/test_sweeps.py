@@ -60,7 +60,8 @@ def _fake_job(root: Path, num: int, overrides: list[str], metrics: dict | None):
 
 
 def test_sweep_summary_marks_pareto_front(tmp_path):
-    from src.sweep_summary import main, read_sweep
+    from src.sweep_summary import main
+    from src.utils.sweeps import read_sweep
     from tests.helpers.configs import run_main
 
     points = {0: (0.5, 10.0), 1: (1.0, 11.0), 2: (1.0, 12.0), 3: (2.0, 20.0), 4: (0.2, 10.5)}

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 from src.config.commands import TrainCommand
 from src.config.schemas import load
+from src.models.config import ModelConfig
 from src.utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +142,9 @@ def test_tiny_run_writes_checkpoints_and_export(tmp_path):
     assert ckpt["state_dict"] and all(".router." in k or ".adapter." in k for k in ckpt["state_dict"])
     usage = (tmp_path / "layer_usage.jsonl").read_text().splitlines()
     assert len(usage) >= 2 and (tmp_path / "run_fraction_heatmap.png").stat().st_size > 1000
-    model = load_flexidepth(load_base_model(OmegaConf.to_container(cfg.model)), tmp_path / "flexidepth")
+    model = load_flexidepth(
+        load_base_model(ModelConfig(**OmegaConf.to_container(cfg.model))), tmp_path / "flexidepth"
+    )
     trained = {k: v for k, v in ckpt["state_dict"].items()}
     for k, v in trained.items():
         assert torch.equal(model.state_dict()[k.removeprefix("model.")], v)
@@ -361,16 +364,14 @@ def test_model_recipes_specialise_defaults():
 def test_alpha_sweeps_fix_alpha_and_a_command_line_alpha_under_a_budget_gets_a_note():
     """The embedded recipe trains to a budget, so a command-line alpha only starts the controller: the alpha,
     grid and tau sweeps set loss.target_layers_skipped=null, and src.train notes an alpha given under a budget."""
-    from src.train import alpha_override_note
-
     for sweep in ("alpha", "grid", "tau"):
         assert compose_cfg([f"+sweep={sweep}"]).loss.target_layers_skipped is None, sweep
     assert compose_cfg(["+sweep=adapter_rank"]).loss.target_layers_skipped == pytest.approx(4.45)
     budget = load(compose_cfg(["loss.alpha=1e-2"]), TrainCommand)
     for given in (["loss.alpha=1e-2"], ["+skip.alpha=0.01", "seed=1"]):
-        note = alpha_override_note(budget, given)
+        note = budget.loss.alpha_override_note(given)
         assert note is not None and given[0].split("=")[0].lstrip("+") in note
         assert "loss.target_layers_skipped=4.45" in note and "loss.target_layers_skipped=null" in note
-    assert alpha_override_note(budget, ["seed=1", "loss.temperature=1"]) is None  # no alpha given
+    assert budget.loss.alpha_override_note(["seed=1", "loss.temperature=1"]) is None  # no alpha given
     fixed = load(compose_cfg(["loss.alpha=1e-2", "loss.target_layers_skipped=null"]), TrainCommand)
-    assert alpha_override_note(fixed, ["loss.alpha=1e-2", "loss.target_layers_skipped=null"]) is None
+    assert fixed.loss.alpha_override_note(["loss.alpha=1e-2", "loss.target_layers_skipped=null"]) is None

@@ -21,13 +21,13 @@ problem of what the settings point at ("<command> refused before loading anythin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..data.config import DataConfig
 from ..eval.config import EvalConfig
-from ..eval.speed import SpeedSettings
+from ..eval.speed_plan import SpeedRun
 from ..flexidepth.checkpoint import checkpoint_problems, resolve_checkpoint
 from ..lit.objectives import LossConfig
 from ..lit.optim import OptimConfig
@@ -385,23 +385,15 @@ class ExportCommand:
 
 # ---------------------------------------------------------------------------------------------- speed
 @dataclass
-class SpeedCommand(SpeedSettings):
-    """`python -m src.speed` (conf/speed.yaml): the measurement's settings (`SpeedSettings`) and what it
-    times."""
+class SpeedCommand(SpeedRun):
+    """`python -m src.speed` (conf/speed.yaml): one measurement's settings and what it times (`SpeedRun`),
+    and the run folder it writes."""
 
     task_name: str = "speed"
     run_name: Any = None
     overwrite: bool = False
     trainer: dict[str, Any] = field(default_factory=dict)
-    ckpt_path: str | None = None
-    more_ckpts: list[str] = field(default_factory=list)
-    device: str = "cpu"
-    model: ModelConfig = field(default_factory=ModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-
-    def settings(self) -> SpeedSettings:
-        """The measurement's settings alone, checked (`SpeedSettings.validate`)."""
-        return SpeedSettings(**{f.name: getattr(self, f.name) for f in fields(SpeedSettings)}).validate()
 
     def check(self) -> None:
         """The settings, the device, hub access, every checkpoint (a FlexiDepth one, trained on this model,
@@ -410,7 +402,7 @@ class SpeedCommand(SpeedSettings):
         from ..flexidepth.checkpoint import read_checkpoint_config
 
         self.model.validate()
-        self.settings()
+        self.validate()  # SpeedSettings' ranges; taus and shortgpt_k sorted in place
         if not self.ckpt_path:
             raise ConfigError(
                 "ckpt_path is required: a FlexiDepth folder or a run folder holding flexidepth/"

@@ -59,7 +59,7 @@ class SweepSummaryCommand:
 class MemoryPlanCommand:
     """`python -m src.memory_planner` (conf/memory_planner.yaml); the values are checked by `Plan`."""
 
-    arch: str = "llama3_8b"  # a preset of src/memory_planner.py ARCHS (not `model`: that is a config group)
+    arch: str = "llama3_8b"  # a preset of src/lit/memory_plan.py ARCHS (not `model`: that is a config group)
     gpus: int = 8
     gpu_mem: float = 80.0  # GB per GPU
     zero: int = 2

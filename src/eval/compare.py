@@ -95,7 +95,7 @@ def run_compare(s) -> dict[str, Any]:
     from ..flexidepth import set_tau
     from ..flexidepth.calibrate import tau_for_k
     from ..methods import build_method, checkpoint_method
-    from ..methods.base import calibration_batches
+    from ..methods.base import Calibration, calibration_batches
     from ..models.loader import load_base_model
     from ..models.tokenizer import load_tokenizer
     from ..render.report import compare_markdown
@@ -103,15 +103,14 @@ def run_compare(s) -> dict[str, Any]:
     from .run import eval_inputs, evaluate_against_base
 
     ev = s.eval
-    model_cfg = s.model.to_dict()
     device = resolve_device(ev.device)
     output_dir = Path(s.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(s.model)
 
     def fresh_model():
         torch.manual_seed(ev.seed)
-        return load_base_model(model_cfg).eval().to(device)
+        return load_base_model(s.model).eval().to(device)
 
     model = fresh_model()
     num_layers = model.config.num_hidden_layers
@@ -125,7 +124,7 @@ def run_compare(s) -> dict[str, Any]:
             applied = build_method(method).apply(model, tokenizer=tokenizer, ckpt=system["ckpt"], skip=skip)
             model.to(device)
             if system.get("k") is not None:  # threshold matched to k on calibration text (training side)
-                tau = tau_for_k(model, calibration_batches(tokenizer, {"texts": 16}), system["k"])
+                tau = tau_for_k(model, calibration_batches(tokenizer, Calibration(texts=16)), system["k"])
                 set_tau(model, tau)
                 applied.k, applied.details["tau"] = system["k"], tau
                 log.info("compare: %s threshold %.4f for k=%s", system["label"], tau, system["k"])
@@ -149,7 +148,7 @@ def run_compare(s) -> dict[str, Any]:
     for system, res in zip(systems, loop, strict=True):
         rows.append(table_row(res, system["table"]))
     results = {
-        "model": str(model_cfg.get("name_or_path")),
+        "model": str(s.model.name_or_path),
         "num_layers": num_layers,
         "k": sorted({r["k_target"] for r in rows if r["k_target"] is not None}),
         "settings": asdict(ev),
@@ -178,7 +177,7 @@ def run_curves(s) -> dict[str, Any]:
     from ..data.mixture import check_heldout
     from ..flexidepth.calibrate import tau_for_k
     from ..methods import build_method, checkpoint_method
-    from ..methods.base import calibration_batches
+    from ..methods.base import Calibration, calibration_batches
     from ..models.loader import load_base_model
     from ..models.tokenizer import load_tokenizer, pad_token_id
     from ..utils.hardware import resolve_device
@@ -187,13 +186,12 @@ def run_curves(s) -> dict[str, Any]:
     cc = s.curves
     names = check_heldout(list(cc.heldout), "curves.heldout")
     ks = [float(k) for k in cc.k]
-    model_cfg = s.model.to_dict()
     device = resolve_device(s.eval.device)
     output_dir = Path(s.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(s.model)
     torch.manual_seed(s.eval.seed)
-    base = load_base_model(model_cfg).eval().to(device)
+    base = load_base_model(s.model).eval().to(device)
     num_layers = base.config.num_hidden_layers
     systems = [x for x in plan_systems(s, base.config) if x["method"] is None and "k" not in x]
     systems = [x for x in systems if x["table"] == "main" and checkpoint_method(x["ckpt"]) == "flexidepth"]
@@ -206,7 +204,7 @@ def run_curves(s) -> dict[str, Any]:
     for system in systems:
         model = copy.deepcopy(base)
         build_method({"name": "flexidepth"}).apply(model, ckpt=system["ckpt"])
-        cal = calibration_batches(tokenizer, {"texts": cc.calibration_texts})
+        cal = calibration_batches(tokenizer, Calibration(texts=cc.calibration_texts))
         own = float(model.flexidepth.config.tau)
         taus = sorted({own, *(round(tau_for_k(model, cal, float(k)), 6) for k in cc.curve_k)})
         curves[system["label"]] = C.tau_curve(model, sets, taus, bs, pad)
@@ -229,7 +227,7 @@ def run_curves(s) -> dict[str, Any]:
             )
             del model
     results = {
-        "model": str(model_cfg.get("name_or_path")),
+        "model": str(s.model.name_or_path),
         "num_layers": num_layers,
         "heldout": names,
         "tokens": {n: base_sets[n]["tokens"] for n in names},

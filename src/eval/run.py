@@ -298,11 +298,10 @@ def evaluate(s) -> dict[str, Any]:
     torch.manual_seed(ev.seed)
     output_dir = Path(s.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg = s.model.to_dict()
-    model = load_base_model(model_cfg).eval()
+    model = load_base_model(s.model).eval()
     device = resolve_device(ev.device)
     model.to(device)
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(s.model)
     num_layers = model.config.num_hidden_layers
 
     inputs = eval_inputs(tokenizer, ev, output_dir)

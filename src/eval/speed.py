@@ -1,8 +1,8 @@
 """`python -m src.speed` measured (the command is src/speed.py; its module docstring says what is timed):
-the settings (`SpeedSettings`, `speed_settings`), the systems built from one base model (`build_systems`: the base, each
-checkpoint at every tau, a layer_replacement checkpoint once, ShortGPT with its layers deleted), the comparison at equal measured speedup
-(`equal_speedup`) and the whole run (`run_speed`: speed.json, speed.md, ppl_vs_speedup.png). Timing is
-speed_timing.py's, drawing src/render/speed.py's."""
+the systems built from one base model (`build_systems`: the base, each checkpoint at every tau, a
+layer_replacement checkpoint once, ShortGPT with its layers deleted), the comparison at equal measured speedup
+(`equal_speedup`) and the whole run (`run_speed`: speed.json, speed.md, ppl_vs_speedup.png). The settings
+and the System record are speed_plan.py's, timing speed_timing.py's, drawing src/render/speed.py's."""
 
 from __future__ import annotations
 
@@ -10,115 +10,22 @@ import copy
 import json
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from ..render.speed import plot_speed, set_mode, speed_markdown
-from ..utils.errors import ConfigError, check_count
 from ..utils.files import atomic_write_text
 from .curves import interpolate
+from .speed_plan import SpeedRun, SpeedSettings, System
 from .speed_timing import flop_ideal, heldout_prompts, loop_vs_hf, machine_record, measure_speed
 
 log = logging.getLogger(__name__)
 
 
-# smallest value of each count (0: switches that part off)
-COUNTS = {"prompts": 1, "prompt_length": 1, "new_tokens": 1, "batch": 0, "prefill_length": 0, "rounds": 1,
-          "warmup": 0, "threads": 1, "ppl_max_tokens": 0, "ppl_max_length": 2, "ppl_batch_size": 1,
-          "calibration_texts": 1}  # fmt: skip
-
-
-@dataclass
-class SpeedSettings:
-    """The keys of conf/speed.yaml that shape the measurement (documented there); typed by the command's
-    schema (`src.config.commands.SpeedCommand`), values checked by `validate`."""
-
-    taus: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
-    shortgpt_k: list[int] = field(default_factory=lambda: [2, 4, 6])
-    prompts: int = 2
-    prompt_length: int = 32
-    new_tokens: int = 24
-    batch: int = 8
-    prefill_length: int = 256
-    rounds: int = 3
-    warmup: int = 1
-    threads: int = 1
-    heldout: list[str] = field(default_factory=lambda: ["lee"])
-    ppl_max_tokens: int | None = 2048
-    ppl_max_length: int = 256
-    ppl_batch_size: int = 8
-    calibration_texts: int = 32
-    per_set_speed: bool = False
-    text_decode: bool = True
-    always_run_max_skip: float | None = None
-
-    def validate(self) -> SpeedSettings:
-        """Ranges (ConfigError naming the key; `shortgpt_k` against the model's depth is the command's
-        check): taus a non-empty list in [0, 1], sorted without repeats; shortgpt_k whole numbers >= 1,
-        sorted without repeats; counts >= 1 (batch, prefill_length, warmup, ppl_max_tokens: 0 switches that
-        part off; ppl_max_tokens null: all); heldout known held-out set names. Returns self."""
-        from ..data.mixture import check_heldout
-
-        if not self.taus or not all(0.0 <= t <= 1.0 for t in self.taus):
-            raise ConfigError(f"taus must be a non-empty list of thresholds in [0, 1], got {self.taus!r}")
-        if not all(k >= 1 for k in self.shortgpt_k):
-            raise ConfigError(f"shortgpt_k: every k must be an integer >= 1, got {self.shortgpt_k!r}")
-        ar = self.always_run_max_skip
-        if ar is not None and not 0 <= ar < 1:
-            raise ConfigError(f"always_run_max_skip must be null or a skip rate in [0, 1), got {ar!r}")
-        for key, low in COUNTS.items():
-            check_count(key, getattr(self, key), low, nullable=key == "ppl_max_tokens")
-        if not check_heldout(self.heldout, "heldout"):
-            raise ConfigError("heldout must name at least one held-out set (prompts come from them)")
-        self.taus = sorted(set(self.taus))
-        self.shortgpt_k = sorted(set(self.shortgpt_k))
-        return self
-
-
-def speed_settings(cfg: DictConfig) -> SpeedSettings:
-    """The measurement keys of a composed src.speed config, as SpeedSettings, checked (`validate`)."""
-    values = OmegaConf.to_container(cfg, resolve=True)
-    return SpeedSettings(**{f.name: values[f.name] for f in fields(SpeedSettings)}).validate()
-
-
 STATIC_KINDS = ("shortgpt", "layer_replacement")  # one point each (no threshold): compared against the curves
-
-
-@dataclass
-class System:
-    """One timed system: `model` (shared by the FlexiDepth taus), its threshold (None: not routed), the
-    routed layers it runs without their router (`set_always_run`), the layers it deletes (ShortGPT) or
-    replaces by adapters for every token (layer_replacement).
-
-    kind: base | flexidepth (a checkpoint at one tau) | shortgpt (layers deleted) | layer_replacement (a
-    trained static baseline's checkpoint, src/methods/layer_replacement.py: no router, no threshold)."""
-
-    label: str
-    kind: str
-    model: Any
-    tau: float | None = None
-    k: int | None = None
-    removed: list[int] = field(default_factory=list)
-    ckpt: str | None = None  # FlexiDepth systems: the label of their curve (one per checkpoint and variant)
-    always_run: list[int] = field(default_factory=list)
-
-    @property
-    def routed(self) -> bool:
-        """Whether the model carries FlexiDepth layers (routes are recorded and counted): flexidepth and
-        layer_replacement systems."""
-        return getattr(self.model, "flexidepth", None) is not None
-
-    def prepare(self) -> None:
-        """Set the shared model to this system's tau and always-run layers (FlexiDepth systems only)."""
-        if self.tau is not None:
-            from ..flexidepth import set_always_run, set_tau
-
-            set_tau(self.model, self.tau)
-            set_always_run(self.model, self.always_run)
 
 
 def shared_copy(model):
@@ -156,12 +63,12 @@ def build_systems(
     from ..flexidepth import set_tau
     from ..flexidepth.calibrate import rarely_skipped_layers
     from ..methods import build_method, checkpoint_method
-    from ..methods.base import calibration_batches
+    from ..methods.base import Calibration, calibration_batches
 
     systems = [System("base", "base", base)]
     calibration = None
     if always_run_max_skip is not None:  # the skip rates read it
-        calibration = calibration_batches(tokenizer, {"texts": calibration_texts})
+        calibration = calibration_batches(tokenizer, Calibration(texts=calibration_texts))
     for name, ckpt in ckpts:
         method = checkpoint_method(ckpt)
         if method not in ("flexidepth", "layer_replacement"):
@@ -249,33 +156,33 @@ def _equal_rows(results, flexi, ckpt, mode, basis, key) -> list[dict]:
     return rows
 
 
-def run_speed(cfg: DictConfig) -> dict[str, Any]:
-    """The whole measurement (module docstring); returns the results written to speed.json."""
+def run_speed(s: SpeedRun, output_dir: Path) -> dict[str, Any]:
+    """The whole measurement (module docstring) of the settings `s`, checked by the command
+    (`src.config.commands.SpeedCommand.check`: taus sorted, checkpoints found); writes speed.json, speed.md
+    and (with perplexity) ppl_vs_speedup.png into `output_dir` and returns the results written to speed.json.
+    ValueError when `s.ckpt_path` is unset."""
     from ..flexidepth.checkpoint import resolve_checkpoint
     from ..models.loader import load_base_model
     from ..models.tokenizer import load_tokenizer, pad_token_id
     from ..utils.hardware import resolve_device
     from . import curves as C
 
-    s = speed_settings(cfg)
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"))
+    ckpt = resolve_checkpoint(s.ckpt_path)
     if ckpt is None:
         raise ValueError("ckpt_path is required: a FlexiDepth folder or a run folder holding flexidepth/")
-    paths = [ckpt] + [resolve_checkpoint(p) for p in (cfg.get("more_ckpts") or [])]
+    paths = [ckpt] + [resolve_checkpoint(p) for p in s.more_ckpts]
     ckpts = list(zip(checkpoint_labels(paths), paths, strict=True))
     curves = dict(ckpts)
     if s.always_run_max_skip is not None:
         curves.update({f"{name}+ar": path for name, path in ckpts})
     torch.set_num_threads(s.threads)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    device = resolve_device(str(cfg.get("device", "cpu")))
-    output_dir = Path(cfg.paths.output_dir)
+    device = resolve_device(s.device)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(s.model)
     prompts = heldout_prompts(tokenizer, s.heldout, s.prompts, s.prompt_length)
     prefill = heldout_prompts(tokenizer, s.heldout, 1, s.prefill_length)[0] if s.prefill_length else None
     torch.manual_seed(0)
-    base = load_base_model(model_cfg).eval().to(device)
+    base = load_base_model(s.model).eval().to(device)
     base_config = copy.deepcopy(base.config)
     num_layers = base_config.num_hidden_layers
     systems = build_systems(
@@ -306,12 +213,12 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
             )
 
     results: dict[str, Any] = {
-        "model": str(model_cfg.get("name_or_path")),
+        "model": str(s.model.name_or_path),
         "ckpt": str(ckpt),
         "ckpts": {name: str(path) for name, path in curves.items()},
         "num_layers": num_layers,
         "machine": machine_record(next(base.parameters()).dtype),
-        "settings": {**s.__dict__},
+        "settings": {f.name: getattr(s, f.name) for f in fields(SpeedSettings)},
         "heldout": s.heldout if ppl else [],
         "modes": [m for m in speed[systems[0].label] if not m.startswith("layers_skipped")],
         "loop_vs_hf": reference,

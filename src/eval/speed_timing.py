@@ -12,12 +12,11 @@ import platform
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .speed import SpeedSettings, System
+from .speed_plan import SpeedSettings, System
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ import torch
 from ..flexidepth import FlexiDepthConfig, parameter_counts, routed_forward, set_routing
 from ..flexidepth.flops import flops_report
 from ..flexidepth.inject import is_flexidepth_param
+from ..models.config import ModelConfig
 from ..models.loader import load_base_model
 from .objectives import AlphaSchedule, LossConfig, kd_loss_sum
 from .optim import OptimConfig
@@ -98,7 +99,7 @@ class FlexiDepthModule(L.LightningModule):
         self.flexi_cfg = copy.deepcopy(skip)  # the model's own: inject_fn and set_tau change it
         self.optim_cfg = optim
         self.method = method
-        self.model = load_base_model(dict(model))
+        self.model = load_base_model(ModelConfig(**model))
         if inject_fn is None:
             from ..methods import method_class
 

@@ -107,6 +107,21 @@ class LossConfig:
                 )
         return self
 
+    def alpha_override_note(self, overrides: list[str]) -> str | None:
+        """A note when the command line (`overrides`, Hydra's `key=value` list) sets an alpha (`loss.alpha` or
+        `skip.alpha`) while a layers-skipped budget (`target_layers_skipped`, as the embedded model's recipe
+        has) is set: the alpha is then only the controller's starting value, which a user sweeping alpha
+        would not expect. None otherwise."""
+        keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+        given = sorted(keys & {"loss.alpha", "skip.alpha"})
+        if self.target_layers_skipped is None or not given:
+            return None
+        return (
+            f"{given[0]} is only the starting value of the alpha controller: loss.target_layers_skipped="
+            f"{self.target_layers_skipped:g} (the recipe's budget) adapts alpha every step. Add "
+            "loss.target_layers_skipped=null for a fixed alpha."
+        )
+
     def budget_problems(self, routed_layers: int) -> list[str]:
         """The layers-skipped budget against the model's `routed_layers` (0 <= target <= R): one message
         naming `loss.target_layers_skipped` when it cannot be reached, [] otherwise."""

@@ -180,12 +180,11 @@ class Method:
 
 
 def calibration_batches(
-    tokenizer, calibration: Calibration | dict | None
+    tokenizer, calibration: Calibration | None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Calibration text (the training-side Lee corpus, never the held-out articles), tokenised:
-    [(input_ids [B, T], attention_mask [B, T])]."""
-    if isinstance(calibration, dict) or calibration is None:
-        calibration = Calibration(**(calibration or {}))
+    [(input_ids [B, T], attention_mask [B, T])]; None: `Calibration()`'s defaults."""
+    calibration = calibration or Calibration()
     return list(
         text_batches(
             tokenizer,

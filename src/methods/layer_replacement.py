@@ -42,6 +42,7 @@ from typing import Any
 
 from ..flexidepth import FlexiDepthConfig, inject, load_flexidepth
 from ..flexidepth.checkpoint import read_checkpoint_config
+from ..models.config import ModelConfig
 from .base import AppliedMethod, Calibration, MethodConfigError, calibration_batches
 from .flexidepth import FlexiDepth
 from .shortgpt import block_influence, shortgpt_layers
@@ -75,7 +76,7 @@ class LayerReplacement(FlexiDepth):
         # the calibration text's tokenizer: set by the caller, or loaded at inject from the `model` node that
         # prepare_training (src.train) notes
         self.tokenizer = None
-        self._model_cfg: dict[str, Any] | None = None
+        self._model: ModelConfig | None = None
         self._record: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ options
@@ -133,7 +134,7 @@ class LayerReplacement(FlexiDepth):
             )
         loss.target_layers_skipped = None
         loss.alpha = 0.0
-        self._model_cfg = settings.model.to_dict()  # the calibration text's tokenizer, loaded at inject
+        self._model = settings.model  # the calibration text's tokenizer, loaded at inject
         return notes
 
     # ------------------------------------------------------------------ training
@@ -148,10 +149,10 @@ class LayerReplacement(FlexiDepth):
         """Choose the layers on the loaded base `model`, set flexi_cfg.layers = flexi_cfg.always_skip = them
         (the caller's config object, which the model then shares), inject; only their adapters train."""
         tokenizer = self.tokenizer
-        if tokenizer is None and self._model_cfg is not None:
+        if tokenizer is None and self._model is not None:
             from ..models.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(self._model_cfg)
+            tokenizer = load_tokenizer(self._model)
         if tokenizer is None:
             raise MethodConfigError(
                 "method=layer_replacement needs a tokenizer for its calibration text: set .tokenizer, or let "

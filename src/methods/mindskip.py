@@ -82,9 +82,9 @@ class MindSkipLayer(FlexiDepthLayer):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def inject_mindskip(model, cfg: FlexiDepthConfig | dict) -> torch.nn.Module:
-    """Inject MindSkip layers (router only; `adapter` must be `none`) and freeze everything else."""
-    cfg = FlexiDepthConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+def inject_mindskip(model, cfg: FlexiDepthConfig) -> torch.nn.Module:
+    """Inject MindSkip layers (router only; `adapter` must be `none`) and freeze everything else. ValueError
+    naming the skip key for an adapter or `always_skip` layers."""
     if cfg.adapter != "none":
         raise ValueError("method=mindskip has no adapter: set skip.adapter=none (conf/skip/mindskip.yaml)")
     if cfg.always_skip:

@@ -6,8 +6,8 @@ reached (local folder, the embedded model, the hub cache or the hub).
     model.access_problems()                  # [] or one message per unreachable model / tokenizer
     model.identity()                         # {"model_type": "llama", "num_hidden_layers": 30, ...}
 
-The loaders (`src.models.loader`) take the node as a mapping (`to_dict()`), the form runs and checkpoints
-store it in.
+The loaders (`src.models.loader.load_base_model`, `src.models.tokenizer.load_tokenizer`) take it typed; a
+node that runs and checkpoints store as a mapping (`to_dict()`) comes back as `ModelConfig(**node)`.
 """
 
 from __future__ import annotations
@@ -59,8 +59,28 @@ class ModelConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The node as the loaders, run histories and checkpoints take it."""
+        """The node as run histories and checkpoints store it."""
         return asdict(self)
+
+    def tokenizer_path(self) -> str:
+        """Folder or hub id of the tokenizer: `tokenizer`, else the model's own (`embedded:` names resolved to
+        the converted folder)."""
+        from .embedded import resolve_model_path
+
+        return resolve_model_path(self.tokenizer or self.name_or_path)
+
+    def hf_config(self):
+        """The base model's transformers config without its weights: built from `arch` for `random_init`
+        (`arch.model_type` picks the architecture), else read from its config.json (a local folder, the
+        embedded model or the hub)."""
+        from transformers import AutoConfig
+
+        if self.random_init:
+            arch = dict(self.arch or {})
+            return AutoConfig.for_model(arch.pop("model_type"), **arch)
+        from .embedded import resolve_model_path
+
+        return AutoConfig.from_pretrained(resolve_model_path(self.name_or_path))
 
     # ------------------------------------------------------------------------------ without weights
     def access_problems(self, gpu_recipe: bool = False) -> list[str]:
@@ -93,11 +113,7 @@ class ModelConfig:
         arch = self.arch or {}
         if all(k in arch for k in ARCH_KEYS):
             return {k: arch[k] for k in ARCH_KEYS}
-        from transformers import AutoConfig
-
-        from .embedded import resolve_model_path
-
-        config = AutoConfig.from_pretrained(resolve_model_path(self.name_or_path))
+        config = self.hf_config()
         return {k: getattr(config, k) for k in ARCH_KEYS}
 
     def config_value(self, key: str) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from ..utils.errors import PreflightError
 
@@ -74,9 +73,9 @@ def hub_access_message(
 
 
 # ---------------------------------------------------------------------------------------------- model
-def model_load_error(model_cfg: dict[str, Any], err: BaseException) -> PreflightError:
-    """The user error for a failed `from_pretrained` of `model.name_or_path` (a path or a hub repository)."""
-    name = str(model_cfg.get("name_or_path"))
+def model_load_error(name: str, err: BaseException) -> PreflightError:
+    """The user error for a failed `from_pretrained` of `model.name_or_path` = `name` (a path or a hub
+    repository)."""
     path = Path(name).expanduser()
     if looks_like_path(name) or path.exists():
         return PreflightError(f"model.name_or_path={name!r}: cannot load a model from {path} ({err})")

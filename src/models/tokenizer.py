@@ -8,17 +8,15 @@ mask and labels, so the id only has to be a valid token id.
 
 from __future__ import annotations
 
-from typing import Any
+from .config import ModelConfig
 
 
-def load_tokenizer(model_cfg: dict[str, Any]):
-    """The tokenizer of a `model` config node (`model.tokenizer`, else the model's own folder or hub id;
-    `embedded:` names resolved), with the pad policy applied (pad token = EOS when it has none).
+def load_tokenizer(model: ModelConfig):
+    """The tokenizer of the base model `model` (`ModelConfig.tokenizer_path`), with the pad policy applied
+    (pad token = EOS when it has none).
 
     Raises OSError from transformers when the folder / hub id cannot be read."""
-    from .loader import tokenizer_path
-
-    return open_tokenizer(tokenizer_path(model_cfg))
+    return open_tokenizer(model.tokenizer_path())
 
 
 def open_tokenizer(name_or_path: str):

@@ -209,12 +209,14 @@ class HeldoutMeter:
             import torch
 
             from ..eval import curves
+            from ..models.config import ModelConfig
             from ..models.loader import load_base_model
             from ..models.tokenizer import load_tokenizer, pad_token_id
 
             torch.manual_seed(0)
-            tokenizer = load_tokenizer(model_cfg)
-            model = load_base_model(model_cfg).eval()
+            base_model = ModelConfig(**model_cfg)  # a run's stored model node
+            tokenizer = load_tokenizer(base_model)
+            model = load_base_model(base_model).eval()
             sets = curves.heldout_sets(
                 tokenizer, list(self.spec.heldout), self.spec.max_length, self.spec.max_tokens
             )

@@ -137,12 +137,12 @@ _STAGE_KEYS = ("taus", "shortgpt_k", "heldout", "per_set_speed", "batch", "prefi
 
 def speed_settings(spec: StudySpec):
     """`study.speed` (src.speed keys: prompts, prompt_length, new_tokens, rounds, warmup, threads, text_decode)
-    as src/eval/speed.py's typed `SpeedSettings`, on the study's held-out sets. Raises ConfigError naming
+    as src/eval/speed_plan.py's typed `SpeedSettings`, on the study's held-out sets. Raises ConfigError naming
     `study.speed.<key>` for an unknown key, a key the stage sets itself, or a wrong type or value."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from ..eval.speed import SpeedSettings
+    from ..eval.speed_plan import SpeedSettings
 
     options = dict(spec.speed or {})
     own = sorted(set(options) & set(_STAGE_KEYS))

@@ -47,18 +47,19 @@ class SpeedMeter:
             import torch
 
             from ..eval.speed_timing import heldout_prompts
+            from ..models.config import ModelConfig
             from ..models.loader import load_base_model
             from ..models.tokenizer import load_tokenizer
 
-            s = self.settings
+            s, model = self.settings, ModelConfig(**model_cfg)  # a run's stored model node
             torch.manual_seed(0)
-            tokenizer = load_tokenizer(model_cfg)
+            tokenizer = load_tokenizer(model)
             prompts = heldout_prompts(tokenizer, s.heldout, s.prompts, s.prompt_length)
             texts = None
             if s.text_decode:
                 length = s.prompt_length + s.new_tokens
                 texts = {n: heldout_prompts(tokenizer, [n], s.prompts, length) for n in s.heldout}
-            self._base[key] = (load_base_model(model_cfg).eval(), tokenizer, prompts, texts)
+            self._base[key] = (load_base_model(model).eval(), tokenizer, prompts, texts)
         return self._base[key]
 
     def measure(self, point: Point, folder: Path) -> dict:

@@ -141,19 +141,15 @@ def effective_resume(resume: Any):
     return resume
 
 
-def history_config(settings) -> dict[str, Any]:
-    """The settings a run's history keeps and compares (`NOT_COMPARED` left out), as plain values."""
-    return {k: v for k, v in asdict(settings).items() if k not in NOT_COMPARED}
-
-
 def plan_start(settings, output_dir: Path) -> RunStart:
     """The fresh/resume decision of `open_run` (rank zero, lock held); deletes and records nothing.
 
     Raises RunFolderError for a fresh start into a folder holding a run without `overwrite=true`, for
     `resume=extend` of a finished run without an intact checkpoint, and for a resume whose model-defining keys
-    differ from the checkpoint's (naming them)."""
+    differ from the checkpoint's (naming them). The start records `settings` as plain values without
+    `runs.NOT_COMPARED` (what a run's history keeps and compares)."""
     resume = effective_resume(settings.resume)
-    config = history_config(settings)
+    config = {k: v for k, v in asdict(settings).items() if k not in NOT_COMPARED}
     history = RunHistory(output_dir)
     if resume in (None, False):
         existing = run_contents(output_dir)
