@@ -110,7 +110,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, model_cfg: dict[str, An
     method = str(meta.get("method") or hparams.get("method") or "flexidepth")
     from .methods import build_method
 
-    model = _meta_model(ModelConfig(**model_cfg))
+    model = _meta_model(ModelConfig.from_node(model_cfg, str(checkpoint)))
     build_method({"name": method}).inject(model, flexi)
     tensors = flexidepth_tensors(ckpt["state_dict"])
     expected = flexidepth_state_dict(model)

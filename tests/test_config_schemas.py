@@ -46,6 +46,14 @@ def test_every_model_yaml_key_is_a_model_field():
         assert set(yaml.safe_load(path.read_text())) <= fields, path.name
 
 
+def test_a_stored_model_entry_comes_back_typed_and_an_unknown_key_is_named():
+    stored = ModelConfig(name_or_path="embedded:smollm2-135m-instruct", init_seed=3).to_dict()
+    assert ModelConfig.from_node(stored, "run/history/config-000.yaml") == ModelConfig(**stored)
+    assert ModelConfig.from_node({"name_or_path": "x"}, "here").dtype == "bfloat16"  # absent keys: defaults
+    with pytest.raises(ConfigError, match=r"^ckpt\.ckpt: its model entry has keys .*\(revision, trust\)"):
+        ModelConfig.from_node({**stored, "trust": True, "revision": "main"}, "ckpt.ckpt")
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_each_command_composes_onto_its_schema_and_converts_once(command):
     """The primary config's first default is the command's schema: the composed config is typed by it (its

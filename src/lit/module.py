@@ -99,7 +99,9 @@ class FlexiDepthModule(L.LightningModule):
         self.flexi_cfg = copy.deepcopy(skip)  # the model's own: inject_fn and set_tau change it
         self.optim_cfg = optim
         self.method = method
-        self.model = load_base_model(ModelConfig(**model))
+        self.model = load_base_model(
+            ModelConfig.from_node(model, "the module's model (hyper_parameters.model)")
+        )
         if inject_fn is None:
             from ..methods import method_class
 

@@ -7,13 +7,13 @@ reached (local folder, the embedded model, the hub cache or the hub).
     model.identity()                         # {"model_type": "llama", "num_hidden_layers": 30, ...}
 
 The loaders (`src.models.loader.load_base_model`, `src.models.tokenizer.load_tokenizer`) take it typed; a
-node that runs and checkpoints store as a mapping (`to_dict()`) comes back as `ModelConfig(**node)`.
+node that runs and checkpoints store as a mapping (`to_dict()`) comes back as `ModelConfig.from_node(node, where)`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,18 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The node as run histories and checkpoints store it."""
         return asdict(self)
+
+    @classmethod
+    def from_node(cls, node: dict[str, Any], where: str) -> ModelConfig:
+        """The stored mapping `node` (a run history's or checkpoint's `model`, read from `where`) as a
+        ModelConfig; ConfigError naming `where` and the keys this schema does not know."""
+        unknown = sorted(set(node) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(
+                f"{where}: its model entry has keys this version does not know ({', '.join(unknown)}); it was "
+                "written by another version of the framework"
+            )
+        return cls(**node)
 
     def tokenizer_path(self) -> str:
         """Folder or hub id of the tokenizer: `tokenizer`, else the model's own (`embedded:` names resolved to

@@ -214,7 +214,7 @@ class HeldoutMeter:
             from ..models.tokenizer import load_tokenizer, pad_token_id
 
             torch.manual_seed(0)
-            base_model = ModelConfig(**model_cfg)  # a run's stored model node
+            base_model = ModelConfig.from_node(model_cfg, "a run history's model entry")
             tokenizer = load_tokenizer(base_model)
             model = load_base_model(base_model).eval()
             sets = curves.heldout_sets(

@@ -51,7 +51,7 @@ class SpeedMeter:
             from ..models.loader import load_base_model
             from ..models.tokenizer import load_tokenizer
 
-            s, model = self.settings, ModelConfig(**model_cfg)  # a run's stored model node
+            s, model = self.settings, ModelConfig.from_node(model_cfg, "a run history's model entry")
             torch.manual_seed(0)
             tokenizer = load_tokenizer(model)
             prompts = heldout_prompts(tokenizer, s.heldout, s.prompts, s.prompt_length)
