@@ -99,6 +99,10 @@ def test_eval_schema_keys_are_the_eval_block():
         ("train", "loss.alpha=much", "loss.alpha"),
         ("train", "optim.lr=fast", "optim.lr"),
         ("train", "data.max_length=long", "data.max_length"),
+        ("train", "data.synthetic_max_digits=1.5", "data.synthetic_max_digits"),  # the data module has no
+        ("train", "data.synthetic_tasks=copy", "data.synthetic_tasks"),  # type checks of its own
+        ("train", "data.mixture={lee:abc}", "data.mixture.lee"),
+        ("train", "data.conversation_roles=[human]", "data.conversation_roles"),
         ("train", "skip.taux=0.5", "skip.taux"),
         ("evaluate", "eval.n_per_task=many", "eval.n_per_task"),
         ("evaluate", "eval.harness.limt=3", "eval.harness.limt"),
