@@ -152,6 +152,25 @@ def test_every_entry_point_check_refuses_appended_keys(primary, override, messag
         settings.validate()  # the method node: its own dataclass (build_method)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method_overrides=5", r"^method_overrides: Cannot assign int"),
+        ("method_overrides=[laco]", r"^method_overrides: Cannot merge"),
+        ("method_overrides={laco: 3}", r"^method_overrides\.laco: Value 3 \(int\) is incompatible"),
+    ],
+)
+def test_compare_method_overrides_are_typed_by_a_schema(override, message):
+    """The field is open for Hydra (a typed Optional[Dict] cannot take `method_overrides={...}` in OmegaConf
+    2.3), typed once at the conversion (`MethodOverrides`): a mapping of mappings, or null."""
+    from src.config.commands import CompareCommand
+
+    ok = compose_tiny("compare", ["method_overrides={laco: {threshold: 0.5}}"])
+    assert load(ok, CompareCommand).method_overrides == {"laco": {"threshold": 0.5}}
+    with pytest.raises(ConfigError, match=message):
+        load(compose_tiny("compare", [override]), CompareCommand)
+
+
 def test_a_typo_inside_a_group_yaml_is_refused(tmp_path):
     (tmp_path / "skip").mkdir()
     (tmp_path / "skip" / "typo.yaml").write_text(
