@@ -76,9 +76,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # everything that can still refuse the start comes before `start.commit()`: data files and their
         # rows, init_from's shapes. Until then the folder is untouched.
         datamodule = SFTDataModule(
+            s.data,
             tokenizer_path=s.model.tokenizer_path(),
             accumulate_grad_batches=int(s.trainer.get("accumulate_grad_batches", 1)),
-            **s.data.to_dict(),
         )
         datamodule.setup("fit")  # data errors surface here, before the model load and any logger
         module = FlexiDepthModule(

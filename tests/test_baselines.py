@@ -105,7 +105,9 @@ def test_removed_layers_are_identity_in_cached_generation_too():
 # ---------------------------------------------------------------------------------------- random skip
 def test_random_skip_realises_its_rate_and_is_seeded():
     model = tiny_model(layers=6)
-    applied = build_method({"name": "random_skip", "k": 1.5, "seed": 3}).apply(model, skip={"layers": "2:6"})
+    applied = build_method({"name": "random_skip", "k": 1.5, "seed": 3}).apply(
+        model, skip=FlexiDepthConfig(layers="2:6")
+    )
     assert applied.k == pytest.approx(1.5)
     assert applied.details["run_rates"] == {i: pytest.approx(1 - 1.5 / 4) for i in range(2, 6)}
     ids = _ids(batch=8, seq=256)
@@ -119,7 +121,9 @@ def test_random_skip_realises_its_rate_and_is_seeded():
     )
     # same seed: same decisions
     other = tiny_model(layers=6)
-    build_method({"name": "random_skip", "k": 1.5, "seed": 3}).apply(other, skip={"layers": "2:6"})
+    build_method({"name": "random_skip", "k": 1.5, "seed": 3}).apply(
+        other, skip=FlexiDepthConfig(layers="2:6")
+    )
     assert torch.equal(routed_forward(other, ids).routes.run, out.routes.run)
     with pytest.raises(ValueError, match="run rates"):
         RandomGate({2: 1.5})

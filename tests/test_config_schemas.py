@@ -99,6 +99,10 @@ def test_eval_schema_keys_are_the_eval_block():
         ("train", "loss.alpha=much", "loss.alpha"),
         ("train", "optim.lr=fast", "optim.lr"),
         ("train", "data.max_length=long", "data.max_length"),
+        ("train", "data.synthetic_max_digits=1.5", "data.synthetic_max_digits"),  # the data module has no
+        ("train", "data.synthetic_tasks=copy", "data.synthetic_tasks"),  # type checks of its own
+        ("train", "data.mixture={lee:abc}", "data.mixture.lee"),
+        ("train", "data.conversation_roles=[human]", "data.conversation_roles"),
         ("train", "skip.taux=0.5", "skip.taux"),
         ("evaluate", "eval.n_per_task=many", "eval.n_per_task"),
         ("evaluate", "eval.harness.limt=3", "eval.harness.limt"),
@@ -146,6 +150,25 @@ def test_every_entry_point_check_refuses_appended_keys(primary, override, messag
     with pytest.raises(ConfigError, match=message):
         settings = load(cfg, COMMANDS[primary])  # the conversion refuses unknown keys of typed nodes
         settings.validate()  # the method node: its own dataclass (build_method)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method_overrides=5", r"^method_overrides: Cannot assign int"),
+        ("method_overrides=[laco]", r"^method_overrides: Cannot merge"),
+        ("method_overrides={laco: 3}", r"^method_overrides\.laco: Value 3 \(int\) is incompatible"),
+    ],
+)
+def test_compare_method_overrides_are_typed_by_a_schema(override, message):
+    """The field is open for Hydra (a typed Optional[Dict] cannot take `method_overrides={...}` in OmegaConf
+    2.3), typed once at the conversion (`MethodOverrides`): a mapping of mappings, or null."""
+    from src.config.commands import CompareCommand
+
+    ok = compose_tiny("compare", ["method_overrides={laco: {threshold: 0.5}}"])
+    assert load(ok, CompareCommand).method_overrides == {"laco": {"threshold": 0.5}}
+    with pytest.raises(ConfigError, match=message):
+        load(compose_tiny("compare", [override]), CompareCommand)
 
 
 def test_a_typo_inside_a_group_yaml_is_refused(tmp_path):

@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from src.config.schemas import typed
+from src.data.config import DataConfig
 from src.data.corpora import lee_articles, lee_heldout_articles, shakespeare_plays, strip_gutenberg
 from src.data.datamodule import SFTDataModule
 from src.data.sampler import (
@@ -33,6 +35,7 @@ from src.data.sft import (
     tokenize_text,
 )
 from src.data.synthetic import TASKS, make_instruction_examples, split_sentences
+from src.utils.errors import ConfigError
 
 # ---------------------------------------------------------------------------- fixtures
 # `smollm2_dir` (the converted embedded model, session-scoped) comes from tests/conftest.py.
@@ -109,8 +112,6 @@ def test_synthetic_deterministic_and_seed_dependent():
 
 
 def test_synthetic_task_subset_and_errors(smollm2_dir):
-    from src.data.datamodule import SFTDataModule
-
     rows = make_instruction_examples(120, seed=5, tasks=["copy", "continue"])
     assert {row["task"] for row in rows} == {"copy", "continue"}
     # None is every task, drawn exactly as before the option existed (the default data is unchanged)
@@ -119,17 +120,16 @@ def test_synthetic_task_subset_and_errors(smollm2_dir):
     for bad, match in (
         (["copy", "divide"], r"data\.synthetic_tasks: unknown task\(s\) \['divide'\]"),
         ([], r"data\.synthetic_tasks must be a non-empty list"),
-        ("copy", r"data\.synthetic_tasks must be a non-empty list"),
     ):
         with pytest.raises(ValueError, match=match):
             make_instruction_examples(5, seed=0, tasks=bad)
         with pytest.raises(ValueError, match=match):  # refused by the data module before any tokenising
-            SFTDataModule(str(smollm2_dir), synthetic_tasks=bad)
+            SFTDataModule(DataConfig(synthetic_tasks=bad), str(smollm2_dir))
+    with pytest.raises(ConfigError, match=r"data\.synthetic_tasks: .*not a ListConfig"):  # a name, not a list
+        typed({"synthetic_tasks": "copy"}, DataConfig, "data")
 
 
 def test_synthetic_max_digits_caps_operands(smollm2_dir):
-    from src.data.datamodule import SFTDataModule
-
     rows = make_instruction_examples(300, seed=2, tasks=["addition", "multiplication"], max_digits=2)
     operands = []
     for row in rows:
@@ -140,11 +140,14 @@ def test_synthetic_max_digits_caps_operands(smollm2_dir):
     uncapped = make_instruction_examples(300, seed=2, tasks=["addition"])
     assert max(int(r["messages"][1]["content"].split()[0]) for r in uncapped) >= 1000
     assert make_instruction_examples(40, seed=2, max_digits=None) == make_instruction_examples(40, seed=2)
-    for bad in (0, -1, True, "2", 1.5):
+    for bad in (0, -1):
         with pytest.raises(ValueError, match=r"data\.synthetic_max_digits must be an integer >= 1 or null"):
             make_instruction_examples(5, seed=0, max_digits=bad)
         with pytest.raises(ValueError, match=r"data\.synthetic_max_digits must be an integer >= 1 or null"):
-            SFTDataModule(str(smollm2_dir), synthetic_max_digits=bad)
+            SFTDataModule(DataConfig(synthetic_max_digits=bad), str(smollm2_dir))
+    for bad in (True, 1.5):  # not an integer: refused by the schema, naming the key
+        with pytest.raises(ConfigError, match=r"data\.synthetic_max_digits: .*converted to Integer"):
+            typed({"synthetic_max_digits": bad}, DataConfig, "data")
 
 
 def test_synthetic_answers_are_correct():
@@ -476,16 +479,15 @@ def chat_file(tmp_path):
 
 
 def test_datamodule_on_jsonl(smollm2_dir, chat_file):
-    dm = SFTDataModule(
-        str(smollm2_dir),
+    data = DataConfig(
         source=str(chat_file),
         max_length=64,
         loss_on="assistant",
         micro_batch_size=2,
-        accumulate_grad_batches=2,
         val_fraction=0.1,
         seed=0,
     )
+    dm = SFTDataModule(data, str(smollm2_dir), accumulate_grad_batches=2)
     dm.setup("fit")
     train, val = dm.filter_report["train"], dm.filter_report["val"]
     assert train.total + val.total == 42 and val.total == 5  # ceil(0.1 * 42) rows held out
@@ -506,14 +508,10 @@ def test_datamodule_on_jsonl(smollm2_dir, chat_file):
 
 
 def test_datamodule_max_train_examples_and_no_val(smollm2_dir, chat_file):
-    dm = SFTDataModule(
-        str(smollm2_dir),
-        source=str(chat_file),
-        max_length=512,
-        val_fraction=0.0,
-        max_train_examples=10,
-        micro_batch_size=3,
+    data = DataConfig(
+        source=str(chat_file), max_length=512, val_fraction=0.0, max_train_examples=10, micro_batch_size=3
     )
+    dm = SFTDataModule(data, str(smollm2_dir))
     dm.setup()
     assert dm.filter_report["train"].kept == 10 and "val" not in dm.filter_report
     assert dm.val_dataloader() == [] and len(dm.train_dataloader()) == 3
@@ -524,9 +522,8 @@ def test_datamodule_txt_source_and_lee_heldout(smollm2_dir, tmp_path):
     path.write_text(
         "To be, or not to be, that is the question.\n\nWhether 'tis nobler in the mind to suffer.\n"
     )
-    dm = SFTDataModule(
-        str(smollm2_dir), source=str(path), val_source="lee_heldout", max_length=128, micro_batch_size=1
-    )
+    data = DataConfig(source=str(path), val_source="lee_heldout", max_length=128, micro_batch_size=1)
+    dm = SFTDataModule(data, str(smollm2_dir))
     dm.setup()
     report = dm.filter_report["train"]
     assert (report.kept, report.dropped_empty) == (2, 1)  # one row per line; the blank line is empty
@@ -537,37 +534,40 @@ def test_datamodule_txt_source_and_lee_heldout(smollm2_dir, tmp_path):
 
 
 def test_datamodule_builtin(smollm2_dir):
-    dm = SFTDataModule(str(smollm2_dir), n_synthetic=40, max_length=256, val_fraction=0.1)
+    dm = SFTDataModule(DataConfig(n_synthetic=40, max_length=256, val_fraction=0.1), str(smollm2_dir))
     dm.setup()
     n_rows = dm.filter_report["train"].total + dm.filter_report["val"].total
     assert n_rows >= 340  # 40 chat rows + 300 articles, some articles split into several blocks
     assert sum("messages" in r for r in make_instruction_examples(40, 42)) == 40
 
 
-def test_datamodule_validates_kwargs(smollm2_dir, tmp_path):
-    ok = {"tokenizer_path": str(smollm2_dir)}
+def test_datamodule_validates_settings(smollm2_dir, tmp_path):
+    def module(**kw):
+        return SFTDataModule(DataConfig(**kw), str(smollm2_dir))
+
     with pytest.raises(ValueError, match="data.loss_on"):
-        SFTDataModule(**ok, loss_on="prompt")
+        module(loss_on="prompt")
     with pytest.raises(ValueError, match="data.max_length"):
-        SFTDataModule(**ok, max_length=4)
+        module(max_length=4)
     with pytest.raises(ValueError, match="data.val_fraction"):
-        SFTDataModule(**ok, val_fraction=1.0)
+        module(val_fraction=1.0)
     with pytest.raises(ValueError, match=r"data.source=.*missing.jsonl.*does not exist"):
-        SFTDataModule(**ok, source=str(tmp_path / "missing.jsonl"))
+        module(source=str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="data.val_source"):
-        SFTDataModule(**ok, val_source="nope.jsonl")
+        module(val_source="nope.jsonl")
 
 
 def test_datamodule_missing_column_and_empty(smollm2_dir, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "completion": "y"}] * 3)
     with pytest.raises(ValueError, match=r"bad.jsonl.*'messages' or a 'text' column.*completion"):
-        SFTDataModule(str(smollm2_dir), source=str(bad)).setup()
+        SFTDataModule(DataConfig(source=str(bad)), str(smollm2_dir)).setup()
     long_rows = write_jsonl(tmp_path / "long.jsonl", [chat("long " * 50, "x")] * 4)
     with pytest.raises(ValueError, match=r"long.jsonl \(train\): no examples left.*dropped 3 longer"):
-        SFTDataModule(str(smollm2_dir), source=str(long_rows), max_length=16, val_fraction=0.25).setup()
+        data = DataConfig(source=str(long_rows), max_length=16, val_fraction=0.25)
+        SFTDataModule(data, str(smollm2_dir)).setup()
 
 
 def test_datamodule_hub_source_error_names_setting(smollm2_dir):
-    dm = SFTDataModule(str(smollm2_dir), source="allenai/tulu-3-sft-mixture")
+    dm = SFTDataModule(DataConfig(source="allenai/tulu-3-sft-mixture"), str(smollm2_dir))
     with pytest.raises(RuntimeError, match=r"data.source='allenai/tulu-3-sft-mixture'.*network"):
         dm.setup()

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from src.data.config import DataConfig
 from src.data.datamodule import SFTDataModule
 from src.data.sft import tokenize_dataset, tokenize_example
 
@@ -32,7 +33,7 @@ def write_lines(path, rows):
 
 
 def module(smollm2_dir, path, **kw):
-    return SFTDataModule(str(smollm2_dir), source=str(path), max_length=256, **kw)
+    return SFTDataModule(DataConfig(source=str(path), max_length=256, **kw), str(smollm2_dir))
 
 
 def test_list_of_text_parts_equals_the_joined_string(tokenizer, smollm2_dir, tmp_path):
@@ -139,14 +140,13 @@ def test_empty_and_broken_files(smollm2_dir, tmp_path):
 
 
 def test_local_data_without_source_is_refused(smollm2_dir):
-    from omegaconf import OmegaConf
-
+    from src.config.commands import TrainCommand
+    from src.config.schemas import load
     from tests.helpers.configs import compose_tiny
 
-    cfg = compose_tiny("train", ["data=local"])
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = load(compose_tiny("train", ["data=local"]), TrainCommand).data
     with pytest.raises(ValueError, match=r"data.source is required.*data=local"):
-        SFTDataModule(tokenizer_path=str(smollm2_dir), **data)
+        SFTDataModule(data, tokenizer_path=str(smollm2_dir))
 
 
 def test_row_names_default_and_given(tokenizer):

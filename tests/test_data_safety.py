@@ -419,7 +419,7 @@ def test_metrics_and_summary_describe_the_exported_model(tmp_path, capsys):
 
     s = load(compose_cfg([*SHORT, *budget], run), TrainCommand)
     model_cfg = s.model.to_dict()
-    dm = SFTDataModule(tokenizer_path=s.model.tokenizer_path(), **s.data.to_dict())
+    dm = SFTDataModule(s.data, tokenizer_path=s.model.tokenizer_path())
     dm.setup("fit")
     module = FlexiDepthModule(model=model_cfg, skip=s.skip.flexidepth(), optim=s.optim, loss=s.loss)
     load_flexidepth(module.model, run / "flexidepth")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from src.data.config import DataConfig
 from src.data.datamodule import SFTDataModule
 from src.data.formats import RELEASED_ROLES, check_roles, normalise_row, normalise_rows, sharegpt_to_messages
 
@@ -51,7 +52,7 @@ def test_normalise_row_leaves_messages_and_text_alone():
     [
         ({"human": "person", "gpt": "assistant"}, r"data\.conversation_roles\.human='person'"),
         ({"human": "user"}, "no 'from' value maps to 'assistant'"),
-        (["human"], r"data\.conversation_roles must be a mapping"),
+        ({"": "user", "gpt": "assistant"}, r"data\.conversation_roles: keys must be non-empty strings"),
     ],
 )
 def test_bad_role_mappings_are_named(roles, match):
@@ -104,14 +105,8 @@ def test_datamodule_sharegpt_file_equals_messages_file(smollm2_dir, tmp_path):
     chat_file = _write_jsonl(tmp_path / "chat.jsonl", messages)
 
     def examples(path, **kwargs):
-        dm = SFTDataModule(
-            str(smollm2_dir),
-            source=str(path),
-            max_length=128,
-            loss_on="assistant",
-            val_fraction=0.0,
-            **kwargs,
-        )
+        data = DataConfig(source=str(path), max_length=128, loss_on="assistant", val_fraction=0.0, **kwargs)
+        dm = SFTDataModule(data, str(smollm2_dir))
         dm.setup()
         return dm.train_examples, dm
 
@@ -131,10 +126,11 @@ def test_datamodule_sharegpt_file_equals_messages_file(smollm2_dir, tmp_path):
 
 def test_datamodule_rejects_unknown_columns_naming_formats(smollm2_dir, tmp_path):
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "response": "y"}])
-    dm = SFTDataModule(str(smollm2_dir), source=str(bad), max_length=64)
+    dm = SFTDataModule(DataConfig(source=str(bad), max_length=64), str(smollm2_dir))
     with pytest.raises(
         ValueError, match=r"bad\.jsonl: needs a 'conversations' \(ShareGPT\), a 'messages' or a 'text' column"
     ):
         dm.setup()
     with pytest.raises(ValueError, match=r"data\.conversation_roles\.gpt='bot'"):
-        SFTDataModule(str(smollm2_dir), source=str(bad), conversation_roles={"human": "user", "gpt": "bot"})
+        roles = {"human": "user", "gpt": "bot"}
+        SFTDataModule(DataConfig(source=str(bad), conversation_roles=roles), str(smollm2_dir))

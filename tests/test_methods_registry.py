@@ -22,7 +22,7 @@ def test_every_builtin_method_is_registered_with_its_trains_flag():
 @pytest.mark.parametrize("name", sorted(BUILTIN))
 def test_each_method_yaml_instantiates_its_class(name):
     cfg = compose_tiny("evaluate", [f"method={name}"])
-    method = build_method(cfg.method)
+    method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
     assert type(method) is method_class(name)
     assert method.name == name
     assert str(cfg.method._target_).endswith(type(method).__name__)
@@ -101,10 +101,10 @@ class SkipAlternate(Method):
     name: str = "skip_alternate"
     first: int = 0  # 0: skip routed layers 0, 2, 4, ...; 1: 1, 3, 5, ...
 
-    def apply(self, model, *, tokenizer=None, ckpt=None, skip=None):
+    def apply(self, model, *, tokenizer=None, ckpt=None, skip: FlexiDepthConfig | None = None):
         self.refuse_ckpt(ckpt)
-        layers = FlexiDepthConfig(layers=(skip or {}).get("layers", "last_half"))
-        removed = layers.routed_layers(model.config.num_hidden_layers)[self.first :: 2]
+        routing = skip or FlexiDepthConfig()  # the skip settings' routed layers (default: last_half)
+        removed = routing.routed_layers(model.config.num_hidden_layers)[self.first :: 2]
         remove_layers(model, removed)
         return AppliedMethod(self.name, f"{self.name}_{self.first}", len(removed), removed)
 
@@ -144,7 +144,7 @@ def test_a_toy_method_is_one_file_and_one_yaml(toy_method, tmp_path):
 
     model = load_base_model(ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))).eval()
     num_layers = model.config.num_hidden_layers
-    applied = method.apply(model, skip=OmegaConf.to_container(cfg.skip, resolve=True))
+    applied = method.apply(model, skip=settings.skip.flexidepth())
     routed = list(range(num_layers // 2, num_layers))  # skip.layers = last_half
     assert applied.removed == routed[1::2]
     assert sorted(layer.layer_index for layer in flexi_layers(model)) == routed[1::2]

@@ -56,10 +56,10 @@ def test_mixture_draw_shares_and_errors():
 
 @pytest.mark.slow
 def test_datamodule_mixture_draws_every_source(smollm2_dir):
+    from src.data.config import DataConfig
     from src.data.datamodule import SFTDataModule
 
-    dm = SFTDataModule(
-        smollm2_dir,
+    data = DataConfig(
         source="mixture",
         max_length=64,
         mixture={"lee": 1.0, "shakespeare": 0.0, "wiki": 1.0, "instructions": 2.0},
@@ -67,13 +67,14 @@ def test_datamodule_mixture_draws_every_source(smollm2_dir):
         n_synthetic=100,
         heldout=["lee", "python_docs"],
     )
+    dm = SFTDataModule(data, smollm2_dir)
     dm.setup()
     assert len(dm.train_examples) == 400 and all(len(e["input_ids"]) <= 64 for e in dm.train_examples)
     chat = sum(dm.tokenizer.decode(e["input_ids"][:3]).startswith("<|im_start|>") for e in dm.train_examples)
     assert 150 <= chat <= 250  # instructions: half of the draw (weight 2 of 4), text the rest
     assert dm.val_examples  # every source's own val split
     with pytest.raises(ValueError, match=r"data\.heldout: unknown held-out set"):
-        SFTDataModule(smollm2_dir, source="mixture", mixture={"lee": 1.0}, heldout=["hamlet"])
+        SFTDataModule(DataConfig(source="mixture", mixture={"lee": 1.0}, heldout=["hamlet"]), smollm2_dir)
 
 
 def test_interpolation_at_equal_layers_skipped():

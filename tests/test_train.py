@@ -152,6 +152,7 @@ def test_tiny_run_writes_checkpoints_and_export(tmp_path):
 
 def test_gradients_do_not_depend_on_accumulation_split(smollm2_dir):
     """accumulation 1 x batch 4 and accumulation 2 x batch 2 give the same gradients (padding included)."""
+    from src.data.config import DataConfig
     from src.data.datamodule import SFTDataModule
     from src.lit.module import FlexiDepthModule
     from src.lit.objectives import LossConfig
@@ -161,13 +162,9 @@ def test_gradients_do_not_depend_on_accumulation_split(smollm2_dir):
 
     def grads(micro, accumulate):
         data = SFTDataModule(
+            DataConfig(micro_batch_size=micro, n_synthetic=40, max_train_examples=40, max_length=128, seed=3),
             tokenizer_path=str(smollm2_dir),
-            micro_batch_size=micro,
             accumulate_grad_batches=accumulate,
-            n_synthetic=40,
-            max_train_examples=40,
-            max_length=128,
-            seed=3,
         )
         data.setup("fit")
         module = FlexiDepthModule(

@@ -199,6 +199,17 @@ class TrainedSystem:
 
 
 @dataclass
+class MethodOverrides:
+    """The type of src.compare's `method_overrides`, {baseline: {option: value}} or None: checked against
+    this schema in `CompareCommand.__post_init__` (`typed`), because the command schema cannot hold the type
+    itself: Hydra merges `method_overrides={...}` into the node (OmegaConf.update(merge=True)), and with
+    OmegaConf 2.3.1 a typed Optional[Dict] holding None raises AttributeError ('NoneType' object has no
+    attribute 'get'), one holding {} refuses the new key (struct mode: "Key 'laco' is not in struct")."""
+
+    method_overrides: dict[str, dict[str, Any]] | None = None
+
+
+@dataclass
 class CurvesConfig:
     """src.compare's `curves` block (conf/compare.yaml documents each key)."""
 
@@ -233,8 +244,8 @@ class CompareCommand:
     runs_dir: str = "outputs/train/runs"
     k32: list[float] = field(default_factory=lambda: [4.0, 8.0])
     baselines: list[str] = field(default_factory=list)
-    # {baseline: {option: value}} or None; untyped here so that `method_overrides={...}` replaces the node
-    # (merging a mapping into a typed Optional[Dict] that holds None fails in OmegaConf); checked in validate
+    # {baseline: {option: value}} or None; open here so that `method_overrides={...}` replaces the node,
+    # typed in __post_init__ (`MethodOverrides` says why)
     method_overrides: Any = None
     # label -> TrainedSystem; typed in __post_init__ (an open mapping here, so that `+trained.<label>={...}`
     # adds an entry); None after '~trained' (untrained baselines only)
@@ -248,6 +259,8 @@ class CompareCommand:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def __post_init__(self) -> None:
+        values = {"method_overrides": self.method_overrides}
+        self.method_overrides = typed(values, MethodOverrides, "").method_overrides
         if self.trained is not None:
             self.trained = {
                 str(label): typed(entry, TrainedSystem, f"trained.{label}")
@@ -260,13 +273,6 @@ class CompareCommand:
         self.skip.validate().check_for(self.model.arch)
         self.eval.validate()
         self.curves.validate()
-        overrides = self.method_overrides
-        if overrides is not None and (
-            not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values())
-        ):
-            raise ConfigError(
-                f"method_overrides must be null or {{baseline: {{option: value}}}}, got {overrides!r}"
-            )
 
     def check(self) -> None:
         """`validate`, the device, task names, hub access, every existing trained checkpoint against the base

@@ -99,15 +99,18 @@ def non_finite_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def typed(values: Any, schema: type[T], key: str) -> T:
-    """`values` (a mapping) as a `schema` instance; ConfigError naming `<key>.<field>` for an unknown key or
-    a wrong type. For the entries of an open mapping whose values have a schema (compare's `trained`)."""
+    """`values` (a mapping) as a `schema` instance; ConfigError naming `<key>.<field>` (`<field>` when `key` is "") for an
+    unknown key or a wrong type (where OmegaConf names no field: `key`, else the keys of `values`). For
+    the entries of an open mapping whose values have a schema (compare's `trained`) and for a setting Hydra
+    cannot compose onto a typed node (compare's `method_overrides`)."""
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
     except OmegaConfBaseException as err:
         msg = str(getattr(err, "msg", err)).splitlines()[0]
-        raise ConfigError(f"{key}.{getattr(err, 'full_key', None) or '?'}: {msg}") from None
+        where = ".".join(filter(None, (key, getattr(err, "full_key", None)))) or ", ".join(values)
+        raise ConfigError(f"{where}: {msg}") from None
 
 
 def load(cfg: DictConfig, schema: type[T]) -> T:

@@ -1,16 +1,16 @@
 """The `data` config group (conf/data/*.yaml; conf/data/builtin.yaml documents each key) as a typed schema:
-the keyword arguments of `SFTDataModule` (src/data/datamodule.py, which checks the values that need its
-sources), its counts, whether its sources can be reached without loading them, and its length against a
+the settings `SFTDataModule` (src/data/datamodule.py, which checks the values that need its sources) is
+built from, its counts, whether its sources can be reached without loading them, and its length against a
 model's position window.
 
     data = DataConfig(source="builtin").validate()
     data.access_problems()                   # [] or one message per unreachable file / hub dataset
-    SFTDataModule(tokenizer_path=..., **data.to_dict())
+    SFTDataModule(data, tokenizer_path=...)
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,35 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".csv")
 
 @dataclass
 class DataConfig:
-    """SFTDataModule's settings (its docstring and conf/data/builtin.yaml describe each)."""
+    """SFTDataModule's settings (conf/data/builtin.yaml describes each too).
+
+    Attributes:
+        source: ``builtin``, ``mixture``, a local file or directory, or a hub dataset name
+            (src/data/datamodule.py's module docstring); null is refused by the data module (data=local).
+        hub_split: Split of a hub dataset.
+        max_length: Longest sequence; longer chat rows are dropped, text rows are chunked.
+        loss_on: ``all`` (every token, the paper's setting) or ``assistant`` (assistant turns only).
+        micro_batch_size: Examples per micro-batch (per rank).
+        val_fraction: Fraction of the source rows held out for validation when ``val_source`` is null.
+        val_source: null (split the source), ``lee_heldout`` (the 50 ``lee.cor`` articles as text) or a
+            local file or directory.
+        max_train_examples: Use at most this many training rows (a random subset; counted before tokenising).
+        n_synthetic: Number of synthetic instruction examples in the ``builtin`` source (and the mixture's
+            ``instructions`` source).
+        synthetic_tasks: Which synthetic tasks those examples draw from (`src.data.synthetic.TASKS`); null is
+            all of them.
+        synthetic_max_digits: Cap on the arithmetic operands' digits in those examples; null keeps the
+            generator's ranges.
+        seed: Seed for the validation split, the subset, the mixture draw and the per-epoch shuffles.
+        num_workers: DataLoader workers (collation happens in the workers).
+        shuffle: Shuffle training examples each epoch.
+        mixture: ``data.source=mixture``: per-source weights (src/data/mixture.py TRAIN_SOURCES).
+        mixture_examples: Training examples drawn for the mixture.
+        heldout: Held-out evaluation sets (src/data/mixture.py HELDOUT_SETS); evaluation text only.
+        conversation_roles: ShareGPT ``from`` value -> chat role (or null: drop the turn) for
+            ``conversations`` rows; the default is the released mapping (human -> user, gpt -> assistant,
+            others dropped).
+    """
 
     source: str | None = "builtin"
     hub_split: str = "train"
@@ -54,10 +82,6 @@ class DataConfig:
         for key, low, nullable in counts:
             check_count(f"data.{key}", getattr(self, key), low, nullable)
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """SFTDataModule's keyword arguments."""
-        return asdict(self)
 
     def access_problems(self) -> list[str]:
         """`source` / `val_source` that cannot be reached without loading them: a local file or folder that

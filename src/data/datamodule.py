@@ -19,6 +19,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
+from src.data.config import DataConfig
 from src.data.corpora import lee_articles, lee_heldout_articles
 from src.data.formats import check_roles, has_row_column, normalise_row
 from src.data.mixture import check_heldout, check_mixture, draw, mixture_rows
@@ -49,68 +51,29 @@ class SFTDataModule(L.LightningDataModule):
     ``tok_denom``.
 
     Args:
+        data: The `data` settings (`DataConfig`, src/data/config.py; conf/data/builtin.yaml describes each
+            key), typed by the schema; their values are checked here (`_validate`) before any work.
         tokenizer_path: Local HF folder (or the embedded model's name) to load the tokenizer from.
-        source: ``builtin``, a local file or directory, or a hub dataset name (see module docstring).
-        hub_split: Split of a hub dataset.
-        max_length: Longest sequence; longer chat rows are dropped, text rows are chunked.
-        loss_on: ``all`` (every token, the paper's setting) or ``assistant`` (assistant turns only).
-        micro_batch_size: Examples per micro-batch (per rank).
         accumulate_grad_batches: Must equal the Trainer's ``accumulate_grad_batches``.
-        val_fraction: Fraction of the source rows held out for validation when ``val_source`` is None.
-        val_source: None (split the source), ``lee_heldout`` (the 50 ``lee.cor`` articles as text) or a
-            local file or directory.
-        max_train_examples: Use at most this many training rows (a random subset; counted before tokenising).
-        n_synthetic: Number of synthetic instruction examples in the ``builtin`` source (and the mixture's
-            ``instructions`` source).
-        synthetic_tasks: Which synthetic tasks those examples draw from (`src.data.synthetic.TASKS`); None is
-            all of them.
-        synthetic_max_digits: Cap on the arithmetic operands' digits in those examples; None keeps the
-            generator's ranges.
-        seed: Seed for the validation split, the subset and the per-epoch shuffles.
-        num_workers: DataLoader workers (collation happens in the workers).
-        shuffle: Shuffle training examples each epoch.
         pad_to_multiple_of: Round padded lengths up to a multiple of this (e.g. 8 on GPUs); None pads to the
             longest example.
-        conversation_roles: ShareGPT ``from`` value -> chat role (or null: drop the turn) for ``conversations``
-            rows; None is the released mapping (human -> user, gpt -> assistant, others dropped).
+
+    Raises:
+        ConfigError / DataError / MixtureError: a value out of range or unknown (naming ``data.<key>``), a
+            local source that does not exist.
     """
 
     def __init__(
         self,
+        data: DataConfig,
         tokenizer_path: str,
-        source: str = "builtin",
-        hub_split: str = "train",
-        max_length: int = 512,
-        loss_on: str = "all",
-        micro_batch_size: int = 4,
         accumulate_grad_batches: int = 1,
-        val_fraction: float = 0.05,
-        val_source: str | None = None,
-        max_train_examples: int | None = None,
-        n_synthetic: int = 2000,
-        synthetic_tasks: list | None = None,
-        synthetic_max_digits: int | None = None,
-        seed: int = 42,
-        num_workers: int = 0,
-        shuffle: bool = True,
         pad_to_multiple_of: int | None = None,
-        mixture: dict | None = None,
-        mixture_examples: int = 20000,
-        heldout: list | None = None,
-        conversation_roles: dict | None = None,
     ):
         super().__init__()
-        self.tokenizer_path, self.source, self.hub_split = tokenizer_path, source, hub_split
-        self.max_length, self.loss_on = max_length, loss_on
-        self.micro_batch_size, self.accumulate_grad_batches = micro_batch_size, accumulate_grad_batches
-        self.val_fraction, self.val_source = val_fraction, val_source
-        self.max_train_examples = max_train_examples
-        self.n_synthetic, self.seed, self.num_workers, self.shuffle = n_synthetic, seed, num_workers, shuffle
-        self.synthetic_tasks, self.synthetic_max_digits = synthetic_tasks, synthetic_max_digits
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.mixture, self.mixture_examples = mixture, mixture_examples
-        self.heldout = list(heldout or [])  # evaluation text only; named here so evaluations can use it
-        self.conversation_roles = check_roles(conversation_roles)
+        self.data = replace(data)  # a copy: `_validate` normalises it, the caller's settings stay as given
+        self.tokenizer_path = tokenizer_path
+        self.accumulate_grad_batches, self.pad_to_multiple_of = accumulate_grad_batches, pad_to_multiple_of
         self._validate()
         self.tokenizer = None
         self.train_examples: list[dict] | None = None
@@ -121,37 +84,32 @@ class SFTDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ validation
 
     def _validate(self) -> None:
-        """Reject bad settings before any expensive work, naming the config key."""
-        if self.loss_on not in LOSS_ON:
-            raise DataError(f"data.loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
-        if self.max_length < 8:
-            raise DataError(f"data.max_length must be >= 8, got {self.max_length}")
-        if not 0 <= self.val_fraction < 1:
-            raise DataError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        for key in ("micro_batch_size", "accumulate_grad_batches"):
-            if getattr(self, key) < 1:
-                raise DataError(f"data.{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_train_examples is not None and self.max_train_examples < 1:
-            raise DataError(f"data.max_train_examples must be >= 1 or null, got {self.max_train_examples}")
-        if self.n_synthetic < 0:
-            raise DataError(f"data.n_synthetic must be >= 0, got {self.n_synthetic}")
-        if self.synthetic_tasks is not None:
-            self.synthetic_tasks = list(check_tasks(self.synthetic_tasks))
-        check_max_digits(self.synthetic_max_digits)
-        if not isinstance(self.source, str) or not self.source:
+        """Reject bad values before any expensive work, naming the config key (the types are the schema's:
+        `DataConfig` loaded with `src.config.schemas.load`). Raises ConfigError (counts: `DataConfig.validate`),
+        DataError or MixtureError."""
+        data = self.data.validate()
+        if data.loss_on not in LOSS_ON:
+            raise DataError(f"data.loss_on must be one of {LOSS_ON}, got {data.loss_on!r}")
+        if not 0 <= data.val_fraction < 1:
+            raise DataError(f"data.val_fraction must be in [0, 1), got {data.val_fraction}")
+        if self.accumulate_grad_batches < 1:
+            raise DataError(f"data.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
+        if data.synthetic_tasks is not None:
+            data.synthetic_tasks = list(check_tasks(data.synthetic_tasks))
+        check_max_digits(data.synthetic_max_digits)
+        data.conversation_roles = check_roles(data.conversation_roles)
+        if not data.source:
             raise DataError(
-                f"data.source is required, got {self.source!r}: data=local reads "
+                f"data.source is required, got {data.source!r}: data=local reads "
                 "data.source=<file.jsonl|.json|.parquet|.txt or a folder>; data=builtin needs no file"
             )
-        if self.source == "mixture":
-            self.mixture = check_mixture(self.mixture)
-            if self.mixture_examples < 1:
-                raise DataError(f"data.mixture_examples must be >= 1, got {self.mixture_examples}")
-        check_heldout(self.heldout)
-        if self.source not in ("builtin", "mixture") and _looks_local(self.source):
-            _check_local(self.source, "data.source")
-        if self.val_source is not None and self.val_source not in VAL_SOURCES:
-            _check_local(self.val_source, "data.val_source")
+        if data.source == "mixture":
+            data.mixture = check_mixture(data.mixture)
+        check_heldout(data.heldout)
+        if data.source not in ("builtin", "mixture") and _looks_local(data.source):
+            _check_local(data.source, "data.source")
+        if data.val_source is not None and data.val_source not in VAL_SOURCES:
+            _check_local(data.val_source, "data.val_source")
 
     # ------------------------------------------------------------------ setup
 
@@ -162,16 +120,16 @@ class SFTDataModule(L.LightningDataModule):
         from src.models.tokenizer import open_tokenizer
 
         self.tokenizer = open_tokenizer(self.tokenizer_path)
-        if self.source == "mixture":
+        if self.data.source == "mixture":
             self._setup_mixture()
             return
-        rows = self._load(self.source, "data.source")
+        rows = self._load(self.data.source, "data.source")
         train_ids, val_ids = self._split(len(rows))
-        name = f"data.source={self.source}"
+        name = f"data.source={self.data.source}"
         self.train_examples = self._tokenize(rows, train_ids, "train", name)
-        if self.val_source is not None:
-            val_rows = self._load(self.val_source, "data.val_source")
-            val_name = f"data.val_source={self.val_source}"
+        if self.data.val_source is not None:
+            val_rows = self._load(self.data.val_source, "data.val_source")
+            val_name = f"data.val_source={self.data.val_source}"
             self.val_examples = self._tokenize(val_rows, range(len(val_rows)), "val", val_name)
         elif val_ids:
             self.val_examples = self._tokenize(rows, val_ids, "val", name)
@@ -179,46 +137,48 @@ class SFTDataModule(L.LightningDataModule):
     def _setup_mixture(self) -> None:
         """Per source: split rows into train/val (`val_fraction`), tokenise, then draw the weighted mixture."""
         by_source, val = {}, []
-        for name, weight in self.mixture.items():
+        for name, weight in self.data.mixture.items():
             if not weight:
                 continue
+            data = self.data
             rows = mixture_rows(
-                name, self.n_synthetic, self.seed, self.synthetic_tasks, self.synthetic_max_digits
+                name, data.n_synthetic, data.seed, data.synthetic_tasks, data.synthetic_max_digits
             )
             train_ids, val_ids = self._split(len(rows))
             key = f"data.mixture.{name}"
             by_source[name] = self._tokenize(rows, train_ids, "train", key)
-            if self.val_source is None and val_ids:
+            if self.data.val_source is None and val_ids:
                 val += self._tokenize(rows, val_ids, "val", key)
-        self.train_examples = draw(by_source, self.mixture, self.mixture_examples, self.seed)
-        if self.max_train_examples is not None:
-            self.train_examples = self.train_examples[: self.max_train_examples]
-        if self.val_source is not None:
-            val_rows = self._load(self.val_source, "data.val_source")
+        self.train_examples = draw(by_source, self.data.mixture, self.data.mixture_examples, self.data.seed)
+        if self.data.max_train_examples is not None:
+            self.train_examples = self.train_examples[: self.data.max_train_examples]
+        if self.data.val_source is not None:
+            val_rows = self._load(self.data.val_source, "data.val_source")
             val = self._tokenize(val_rows, range(len(val_rows)), "val", "data.val_source")
-        random.Random(self.seed).shuffle(val)  # every source in the first validation batches
+        random.Random(self.data.seed).shuffle(val)  # every source in the first validation batches
         self.val_examples = val
 
     def _split(self, n: int) -> tuple[list[int], list[int]]:
         """Seeded random split of row indices into train and validation, then the training cap."""
         order = list(range(n))
-        random.Random(self.seed).shuffle(order)
+        random.Random(self.data.seed).shuffle(order)
         n_val = 0
-        if self.val_source is None and self.val_fraction > 0 and n > 1:
-            n_val = min(max(1, math.ceil(self.val_fraction * n)), n - 1)
+        if self.data.val_source is None and self.data.val_fraction > 0 and n > 1:
+            n_val = min(max(1, math.ceil(self.data.val_fraction * n)), n - 1)
         train, val = order[n_val:], order[:n_val]
-        return train[: self.max_train_examples], val
+        return train[: self.data.max_train_examples], val
 
     def _tokenize(self, rows, ids, split: str, source: str) -> list[dict]:
         """Tokenise ``rows[i] for i in ids``; errors name each row by its origin (file and row in it)."""
         source = f"{source} ({split})"
         ids = list(ids)
         names = [_row_name(rows, i, source) for i in ids]
+        data = self.data
         picked = (  # ShareGPT rows -> messages, each named by its origin in errors
-            normalise_row(rows[i], self.conversation_roles, name) for i, name in zip(ids, names, strict=True)
+            normalise_row(rows[i], data.conversation_roles, name) for i, name in zip(ids, names, strict=True)
         )
         examples, report = tokenize_dataset(
-            self.tokenizer, picked, self.max_length, self.loss_on, source=source, row_names=iter(names)
+            self.tokenizer, picked, data.max_length, data.loss_on, source=source, row_names=iter(names)
         )
         self.filter_report[split] = report
         _log_info(str(report))
@@ -227,8 +187,9 @@ class SFTDataModule(L.LightningDataModule):
     def _load(self, source: str, key: str) -> Sequence[dict]:
         """Rows of a source: a list for the built-in corpora, a ``datasets.Dataset`` otherwise."""
         if source == "builtin":
+            data = self.data
             synthetic = make_instruction_examples(
-                self.n_synthetic, self.seed, tasks=self.synthetic_tasks, max_digits=self.synthetic_max_digits
+                data.n_synthetic, data.seed, tasks=data.synthetic_tasks, max_digits=data.synthetic_max_digits
             )
             return synthetic + [{"text": article} for article in lee_articles()]
         if source == "lee_heldout":
@@ -236,7 +197,7 @@ class SFTDataModule(L.LightningDataModule):
         if _looks_local(source) or Path(source).expanduser().exists():
             dataset = _load_local(Path(source).expanduser(), key)
         else:
-            dataset = _load_hub(source, self.hub_split, key)
+            dataset = _load_hub(source, self.data.hub_split, key)
         _check_columns(dataset.column_names, f"{key}={source}")
         return dataset
 
@@ -256,12 +217,12 @@ class SFTDataModule(L.LightningDataModule):
         self.train_sampler = StepBatchSampler(
             example_lengths(self.train_examples),
             example_supervised(self.train_examples),
-            micro_batch_size=self.micro_batch_size,
+            micro_batch_size=self.data.micro_batch_size,
             accumulate=self.accumulate_grad_batches,
             world_size=world_size,
             rank=rank,
-            seed=self.seed,
-            shuffle=self.shuffle,
+            seed=self.data.seed,
+            shuffle=self.data.shuffle,
         )
         self.train_sampler.start_fn = self._completed_in_epoch
         return self._loader(self.train_examples, self.train_sampler)
@@ -286,7 +247,7 @@ class SFTDataModule(L.LightningDataModule):
         sampler = StepBatchSampler(
             example_lengths(self.val_examples),
             example_supervised(self.val_examples),
-            micro_batch_size=self.micro_batch_size,
+            micro_batch_size=self.data.micro_batch_size,
             world_size=world_size,
             rank=rank,
             shuffle=False,
@@ -299,8 +260,8 @@ class SFTDataModule(L.LightningDataModule):
             StepDataset(examples, self.pad_id, self.pad_to_multiple_of),
             sampler=sampler,
             batch_size=None,  # the dataset returns whole micro-batches
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.data.num_workers,
+            persistent_workers=self.data.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 

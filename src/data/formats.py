@@ -25,24 +25,23 @@ CHAT_ROLES = ("system", "user", "assistant")
 RELEASED_ROLES: dict[str, str | None] = {"human": "user", "gpt": "assistant"}
 
 
-def check_roles(roles: Mapping | None, key: str = "data.conversation_roles") -> dict[str, str | None]:
-    """Validate a ShareGPT role mapping and return it as a plain dict (None gives `RELEASED_ROLES`).
+def check_roles(
+    roles: Mapping[str, str | None], key: str = "data.conversation_roles"
+) -> dict[str, str | None]:
+    """Check the values of a ShareGPT role mapping (its types are the schema's, `DataConfig`) and return it
+    as a plain dict.
 
     Args:
         roles: ``{from_value: chat_role or None}``; chat roles are ``system``, ``user``, ``assistant``.
         key: Config key named in errors.
 
     Raises:
-        ValueError: On a non-mapping, a non-string ``from`` value, or a target that is not a chat role or null;
-            the message names ``key`` and the entry.
+        DataError: On an empty ``from`` value, a target that is not a chat role or null, or no target
+            ``assistant``; the message names ``key`` and the entry.
     """
-    if roles is None:
-        return dict(RELEASED_ROLES)
-    if not isinstance(roles, Mapping):
-        raise DataError(f"{key} must be a mapping from ShareGPT 'from' values to roles, got {roles!r}")
     out: dict[str, str | None] = {}
     for source, target in roles.items():
-        if not isinstance(source, str) or not source:
+        if not source:
             raise DataError(f"{key}: keys must be non-empty strings ('from' values), got {source!r}")
         if target is not None and target not in CHAT_ROLES:
             raise DataError(

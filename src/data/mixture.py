@@ -86,16 +86,17 @@ def training_texts(name: str) -> list[str]:
     return _TEXTS[name]["train"]()
 
 
-def check_mixture(weights: dict, key: str = "data.mixture") -> dict[str, float]:
-    """Validate per-source weights: known sources, numbers >= 0, at least one > 0. Returns plain floats."""
-    if not isinstance(weights, dict) or not weights:
+def check_mixture(weights: dict[str, float] | None, key: str = "data.mixture") -> dict[str, float]:
+    """Check per-source weights (their types are the schema's, `DataConfig`): set and not empty, known
+    sources, each >= 0, at least one > 0. Returns plain floats; MixtureError naming `key` otherwise."""
+    if not weights:
         raise MixtureError(f"{key} must map source names to weights, got {weights!r}")
     unknown = sorted(set(weights) - set(TRAIN_SOURCES))
     if unknown:
         raise MixtureError(f"{key}: unknown source(s) {unknown}; valid: {list(TRAIN_SOURCES)}")
     out = {}
     for name, w in weights.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+        if w < 0:
             raise MixtureError(f"{key}.{name} must be a number >= 0, got {w!r}")
         out[name] = float(w)
     if not any(out.values()):

@@ -91,7 +91,7 @@ def make_instruction_examples(
         Rows ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}], "task": name}``.
 
     Raises:
-        ValueError: `tasks` is empty or names a task not in `TASKS`; `max_digits` is not a positive integer.
+        DataError: `tasks` is empty or names a task not in `TASKS`; `max_digits` is < 1.
     """
     tasks = check_tasks(tasks)
     check_max_digits(max_digits)
@@ -114,10 +114,11 @@ def make_instruction_examples(
 
 
 def check_tasks(tasks: Sequence[str] | None, key: str = "data.synthetic_tasks") -> tuple[str, ...]:
-    """Validate a task subset (None: all of `TASKS`, in their order); errors name `key` and the valid tasks."""
+    """Check a task subset's values (None: all of `TASKS`, in their order; a list of names is the schema's
+    type, `DataConfig`): DataError naming `key` and the valid tasks for an empty list or an unknown task."""
     if tasks is None:
         return TASKS
-    if isinstance(tasks, str) or not tasks:
+    if not tasks:
         raise DataError(
             f"{key} must be a non-empty list of tasks from {list(TASKS)} (or null: all), got {tasks!r}"
         )
@@ -127,11 +128,10 @@ def check_tasks(tasks: Sequence[str] | None, key: str = "data.synthetic_tasks") 
     return tuple(dict.fromkeys(tasks))
 
 
-def check_max_digits(max_digits, key: str = "data.synthetic_max_digits") -> None:
-    """Validate an operand digit cap: a positive integer or None."""
-    if max_digits is not None and (
-        isinstance(max_digits, bool) or not isinstance(max_digits, int) or max_digits < 1
-    ):
+def check_max_digits(max_digits: int | None, key: str = "data.synthetic_max_digits") -> None:
+    """Check an operand digit cap (an integer or None: the schema's type, `DataConfig`): >= 1 or None;
+    DataError naming `key` otherwise."""
+    if max_digits is not None and max_digits < 1:
         raise DataError(f"{key} must be an integer >= 1 or null, got {max_digits!r}")
 
 

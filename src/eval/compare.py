@@ -116,7 +116,7 @@ def run_compare(s) -> dict[str, Any]:
     num_layers = model.config.num_hidden_layers
     systems = plan_systems(s, model.config)  # validates every method before any evaluation
     inputs = eval_inputs(tokenizer, ev, output_dir)
-    skip = asdict(s.skip)
+    skip = s.skip.flexidepth()
 
     def builder(system: dict):
         def apply(model):
@@ -210,7 +210,7 @@ def run_curves(s) -> dict[str, Any]:
         curves[system["label"]] = C.tau_curve(model, sets, taus, bs, pad)
         log.info("curves: %s at %d thresholds", system["label"], len(taus))
         del model
-    skip = asdict(s.skip)
+    skip = s.skip.flexidepth()
     for name in cc.baselines:
         for k in cc.k:
             method = {"name": name, "k": int(k), "k32": None}  # random_skip: uniform rate (no checkpoint)

@@ -305,9 +305,10 @@ def evaluate(s) -> dict[str, Any]:
     num_layers = model.config.num_hidden_layers
 
     inputs = eval_inputs(tokenizer, ev, output_dir)
+    skip = s.skip.flexidepth()
 
     def apply(model):
-        applied = build_method(method_cfg).apply(model, tokenizer=tokenizer, ckpt=ckpt, skip=asdict(s.skip))
+        applied = build_method(method_cfg).apply(model, tokenizer=tokenizer, ckpt=ckpt, skip=skip)
         model.to(device)
         if ev.tau is not None and trains(applied.name):
             set_tau(model, ev.tau)  # the one writer: every layer and applied.flexi_cfg read it

@@ -76,18 +76,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def inject(
-    model: nn.Module, cfg: FlexiDepthConfig | dict | None = None, layer_cls: type = FlexiDepthLayer
+    model: nn.Module, cfg: FlexiDepthConfig | None = None, layer_cls: type = FlexiDepthLayer
 ) -> nn.Module:
     """Wrap the routed layers of `model` with FlexiDepth layers and freeze everything else.
 
-    Config errors and unsupported architectures are raised before any module is touched.
-    `layer_cls` lets a variant (e.g. the MindSkip baseline, src/methods/mindskip.py) reuse the same
-    wiring with another routed-layer class. Returns the same model object.
+    `cfg`: the routing settings (None: FlexiDepthConfig's defaults; a stored mapping is read with
+    `FlexiDepthConfig.from_dict` first). Config errors (FlexiDepthConfigError) and unsupported architectures
+    are raised before any module is touched; ValueError when the model is already injected. `layer_cls`
+    lets a variant (e.g. the MindSkip baseline, src/methods/mindskip.py) reuse the same wiring with another
+    routed-layer class. Returns the same model object.
     """
     if cfg is None:
         cfg = FlexiDepthConfig()
-    elif isinstance(cfg, dict):
-        cfg = FlexiDepthConfig.from_dict(cfg)
     mc = model.config
     family = family_of(mc)
     if is_injected(model):

@@ -2,9 +2,9 @@
 `conf/method/<name>.yaml` (`_target_` names the class). The protocol is in base.py.
 
     from src.methods import build_method
-    method = build_method(cfg.method)           # validated; MethodConfigError names the bad method.<key>
+    method = build_method(s.method)             # validated; MethodConfigError names the bad method.<key>
     method.trains                               # trained by src.train?
-    applied = method.apply(model, tokenizer=tok, ckpt=folder, skip=skip_cfg)
+    applied = method.apply(model, tokenizer=tok, ckpt=folder, skip=s.skip.flexidepth())
     method_macs(model.config, applied, layers_skipped)   # by the cost model of applied.name
     checkpoint_method(folder)                   # the method a trained checkpoint was trained with
 

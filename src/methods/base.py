@@ -147,12 +147,13 @@ class Method:
         *,
         tokenizer=None,
         ckpt: str | Path | None = None,
-        skip: dict[str, Any] | None = None,
+        skip: FlexiDepthConfig | None = None,
     ) -> AppliedMethod:
         """Turn `model` (a plain HF causal LM, modified in place) into the system; returns what it did.
 
         tokenizer: for calibration text; ckpt: a checkpoint folder (trained methods: required);
-        skip: the `skip` node (routed layers of methods that draw over them). Raises MethodConfigError."""
+        skip: the typed `skip` settings (`SkipSchema.flexidepth()`; its routed layers, for methods that draw
+        over them; None: FlexiDepthConfig's defaults). Raises MethodConfigError."""
         raise NotImplementedError
 
     def cost(self, config, applied: AppliedMethod, layers_skipped: float) -> float:

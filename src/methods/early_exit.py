@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..flexidepth.config import FlexiDepthConfig
 from .base import AppliedMethod
 from .removal import RemovalMethod, remove_layers
 
@@ -23,7 +24,9 @@ class EarlyExit(RemovalMethod):
     name: str = "early_exit"
     k32: float | None = None  # conf/method/<name>.yaml sets it
 
-    def apply(self, model, *, tokenizer=None, ckpt=None, skip=None) -> AppliedMethod:
+    def apply(
+        self, model, *, tokenizer=None, ckpt=None, skip: FlexiDepthConfig | None = None
+    ) -> AppliedMethod:
         self.refuse_ckpt(ckpt)
         k = self.resolve_k(model.config.num_hidden_layers)
         removed = early_exit_layers(model.config.num_hidden_layers, k)

@@ -29,7 +29,9 @@ class FlexiDepth(Method):
         """Put the checkpoint's routed layers (config `cfg`, its stored one) into `model`."""
         load_flexidepth(model, ckpt)
 
-    def apply(self, model, *, tokenizer=None, ckpt=None, skip=None) -> AppliedMethod:
+    def apply(
+        self, model, *, tokenizer=None, ckpt=None, skip: FlexiDepthConfig | None = None
+    ) -> AppliedMethod:
         if ckpt is None:
             raise MethodConfigError(
                 f"method={self.name} is trained: pass ckpt_path=<its run or checkpoint folder>"

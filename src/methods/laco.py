@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..flexidepth.config import FlexiDepthConfig
 from ..flexidepth.inject import decoder_layers
 from .base import (
     AppliedMethod,
@@ -373,7 +374,9 @@ class LaCo(RemovalMethod):
         if self.interval is not None and self.interval < 1:
             raise MethodConfigError(f"method.interval must be >= 1, got {self.interval!r}")
 
-    def apply(self, model, *, tokenizer=None, ckpt=None, skip=None) -> AppliedMethod:
+    def apply(
+        self, model, *, tokenizer=None, ckpt=None, skip: FlexiDepthConfig | None = None
+    ) -> AppliedMethod:
         self.refuse_ckpt(ckpt)
         if tokenizer is None:
             raise ValueError("method=laco needs a tokenizer for its calibration text")

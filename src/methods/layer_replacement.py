@@ -183,7 +183,9 @@ class LayerReplacement(FlexiDepth):
         inject(model, cfg)  # the stored config: skip.layers = skip.always_skip = the chosen layers
         load_flexidepth(model, ckpt)
 
-    def apply(self, model, *, tokenizer=None, ckpt=None, skip=None) -> AppliedMethod:
+    def apply(
+        self, model, *, tokenizer=None, ckpt=None, skip: FlexiDepthConfig | None = None
+    ) -> AppliedMethod:
         """Load a layer_replacement checkpoint (`ckpt`, required): its recorded layers, not `method.k`."""
         applied = super().apply(model, tokenizer=tokenizer, ckpt=ckpt, skip=skip)
         details = dict(read_checkpoint_config(ckpt).get("method_details") or {})

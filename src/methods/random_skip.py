@@ -81,7 +81,9 @@ class RandomSkip(Method):
     def validate(self) -> None:
         check_counts(self)
 
-    def apply(self, model, *, tokenizer=None, ckpt=None, skip=None) -> AppliedMethod:
+    def apply(
+        self, model, *, tokenizer=None, ckpt=None, skip: FlexiDepthConfig | None = None
+    ) -> AppliedMethod:
         k = resolve_k(self.k, self.k32, model.config.num_hidden_layers)
         if ckpt is not None:
             if checkpoint_method(ckpt) != "flexidepth":
@@ -108,9 +110,8 @@ class RandomSkip(Method):
                 raise MethodConfigError(
                     "method=random_skip without a checkpoint needs method.k or method.k32"
                 )
-            cfg = FlexiDepthConfig(
-                layers=(skip or {}).get("layers", "last_half"), adapter="none", router="linear"
-            )
+            layers = FlexiDepthConfig().layers if skip is None else skip.layers
+            cfg = FlexiDepthConfig(layers=layers, adapter="none", router="linear")
             inject(model, cfg)
             cfg = model.flexidepth.config
             layers = model.flexidepth.layer_indices

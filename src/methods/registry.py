@@ -9,8 +9,8 @@ through its config: `conf/method/<name>.yaml` (or any folder on Hydra's search p
     name: my_method
     ...                                          # the dataclass fields of MyMethod
 
-    method = build_method(cfg.method)           # validated Method instance (MethodConfigError names the key)
-    applied = method.apply(model, tokenizer=tok, ckpt=folder, skip=skip_cfg)
+    method = build_method(s.method)             # validated Method instance (MethodConfigError names the key)
+    applied = method.apply(model, tokenizer=tok, ckpt=folder, skip=s.skip.flexidepth())
 """
 
 from __future__ import annotations
@@ -35,18 +35,15 @@ def method_class(name: str) -> type[Method]:
     return registered()[name]
 
 
-def build_method(node: Any) -> Method:
-    """A validated Method from a `method` config node (DictConfig or dict, `_target_` optional).
+def build_method(node: dict[str, Any]) -> Method:
+    """A validated Method from a `method` node: the plain mapping a command's typed settings hold (`s.method`,
+    `_target_` optional; a composed DictConfig is converted by the caller, `OmegaConf.to_container`).
 
     With `_target_` the class is resolved by Hydra (and registers itself on import); without it, by
     `name` (default flexidepth, checkpoints before the method group). Raises MethodConfigError naming
     `method.<key>` for an unknown name or key, a wrong type or value."""
-    from omegaconf import DictConfig, OmegaConf
-
     _builtins()
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    options = dict(node or {})
+    options = dict(node)  # a copy: `_target_` is taken out
     target = options.pop("_target_", None)
     if target is not None:
         from hydra.utils import get_class

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..flexidepth.config import FlexiDepthConfig
 from ..flexidepth.inject import decoder_layers
 from .base import AppliedMethod, Batch, Calibration, base_model, calibration_batches
 from .removal import RemovalMethod, prune_layers, remove_layers
@@ -141,7 +142,9 @@ class ShortGPT(RemovalMethod):
         False  # delete the layers (`prune_layers`, what a deployment runs) instead of identity layers
     )
 
-    def apply(self, model, *, tokenizer=None, ckpt=None, skip=None) -> AppliedMethod:
+    def apply(
+        self, model, *, tokenizer=None, ckpt=None, skip: FlexiDepthConfig | None = None
+    ) -> AppliedMethod:
         """Remove the k lowest-BI layers of the plain `model` in place: identity FlexiDepth layers (the quality
         comparison's wiring, route statistics included), or with `prune` deleted from the model (no call, no
         K/V for them; `src.speed` times this). The logits of both are equal (tests/test_speed.py)."""
