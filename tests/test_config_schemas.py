@@ -158,11 +158,14 @@ def test_every_entry_point_check_refuses_appended_keys(primary, override, messag
         ("method_overrides=5", r"^method_overrides: Cannot assign int"),
         ("method_overrides=[laco]", r"^method_overrides: Cannot merge"),
         ("method_overrides={laco: 3}", r"^method_overrides\.laco: Value 3 \(int\) is incompatible"),
+        ("+trained.x=5", r"^trained\.x: expected a mapping of ckpt, table, match_k32, got int 5"),
+        ("+trained.x=[a]", r"^trained\.x: expected a mapping of ckpt, table, match_k32, got list"),
     ],
 )
-def test_compare_method_overrides_are_typed_by_a_schema(override, message):
+def test_compare_open_mappings_are_typed_by_a_schema(override, message):
     """The field is open for Hydra (a typed Optional[Dict] cannot take `method_overrides={...}` in OmegaConf
-    2.3), typed once at the conversion (`MethodOverrides`): a mapping of mappings, or null."""
+    2.3), typed once at the conversion (`MethodOverrides`): a mapping of mappings, or null; each `trained` entry
+    a mapping (`TrainedSystem`), anything else refused naming the entry."""
     from src.config.commands import CompareCommand
 
     ok = compose_tiny("compare", ["method_overrides={laco: {threshold: 0.5}}"])

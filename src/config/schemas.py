@@ -28,6 +28,7 @@ against the method's dataclass with the same OmegaConf machinery, naming `method
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -105,6 +106,11 @@ def typed(values: Any, schema: type[T], key: str) -> T:
     cannot compose onto a typed node (compare's `method_overrides`)."""
     from omegaconf.errors import OmegaConfBaseException
 
+    if not isinstance(values, Mapping | DictConfig):
+        names = ", ".join(f.name for f in fields(schema))
+        raise ConfigError(
+            f"{key or schema.__name__}: expected a mapping of {names}, got {type(values).__name__} {values!r}"
+        )
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
     except OmegaConfBaseException as err:
