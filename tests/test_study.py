@@ -204,6 +204,26 @@ def test_evaluation_records_summarised_per_row_with_retention_against_the_refere
     assert "| full | 2 | 0.990 ± " in text and "(reversed x2)" in text
 
 
+def test_an_evaluation_without_readable_results_is_refused_naming_its_folder(tmp_path):
+    from src.studies.evaluate import EvalStage
+    from src.studies.spec import Point
+
+    stage = EvalStage(StudySpec(name="s", rows={"a": []}, evaluate={}), tmp_path)
+    point = Point("a", 1, ())
+    out = tmp_path / "evaluate" / "a__s1"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text('{"retention": {"retention": 0.9}}')
+    with pytest.raises(
+        ValueError,
+        match=r"a__s1: the evaluation left no readable results \(FileNotFoundError.*analysis\.json",
+    ):
+        stage.record(point)  # no analysis.json
+    (out / "analysis.json").write_text('{"claims": {}}')
+    with pytest.raises(ValueError, match=r"a__s1: .*KeyError"):
+        stage.record(point)
+    assert not stage.record_path(point).exists()
+
+
 def test_depth_at_inverts_interpolate_and_refuses_outside_the_curve():
     points = [(1.0, 10.0), (2.0, 12.0), (4.0, 16.0)]
     for k in (1.0, 1.5, 3.2, 4.0):

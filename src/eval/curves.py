@@ -85,14 +85,19 @@ def tau_curve(model, sets: dict, taus: list[float], batch_size: int = 8, pad_id:
     return points
 
 
-def interpolate(points: list[tuple[float, float]], k: float) -> float | None:
-    """Perplexity at `k` layers skipped from (layers_skipped, ppl) points, linear in log ppl; None outside
-    the range the points cover. Points at the same skip count are averaged (in log ppl)."""
+def _log_curve(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """(x, ppl) points as sorted x values and their mean log ppl (points at the same x averaged)."""
     by_x: dict[float, list[float]] = {}
     for x, ppl in points:
         by_x.setdefault(round(float(x), 6), []).append(math.log(ppl))
     xs = sorted(by_x)
-    ys = [sum(by_x[x]) / len(by_x[x]) for x in xs]
+    return xs, [sum(by_x[x]) / len(by_x[x]) for x in xs]
+
+
+def interpolate(points: list[tuple[float, float]], k: float) -> float | None:
+    """Perplexity at `k` layers skipped from (layers_skipped, ppl) points, linear in log ppl; None outside
+    the range the points cover. Points at the same skip count are averaged (in log ppl)."""
+    xs, ys = _log_curve(points)
     if not xs or k < xs[0] or k > xs[-1]:
         return None
     for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
@@ -106,11 +111,7 @@ def depth_at(points: list[tuple[float, float]], ppl: float) -> float | None:
     """The inverse of `interpolate`: the layers skipped at which the (layers_skipped, ppl) curve, linear in
     log ppl between its points, first reaches perplexity `ppl` going deeper; None where it never does within
     the points' range. Points at the same skip count are averaged (in log ppl)."""
-    by_x: dict[float, list[float]] = {}
-    for x, p in points:
-        by_x.setdefault(round(float(x), 6), []).append(math.log(p))
-    xs = sorted(by_x)
-    ys = [sum(by_x[x]) / len(by_x[x]) for x in xs]
+    xs, ys = _log_curve(points)
     target = math.log(ppl)
     for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
         if min(y0, y1) <= target <= max(y0, y1):

@@ -22,21 +22,32 @@ def _change(vs: dict | None, with_n: bool = False) -> str:
     return f"{100 * vs['mean']:+.1f}% [{100 * vs['low']:+.1f}, {100 * vs['high']:+.1f}] {vs['verdict']}{n}"
 
 
+def _set_table(summary: dict, intro: str, rows: list[tuple[dict, str | None]], cell) -> list[str]:
+    """A table with one column per held-out set: `rows` are (summary row, the row it is compared with, or None
+    for no `against` column); `cell(row, set_name)` writes a cell."""
+    sets = summary["heldout"]
+    against = any(other is not None for _, other in rows)
+    head = "| row | against | " if against else "| row | "
+    lines = ["", intro, "", head + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1 + against)]
+    for row, other in rows:
+        first = f"| {row['row']} | {other or '-'} | " if against else f"| {row['row']} | "
+        lines.append(first + " | ".join(cell(row, name) for name in sets) + " |")
+    return lines
+
+
 def _comparison(summary: dict, intro: str, key: str, with_n: bool, against: bool = False) -> list[str]:
     """A table of each row's paired change against the reference (`key` of each set's cell); with `against`, a
     column naming each row's comparison row (`study.against`, else the reference)."""
-    sets = summary["heldout"]
-    head = "| row | against | " if against else "| row | "
-    lines = ["", intro, "", head + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1 + against)]
+    rows = []
     for row in summary["rows"]:
         other = summary.get("against", {}).get(row["row"]) if against else summary["reference"]
         if row["seeds"] and other and row["row"] != other:
-            if against and not any(key in row["sets"][s] for s in sets):
+            if against and not any(key in row["sets"][s] for s in summary["heldout"]):
                 continue
-            cells = [_change(row["sets"][s].get(key), with_n=with_n) for s in sets]
-            first = f"| {row['row']} | {other} | " if against else f"| {row['row']} | "
-            lines.append(first + " | ".join(cells) + " |")
-    return lines
+            rows.append((row, other if against else None))
+    return _set_table(
+        summary, intro, rows, lambda row, name: _change(row["sets"][name].get(key), with_n=with_n)
+    )
 
 
 def _random_table(summary: dict) -> list[str]:
@@ -44,26 +55,18 @@ def _random_table(summary: dict) -> list[str]:
     rows = [row for row in summary["rows"] if row["seeds"] and "random" in row["sets"][summary["heldout"][0]]]
     if not rows:
         return []
-    sets = summary["heldout"]
-    lines = [
-        "",
+    intro = (
         "**Learned routes against random routes at the same per-layer rates** (method=random_skip with each "
         "point's own adapters; rates measured on the training-side calibration text at the point's threshold): "
         "random ppl / layers skipped on the set, and its paired change against the learned routes' curve "
-        "interpolated at that depth ('worse': the learned routes are better than their rates alone).",
-        "",
-        "| row | " + " | ".join(sets) + " |",
-        "|" + "---|" * (len(sets) + 1),
-    ]
-    for row in rows:
-        cells = []
-        for name in sets:
-            c = row["sets"][name]["random"]
-            cells.append(
-                f"{_mi(c['ppl'])} / {_mi(c['layers_skipped'], 2)}: {_change(c['vs_learned'], with_n=True)}"
-            )
-        lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
-    return lines
+        "interpolated at that depth ('worse': the learned routes are better than their rates alone)."
+    )
+
+    def cell(row: dict, name: str) -> str:
+        c = row["sets"][name]["random"]
+        return f"{_mi(c['ppl'])} / {_mi(c['layers_skipped'], 2)}: {_change(c['vs_learned'], with_n=True)}"
+
+    return _set_table(summary, intro, [(row, None) for row in rows], cell)
 
 
 _CLAIM_COLUMNS = (
@@ -140,32 +143,29 @@ def _speed_tables(summary: dict) -> list[str]:
 def _saving_table(summary: dict) -> list[str]:
     """Per row and set: the time a skipped layer saves, and the saving its comparison row would need to match
     it at equal speed and ppl (the break-even of routing against a static row)."""
-    sets = summary["heldout"]
-    timed = [row for row in summary["rows"] if row.get("speed")]
-    lines = [
-        "",
+    intro = (
         "**Time saved per skipped layer** (share of the base's per-token decode time, (1 - 1/speedup) / layers "
         "skipped on the set, at the own threshold; a layer is at most ~1/L of it), then the saving per skipped "
         "layer the comparison row **needs** to match the row at equal speed and equal ppl (the row's time saved "
         "over the depth at which the comparison row's held-out curve reaches the row's ppl) and the saving the "
         "comparison row **has** (measured at its own threshold). Where it needs more than it has, its skips "
-        "are too expensive to pay at this point.",
-        "",
-        "| row | against | " + " | ".join(sets) + " |",
-        "|" + "---|" * (len(sets) + 2),
+        "are too expensive to pay at this point."
+    )
+
+    def cell(row: dict, name: str) -> str:
+        c = row["sets"][name]
+        text = f"{100 * c['saving_per_layer']['mean']:.2f}%" if "saving_per_layer" in c else "-"
+        if "break_even" in c:
+            need, got = c["break_even"]["required"], c["break_even"]["measured"]
+            text += f"; against needs {_pct(need)}, has {_pct(got)} (n={need['n']})"
+        return text
+
+    rows = [
+        (row, summary.get("against", {}).get(row["row"]) or "-")
+        for row in summary["rows"]
+        if row.get("speed")
     ]
-    for row in timed:
-        cells = []
-        for name in sets:
-            cell = row["sets"][name]
-            text = f"{100 * cell['saving_per_layer']['mean']:.2f}%" if "saving_per_layer" in cell else "-"
-            if "break_even" in cell:
-                need, got = cell["break_even"]["required"], cell["break_even"]["measured"]
-                text += f"; against needs {_pct(need)}, has {_pct(got)} (n={need['n']})"
-            cells.append(text)
-        other = summary.get("against", {}).get(row["row"]) or "-"
-        lines.append(f"| {row['row']} | {other} | " + " | ".join(cells) + " |")
-    return lines
+    return _set_table(summary, intro, rows, cell)
 
 
 def _pct(cell: dict) -> str:

@@ -61,11 +61,6 @@ class EvalStage:
         self.logs = study_dir / "logs"
         self.settings = eval_settings(spec)
 
-    def wanted(self, points: list[Point]) -> list[Point]:
-        """The points of the evaluated rows."""
-        rows = set(self.spec.evaluate_rows or self.spec.rows)
-        return [p for p in points if p.row in rows]
-
     def record_path(self, point: Point) -> Path:
         return self.folder / f"{point.run_name}.json"
 
@@ -94,18 +89,20 @@ class EvalStage:
         try:
             results = json.loads((out / "results.json").read_text())
             analysis = json.loads((out / "analysis.json").read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{out}: the evaluation left no readable results ({err})") from None
-        retention = results.get("retention") or {}
-        claims = {}
-        for name, (value_key, ci_key) in CLAIMS.items():
-            claim = analysis["claims"][name]
-            value = claim.get(value_key)
-            claims[name] = {
-                "value": None if value is None or not math.isfinite(value) else float(value),
-                "ci": claim.get(ci_key),
-                "verdict": claim.get("verdict"),
-            }
+            retention = results.get("retention") or {}
+            claims = {}
+            for name, (value_key, ci_key) in CLAIMS.items():
+                claim = analysis["claims"][name]
+                value = claim.get(value_key)
+                claims[name] = {
+                    "value": None if value is None or not math.isfinite(value) else float(value),
+                    "ci": claim.get(ci_key),
+                    "verdict": claim.get("verdict"),
+                }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"{out}: the evaluation left no readable results ({type(err).__name__}: {err})"
+            ) from None
         record = {
             "settings": self.settings,
             "row": point.row,

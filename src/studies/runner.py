@@ -289,9 +289,8 @@ def write_summary(spec: StudySpec, study_dir: Path, points: list[Point], measure
     done = {f"{r['row']}__s{r['seed']}" for r in measured}
     summary["missing"] = [p.run_name for p in points if p.run_name not in done]
     if spec.evaluate is not None:
-        rows = set(spec.evaluate_rows or spec.rows)
         summary["not_evaluated"] = [
-            p.run_name for p in points if p.row in rows and p.run_name not in (evals or {})
+            p.run_name for p in spec.evaluated(points) if p.run_name not in (evals or {})
         ]
     if spec.speed is not None:
         timed = set(speeds or {})
@@ -362,7 +361,7 @@ def evaluate_points(spec: StudySpec, study_dir: Path, points: list[Point], evals
     from .evaluate import EvalStage
 
     stage = EvalStage(spec, study_dir)
-    wanted = stage.wanted(points)
+    wanted = spec.evaluated(points)
     for p in wanted:
         record = stage.read(p)
         if record is not None:

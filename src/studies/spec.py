@@ -125,6 +125,14 @@ class StudySpec:
             )
         return self
 
+    def evaluated(self, points: list[Point]) -> list[Point]:
+        """The points of `points` the evaluation stage evaluates (`evaluate_rows`, every row when empty); none
+        without the stage."""
+        if self.evaluate is None:
+            return []
+        rows = set(self.evaluate_rows or self.rows)
+        return [p for p in points if p.row in rows]
+
     def comparison_row(self, row: str) -> str | None:
         """The row `row` is compared with: `against[row]`, else the reference (None for the reference itself)."""
         other = self.against.get(row, self.reference)
