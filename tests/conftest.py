@@ -4,6 +4,11 @@ import os
 import tempfile
 from pathlib import Path
 
+# pytest -n N (pytest-xdist, `make test`): the cores are shared out between the workers, one thread each on 2
+# cores (two OpenMP threads per worker would wait on each other at every op); subprocesses inherit it.
+_THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+
 # Before any HF / wandb import (docs/environment.md §3).
 _TMP = Path(tempfile.gettempdir()) / "flexidepth-tests"
 for key, value in {
@@ -28,7 +33,7 @@ import torch  # noqa: E402
 
 from src.config import register  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(_THREADS)
 register()  # resolvers + typed schemas for the configs tests compose (the entry points do it at import)
 
 FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3")
