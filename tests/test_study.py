@@ -145,10 +145,10 @@ def test_summary_means_intervals_and_paired_changes():
     assert full["sets"]["lee"]["ppl"]["mean"] == pytest.approx(11.0)
     assert full["sets"]["lee"]["ppl"]["half"] == pytest.approx(stats.mean_interval([10, 12, 11]).half)
     assert full["sets"]["wiki"]["layers_skipped"]["mean"] == pytest.approx(3.2)
-    assert "vs_reference" not in full["sets"]["lee"]
-    lee = abl["sets"]["lee"]["vs_reference"]
+    assert "vs_comparison" not in full["sets"]["lee"]
+    lee = abl["sets"]["lee"]["vs_comparison"]
     assert lee["mean"] == pytest.approx(1.0) and lee["verdict"] == "worse"  # exactly twice the reference
-    assert abl["sets"]["wiki"]["vs_reference"]["verdict"] == "tie"
+    assert abl["sets"]["wiki"]["vs_comparison"]["verdict"] == "tie"
     assert abl["val"]["ppl_ratio"]["mean"] == pytest.approx(23.0 / 2)
     assert abl["val"]["layers_skipped"] == {"mean": 2.0, "half": 0.0, "low": 2.0, "high": 2.0, "n": 3}
     assert out["base"] == {"lee": 9.0, "wiki": 18.0}
@@ -364,7 +364,7 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
         for s in (1, 2):
             metrics = json.loads((runs / f"{row['row']}__s{s}" / "metrics.json").read_text())["metrics"]
             assert results[f"{row['row']}__s{s}"]["val"]["val/ppl"] == metrics["val/ppl"]
-    no_kv = summary["rows"][1]["sets"]["lee"]["vs_reference"]
+    no_kv = summary["rows"][1]["sets"]["lee"]["vs_comparison"]
     ratio = [
         math.log(results[f"no_kv__s{s}"]["sets"]["lee"]["ppl"] / results[f"full__s{s}"]["sets"]["lee"]["ppl"])
         for s in (1, 2)
@@ -448,7 +448,7 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     }, changed
 
 
-def test_at_reference_skip_interpolates_each_row_at_the_reference_depth_of_its_seed():
+def test_at_equal_skip_interpolates_each_row_at_the_reference_depth_of_its_seed():
     spec = StudySpec(name="s", seeds=[1, 2], rows={"full": [], "abl": []}, reference="full", heldout=["lee"])
     spec.taus = [0.3, 0.7]
 
@@ -465,19 +465,66 @@ def test_at_reference_skip_interpolates_each_row_at_the_reference_depth_of_its_s
         point("abl", 2, [(0.3, 2.0, 12.0), (0.5, 3.0, 16.333333333333332), (0.7, 4.0, 20.0)]),
     ]
     out = summarise(spec, results, {"sets": {"lee": {"ppl": 9.0}}})
-    cell = out["rows"][1]["sets"]["lee"]["at_reference_skip"]
+    cell = out["rows"][1]["sets"]["lee"]["at_equal_skip"]
     expect_1 = math.exp(math.log(9.0) + 0.5 * (math.log(13.444444444444445) - math.log(9.0)))  # at k = 2.0
     expect_2 = math.exp(math.log(12.0) + 0.5 * (math.log(16.333333333333332) - math.log(12.0)))  # at k = 2.5
     want = (math.log(expect_1 / 12.0) + math.log(expect_2 / 13.0)) / 2
     assert cell["n"] == 2
     assert cell["mean"] == pytest.approx(math.exp(want) - 1, rel=1e-12)
     # the own-threshold comparison differs: it mixes in the extra depth
-    assert out["rows"][1]["sets"]["lee"]["vs_reference"]["mean"] > cell["mean"]
-    # a seed whose curve does not reach the reference's depth is left out, never extrapolated
-    results[3] = point("abl", 2, [(0.3, 2.8, 15.0), (0.5, 3.0, 16.0), (0.7, 4.0, 20.0)])
+    assert out["rows"][1]["sets"]["lee"]["vs_comparison"]["mean"] > cell["mean"]
+    # a seed where neither curve reaches the other's depth is left out, never extrapolated
+    results[3] = point("abl", 2, [(0.3, 3.6, 15.0), (0.5, 3.8, 16.0), (0.7, 4.0, 20.0)])
     out = summarise(spec, results, {"sets": {"lee": {"ppl": 9.0}}})
-    assert out["rows"][1]["sets"]["lee"]["at_reference_skip"]["n"] == 1
+    assert out["rows"][1]["sets"]["lee"]["at_equal_skip"]["n"] == 1
     assert sorted(out["curves"]) == ["abl__s1", "abl__s2", "full__s1", "full__s2"]
+
+
+def test_at_equal_skip_of_a_static_row_reads_its_comparison_rows_curve_at_the_static_depth():
+    """A static row is one point per seed (every threshold at one depth): its curve cannot be read at the
+    comparison point's depth, so its own point is compared with the comparison row's curve at its depth, and
+    the comparison row is `study.against`'s, not the reference."""
+    from src.render.study import markdown
+
+    spec = StudySpec(
+        name="s", seeds=[1, 2], rows={"routed_k2": [], "routed_k4": [], "static_k4": []},
+        reference="routed_k2", against={"static_k4": "routed_k4"}, heldout=["lee"],
+    )  # fmt: skip
+    spec.taus = [0.3, 0.7]
+
+    def point(row, seed, curve):
+        pts = [{"tau": t, "sets": {"lee": {"ppl": p, "layers_skipped": k}}} for t, k, p in curve]
+        return {"row": row, "seed": seed, "sets": pts[1]["sets"], "curve": pts, "val": {}}
+
+    results = [
+        point("routed_k2", 1, [(0.3, 0.5, 9.0), (0.5, 1.0, 9.5), (0.7, 2.0, 11.0)]),
+        point("routed_k2", 2, [(0.3, 0.5, 9.0), (0.5, 1.0, 9.5), (0.7, 2.0, 11.0)]),
+        point("routed_k4", 1, [(0.3, 1.0, 10.0), (0.5, 2.0, 12.0), (0.7, 3.0, 15.0)]),
+        point("routed_k4", 2, [(0.3, 1.5, 10.0), (0.5, 2.5, 13.0), (0.7, 3.5, 16.0)]),
+        point("static_k4", 1, [(t, 2.5, 14.0) for t in (0.3, 0.5, 0.7)]),
+        point("static_k4", 2, [(t, 3.0, 15.0) for t in (0.3, 0.5, 0.7)]),
+    ]
+    out = summarise(spec, results, {"sets": {"lee": {"ppl": 8.0}}})
+    static = out["rows"][2]["sets"]["lee"]
+    # routed_k4's curve at 2.5 (seed 1): between (2, 12) and (3, 15); at 3.0 (seed 2): between (2.5, 13), (3.5, 16)
+    want = (math.log(14.0 / math.sqrt(12.0 * 15.0)) + math.log(15.0 / math.sqrt(13.0 * 16.0))) / 2
+    assert static["at_equal_skip"]["n"] == 2
+    assert static["at_equal_skip"]["mean"] == pytest.approx(math.exp(want) - 1, rel=1e-12)
+    # at the own threshold: against routed_k4's own points (12, 13), not the reference routed_k2's
+    own = (math.log(14.0 / 12.0) + math.log(15.0 / 13.0)) / 2
+    assert static["vs_comparison"]["mean"] == pytest.approx(math.exp(own) - 1, rel=1e-12)
+    assert "vs_comparison" not in out["rows"][0]["sets"]["lee"]  # the reference has no comparison row
+    # routed_k4 (no `against` entry) is compared with the reference: seed 1 its curve at the reference's 1.0
+    # (10.0 against 9.5); seed 2 neither (its curve starts at 1.5, routed_k2's ends at 2.0 < 2.5): left out
+    cell = out["rows"][1]["sets"]["lee"]["at_equal_skip"]
+    assert cell["n"] == 1 and cell["mean"] == pytest.approx(10.0 / 9.5 - 1, rel=1e-12)
+    # the static point's depth beyond the comparison curve on every seed: no comparison, never extrapolated
+    results[4] = point("static_k4", 1, [(t, 3.2, 14.0) for t in (0.3, 0.5, 0.7)])
+    results[5] = point("static_k4", 2, [(t, 4.0, 15.0) for t in (0.3, 0.5, 0.7)])
+    out = summarise(spec, results, {"sets": {"lee": {"ppl": 8.0}}})
+    assert out["rows"][2]["sets"]["lee"]["at_equal_skip"] is None
+    text = markdown(out)
+    assert "| row | against | lee |" in text and "| static_k4 | routed_k4 |" in text
 
 
 def test_unknown_heldout_sets_are_refused_before_anything_trains():

@@ -35,16 +35,26 @@ def _set_table(summary: dict, intro: str, rows: list[tuple[dict, str | None]], c
     return lines
 
 
-def _comparison(summary: dict, intro: str, key: str, with_n: bool, against: bool = False) -> list[str]:
-    """A table of each row's paired change against the reference (`key` of each set's cell); with `against`, a
-    column naming each row's comparison row (`study.against`, else the reference)."""
-    rows = []
-    for row in summary["rows"]:
-        other = summary.get("against", {}).get(row["row"]) if against else summary["reference"]
-        if row["seeds"] and other and row["row"] != other:
-            if against and not any(key in row["sets"][s] for s in summary["heldout"]):
-                continue
-            rows.append((row, other if against else None))
+def _against_text(summary: dict) -> str:
+    """How the comparison tables name what each row is compared with."""
+    ref = summary.get("reference")
+    if set((summary.get("against") or {}).values()) <= {ref}:
+        return f"`{ref}`"
+    return "its comparison row (column 'against': `study.against`, else the reference" + (
+        f" `{ref}`)" if ref else ")"
+    )
+
+
+def _comparison(summary: dict, intro: str, key: str, with_n: bool) -> list[str]:
+    """A table of each row's paired change against its comparison row (`key` of each set's cell; the study's
+    `against`, else the reference), with a column naming it when rows are compared with different rows."""
+    against = summary.get("against") or {}
+    named = not set(against.values()) <= {summary.get("reference")}
+    rows = [
+        (row, against[row["row"]] if named else None)
+        for row in summary["rows"]
+        if row["seeds"] and row["row"] in against and any(key in row["sets"][s] for s in summary["heldout"])
+    ]
     return _set_table(
         summary, intro, rows, lambda row, name: _change(row["sets"][name].get(key), with_n=with_n)
     )
@@ -133,11 +143,7 @@ def _speed_tables(summary: dict) -> list[str]:
         "the set's text, ppl) at the row's own speedup, or the row's curve at the comparison row's speedup where "
         "that one does not reach (a static row is one point); n < seeds where neither curve reaches."
     )
-    return (
-        lines
-        + _comparison(summary, intro, "at_equal_speed", with_n=True, against=True)
-        + _saving_table(summary)
-    )
+    return lines + _comparison(summary, intro, "at_equal_speed", with_n=True) + _saving_table(summary)
 
 
 def _saving_table(summary: dict) -> list[str]:
@@ -203,21 +209,23 @@ def markdown(summary: dict) -> str:
         vp = _mi(val["ppl_ratio"], 3) if "ppl_ratio" in val else "-"
         vs = _mi(val["layers_skipped"], 2) if "layers_skipped" in val else "-"
         lines.append(f"| {row['row']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {vp} | {vs} |")
-    ref = summary.get("reference")
-    if ref:
+    against = _against_text(summary)
+    if summary.get("against"):
         intro = (
-            f"Held-out perplexity against `{ref}`, paired by seed: the mean change with its 95% interval; 'tie' "
-            "when the interval contains 0."
+            f"Held-out perplexity against {against}, paired by seed: the mean change with its 95% interval; "
+            "'tie' when the interval contains 0."
         )
-        lines += _comparison(summary, intro, "vs_reference", with_n=False)
-    if ref and summary.get("taus"):
+        lines += _comparison(summary, intro, "vs_comparison", with_n=False)
+    if summary.get("against") and summary.get("taus"):
         taus = ", ".join(f"{t:g}" for t in summary["taus"])
         intro = (
-            f"Held-out perplexity against `{ref}` **at equal held-out layers skipped**: each row's perplexity "
-            f"interpolated along its threshold curve (thresholds: its own and {taus}) at the layers the reference "
-            "skipped on that set at the same seed, paired by seed; n < seeds where a curve does not reach that depth."
+            f"Held-out perplexity against {against} **at equal held-out layers skipped**, paired by seed: each "
+            f"row's perplexity interpolated along its threshold curve (thresholds: its own and {taus}) at the "
+            "layers the comparison point skipped on that set; where the row's curve does not reach that depth (a "
+            "static row is one point), the row's point against the comparison row's curve at the row's depth; "
+            "n < seeds where neither curve reaches the other's depth."
         )
-        lines += _comparison(summary, intro, "at_reference_skip", with_n=True)
+        lines += _comparison(summary, intro, "at_equal_skip", with_n=True)
     lines += _random_table(summary)
     lines += _evaluate_table(summary)
     lines += _speed_tables(summary)

@@ -2,13 +2,16 @@
 
 Per row and held-out set: the mean perplexity and layers skipped at each point's own threshold with 95%
 t-intervals over seeds, the validation metrics, and, against the reference row, paired per-seed changes in
-held-out perplexity (src/studies/stats.py):
-- `vs_reference`: at each point's own threshold. Rows trained to one budget skip about as many layers on
+held-out perplexity against the row's comparison row (`study.against`, else the reference;
+`StudySpec.comparison_row`) (src/studies/stats.py):
+- `vs_comparison`: at each point's own threshold. Rows trained to one budget skip about as many layers on
   training text, but not necessarily on held-out text, so this mixes quality and depth;
-- `at_reference_skip` (when the study measured extra thresholds, `study.taus`): the row's perplexity
-  interpolated along its threshold curve (log-linear, src/eval/curves.py `interpolate`) at the layers the
-  reference point of the same seed skipped on that set: the comparison at equal held-out layers skipped. A
-  seed whose curve does not reach that depth is left out (never extrapolated); `n` says how many remain.
+- `at_equal_skip` (when the study measured extra thresholds, `study.taus`): at equal held-out layers skipped,
+  per seed: the row's perplexity interpolated along its threshold curve (log-linear, src/eval/curves.py
+  `interpolate`) at the layers the comparison point of the same seed skipped on that set, against that
+  point's perplexity; where the row's curve does not reach that depth (a static row is one point), the row's
+  own point against the comparison row's curve interpolated at the row's depth. A seed where neither curve
+  reaches the other's depth is left out (never extrapolated); `n` says how many remain.
 With the speed stage (`study.speed`, src/studies/speed.py), per row the measured batch-1 decode speedups at
 the own threshold, and per set:
 - `at_equal_speed`: against the row's comparison row (`study.against`, else the reference) at equal measured
@@ -50,7 +53,6 @@ def summarise(
     by_row: dict[str, list[dict]] = {}
     for r in results:
         by_row.setdefault(r["row"], []).append(r)
-    ref = {r["seed"]: r for r in by_row.get(spec.reference, [])} if spec.reference else {}
     rows = []
     for row in spec.rows:
         rs = sorted(by_row.get(row, []), key=lambda r: r["seed"])
@@ -58,6 +60,8 @@ def summarise(
             rows.append({"row": row, "seeds": [], "sets": {}})
             continue
         entry: dict[str, Any] = {"row": row, "seeds": [r["seed"] for r in rs], "sets": {}, "val": {}}
+        other = spec.comparison_row(row)
+        comparison = {r["seed"]: r for r in by_row.get(other, [])} if other else {}
         for name in spec.heldout:
             cell = {
                 "ppl": stats.mean_interval([r["sets"][name]["ppl"] for r in rs]).as_dict(),
@@ -65,23 +69,14 @@ def summarise(
                     [r["sets"][name]["layers_skipped"] for r in rs]
                 ).as_dict(),
             }
-            if ref and row != spec.reference:
-                ref_ppl = {s: r["sets"][name]["ppl"] for s, r in ref.items()}
-                own = stats.paired_log_ratio({r["seed"]: r["sets"][name]["ppl"] for r in rs}, ref_ppl)
-                cell["vs_reference"] = relative(own)
+            if comparison:
+                own = stats.paired_log_ratio(
+                    {r["seed"]: r["sets"][name]["ppl"] for r in rs},
+                    {s: r["sets"][name]["ppl"] for s, r in comparison.items()},
+                )
+                cell["vs_comparison"] = relative(own)
                 if spec.taus:
-                    at_k = {}
-                    for r in rs:
-                        if r["seed"] in ref:
-                            k = ref[r["seed"]]["sets"][name]["layers_skipped"]
-                            curve = [
-                                (p["sets"][name]["layers_skipped"], p["sets"][name]["ppl"])
-                                for p in r["curve"]
-                            ]
-                            value = interpolate(curve, k)
-                            if value is not None:
-                                at_k[r["seed"]] = value
-                    cell["at_reference_skip"] = relative(stats.paired_log_ratio(at_k, ref_ppl))
+                    cell["at_equal_skip"] = relative(at_equal_skip(rs, comparison, name))
             random = {r["seed"]: r for r in rs if "random" in r}
             if random:
                 cell["random"] = random_cell(random, name)
@@ -118,6 +113,30 @@ def summarise(
         "axis_label": spec.axis_label,
         **({"frontier": frontier(spec, results, speeds)} if speeds else {}),
     }
+
+
+def _depth_curve(point: dict, name: str) -> list[tuple[float, float]]:
+    return [(p["sets"][name]["layers_skipped"], p["sets"][name]["ppl"]) for p in point["curve"]]
+
+
+def at_equal_skip(rs: list[dict], comparison: dict[int, dict], name: str) -> stats.Interval | None:
+    """Paired log ratio (row / comparison row) of held-out perplexity on set `name` at equal layers skipped,
+    per seed both have: the row's curve at the comparison point's depth, else (the row's curve does not reach
+    it, e.g. a static row) the row's own point against the comparison row's curve at the row's depth; a seed
+    where neither reaches is left out (module docstring). None without a seed."""
+    row_ppl, other_ppl = {}, {}
+    for r in rs:
+        c = comparison.get(r["seed"])
+        if c is None:
+            continue
+        at_other = interpolate(_depth_curve(r, name), c["sets"][name]["layers_skipped"])
+        if at_other is not None:
+            row_ppl[r["seed"]], other_ppl[r["seed"]] = at_other, c["sets"][name]["ppl"]
+            continue
+        at_row = interpolate(_depth_curve(c, name), r["sets"][name]["layers_skipped"])
+        if at_row is not None:
+            row_ppl[r["seed"]], other_ppl[r["seed"]] = r["sets"][name]["ppl"], at_row
+    return stats.paired_log_ratio(row_ppl, other_ppl)
 
 
 def evaluate_cell(records: dict[int, dict], reference: dict[int, dict]) -> dict:
