@@ -224,6 +224,68 @@ def test_an_evaluation_without_readable_results_is_refused_naming_its_folder(tmp
     assert not stage.record_path(point).exists()
 
 
+def test_summaries_written_while_a_study_trains_again_keep_earlier_timings_and_evaluations(
+    tmp_path, monkeypatch
+):
+    """A continued study rewrites its summary after every measured point while it trains: the speed and
+    evaluation records of points timed / evaluated at an earlier start (current settings) stay in it; a record
+    made with other settings does not."""
+    from src.studies import runner
+    from src.studies.evaluate import EvalStage
+    from src.studies.speed import SpeedMeter
+
+    spec = StudySpec(name="s", seeds=[1], rows={"full": [], "abl": []}, reference="full", heldout=["lee"],
+                     speed={}, evaluate={"tasks": ["add_choice"], "n_per_task": 8},
+                     evaluate_rows=["full", "abl"])  # fmt: skip
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "base.json").write_text(json.dumps({"sets": {"lee": {"ppl": 9.0}}}))
+    (tmp_path / "speed").mkdir()
+    (tmp_path / "evaluate").mkdir()
+    timer, stage = SpeedMeter(spec, tmp_path), EvalStage(spec, tmp_path)
+    for row, settings in (("full", timer.record_settings), ("abl", {"rounds": 99})):
+        record = {**_speed_record(row, 1, {0.5: 1.10 if row == "full" else 1.2}), "settings": settings}
+        (tmp_path / "speed" / f"{row}__s1.json").write_text(json.dumps(record))
+    record = {**_eval_record(1, 0.97, -0.2, "reversed"), "settings": stage.settings, "row": "full"}
+    (tmp_path / "evaluate" / "full__s1.json").write_text(json.dumps(record))
+    results = {
+        f"{row}__s1": _curve_result(row, 1, {0.5: ppl}, {0.5: 2.0})
+        for row, ppl in (("full", 10.0), ("abl", 11.0))
+    }
+
+    class Meter:  # the held-out measurement, without a model
+        def __init__(self, spec, study_dir):
+            pass
+
+        def result_path(self, point):
+            return tmp_path / "results" / f"{point.run_name}.json"
+
+        def is_current(self, path):
+            return True
+
+        def measure(self, point, folder):
+            return results[point.run_name]
+
+    seen = []
+
+    def train_points(spec, study_dir, points, state, on_trained, say):
+        for point in points:
+            on_trained(point)
+            seen.append(json.loads((tmp_path / "summary.json").read_text()))
+        return list(points)  # nothing finished: no evaluation or speed stage runs
+
+    monkeypatch.setattr(runner, "HeldoutMeter", Meter)
+    monkeypatch.setattr(runner, "train_points", train_points)
+    with pytest.raises(Exception, match="2 point"):
+        runner.run_study(spec, tmp_path, say=lambda _: None)
+    for summary in seen:
+        full = summary["rows"][0]
+        assert full["speed"]["text_b1@lee"]["mean"] == pytest.approx(1.10)
+        assert full["evaluate"]["retention"]["mean"] == pytest.approx(0.97)
+        assert summary["not_timed"] == ["abl__s1"]  # its record has other settings
+        assert summary["not_evaluated"] == ["abl__s1"]
+    assert "speed" not in seen[-1]["rows"][1]
+
+
 def test_depth_at_inverts_interpolate_and_refuses_outside_the_curve():
     points = [(1.0, 10.0), (2.0, 12.0), (4.0, 16.0)]
     for k in (1.0, 1.5, 3.2, 4.0):

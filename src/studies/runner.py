@@ -318,6 +318,7 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
     points = plan_points(spec)
     meter = HeldoutMeter(spec, study_dir)
     measured: list[dict] = []
+    speeds, evals = earlier_records(spec, study_dir, points)
 
     def on_trained(point: Point) -> None:
         folder = run_dir(study_dir, point)
@@ -325,12 +326,10 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
         measured.append(meter.measure(point, folder))
         if fresh:
             say(f"  measured {point.run_name} on {', '.join(spec.heldout)}")
-        write_summary(spec, study_dir, points, measured, [])
+        write_summary(spec, study_dir, points, measured, [], speeds, evals)
 
     failed = train_points(spec, study_dir, points, state, on_trained=on_trained, say=say)
     finished = [p for p in points if p not in failed and run_finished(run_dir(study_dir, p)) is not None]
-    evals: dict[str, dict] = {}
-    speeds: dict[str, dict] = {}
 
     def rewrite() -> None:
         write_summary(spec, study_dir, points, measured, failed, speeds, evals)
@@ -349,6 +348,23 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
             "run the same command again to retry them"
         )
     return summary
+
+
+def earlier_records(spec: StudySpec, study_dir: Path, points: list[Point]) -> tuple[dict, dict]:
+    """The speed and evaluation records `points` have from earlier starts with the current settings
+    ({run_name: record} each), so that the summaries written while the study trains again keep them."""
+    from .evaluate import EvalStage
+    from .speed import SpeedMeter
+
+    speeds: dict[str, dict] = {}
+    evals: dict[str, dict] = {}
+    if spec.speed is not None:
+        timer = SpeedMeter(spec, study_dir)
+        speeds.update((p.run_name, r) for p in points if (r := timer.read(p)) is not None)
+    if spec.evaluate is not None:
+        stage = EvalStage(spec, study_dir)
+        evals.update((p.run_name, r) for p in spec.evaluated(points) if (r := stage.read(p)) is not None)
+    return speeds, evals
 
 
 def evaluate_points(spec: StudySpec, study_dir: Path, points: list[Point], evals: dict[str, dict],

@@ -35,11 +35,16 @@ class SpeedMeter:
     def result_path(self, point: Point) -> Path:
         return self.folder / f"{point.run_name}.json"
 
-    def is_current(self, point: Point) -> bool:
+    def read(self, point: Point) -> dict | None:
+        """The point's speed record when it holds the current settings, else None."""
         try:
-            return json.loads(self.result_path(point).read_text()).get("settings") == self.record_settings
+            record = json.loads(self.result_path(point).read_text())
         except (OSError, ValueError):
-            return False
+            return None
+        return record if record.get("settings") == self.record_settings else None
+
+    def is_current(self, point: Point) -> bool:
+        return self.read(point) is not None
 
     def _load_base(self, model_cfg: dict) -> tuple:
         key = json.dumps(model_cfg, sort_keys=True)
