@@ -371,17 +371,13 @@ def evaluate_points(spec: StudySpec, study_dir: Path, points: list[Point], evals
                     on_done: Callable[[], None], say: Callable[[str], None],
                     python: str = sys.executable) -> list[Point]:  # fmt: skip
     """The evaluation stage (src/studies/evaluate.py): src.eval on the points of the evaluated rows among
-    `points` (all trained, none training now), `spec.jobs` at a time; records evaluated before with the same
-    settings are read back. Fills `evals` {run_name: record}, calls `on_done()` after each new record and
-    returns the points whose evaluation failed."""
+    `points` (all trained, none training now) that have no record in `evals` yet (`earlier_records` read those
+    evaluated before with the same settings), `spec.jobs` at a time. Adds each new record to `evals`
+    {run_name: record}, calls `on_done()` after each and returns the points whose evaluation failed."""
     from .evaluate import EvalStage
 
     stage = EvalStage(spec, study_dir)
     wanted = spec.evaluated(points)
-    for p in wanted:
-        record = stage.read(p)
-        if record is not None:
-            evals[p.run_name] = record
     todo = [p for p in wanted if p.run_name not in evals]
     say(
         f"study {spec.name}: evaluating {len(todo)} point(s) with src.eval ({len(wanted) - len(todo)} before)"

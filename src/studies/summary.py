@@ -1,8 +1,8 @@
 """A study's results across seeds (src/studies/runner.py measures them; src/render/study.py draws them).
 
 Per row and held-out set: the mean perplexity and layers skipped at each point's own threshold with 95%
-t-intervals over seeds, the validation metrics, and, against the reference row, paired per-seed changes in
-held-out perplexity against the row's comparison row (`study.against`, else the reference;
+t-intervals over seeds, the validation metrics, and paired per-seed changes in held-out perplexity against the
+row's comparison row (`study.against`, else the reference;
 `StudySpec.comparison_row`) (src/studies/stats.py):
 - `vs_comparison`: at each point's own threshold. Rows trained to one budget skip about as many layers on
   training text, but not necessarily on held-out text, so this mixes quality and depth;
@@ -116,6 +116,7 @@ def summarise(
 
 
 def _depth_curve(point: dict, name: str) -> list[tuple[float, float]]:
+    """A measured point's threshold curve on set `name` as (layers skipped, ppl) pairs."""
     return [(p["sets"][name]["layers_skipped"], p["sets"][name]["ppl"]) for p in point["curve"]]
 
 
@@ -178,8 +179,7 @@ def random_cell(results: dict[int, dict], name: str) -> dict:
     rand, learned = {}, {}
     for seed, r in results.items():
         cell = r["random"]["sets"][name]
-        value = interpolate([(p["sets"][name]["layers_skipped"], p["sets"][name]["ppl"]) for p in r["curve"]],
-                            cell["layers_skipped"])  # fmt: skip
+        value = interpolate(_depth_curve(r, name), cell["layers_skipped"])
         if value is not None:
             rand[seed], learned[seed] = cell["ppl"], value
     return {
@@ -263,8 +263,7 @@ def add_speed(spec: StudySpec, entry: dict, rs: list[dict], by_row: dict, speeds
                 )
                 if value is not None:
                     mine[r["seed"]], theirs[r["seed"]] = value, b_own["ppl"]
-            depth = depth_at([(p["sets"][name]["layers_skipped"], p["sets"][name]["ppl"]) for p in o["curve"]],
-                             a_own["ppl"])  # fmt: skip
+            depth = depth_at(_depth_curve(o, name), a_own["ppl"])
             if depth and depth > 0 and b_own["layers_skipped"] > 0:
                 required.append((1 - 1 / a_own["speedup"]) / depth)
                 their_saving.append(saving_per_layer(b_own))
