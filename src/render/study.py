@@ -346,6 +346,7 @@ def plot_axis(summary: dict, path: str | Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rows = sorted(
         (
@@ -369,6 +370,8 @@ def plot_axis(summary: dict, path: str | Path) -> Path | None:
             )
             if min(xs) > 0:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # ticks at the swept values only
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
             ax.grid(alpha=0.3)
         axes[0][col].axhline(summary["base"][name], color="grey", lw=0.8, ls="--", label="base")
         axes[0][col].set_title(name)
