@@ -8,6 +8,8 @@ groups and of what the settings point at (each living with what it checks):
 | data values, files / hub datasets, window | `DataConfig` (src/data/config.py)                     |
 | loss values, the layers-skipped budget  | `LossConfig` (src/lit/objectives.py)                    |
 | skip values, sizes, nothing to train    | `SkipSchema` (src/config/schemas.py), FlexiDepthConfig  |
+| trainer keys and value types            | `trainer_problems` (src/config/trainer.py)              |
+| a study's rows, each as src.train's     | `check_rows` (src/config/study_rows.py)                 |
 | eval values, device, task names         | `EvalConfig` (src/eval/config.py)                       |
 | a checkpoint: found, same base, finite  | `resolve_checkpoint`, `checkpoint_problems` (src/flexidepth/checkpoint.py) |
 | accelerator / device                    | `accelerator_problems`, `device_problems` (src/utils/hardware.py) |
@@ -38,6 +40,7 @@ from ..utils.outputs import check_free
 from ..utils.run_start import resume_problems
 from .schemas import PathsConfig, SkipSchema, typed
 from .tools import TOOLS
+from .trainer import trainer_problems
 
 
 def raise_problems(problems: list[str], command: str) -> None:
@@ -112,6 +115,9 @@ class TrainCommand:
         self.loss.validate()
         self.optim.validate()
         self.data.validate()
+        trainer = trainer_problems(self.trainer)
+        if trainer:
+            raise ConfigError(trainer[0])
         if not method.trains:
             raise ConfigError(
                 f"method={method.name} has nothing to train: evaluate it with `python -m src.eval "

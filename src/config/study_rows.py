@@ -1,0 +1,56 @@
+"""Every row's training settings checked before a study trains anything.
+
+A study trains its points one after another for hours; a row whose overrides src.train would refuse (an unknown
+key, a bad value, a budget the routed layers cannot reach) must stop the study at its start, not when its turn
+comes. `check_rows` composes conf/train.yaml with each row's overrides exactly as the runner's
+`python -m src.train <overrides>` would (Hydra's compose API, the same config folder) and runs src.train's own
+checks on it (`TrainCommand.check`: values, then what they point at; no weights loaded, nothing written).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..studies.spec import Point, StudySpec, plan_points
+from ..utils.errors import ConfigError, PreflightError
+
+
+def check_rows(spec: StudySpec, study_dir: Path) -> None:
+    """src.train's checks on one point of every row (a row's seeds differ only in `seed` / `data.seed`).
+
+    Raises ConfigError naming `study.rows.<row>`, the row's overrides (`study.common` first) and src.train's
+    own message (naming the training key), for the first row refused; nothing is trained or written."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..utils.cli import CONF_DIR
+    from .commands import TrainCommand
+    from .schemas import load
+
+    first: dict[str, Point] = {}
+    for point in plan_points(spec):
+        first.setdefault(point.row, point)
+    for row, point in first.items():
+        where = f"study.rows.{row}"
+        try:
+            running = get_gh_backup()  # the study command's own Hydra state, restored after composing
+            GlobalHydra.instance().clear()
+            try:
+                with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                    cfg = compose("train", overrides=point.train_args(str(study_dir)))
+            finally:
+                restore_gh_from_backup(running)
+            with open_dict(cfg):  # the run folder src.train's Hydra would make (nothing is created here)
+                cfg.paths.output_dir = str(study_dir / "train" / "runs" / point.run_name)
+            settings = load(cfg, TrainCommand)
+            settings.translate_skip_alpha()
+            settings.check()
+        except (HydraException, OmegaConfBaseException) as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{where}: src.train refuses {list(point.overrides)}: {message}") from None
+        except (ConfigError, PreflightError) as err:
+            raise ConfigError(f"{where}: src.train refuses {list(point.overrides)}: {err}") from None
