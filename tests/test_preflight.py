@@ -1,5 +1,5 @@
 """Bad training settings are refused before any heavy work, naming the key: the `trainer` node against the
-Trainer's own signature (src/config/trainer.py), and every row of a study before its first point trains
+Trainer's own signature (src/config/targets.py), and every row of a study before its first point trains
 (src/config/study_rows.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from src.config.study_rows import check_rows
-from src.config.trainer import accepts, trainer_problems
+from src.config.targets import accepts, group_problems, trainer_problems
 from src.studies.spec import StudySpec
 from src.utils.errors import ConfigError
 from tests.helpers.configs import CONF
@@ -50,8 +50,13 @@ def _no_model_load(monkeypatch):
         ("+trainer.max_stpes=3", r"trainer\.max_stpes: Trainer takes no argument 'max_stpes'"),
         ("+trainer.logger=false", r"trainer\.logger is set by src\.train itself"),
         ("trainer._target_=nope.Trainer", r"trainer\._target_='nope\.Trainer' cannot be imported"),
+        ("callbacks.last_checkpoint.every_n_train_steps=x",
+         r"callbacks\.last_checkpoint\.every_n_train_steps: expected int \| null, got str 'x'"),
+        ("+callbacks.layer_usage.every=3", r"callbacks\.layer_usage\.every: LayerUsageCallback takes no argument"),
+        ("logger=csv +logger.csv.bogus=1", r"logger\.csv\.bogus: CSVLogger takes no argument 'bogus'"),
+        ("logger=csv logger.csv.save_dir=null", r"logger\.csv\.save_dir: expected str \| Path, got NoneType None"),
     ],
-)
+)  # fmt: skip
 def test_a_bad_trainer_setting_is_refused_before_anything_is_loaded(
     tmp_path, override, message, no_model_load
 ):
@@ -59,15 +64,25 @@ def test_a_bad_trainer_setting_is_refused_before_anything_is_loaded(
 
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match=rf"^{message}"):
-        train(compose_cfg([*TINY, override], run))
+        train(compose_cfg([*TINY, *override.split()], run))
     assert not run.exists()
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(CONF) / "trainer").glob("*.yaml")))
-def test_every_trainer_preset_passes(preset):
-    cfg = compose_cfg([*TINY, f"trainer={preset}"])
-    node = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert trainer_problems(node) == []
+@pytest.mark.parametrize(
+    "group,preset",
+    [
+        (g, p.stem)
+        for g in ("trainer", "callbacks", "logger")
+        for p in sorted((Path(CONF) / g).glob("*.yaml"))
+    ],
+)
+def test_every_preset_passes(group, preset):
+    cfg = compose_cfg(["debug=tiny", f"{group}={preset}"])
+    nodes = OmegaConf.to_container(cfg[group], resolve=True)
+    problems = trainer_problems(nodes) if group == "trainer" else group_problems(nodes, group)
+    assert problems == []
+    if group != "trainer" and preset != "none":  # the presets do hold nodes that were checked
+        assert all(isinstance(n, dict) and n["_target_"] for n in nodes.values())
 
 
 def test_accepts_reads_the_type_hints():

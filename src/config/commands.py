@@ -8,7 +8,7 @@ groups and of what the settings point at (each living with what it checks):
 | data values, files / hub datasets, window | `DataConfig` (src/data/config.py)                     |
 | loss values, the layers-skipped budget  | `LossConfig` (src/lit/objectives.py)                    |
 | skip values, sizes, nothing to train    | `SkipSchema` (src/config/schemas.py), FlexiDepthConfig  |
-| trainer keys and value types            | `trainer_problems` (src/config/trainer.py)              |
+| trainer / callbacks / logger arguments  | `trainer_problems`, `group_problems` (src/config/targets.py) |
 | a study's rows, each as src.train's     | `check_rows` (src/config/study_rows.py)                 |
 | eval values, device, task names         | `EvalConfig` (src/eval/config.py)                       |
 | a checkpoint: found, same base, finite  | `resolve_checkpoint`, `checkpoint_problems` (src/flexidepth/checkpoint.py) |
@@ -39,14 +39,20 @@ from ..utils.hardware import accelerator_problems, device_problems
 from ..utils.outputs import check_free
 from ..utils.run_start import resume_problems
 from .schemas import PathsConfig, SkipSchema, typed
+from .targets import group_problems, trainer_problems
 from .tools import TOOLS
-from .trainer import trainer_problems
 
 
 def raise_problems(problems: list[str], command: str) -> None:
     """PreflightError listing `problems` (one per line) when there are any."""
     if problems:
         raise PreflightError(f"{command} refused before loading anything:\n- " + "\n- ".join(problems))
+
+
+def raise_first(problems: list[str]) -> None:
+    """ConfigError with the first of `problems` (value problems: one at a time, like every value check)."""
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def checked_method(node: Any):
@@ -115,9 +121,10 @@ class TrainCommand:
         self.loss.validate()
         self.optim.validate()
         self.data.validate()
-        trainer = trainer_problems(self.trainer)
-        if trainer:
-            raise ConfigError(trainer[0])
+        built = trainer_problems(self.trainer)
+        raise_first(
+            built + group_problems(self.callbacks, "callbacks") + group_problems(self.logger, "logger")
+        )
         if not method.trains:
             raise ConfigError(
                 f"method={method.name} has nothing to train: evaluate it with `python -m src.eval "
@@ -183,6 +190,7 @@ class EvaluateCommand:
         checked_method(self.method)
         self.skip.validate().check_for(self.model.arch)
         self.eval.validate()
+        raise_first(group_problems(self.logger, "logger"))
 
     def check(self) -> None:
         """`validate`, the device, task names, hub access, the checkpoint against the base model, then an
@@ -279,6 +287,7 @@ class CompareCommand:
         self.skip.validate().check_for(self.model.arch)
         self.eval.validate()
         self.curves.validate()
+        raise_first(group_problems(self.logger, "logger"))
 
     def check(self) -> None:
         """`validate`, the device, task names, hub access, every existing trained checkpoint against the base

@@ -1,9 +1,9 @@
-"""The `trainer` node (Lightning Trainer arguments, conf/trainer/*.yaml) checked against its target's signature.
+"""Nodes Hydra instantiates (`_target_` plus arguments: the `trainer` node, each of `callbacks` and `logger`)
+checked against their target's own signature and type hints, before src.train loads anything.
 
-The node stays an open mapping (any Trainer argument may be set from the command line), so its keys and value
-types are checked here, from the target class's own `__init__` signature and type hints, before src.train loads
-anything: without this an unknown key or `trainer.max_steps=x` surfaced only when the Trainer was built, after the
-model load, as a traceback from Hydra's instantiate.
+These nodes stay open mappings (any Trainer, callback or logger argument may be set from the command line), so
+without this an unknown key or `trainer.max_steps=x` surfaced only when the object was built, after the model
+load, as a traceback from Hydra's instantiate.
 """
 
 from __future__ import annotations
@@ -15,42 +15,66 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 # arguments src.train passes to the Trainer itself (src/train.py `trainer_arguments`): the node must not set them
-OWN_ARGUMENTS = ("callbacks", "logger", "use_distributed_sampler")
+TRAINER_OWN = ("callbacks", "logger", "use_distributed_sampler")
+
+
+def target_problems(node: Any, key: str, own: tuple[str, ...] = ()) -> list[str]:
+    """Problems of the node at `key` (a mapping with `_target_`), each naming `<key>.<argument>`: `_target_`
+    missing or not importable, an argument its target does not take (unless it takes **kwargs), one of `own`
+    (set by src.train itself), a value the target's type hints reject (int, float, bool, str, None, Literal,
+    Union, list, classes; a nested `_target_` mapping is not judged). Empty when the node is fine."""
+    from hydra.utils import get_object
+
+    if not isinstance(node, Mapping):
+        return [f"{key}: expected a mapping with _target_, got {type(node).__name__} {node!r}"]
+    target = node.get("_target_")
+    if not target:
+        return [f"{key}._target_ is missing (the class Hydra builds, e.g. lightning.pytorch.Trainer)"]
+    try:
+        obj = get_object(str(target))
+    except Exception as err:  # ImportError, AttributeError, ValueError: hydra wraps them differently
+        return [f"{key}._target_={target!r} cannot be imported ({type(err).__name__})"]
+    call = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        parameters = inspect.signature(call).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): not judged
+        return []
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    try:
+        hints = typing.get_type_hints(call)
+    except Exception:  # unresolvable annotations: keys are still checked, types are not
+        hints = {}
+    name = getattr(obj, "__name__", str(target))
+    problems = []
+    for arg, value in node.items():
+        if str(arg).startswith("_"):
+            continue
+        if arg in own:
+            problems.append(f"{key}.{arg} is set by src.train itself (configure `{arg}` in its own group)")
+        elif arg not in parameters:
+            if not open_ended:
+                problems.append(f"{key}.{arg}: {name} takes no argument {arg!r}")
+        elif arg in hints and accepts(hints[arg], value) is False:
+            problems.append(
+                f"{key}.{arg}: expected {_name(hints[arg])}, got {type(value).__name__} {value!r}"
+            )
+    return problems
 
 
 def trainer_problems(node: Mapping[str, Any]) -> list[str]:
-    """Problems of a `trainer` node, each naming `trainer.<key>`: `_target_` missing or not importable, a key its
-    `__init__` does not take (unless it takes **kwargs), a key src.train sets itself, a value its type hints
-    reject (int, float, bool, str, None, Literal, Union, list, classes; a `_target_` mapping is not judged).
-    Empty when the node is fine."""
-    from hydra.utils import get_class
+    """`target_problems` of the `trainer` node (the arguments src.train sets itself refused)."""
+    return target_problems(node, "trainer", TRAINER_OWN)
 
-    target = node.get("_target_")
-    if not target:
-        return ["trainer._target_ is missing (e.g. lightning.pytorch.Trainer)"]
-    try:
-        cls = get_class(str(target))
-    except Exception as err:  # ImportError, AttributeError, ValueError: hydra wraps them differently
-        return [f"trainer._target_={target!r} cannot be imported ({type(err).__name__})"]
-    parameters = inspect.signature(cls.__init__).parameters
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # unresolvable annotations: keys are still checked, types are not
-        hints = {}
+
+def group_problems(nodes: Mapping[str, Any] | None, group: str) -> list[str]:
+    """`target_problems` of every entry of a name -> node group (`callbacks`, `logger`); a null entry, or one
+    without `_target_` (a switched-off entry), is not built by src.train and not checked."""
     problems = []
-    for key, value in node.items():
-        if key.startswith("_"):
-            continue
-        if key in OWN_ARGUMENTS:
-            problems.append(f"trainer.{key} is set by src.train itself (configure `{key}` in its own group)")
-        elif key not in parameters:
-            if not open_ended:
-                problems.append(f"trainer.{key}: {cls.__name__} takes no argument {key!r}")
-        elif key in hints and accepts(hints[key], value) is False:
-            problems.append(
-                f"trainer.{key}: expected {_name(hints[key])}, got {type(value).__name__} {value!r}"
-            )
+    for name, node in (nodes or {}).items():
+        if isinstance(node, Mapping) and node.get("_target_"):
+            problems += target_problems(node, f"{group}.{name}")
+        elif node is not None and not isinstance(node, Mapping):
+            problems.append(f"{group}.{name}: expected a mapping with _target_ or null, got {node!r}")
     return problems
 
 
