@@ -8,7 +8,7 @@ The study folder is outputs/study/runs/<run_name> (run_name defaults to the stud
 ordinary src.train run folder inside it (train/runs/<row>__s<seed>/: resumable, exportable). Run the same
 command again after a kill: finished points are not retrained, measured points not re-measured. A row
 src.train would refuse (an unknown key, a bad value) stops the study before any point trains
-(src/config/study_rows.py). Output: summary.md / summary.json / summary.png (mean and 95% interval over seeds
+(src/config/study.py). Output: summary.md / summary.json / summary.png (mean and 95% interval over seeds
 per held-out set, the paired change against the reference row). src/studies/ has the runner; docs/results.md the studies' results.
 """
 
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .config import register
-from .config.study_rows import check_rows
+from .config.schemas import load
+from .config.study import StudyCommand
 from .studies.runner import run_study
 from .utils.cli import hydra_command
 from .utils.failures import remove_created, take_snapshot
@@ -29,12 +30,10 @@ register()  # resolvers and typed schemas (the study group's StudySpec), before 
 
 @hydra_command("study")
 def main(cfg: DictConfig) -> None:
-    folder = Path(cfg.paths.output_dir).absolute()
+    folder = Path(cfg.paths.output_dir).absolute()  # Hydra's run folder, before anything can refuse
     snapshot = take_snapshot(folder)
     try:
-        spec = OmegaConf.to_object(cfg.study).validate()
-        if spec.train:  # every row's src.train settings, before the first point trains
-            check_rows(spec, folder)
+        spec = load(cfg, StudyCommand).check()  # the study, then every row's src.train settings
     except Exception:  # a refused study leaves its folder as it was (Hydra wrote .hydra/ already)
         if snapshot is not None:
             remove_created(snapshot)

@@ -9,7 +9,8 @@ import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
-from src.config.commands import COMMANDS, TrainCommand
+from src.config.commands import TrainCommand
+from src.config.registry import COMMANDS
 from src.config.schemas import SkipSchema, load
 from src.config.tools import TOOLS
 from src.data.config import DataConfig
@@ -17,6 +18,7 @@ from src.eval.config import EvalConfig
 from src.lit.objectives import LossConfig
 from src.lit.optim import OptimConfig
 from src.models.config import ModelConfig
+from src.studies.spec import StudySpec
 from src.utils.errors import ConfigError
 from tests.helpers.configs import compose_tiny
 
@@ -70,13 +72,18 @@ def test_each_command_composes_onto_its_schema_and_converts_once(command):
             cfg.paths.output_dir = "/tmp/flexidepth-unused"
     settings = load(cfg, COMMANDS[command])
     assert type(settings) is COMMANDS[command]
-    assert command in TOOLS or isinstance(settings.model, ModelConfig)
+    if command == "study":
+        assert (
+            isinstance(settings.study, StudySpec) and settings.study.name == "table3"
+        )  # conf/study.yaml's default
+    else:
+        assert command in TOOLS or isinstance(settings.model, ModelConfig)
 
 
 def _compose_plain(primary, overrides):
     from hydra import compose, initialize_config_dir
 
-    model = [] if primary in TOOLS else ["model=tiny_llama"]  # the tools have no model group
+    model = [] if primary in (*TOOLS, "study") else ["model=tiny_llama"]  # these have no model group
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(primary, overrides=[*model, *overrides])
 
@@ -262,7 +269,7 @@ COMMAND_MODULES = {
     "train": "src/train.py", "evaluate": "src/eval/__main__.py", "compare": "src/compare.py",
     "generate": "src/generate.py", "export": "src/export.py", "speed": "src/speed.py",
     "convert": "src/convert.py", "analyze": "src/analyze.py", "sweep_summary": "src/sweep_summary.py",
-    "memory_planner": "src/memory_planner.py",
+    "memory_planner": "src/memory_planner.py", "study": "src/study.py",
 }  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from hydra import compose, initialize_config_dir
 
-from src.config.commands import COMMANDS
+from src.config.registry import COMMANDS
 from src.config.schemas import load
 from src.flexidepth import FlexiDepthConfig, export_released, inject, load_released, released_config
 from src.flexidepth.checkpoint import RELEASED_WEIGHTS, CheckpointError

@@ -51,7 +51,7 @@ def test_each_method_validates_its_own_options(options, message):
 
 
 def test_early_exit_with_merge_size_is_refused_by_every_entry_point_check():
-    from src.config.commands import COMMANDS
+    from src.config.registry import COMMANDS
     from src.config.schemas import load
     from src.utils.errors import ConfigError
 

@@ -1,6 +1,6 @@
 """Bad training settings are refused before any heavy work, naming the key: the `trainer` node against the
 Trainer's own signature (src/config/targets.py), and every row of a study before its first point trains
-(src/config/study_rows.py)."""
+(src/config/study.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from src.config.study_rows import check_rows
+from src.config.study import check_rows
 from src.config.targets import accepts, group_problems, trainer_problems
 from src.studies.spec import StudySpec
 from src.utils.errors import ConfigError

@@ -9,7 +9,7 @@ groups and of what the settings point at (each living with what it checks):
 | loss values, the layers-skipped budget  | `LossConfig` (src/lit/objectives.py)                    |
 | skip values, sizes, nothing to train    | `SkipSchema` (src/config/schemas.py), FlexiDepthConfig  |
 | trainer / callbacks / logger arguments  | `trainer_problems`, `group_problems` (src/config/targets.py) |
-| a study's rows, each as src.train's     | `check_rows` (src/config/study_rows.py)                 |
+| a study's rows, each as src.train's     | `StudyCommand.check`, `check_rows` (src/config/study.py) |
 | eval values, device, task names         | `EvalConfig` (src/eval/config.py)                       |
 | a checkpoint: found, same base, finite  | `resolve_checkpoint`, `checkpoint_problems` (src/flexidepth/checkpoint.py) |
 | accelerator / device                    | `accelerator_problems`, `device_problems` (src/utils/hardware.py) |
@@ -40,7 +40,6 @@ from ..utils.outputs import check_free
 from ..utils.run_start import resume_problems
 from .schemas import PathsConfig, SkipSchema, typed
 from .targets import group_problems, trainer_problems
-from .tools import TOOLS
 
 
 def raise_problems(problems: list[str], command: str) -> None:
@@ -463,14 +462,3 @@ class SpeedCommand(SpeedRun):
                 )
         raise_problems(problems, "speed")
         check_free(Path(self.paths.output_dir), "speed", self.overwrite)
-
-
-COMMANDS: dict[str, type] = {
-    "train": TrainCommand,
-    "evaluate": EvaluateCommand,
-    "compare": CompareCommand,
-    "generate": GenerateCommand,
-    "export": ExportCommand,
-    "speed": SpeedCommand,
-    **TOOLS,  # src.convert, src.analyze, src.sweep_summary, src.memory_planner (src/config/tools.py)
-}

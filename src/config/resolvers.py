@@ -5,8 +5,8 @@
 
 Resolvers: `${auto_dtype:...}` / `${auto_precision:...}` (src/utils/hardware.py), `${released_alpha:...}`
 (src/config/released.py), `${ckpt_name:${ckpt_path},${method.name}}` (`checkpoint_run_name`: output-folder
-names derived from what a command works on). ConfigStore: every command's schema (src/config/commands.py) and the
-group schemas composed on their own (src/config/schemas.py GROUP_SCHEMAS).
+names derived from what a command works on). ConfigStore: every command's schema (src/config/registry.py
+COMMANDS), as `schema/command/<name>`.
 Importing `src` (or `src.flexidepth`) registers nothing and imports no Hydra.
 """
 
@@ -47,9 +47,8 @@ def register() -> None:
     from omegaconf import OmegaConf
 
     from ..utils.hardware import auto_dtype, auto_precision
-    from .commands import COMMANDS
+    from .registry import COMMANDS
     from .released import KEY, released_alpha
-    from .schemas import GROUP_SCHEMAS
 
     OmegaConf.register_new_resolver("auto_dtype", auto_dtype, replace=True)
     OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
@@ -58,5 +57,3 @@ def register() -> None:
     cs = ConfigStore.instance()  # command schemas: `- schema/command@_here_: <name>` in conf/<name>.yaml
     for name, schema in COMMANDS.items():
         cs.store(group="schema/command", name=name, node=schema)
-    for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group=f"schema/{group}", name="base", node=schema)

@@ -18,7 +18,7 @@ of the schemas, beside the fields they check:
 | optim  | `OptimConfig` (src/lit/module.py)                          | validate                               |
 | data   | `DataConfig` (src/data/config.py)                          | validate, access_problems, window_problems |
 | eval   | `EvalConfig` (src/eval/config.py)                          | validate, problems                     |
-| study  | `StudySpec` (src/studies/spec.py)                          | StudySpec.validate (src.study)         |
+| study  | `StudySpec` (src/studies/spec.py), in `StudyCommand`        | StudyCommand.check (src/config/study.py) |
 | method | each method's own dataclass (src/methods/<name>.py), via `src.methods.build_method` | Method.validate |
 
 The method group is not merged onto one schema (every method has its own options); `build_method` checks it
@@ -35,7 +35,6 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from ..flexidepth.config import FlexiDepthConfig, FlexiDepthConfigError
-from ..studies.spec import StudySpec
 from ..utils.errors import ConfigError
 
 T = TypeVar("T")
@@ -81,11 +80,6 @@ class PathsConfig:
     root_dir: str = "."
     log_dir: str = "outputs"
     output_dir: str = "."
-
-
-# group schemas composed on their own (not through a command schema): the ConfigStore holds each as
-# `schema/<group>/base` (conf/study.yaml: `- schema/study@study: base`; `src.config.register`)
-GROUP_SCHEMAS: dict[str, type] = {"study": StudySpec}
 
 
 def non_finite_keys(node: Any, prefix: str = "") -> list[str]:

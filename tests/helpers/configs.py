@@ -19,7 +19,7 @@ def compose_tiny(config_name: str, overrides=(), output_dir=None):
 
 def settings_tiny(config_name: str, overrides=(), output_dir=None):
     """`compose_tiny`'s config converted into its command's typed settings (`src.config.schemas.load`)."""
-    from src.config.commands import COMMANDS
+    from src.config.registry import COMMANDS
     from src.config.schemas import load
 
     return load(compose_tiny(config_name, overrides, output_dir), COMMANDS[config_name])

@@ -1,4 +1,5 @@
-"""Every row's training settings checked before a study trains anything.
+"""`python -m src.study`'s settings (`StudyCommand`: the study, typed by `StudySpec`, and its folder) and their
+check, which includes every row's training settings before the study trains anything.
 
 A study trains its points one after another for hours; a row whose overrides src.train would refuse (an unknown
 key, a bad value, a budget the routed layers cannot reach) must stop the study at its start, not when its turn
@@ -9,10 +10,31 @@ checks on it (`TrainCommand.check`: values, then what they point at; no weights 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..studies.spec import Point, StudySpec, plan_points
 from ..utils.errors import ConfigError, PreflightError
+from .schemas import PathsConfig
+
+
+@dataclass
+class StudyCommand:
+    """`python -m src.study` (conf/study.yaml; the study itself is conf/study/<name>.yaml)."""
+
+    study: StudySpec = field(default_factory=StudySpec)
+    task_name: str = "study"
+    run_name: Any = None  # the study folder's name (default: the study's name); the same name continues it
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def check(self) -> StudySpec:
+        """The study's values (`StudySpec.validate`, ConfigError naming `study.<key>`), then, when it trains,
+        every row's training settings (`check_rows`); returns the study. Nothing is loaded or written."""
+        spec = self.study.validate()
+        if spec.train:
+            check_rows(spec, Path(self.paths.output_dir).absolute())
+        return spec
 
 
 def check_rows(spec: StudySpec, study_dir: Path) -> None:
