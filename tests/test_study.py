@@ -259,7 +259,7 @@ def test_summaries_written_while_a_study_trains_again_keep_earlier_timings_and_e
         def result_path(self, point):
             return tmp_path / "results" / f"{point.run_name}.json"
 
-        def is_current(self, path):
+        def is_current(self, path, point=None):
             return True
 
         def measure(self, point, folder):
@@ -435,7 +435,9 @@ def test_study_end_to_end_killed_and_continued(tmp_path):
     assert "| no_kv | 2 |" in (folder / "summary.md").read_text()
     assert (folder / "summary.png").stat().st_size > 1000
     assert (folder / "tau_curve.png").stat().st_size > 1000
-    assert len(results["full__s1"]["curve"]) == 3  # its own tau 0.5 and the study's 0.3, 0.7
+    # its own tau 0.5 and the study's 0.3, 0.7; the reference row (full) also at study.reference_taus (0.9)
+    assert [p["tau"] for p in results["full__s1"]["curve"]] == [0.3, 0.5, 0.7, 0.9]
+    assert [p["tau"] for p in results["no_kv__s1"]["curve"]] == [0.3, 0.5, 0.7]
     assert "at equal held-out layers skipped" in (folder / "summary.md").read_text()
 
     # random routes at each point's learned rates, with its adapters (study.random_control)
@@ -587,6 +589,38 @@ def test_at_equal_skip_of_a_static_row_reads_its_comparison_rows_curve_at_the_st
     assert out["rows"][2]["sets"]["lee"]["at_equal_skip"] is None
     text = markdown(out)
     assert "| row | against | lee |" in text and "| static_k4 | routed_k4 |" in text
+
+
+def test_reference_taus_change_the_reference_rows_settings_only(tmp_path):
+    from src.studies.runner import HeldoutMeter
+
+    def spec(extra):
+        return StudySpec(
+            name="s",
+            seeds=[1],
+            reference="full",
+            rows={"full": [], "abl": []},
+            taus=[0.3],
+            reference_taus=extra,
+        ).validate()
+
+    before, after = HeldoutMeter(spec([]), tmp_path), HeldoutMeter(spec([0.8, 0.9]), tmp_path)
+    full, abl = plan_points(spec([]))
+    for point in (full, abl):  # results measured before reference_taus were set
+        path = before.result_path(point)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"settings": before.settings_for(point)}))
+    assert before.is_current(before.result_path(full), full) and before.is_current(
+        before.result_path(abl), abl
+    )
+    assert after.settings_for(full) == {**before.settings, "reference_taus": [0.8, 0.9]}
+    assert not after.is_current(after.result_path(full), full)  # the reference row is measured again
+    assert after.is_current(after.result_path(abl), abl)  # every other row keeps its result
+    assert after.settings_for(None) == before.settings  # the base's result too
+    with pytest.raises(ConfigError, match=r"^study\.reference_taus: 1\.2 is not a threshold"):
+        spec([1.2])
+    with pytest.raises(ConfigError, match=r"^study\.reference_taus is set but study\.reference is null"):
+        StudySpec(name="s", rows={"a": []}, reference_taus=[0.8]).validate()
 
 
 def test_unknown_heldout_sets_are_refused_before_anything_trains():

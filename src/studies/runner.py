@@ -196,10 +196,18 @@ class HeldoutMeter:
     def result_path(self, point: Point) -> Path:
         return self.results / f"{point.run_name}.json"
 
-    def is_current(self, path: Path) -> bool:
-        """Whether `path` holds a result measured with the study's held-out settings."""
+    def settings_for(self, point: Point | None) -> dict:
+        """The held-out settings a result of `point` records (None: the base's): the reference row's points
+        also record `reference_taus`, so changing them re-measures those points only."""
+        if point is not None and point.row == self.spec.reference and self.spec.reference_taus:
+            return {**self.settings, "reference_taus": list(self.spec.reference_taus)}
+        return self.settings
+
+    def is_current(self, path: Path, point: Point | None = None) -> bool:
+        """Whether `path` holds a result of `point` (None: the base) measured with the study's held-out
+        settings."""
         try:
-            return json.loads(path.read_text()).get("settings") == self.settings
+            return json.loads(path.read_text()).get("settings") == self.settings_for(point)
         except (OSError, ValueError):
             return False
 
@@ -232,7 +240,7 @@ class HeldoutMeter:
     def measure(self, point: Point, folder: Path) -> dict:
         """Measure `point` (run folder `folder`) unless a current result exists; returns the result."""
         path = self.result_path(point)
-        if self.is_current(path):
+        if self.is_current(path, point):
             return json.loads(path.read_text())
         import copy
 
@@ -245,11 +253,12 @@ class HeldoutMeter:
         method = checkpoint_method(folder)
         build_method({"name": method}).apply(routed, ckpt=str(folder))
         own = float(routed.flexidepth.config.tau)
-        taus = sorted({own, *self.spec.taus})
+        extra = self.spec.reference_taus if point.row == self.spec.reference else []
+        taus = sorted({own, *self.spec.taus, *extra})
         curve = curves.tau_curve(routed, sets, taus, self.spec.batch_size, pad)
         metrics = json.loads((folder / "metrics.json").read_text())
         record = {
-            "settings": self.settings,
+            "settings": self.settings_for(point),
             "row": point.row,
             "seed": point.seed,
             "run": str(folder),
@@ -322,7 +331,7 @@ def run_study(spec: StudySpec, study_dir: Path, say: Callable[[str], None] = pri
 
     def on_trained(point: Point) -> None:
         folder = run_dir(study_dir, point)
-        fresh = not meter.is_current(meter.result_path(point))
+        fresh = not meter.is_current(meter.result_path(point), point)
         measured.append(meter.measure(point, folder))
         if fresh:
             say(f"  measured {point.run_name} on {', '.join(spec.heldout)}")

@@ -30,6 +30,9 @@ class StudySpec:
         batch_size: evaluation batch size.
         taus: extra thresholds each point is also measured at (a tau sweep along every checkpoint); the
             point's own tau is always measured.
+        reference_taus: further thresholds of the reference row's points only: its curve then reaches rows that
+            skip deeper (or shallower) on held-out text than it does at `taus`, for the comparison at equal
+            held-out depth (e.g. a row whose gates saturate: one depth at every threshold).
         jobs: training runs at once; each gets cpu_count // jobs threads (OMP_NUM_THREADS).
         against: row -> the row it is compared with (default: `reference`), e.g. each static row against the
             routed row of the same depth.
@@ -63,6 +66,7 @@ class StudySpec:
     max_length: int = 256
     batch_size: int = 8
     taus: list[float] = field(default_factory=list)
+    reference_taus: list[float] = field(default_factory=list)
     jobs: int = 1
     against: dict[str, str] = field(default_factory=dict)
     speed: dict[str, Any] | None = None
@@ -96,9 +100,14 @@ class StudySpec:
         for key in ("max_tokens", "max_length", "batch_size", "jobs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"study.{key} must be >= 1, got {getattr(self, key)}")
-        for tau in self.taus:
-            if not 0.0 <= tau < 1.0:
-                raise ConfigError(f"study.taus: {tau} is not a threshold in [0, 1)")
+        for key in ("taus", "reference_taus"):
+            for tau in getattr(self, key):
+                if not 0.0 <= tau < 1.0:
+                    raise ConfigError(f"study.{key}: {tau} is not a threshold in [0, 1)")
+        if self.reference_taus and self.reference is None:
+            raise ConfigError(
+                "study.reference_taus is set but study.reference is null: name the reference row"
+            )
         if not self.heldout:
             raise ConfigError("study.heldout is empty: name at least one held-out set")
         from ..data.mixture import check_heldout

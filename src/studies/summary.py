@@ -105,6 +105,7 @@ def summarise(
         "seeds": list(spec.seeds),
         "heldout": list(spec.heldout),
         "taus": list(spec.taus),
+        "reference_taus": list(spec.reference_taus),
         "base": {n: base["sets"][n]["ppl"] for n in spec.heldout},
         "rows": rows,
         "curves": {f"{r['row']}__s{r['seed']}": r["curve"] for r in results if len(r.get("curve", [])) > 1},
