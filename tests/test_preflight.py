@@ -1,6 +1,6 @@
-"""Bad training settings are refused before any heavy work, naming the key: the `trainer` node against the
-Trainer's own signature (src/config/targets.py), and every row of a study before its first point trains
-(src/config/study.py)."""
+"""Bad training settings are refused before any heavy work, naming the key: the `trainer`, `callbacks` and
+`logger` nodes against their targets' own signatures (src/config/targets.py), every row of a study before its
+first point trains (src/config/study.py), and a second study in a folder another study holds (src/study.py)."""
 
 from __future__ import annotations
 
@@ -139,3 +139,22 @@ def test_the_study_command_refuses_a_bad_last_row_before_training_and_leaves_its
     assert res.returncode == 2, res.stderr[-2000:]
     assert "error: study.rows.no_kv: src.train refuses" in res.stderr and "Traceback" not in res.stderr
     assert _tree(folder) == before and not (folder / "train").exists()
+
+
+@pytest.mark.slow
+def test_a_second_study_in_a_folder_in_use_is_refused_and_changes_nothing(tmp_path):
+    from src.utils.runs import RunLock
+
+    folder = tmp_path / "study"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("- study=tiny\n")
+    (folder / "study.json").write_text('{"points": {}}')
+    with RunLock(folder):  # a study running in the folder
+        before = _tree(folder)
+        res = _study(folder, "study.jobs=2")
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert f"run folder {folder} is in use by pid" in res.stderr and "Traceback" not in res.stderr
+        # .hydra/ back to its bytes and nothing else changed; Hydra's job log may hold the refused start's lines
+        # (a log is cut back only when no other process holds the folder: src/utils/failures.py)
+        after = {k: v for k, v in _tree(folder).items() if k != "study.log"}
+        assert after == before
