@@ -256,12 +256,15 @@ def _panels(summary: dict):
     return fig, list(zip(axes[0], sets, strict=True))
 
 
-def _save(fig, panels, title: str, path: str | Path) -> Path:
+def _save(fig, panels, title: str, path: str | Path, legend_outside: bool = False) -> Path:
     import matplotlib.pyplot as plt
 
     from ..utils.files import atomic_save_figure
 
-    panels[-1][0].legend(fontsize=6)
+    if legend_outside:  # many rows: the legend beside the last panel, not over it
+        panels[-1][0].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        panels[-1][0].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out = atomic_save_figure(fig, path, dpi=110)
@@ -270,18 +273,45 @@ def _save(fig, panels, title: str, path: str | Path) -> Path:
 
 
 def plot(summary: dict, path: str | Path) -> Path:
-    """Held-out ppl against layers skipped on that set, one panel per set, one marker per row with its 95%
-    intervals on both axes; the base model as a dashed line."""
+    """Held-out ppl (log scale) against layers skipped on that set, one panel per set, one marker per row with
+    its 95% intervals on both axes (clipped to the panel); the base model as a dashed line. The panel spans the
+    rows' means up to 4x the base's perplexity: a row whose mean lies above is drawn at the top edge as a
+    triangle, its legend entry giving its perplexity there, so that one failed row does not flatten the rest. A
+    row whose seeds disagree so much that an interval is wider than its mean (a 2-seed t-interval of runs that
+    failed in different ways) is drawn hollow, without intervals, and says so in the legend."""
+    import matplotlib
+
     fig, panels = _panels(summary)
+    rows = [row for row in summary["rows"] if row["seeds"]]
+    colours = matplotlib.colormaps["tab20"]
+    markers = "osD^vPX<>p*h"
     for ax, name in panels:
-        for row in summary["rows"]:
-            if not row["seeds"]:
-                continue
+        base = summary["base"][name]
+        means = [row["sets"][name]["ppl"]["mean"] for row in rows]
+        top = min(max([base, *means]) * 1.15, 4 * base)
+        bottom = 0.85 * min([base, *means])
+        for i, row in enumerate(rows):
             ppl, sk = row["sets"][name]["ppl"], row["sets"][name]["layers_skipped"]
-            err = lambda c: 0.0 if not math.isfinite(c["half"]) else c["half"]  # noqa: E731
-            ax.errorbar(sk["mean"], ppl["mean"], xerr=err(sk), yerr=err(ppl), fmt="o", ms=4, capsize=2,
-                        label=f"{row['row']} (n={len(row['seeds'])})")  # fmt: skip
-    return _save(fig, panels, f"study {summary['study']}: mean and 95% interval over seeds", path)
+            half = lambda c: 0.0 if not math.isfinite(c["half"]) else c["half"]  # noqa: E731
+            label = f"{row['row']} (n={len(row['seeds'])})"
+            style = {"color": colours(i % 20), "ms": 4, "capsize": 2}
+            if half(ppl) > ppl["mean"] or half(sk) > max(sk["mean"], 1.0):  # seeds disagree: no intervals
+                style.update(mfc="none", label=f"{label}, seeds disagree: no interval")
+                xerr = yerr = None
+            else:
+                low = min(half(ppl), ppl["mean"] - bottom)  # a log axis cannot show an interval end below 0
+                style["label"], xerr, yerr = label, half(sk), [[low], [half(ppl)]]
+            if ppl["mean"] > top:
+                style["label"] += f", ppl {ppl['mean']:.0f} off chart"
+                ax.errorbar(sk["mean"], top, xerr=xerr, fmt="^", **style)
+                continue
+            ax.errorbar(sk["mean"], ppl["mean"], xerr=xerr, yerr=yerr, fmt=markers[i % len(markers)], **style)
+        ax.set_yscale("log")
+        ax.set_ylim(bottom, top * 1.05)
+        skipped = [row["sets"][name]["layers_skipped"]["mean"] for row in rows]
+        ax.set_xlim(-0.5, max(skipped) + 1.0)
+    title = f"study {summary['study']}: mean and 95% interval over seeds"
+    return _save(fig, panels, title, path, legend_outside=True)
 
 
 def plot_curves(summary: dict, row: str, path: str | Path) -> Path | None:
@@ -379,4 +409,5 @@ def plot_axis(summary: dict, path: str | Path) -> Path | None:
     axes[0][0].set_ylabel("held-out perplexity")
     axes[1][0].set_ylabel("layers skipped (on the set)")
     panels = list(zip(axes[0], sets, strict=True))
-    return _save(fig, panels, f"study {summary['study']}: mean and 95% interval over seeds", path)
+    title = f"study {summary['study']}: mean and 95% interval over seeds"
+    return _save(fig, panels, title, path, legend_outside=True)

@@ -37,7 +37,8 @@ def append_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as a PNG at `path` atomically (see module docstring); returns the path."""
+    """Save a matplotlib figure as a PNG at `path` atomically (see module docstring), cropped to what it draws
+    (a legend placed beside the panels included); returns the path."""
     with atomic_open(path) as handle:
-        fig.savefig(handle, format="png", dpi=dpi)
+        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
     return Path(path)
