@@ -7,10 +7,10 @@
 The study folder is outputs/study/runs/<run_name> (run_name defaults to the study's name); each point is an
 ordinary src.train run folder inside it (train/runs/<row>__s<seed>/: resumable, exportable). Run the same
 command again after a kill: finished points are not retrained, measured points not re-measured; while one
-study process runs in a folder, another is refused (`.run.lock`, naming the holder). A row
-src.train would refuse (an unknown key, a bad value) stops the study before any point trains
-(src/config/study.py). Output: summary.md / summary.json / summary.png (mean and 95% interval over seeds
-per held-out set, the paired change against the reference row). src/studies/ has the runner; docs/results.md the studies' results.
+study process runs in a folder, another is refused (`.run.lock`, naming the holder). A row src.train would
+refuse (an unknown key, a bad value) stops the study before any point trains (src/config/study.py). Output:
+summary.md / summary.json / summary.png (mean and 95% interval over seeds per held-out set, the paired change
+against the reference row). src/studies/ has the runner; docs/results.md the studies' results.
 """
 
 from __future__ import annotations

@@ -42,14 +42,10 @@ def check_rows(spec: StudySpec, study_dir: Path) -> None:
 
     Raises ConfigError naming `study.rows.<row>`, the row's overrides (`study.common` first) and src.train's
     own message (naming the training key), for the first row refused; nothing is trained or written."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from ..utils.cli import CONF_DIR
     from .commands import TrainCommand
     from .schemas import load
 
@@ -57,15 +53,8 @@ def check_rows(spec: StudySpec, study_dir: Path) -> None:
     for point in plan_points(spec):
         first.setdefault(point.row, point)
     for row, point in first.items():
-        where = f"study.rows.{row}"
         try:
-            running = get_gh_backup()  # the study command's own Hydra state, restored after composing
-            GlobalHydra.instance().clear()
-            try:
-                with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-                    cfg = compose("train", overrides=point.train_args(str(study_dir)))
-            finally:
-                restore_gh_from_backup(running)
+            cfg = _compose_train(point.train_args(str(study_dir)))
             with open_dict(cfg):  # the run folder src.train's Hydra would make (nothing is created here)
                 cfg.paths.output_dir = str(study_dir / "train" / "runs" / point.run_name)
             settings = load(cfg, TrainCommand)
@@ -73,6 +62,22 @@ def check_rows(spec: StudySpec, study_dir: Path) -> None:
             settings.check()
         except (HydraException, OmegaConfBaseException) as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"{where}: src.train refuses {list(point.overrides)}: {message}") from None
+            raise ConfigError(
+                f"study.rows.{row}: src.train refuses {list(point.overrides)}: {message}"
+            ) from None
         except (ConfigError, PreflightError) as err:
-            raise ConfigError(f"{where}: src.train refuses {list(point.overrides)}: {err}") from None
+            raise ConfigError(f"study.rows.{row}: src.train refuses {list(point.overrides)}: {err}") from None
+
+
+def _compose_train(overrides: list[str]):
+    """conf/train.yaml with `overrides`, composed as `python -m src.train <overrides>` would be: inside a Hydra
+    app (src.study) with the app's own config loader and search path, else from this repository's conf/."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ..utils.cli import CONF_DIR
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("train", overrides=overrides)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides)

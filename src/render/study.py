@@ -409,5 +409,4 @@ def plot_axis(summary: dict, path: str | Path) -> Path | None:
     axes[0][0].set_ylabel("held-out perplexity")
     axes[1][0].set_ylabel("layers skipped (on the set)")
     panels = list(zip(axes[0], sets, strict=True))
-    title = f"study {summary['study']}: mean and 95% interval over seeds"
-    return _save(fig, panels, title, path, legend_outside=True)
+    return _save(fig, panels, f"study {summary['study']}: mean and 95% interval over seeds", path)
